@@ -1,0 +1,122 @@
+"""The :class:`Model` wrapper: one pure ``forward(scope, x)`` gives ``init``, ``apply`` and the site lists."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxnoise import noise as noise_lib
+from jaxnoise.models.layers import Scope
+
+Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A pure-function model.
+
+    Attributes:
+      name: registry name (``"resnet20"``).
+      forward: ``forward(scope, x) -> (logits, features)``, features a dict of named intermediate outputs.
+      input_shape: shape of one input example, (H, W, C).
+      num_classes: number of logits.
+      config: the constructor arguments, for records.
+    """
+
+    name: str
+    forward: Callable[[Scope, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def init(self, key: jax.Array, batch_size: int = 2) -> Variables:
+        """Fresh variables; every leaf's initialisation key is derived from its path."""
+        scope = Scope(init_key=key)
+        self.forward(scope, jnp.zeros((batch_size,) + tuple(self.input_shape), jnp.float32))
+        return {"params": scope.created_params, "batch_stats": scope.created_stats}
+
+    def apply(self, variables: Variables, x: jax.Array, *, key: jax.Array | None = None,
+              noise: noise_lib.NoiseSpec | None = None, train: bool = False,
+              capture_mvm: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+        """Runs the model, noisy when both ``key`` and ``noise`` are given.
+
+        Args:
+          variables: ``{"params": ..., "batch_stats": ...}``.
+          x: preprocessed inputs, float, shape (batch,) + ``input_shape``.
+          key: the forward pass key; weight noise uses ``noise.weight_key(key)`` (a fresh chip per call) and
+            activation noise ``noise.activation_key(key)``. None means exact.
+          noise: a :class:`~jaxnoise.noise.NoiseSpec` or None.
+          train: BatchNorm in training mode; ``features["batch_stats"]`` then holds the updated running
+            statistics (same structure as ``variables["batch_stats"]``).
+          capture_mvm: put the clean (pre-noise) output of every activation site in ``features["mvm"]``.
+
+        Returns:
+          ``(logits, features)``: logits (batch, num_classes); features maps each name of
+          ``self.feature_names`` to its array (plus ``"batch_stats"``/``"mvm"`` when asked for).
+        """
+        self.check_input(x)
+        params = variables["params"]
+        if key is not None and noise is not None:
+            params = noise_lib.perturb_weights(noise_lib.weight_key(key), params, noise)
+        sites = noise_lib.SiteContext(key, noise, capture=capture_mvm)
+        scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train)
+        logits, features = self.forward(scope, x)
+        features = dict(features)
+        if train:
+            features["batch_stats"] = scope.new_stats
+        if capture_mvm:
+            features["mvm"] = sites.captured
+        return logits, features
+
+    def check_input(self, x: Any) -> None:
+        """Raises a ValueError naming the problem when ``x`` is not a float batch of ``input_shape``."""
+        shape = tuple(getattr(x, "shape", ()))
+        dtype = getattr(x, "dtype", None)
+        expected = (None,) + tuple(self.input_shape)
+        if len(shape) != len(expected) or shape[1:] != tuple(self.input_shape):
+            raise ValueError(f"{self.name} expects inputs of shape (batch, {', '.join(map(str, self.input_shape))}), "
+                             f"got {shape}: pass a batch of preprocessed images (dataset.preprocess).")
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{self.name} expects floating-point inputs, got dtype {dtype}: raw uint8 images must "
+                             f"go through dataset.preprocess (scaling and normalisation) first.")
+
+    @functools.cached_property
+    def _names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        variables = jax.eval_shape(self.init, jax.random.key(0))
+        ctx = noise_lib.SiteContext()
+
+        order: list[str] = []  # dict pytrees come back key-sorted; keep forward order
+
+        def run(v, x):
+            logits, feats = self.forward(Scope(v["params"], v["batch_stats"], sites=ctx), x)
+            order.extend(feats)
+            return logits
+
+        jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1,) + tuple(self.input_shape), jnp.float32))
+        weight_paths = noise_lib.weight_noise_sites(variables["params"])
+        return tuple(ctx.sites), tuple(order), weight_paths
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Names of the activation-noise sites (every analog MVM output), in forward order."""
+        return self._names[0]
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Names of the intermediate features ``apply`` returns."""
+        return self._names[1]
+
+    @property
+    def weight_noise_paths(self) -> tuple[str, ...]:
+        """Parameter paths that get weight noise under the default ``NoiseSpec.weight_paths``."""
+        return self._names[2]
+
+    def param_count(self, variables: Variables | None = None) -> int:
+        """Number of trainable parameters (``params`` leaves; BatchNorm running statistics excluded)."""
+        params = (variables or jax.eval_shape(self.init, jax.random.key(0)))["params"]
+        return int(sum(int(jnp.size(p)) for p in jax.tree.leaves(params)))

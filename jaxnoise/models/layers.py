@@ -1,0 +1,150 @@
+"""Layers as pure functions over a :class:`Scope`, which threads params, BatchNorm state and activation sites.
+
+A model is a function ``forward(scope, x) -> (logits, features)``. The same function initialises the model
+(``Scope(init_key=...)`` creates missing parameters, shape-inferred, like ``flax.linen``) and applies it. Every
+``conv``/``dense`` output is an analog MVM output and goes through the :class:`~jaxnoise.noise.SiteContext` under
+the layer's path (``"layer1/0/conv1"``): that is where activation noise is added, before BatchNorm and before the
+digital bias. Parameter and initialisation keys are derived from paths, never from call order.
+
+Layouts follow Flax: conv kernels (kh, kw, in, out), dense kernels (in, out); BatchNorm ``scale``/``bias`` in
+``params`` and ``mean``/``var`` in ``batch_stats``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnoise import noise as noise_lib
+
+
+class Scope:
+    """Threads the variables of one forward pass through pure layer functions.
+
+    Args:
+      params: the parameter tree (nested dicts), or None/{} with ``init_key`` to create them.
+      batch_stats: BatchNorm running statistics (nested dicts).
+      sites: the activation-site handler of this pass.
+      train: BatchNorm uses batch statistics and records updated running statistics in ``new_stats``.
+      init_key: when given, missing parameters are created (He-normal kernels, keyed by path).
+      bn_momentum: weight of the new batch statistic in the running average (PyTorch's 0.1).
+    """
+
+    def __init__(self, params=None, batch_stats=None, *, sites: noise_lib.SiteContext | None = None,
+                 train: bool = False, init_key: jax.Array | None = None, bn_momentum: float = 0.1,
+                 _path: tuple[str, ...] = (), _root: "Scope | None" = None):
+        self.params = {} if params is None else params
+        self.batch_stats = {} if batch_stats is None else batch_stats
+        self.sites = sites or noise_lib.SiteContext()
+        self.train = train
+        self.init_key = init_key
+        self.bn_momentum = bn_momentum
+        self.path = _path
+        self.root = _root or self
+        if _root is None:
+            self.new_stats: dict[str, Any] = {}
+            self.created_params: dict[str, Any] = {}
+            self.created_stats: dict[str, Any] = {}
+
+    def child(self, name: str | int) -> "Scope":
+        name = str(name)
+        return Scope(self.params.get(name, {}) if self.params else {},
+                     self.batch_stats.get(name, {}) if self.batch_stats else {},
+                     sites=self.sites, train=self.train, init_key=self.init_key, bn_momentum=self.bn_momentum,
+                     _path=self.path + (name,), _root=self.root)
+
+    def name(self, *parts: str) -> str:
+        return "/".join(self.path + tuple(str(p) for p in parts))
+
+    # -- variable access -------------------------------------------------------------------------------------
+    def _get(self, collection: str, layer: str, leaf: str, shape, init_fn):
+        tree = self.params if collection == "params" else self.batch_stats
+        value = tree.get(layer, {}).get(leaf) if tree else None
+        if value is None:
+            if self.init_key is None:
+                raise KeyError(f"missing {collection} leaf {self.name(layer, leaf)!r}: the variables do not match "
+                               f"this model (initialise with model.init or load matching weights).")
+            value = init_fn(noise_lib.name_key(self.init_key, self.name(layer, leaf)), shape)
+            created = self.root.created_params if collection == "params" else self.root.created_stats
+            _set_nested(created, self.path + (layer, leaf), value)
+        elif tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{collection} leaf {self.name(layer, leaf)!r} has shape {tuple(value.shape)}, the "
+                             f"model expects {tuple(shape)}: the weights belong to a different architecture.")
+        return value
+
+    # -- layers ------------------------------------------------------------------------------------------------
+    def conv(self, name: str, x, features: int, kernel_size: int = 3, stride: int = 1,
+             padding: int | None = None, bias: bool = False):
+        """2-D convolution (NHWC), an analog MVM: noise site ``self.name(name)``; bias added digitally after."""
+        padding = kernel_size // 2 if padding is None else padding
+        cin = x.shape[-1]
+        kernel = self._get("params", name, "kernel", (kernel_size, kernel_size, cin, features), _he_normal)
+        y = jax.lax.conv_general_dilated(
+            x, kernel.astype(x.dtype), window_strides=(stride, stride),
+            padding=((padding, padding), (padding, padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = self.sites(self.name(name), y)
+        if bias:
+            y = y + self._get("params", name, "bias", (features,), _zeros).astype(y.dtype)
+        return y
+
+    def dense(self, name: str, x, features: int, bias: bool = True):
+        """Fully connected layer, an analog MVM: noise site ``self.name(name)``; bias added digitally after."""
+        kernel = self._get("params", name, "kernel", (x.shape[-1], features), _lecun_normal)
+        y = x @ kernel.astype(x.dtype)
+        y = self.sites(self.name(name), y)
+        if bias:
+            y = y + self._get("params", name, "bias", (features,), _zeros).astype(y.dtype)
+        return y
+
+    def batch_norm(self, name: str, x, eps: float = 1e-5):
+        """BatchNorm over all axes but the last (digital, exact). Train mode records new running statistics.
+
+        Running variance is updated with the unbiased batch variance, as PyTorch does.
+        """
+        c = x.shape[-1]
+        scale = self._get("params", name, "scale", (c,), _ones)
+        bias = self._get("params", name, "bias", (c,), _zeros)
+        mean_r = self._get("batch_stats", name, "mean", (c,), _zeros)
+        var_r = self._get("batch_stats", name, "var", (c,), _ones)
+        if self.train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axes)
+            var = jnp.mean(jnp.square(x - mean), axes)
+            n = int(np.prod([x.shape[a] for a in axes]))
+            m = self.bn_momentum
+            _set_nested(self.root.new_stats, self.path + (name,), {
+                "mean": (1 - m) * mean_r + m * jax.lax.stop_gradient(mean),
+                "var": (1 - m) * var_r + m * jax.lax.stop_gradient(var) * n / max(n - 1, 1),
+            })
+        else:
+            mean, var = mean_r, var_r
+        return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def _set_nested(tree: dict, path: tuple[str, ...], value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _he_normal(key, shape):
+    fan_in = int(np.prod(shape[:-1]))
+    return jax.random.normal(key, shape, jnp.float32) * np.sqrt(2.0 / fan_in)
+
+
+def _lecun_normal(key, shape):
+    return jax.random.normal(key, shape, jnp.float32) * np.sqrt(1.0 / shape[0])
+
+
+def _zeros(key, shape):
+    del key
+    return jnp.zeros(shape, jnp.float32)
+
+
+def _ones(key, shape):
+    del key
+    return jnp.ones(shape, jnp.float32)

@@ -1,0 +1,388 @@
+"""Noise core: weight and activation noise of analog matrix-vector products, as pure functions.
+
+Everything here is independent of any model. A model calls two things:
+
+* :func:`perturb_weights` once per forward pass (or once per chip, by the Monte Carlo evaluator) on its
+  parameter tree, and
+* :class:`SiteContext` at every analog matrix-vector-product (MVM) output, i.e. every conv/dense output before
+  BatchNorm and before the (digital) bias.
+
+Conventions
+-----------
+* **One chip = one weight-noise draw.** It is fixed for every input the chip sees. Activation noise is fresh for
+  every forward pass.
+* **Keys come from names, never positions.** The key of a parameter is
+  ``fold_in(weight_key(key), stable_hash(path))`` and the key of an activation site is
+  ``fold_in(activation_key(key), stable_hash(site))``, with ``stable_hash`` a BLAKE2b digest of the UTF-8 name
+  (not Python's salted ``hash``). Inserting a layer elsewhere therefore leaves the noise at existing sites unchanged.
+* **Scales are data.** ``weight_eta``, ``act_eta``, the calibrated references and the per-site masks are pytree
+  leaves (arrays under ``jit``): a sweep over scales or masks compiles once. Kinds and path filters are static.
+* ``key=None``, a spec of ``None``, a kind of ``None`` or a zero scale all mean exact (noise-free) computation.
+* Gradients: weight noise is straight-through (``W + stop_gradient(W_noisy - W)``): the gradient computed at the
+  noisy weights is applied to the clean ones, as in forward-noise training (Joshi et al. 2020; aihwkit weight
+  modifiers). Activation noise is part of the forward function and is differentiated as such.
+
+References:
+  Joshi et al., "Accurate deep neural network inference using computational phase-change memory",
+  Nature Communications 11, 2473 (2020). Rasch et al., Nature Communications 14, 5282 (2023).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct, traverse_util
+
+# kind -> what eta means (the relative sigma of the kind).
+WEIGHT_KINDS: dict[str, str] = {
+    "additive_rel_max": "W + eta * max|W| * N(0,1); max over the whole tensor (Joshi et al. 2020, aihwkit)",
+    "additive_rel_max_channel": "W + eta * max|W[..., c]| * N(0,1); max per output channel (last axis)",
+    "multiplicative": "W * (1 + eta * N(0,1))",
+    "lognormal": "W * exp(eta * N(0,1)) (mean factor exp(eta^2/2), not 1)",
+}
+ACTIVATION_KINDS: dict[str, str] = {
+    "additive": "a + eta * r_site * N(0,1); r_site calibrated on clean training activations",
+    "multiplicative": "a * (1 + eta * N(0,1))",
+}
+ACTIVATION_STATISTICS = ("std", "absmax")
+DEFAULT_WEIGHT_PATHS = (r"(^|/)kernel$",)
+
+
+def stable_hash(name: str) -> int:
+    """A 32-bit hash of ``name`` that is the same in every process and Python version.
+
+    Args:
+      name: a parameter path (``"layer1/0/conv1/kernel"``) or activation-site name (``"layer1/0/conv1"``).
+
+    Returns:
+      An int in ``[0, 2**32)``, suitable for ``jax.random.fold_in``.
+    """
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=4).digest(), "little")
+
+
+def name_key(key: jax.Array, name: str) -> jax.Array:
+    """The key of a named thing: ``fold_in(key, stable_hash(name))``."""
+    return jax.random.fold_in(key, np.uint32(stable_hash(name)))
+
+
+def weight_key(key: jax.Array) -> jax.Array:
+    """The chip key's sub-key for weight noise (one draw = one chip)."""
+    return name_key(key, "jaxnoise/weight")
+
+
+def activation_key(key: jax.Array) -> jax.Array:
+    """The forward-pass key's sub-key for activation noise."""
+    return name_key(key, "jaxnoise/activation")
+
+
+def _is_concrete_number(x: Any) -> bool:
+    if isinstance(x, jax.core.Tracer) or x is None:
+        return False
+    return isinstance(x, (int, float, np.ndarray, np.number, jax.Array)) and not isinstance(x, bool)
+
+
+def check_eta(value: Any, name: str = "eta") -> None:
+    """Raises ValueError when a concrete noise scale is negative, NaN or infinite (tracers pass unchecked)."""
+    if not _is_concrete_number(value):
+        return
+    arr = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}={value!r} is not finite: noise scales must be finite numbers >= 0.")
+    if np.any(arr < 0):
+        raise ValueError(f"{name}={value!r} is negative: noise scales are standard deviations and must be >= 0 "
+                         f"(use 0 for no noise).")
+
+
+def _check_kind(kind: str | None, kinds: Mapping[str, str], what: str) -> None:
+    if kind is not None and kind not in kinds:
+        raise ValueError(f"unknown {what} noise kind {kind!r}; choose one of {sorted(kinds)} (or None for off).")
+
+
+@struct.dataclass
+class NoiseSpec:
+    """What noise a forward pass sees. A pytree: scales, references and masks are leaves; kinds are static.
+
+    Attributes:
+      weight_eta: relative weight-noise scale, in the units of ``weight_kind`` (see ``WEIGHT_KINDS``).
+      act_eta: relative activation-noise scale, in the units of ``act_kind`` (see ``ACTIVATION_KINDS``).
+      act_ref: for ``act_kind="additive"``: ``{site: r_site}``, the absolute reference scale of each site's clean
+        output (from :func:`calibrate_activations`); the absolute sigma is ``act_eta * r_site``.
+      weight_mask: optional ``{param_path: multiplier}`` of ``weight_eta`` (0/1 masks select layers);
+        paths not listed get 1.
+      act_mask: optional ``{site: multiplier}`` of ``act_eta``; sites not listed get 1.
+      weight_kind: a key of ``WEIGHT_KINDS``, or None for no weight noise (static).
+      act_kind: a key of ``ACTIVATION_KINDS``, or None for no activation noise (static).
+      weight_paths: regular expressions (``re.search``) over ``/``-joined parameter paths selecting the leaves
+        that get weight noise. Default: every ``kernel`` (conv and dense); BatchNorm and biases stay exact.
+
+    Examples:
+      >>> spec = NoiseSpec(weight_eta=0.1)                     # aihwkit-style additive, 10% of max|W|
+      >>> spec = spec.replace(weight_eta=jnp.float32(0.2))     # same compiled program, new scale
+    """
+
+    weight_eta: Any = 0.0
+    act_eta: Any = 0.0
+    act_ref: Mapping[str, Any] | None = None
+    weight_mask: Mapping[str, Any] | None = None
+    act_mask: Mapping[str, Any] | None = None
+    weight_kind: str | None = struct.field(pytree_node=False, default="additive_rel_max")
+    act_kind: str | None = struct.field(pytree_node=False, default=None)
+    weight_paths: tuple[str, ...] = struct.field(pytree_node=False, default=DEFAULT_WEIGHT_PATHS)
+
+    def __post_init__(self):
+        _check_kind(self.weight_kind, WEIGHT_KINDS, "weight")
+        _check_kind(self.act_kind, ACTIVATION_KINDS, "activation")
+        check_eta(self.weight_eta, "weight_eta")
+        check_eta(self.act_eta, "act_eta")
+        for pattern in self.weight_paths:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"weight_paths pattern {pattern!r} is not a valid regular expression: {e}") from e
+        if self.act_kind is None and _is_concrete_number(self.act_eta) and np.any(np.asarray(self.act_eta) != 0):
+            raise ValueError(f"act_eta={self.act_eta!r} but act_kind is None: set act_kind to one of "
+                             f"{sorted(ACTIVATION_KINDS)} to turn activation noise on.")
+        if self.weight_kind is None and _is_concrete_number(self.weight_eta) and np.any(
+                np.asarray(self.weight_eta) != 0):
+            raise ValueError(f"weight_eta={self.weight_eta!r} but weight_kind is None: set weight_kind to one of "
+                             f"{sorted(WEIGHT_KINDS)} to turn weight noise on.")
+
+    @property
+    def has_weight_noise(self) -> bool:
+        return self.weight_kind is not None
+
+    @property
+    def has_activation_noise(self) -> bool:
+        return self.act_kind is not None
+
+    def activation_only(self) -> "NoiseSpec":
+        """The same spec with weight noise switched off (statically)."""
+        return self.replace(weight_kind=None, weight_eta=0.0, weight_mask=None)
+
+    def weight_only(self) -> "NoiseSpec":
+        """The same spec with activation noise switched off (statically)."""
+        return self.replace(act_kind=None, act_eta=0.0, act_mask=None)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description in the shared result format (``weight_noise``/``activation_noise``)."""
+        def num(x):
+            return None if x is None else float(np.asarray(x))
+        weight = None if self.weight_kind is None else {"kind": self.weight_kind, "eta": num(self.weight_eta)}
+        act = None
+        if self.act_kind is not None:
+            act = {"kind": self.act_kind, "eta": num(self.act_eta)}
+        return {"weight_noise": weight, "activation_noise": act}
+
+
+def _selected(path: str, patterns: Iterable[str]) -> bool:
+    return any(re.search(p, path) for p in patterns)
+
+
+def weight_noise_sites(params: Mapping[str, Any], spec: NoiseSpec | None = None) -> tuple[str, ...]:
+    """The ``/``-joined paths of the parameter leaves that ``spec`` perturbs, in tree order."""
+    patterns = DEFAULT_WEIGHT_PATHS if spec is None else spec.weight_paths
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return tuple(p for p in flat if _selected(p, patterns))
+
+
+def weight_delta(key: jax.Array, w: jax.Array, eta: jax.Array, kind: str) -> jax.Array:
+    """The noise added to one weight tensor: ``W_noisy - W`` for one draw.
+
+    Args:
+      key: the key of this tensor (already derived from its path).
+      w: the clean weight tensor; for conv kernels (kh, kw, in, out), for dense (in, out): the last axis is the
+        output channel.
+      eta: the relative scale (array or float), in the units of ``kind``.
+      kind: a key of ``WEIGHT_KINDS``.
+
+    Returns:
+      An array like ``w``; exactly zero where ``eta == 0``.
+    """
+    _check_kind(kind, WEIGHT_KINDS, "weight")
+    z = jax.random.normal(key, w.shape, w.dtype)
+    eta = jnp.asarray(eta, w.dtype)
+    if kind == "additive_rel_max":
+        return eta * jnp.max(jnp.abs(w)) * z
+    if kind == "additive_rel_max_channel":
+        axes = tuple(range(w.ndim - 1))
+        return eta * jnp.max(jnp.abs(w), axis=axes, keepdims=True) * z
+    if kind == "multiplicative":
+        return w * eta * z
+    if kind == "lognormal":
+        return w * jnp.expm1(eta * z)
+    raise AssertionError(kind)
+
+
+def perturb_weights(key: jax.Array | None, params: Mapping[str, Any], spec: NoiseSpec | None) -> Any:
+    """One chip's weights: every selected leaf of ``params`` with its own name-keyed noise draw.
+
+    Args:
+      key: the weight key (``weight_key(chip_key)``), or None for exact weights.
+      params: the parameter tree (``variables["params"]``); nested dicts with string keys.
+      spec: the noise spec, or None for exact weights.
+
+    Returns:
+      A tree like ``params``. Leaves not matched by ``spec.weight_paths`` are returned unchanged (same object).
+      Straight-through gradient: ``d(out)/d(params)`` is the identity.
+
+    Examples:
+      >>> noisy = perturb_weights(weight_key(jax.random.key(0)), variables["params"], NoiseSpec(weight_eta=0.1))
+    """
+    if key is None or spec is None or spec.weight_kind is None:
+        return params
+    flat = traverse_util.flatten_dict(params, sep="/")
+    mask = spec.weight_mask or {}
+    unknown = set(mask) - set(flat)
+    if unknown:
+        raise ValueError(f"weight_mask names parameters that do not exist: {sorted(unknown)[:5]}; "
+                         f"valid paths look like {list(flat)[:3]}.")
+    out = {}
+    for path, w in flat.items():
+        if not _selected(path, spec.weight_paths):
+            out[path] = w
+            continue
+        eta = spec.weight_eta * mask[path] if path in mask else spec.weight_eta
+        delta = weight_delta(name_key(key, path), w, eta, spec.weight_kind)
+        out[path] = w + jax.lax.stop_gradient(delta)
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+def activation_noise(key: jax.Array, y: jax.Array, eta: jax.Array, kind: str, ref: jax.Array | None = None):
+    """Adds one draw of activation noise to an MVM output ``y``.
+
+    Args:
+      key: the key of this site for this forward pass.
+      y: the clean MVM output.
+      eta: relative scale.
+      kind: a key of ``ACTIVATION_KINDS``.
+      ref: absolute reference scale ``r_site`` (needed by ``additive``).
+
+    Returns:
+      The noisy output; exactly ``y`` where ``eta == 0``.
+    """
+    _check_kind(kind, ACTIVATION_KINDS, "activation")
+    z = jax.random.normal(key, y.shape, y.dtype)
+    eta = jnp.asarray(eta, y.dtype)
+    if kind == "additive":
+        return y + eta * jnp.asarray(ref, y.dtype) * z
+    if kind == "multiplicative":
+        return y * (1 + eta * z)
+    raise AssertionError(kind)
+
+
+class SiteContext:
+    """Handles the activation-noise sites of one forward pass (a Python object that lives only while tracing).
+
+    A model calls ``ctx(name, y)`` on every analog MVM output. The context
+    * adds activation noise keyed by ``name`` (when it has a key and a spec with an activation kind),
+    * records the clean outputs when ``capture=True`` (used by :func:`calibrate_activations`),
+    * records site names in call order (``ctx.sites``) and rejects a name used twice in one pass.
+
+    Args:
+      key: the forward pass key (its ``activation_key`` is derived here), or None for no activation noise.
+      spec: the noise spec, or None.
+      capture: keep the clean site outputs in ``ctx.captured``.
+    """
+
+    def __init__(self, key: jax.Array | None = None, spec: NoiseSpec | None = None, capture: bool = False):
+        active = key is not None and spec is not None and spec.act_kind is not None
+        self.spec = spec
+        self.key = activation_key(key) if active else None
+        self.capture = capture
+        self.captured: dict[str, jax.Array] = {}
+        self.sites: list[str] = []
+
+    def __call__(self, name: str, y: jax.Array) -> jax.Array:
+        if name in self.sites:
+            raise ValueError(f"activation site {name!r} used twice in one forward pass; site names must be unique.")
+        self.sites.append(name)
+        if self.capture:
+            self.captured[name] = y
+        if self.key is None:
+            return y
+        spec = self.spec
+        eta = spec.act_eta
+        if spec.act_mask is not None and name in spec.act_mask:
+            eta = eta * spec.act_mask[name]
+        ref = None
+        if spec.act_kind == "additive":
+            if spec.act_ref is None or name not in spec.act_ref:
+                raise ValueError(
+                    f"additive activation noise at site {name!r} needs its calibrated reference scale, but "
+                    f"spec.act_ref {'is None' if spec.act_ref is None else 'lacks it'}: compute it with "
+                    f"jaxnoise.noise.calibrate_activations(...) and pass NoiseSpec(act_ref=...).")
+            ref = spec.act_ref[name]
+        return activation_noise(name_key(self.key, name), y, eta, spec.act_kind, ref)
+
+
+def calibrate_activations(apply_fn: Callable[..., Any], variables: Any, images: Any, *,
+                          statistic: str = "std", batch_size: int = 256) -> dict[str, jax.Array]:
+    """Per-site reference scales ``r_site`` of the clean MVM outputs, for additive activation noise.
+
+    Runs the clean network (no noise, inference-mode BatchNorm) over ``images`` and pools each site's output over
+    every image, position and channel: ``std`` is the pooled population standard deviation
+    ``sqrt(E[y^2] - E[y]^2)``; ``absmax`` is ``max |y|``. The library's commands pass the first 1024 images of a
+    fixed seeded permutation of the training split (``jaxnoise.data.calibration_images``), preprocessed.
+
+    Args:
+      apply_fn: ``apply(variables, x, *, capture_mvm=True) -> (logits, features)`` with the clean MVM outputs in
+        ``features["mvm"]`` (as every model of ``jaxnoise.models`` does).
+      variables: the model variables.
+      images: preprocessed inputs, (N, ...) float.
+      statistic: ``"std"`` (default) or ``"absmax"``.
+      batch_size: images per forward pass.
+
+    Returns:
+      ``{site: float32 scalar}``, ready for ``NoiseSpec(act_ref=...)``.
+    """
+    if statistic not in ACTIVATION_STATISTICS:
+        raise ValueError(f"unknown calibration statistic {statistic!r}; choose one of {ACTIVATION_STATISTICS}.")
+    n = len(images)
+    if n == 0:
+        raise ValueError("calibrate_activations needs at least one image.")
+
+    @jax.jit
+    def stats(x):
+        _, feats = apply_fn(variables, x, capture_mvm=True)
+        out = {}
+        for site, y in feats["mvm"].items():
+            y = y.astype(jnp.float32)
+            out[site] = (jnp.sum(y), jnp.sum(y * y), jnp.max(jnp.abs(y)), jnp.float32(y.size))
+        return out
+
+    total = None
+    for start in range(0, n, batch_size):
+        s = stats(jnp.asarray(images[start:start + batch_size]))
+        s = jax.tree.map(lambda a: np.asarray(a, np.float64), s)
+        if total is None:
+            total = s
+        else:
+            total = {k: (a[0] + b[0], a[1] + b[1], max(a[2], b[2]), a[3] + b[3]) for (k, a), b in
+                     zip(total.items(), s.values())}
+    ref = {}
+    for site, (s1, s2, amax, count) in total.items():
+        if statistic == "std":
+            mean = s1 / count
+            value = math.sqrt(max(s2 / count - mean * mean, 0.0))
+        else:
+            value = float(amax)
+        ref[site] = jnp.float32(value)
+    return ref
+
+
+def default_chip_batch_size(backend: str | None = None) -> int:
+    """Chips evaluated at once (``jax.lax.map(..., batch_size=...)``) by default on a backend.
+
+    On CPU, vmapping chips whose kernels differ lowers to a grouped convolution that ran 17x slower than one chip
+    after another (measured 2026-11-23, ResNet-20), so the CPU default is 1. GPUs and TPUs take 8.
+    ``benchmarks/mc_eval.py`` measures the choice.
+    """
+    backend = backend or jax.default_backend()
+    return 1 if backend == "cpu" else 8
