@@ -60,7 +60,7 @@ def convert_torch_state(model: Model, state: dict[str, np.ndarray], source: str 
     abstract = jax.eval_shape(model.init, jax.random.key(0))
     flat = {c: traverse_util.flatten_dict(abstract.get(c, {}), sep="/") for c in ("params", "batch_stats")}
     out = {"params": {}, "batch_stats": {}}
-    unexpected, misshaped = [], []
+    unexpected, misshaped, misshaped_paths = [], [], set()
     for name, array in state.items():
         layer, _, leaf = name.rpartition(".")
         if leaf == "num_batches_tracked":
@@ -74,9 +74,10 @@ def convert_torch_state(model: Model, state: dict[str, np.ndarray], source: str 
         want = tuple(flat[collection][path].shape)
         if value.shape != want:
             misshaped.append(f"{name}: file {tuple(np.shape(array))} -> {value.shape}, model {path} wants {want}")
+            misshaped_paths.add((collection, path))
             continue
         out[collection][path] = value
-    missing = [f"{c}/{p}" for c in flat for p in flat[c] if p not in out[c]]
+    missing = [f"{c}/{p}" for c in flat for p in flat[c] if p not in out[c] and (c, p) not in misshaped_paths]
     if missing or unexpected or misshaped:
         lines = [f"{source} does not match model {model.name} ({model.config}):"]
         for title, items in (("missing in file", missing), ("unexpected in file", unexpected),

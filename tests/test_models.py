@@ -1,0 +1,160 @@
+"""Models: shapes, feature/site names, PyTorch npz import and its errors, the pretrained ResNet-20 accuracy."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnoise import noise
+from jaxnoise.models import WeightsMismatchError, get_model, load_torch_npz
+from jaxnoise.models.resnet_cifar import _shortcut_a
+
+PRETRAINED = "../shared/pretrained"
+needs_pretrained = pytest.mark.skipif(not os.path.isdir(PRETRAINED), reason="../shared/pretrained not present")
+
+
+@pytest.mark.parametrize("name, shape, params", [
+    ("mlp", (8, 8, 1), 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10),
+    ("cnn", (8, 8, 1), None),
+    ("resnet20", (32, 32, 3), 269_722),
+    ("resnet32", (32, 32, 3), 464_154),
+])
+def test_shapes_features_and_sites(name, shape, params):
+    model = get_model(name)
+    variables = model.init(jax.random.key(0))
+    logits, feats = jax.jit(model.apply)(variables, jnp.zeros((3,) + shape))
+    assert logits.shape == (3, 10)
+    assert set(feats) == set(model.feature_names)  # jit returns dicts key-sorted; feature_names is forward order
+    assert "pre_logits" in feats
+    if params is not None:
+        assert model.param_count(variables) == params
+    assert len(set(model.sites)) == len(model.sites)
+
+
+def test_resnet_cifar_names():
+    model = get_model("resnet20")
+    blocks = [f"layer{s}/{b}" for s in (1, 2, 3) for b in range(3)]
+    assert model.feature_names == ("stem", *blocks, "pre_logits")
+    assert len(model.sites) == 20  # 19 convolutions + the linear head
+    assert model.sites[0] == "conv1" and model.sites[-1] == "linear"
+    assert model.weight_noise_paths[0] == "conv1/kernel"
+
+
+def test_resnet18_imagenet():
+    model = get_model("resnet18")
+    variables = jax.eval_shape(model.init, jax.random.key(0))
+    assert model.param_count(variables) == 11_689_512  # torchvision's resnet18
+    assert "layer2/0/downsample/0" in model.sites
+    variables = model.init(jax.random.key(0))
+    logits, feats = jax.jit(model.apply)(variables, jnp.zeros((1, 224, 224, 3)))
+    assert logits.shape == (1, 1000)
+    assert feats["layer4/1"].shape == (1, 7, 7, 512)
+    assert feats["stem"].shape == (1, 56, 56, 64)
+
+
+def test_option_a_shortcut():
+    x = jnp.arange(2 * 4 * 4 * 16, dtype=jnp.float32).reshape(2, 4, 4, 16)
+    y = _shortcut_a(x, 32)
+    assert y.shape == (2, 2, 2, 32)
+    np.testing.assert_array_equal(y[..., 8:24], x[:, ::2, ::2, :])
+    assert float(jnp.abs(y[..., :8]).sum() + jnp.abs(y[..., 24:]).sum()) == 0.0
+
+
+def test_unknown_model_and_bad_depth():
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        get_model("vgg")
+    with pytest.raises(ValueError, match="unknown model 'resnet21'"):
+        get_model("resnet21")
+
+
+def test_bad_inputs_are_named():
+    model = get_model("cnn")
+    variables = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match="expects inputs of shape"):
+        model.apply(variables, jnp.zeros((2, 9, 8, 1)))
+    with pytest.raises(ValueError, match="floating-point inputs.*preprocess"):
+        model.apply(variables, jnp.zeros((2, 8, 8, 1), jnp.uint8))
+
+
+def test_train_mode_returns_updated_batch_stats():
+    model = get_model("cnn")
+    variables = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1)) * 3 + 1
+    _, feats = model.apply(variables, x, train=True)
+    new = feats["batch_stats"]
+    assert jax.tree.structure(new) == jax.tree.structure(variables["batch_stats"])
+    assert not np.allclose(new["bn1"]["mean"], variables["batch_stats"]["bn1"]["mean"])
+
+
+def test_noise_needs_key_and_spec_and_is_deterministic():
+    model = get_model("cnn")
+    variables = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    spec = noise.NoiseSpec(weight_eta=0.1)
+    clean, _ = model.apply(variables, x)
+    np.testing.assert_array_equal(model.apply(variables, x, key=jax.random.key(2))[0], clean)
+    np.testing.assert_array_equal(model.apply(variables, x, noise=spec)[0], clean)
+    a, _ = model.apply(variables, x, key=jax.random.key(2), noise=spec)
+    b, _ = model.apply(variables, x, key=jax.random.key(2), noise=spec)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, clean)
+
+
+@needs_pretrained
+def test_pretrained_loads_exactly():
+    model = get_model("resnet20")
+    variables = load_torch_npz(model, f"{PRETRAINED}/resnet20_cifar10.npz")
+    with np.load(f"{PRETRAINED}/resnet20_cifar10.npz") as f:
+        np.testing.assert_array_equal(variables["params"]["layer2"]["0"]["conv1"]["kernel"],
+                                      f["layer2.0.conv1.weight"].transpose(2, 3, 1, 0))
+        np.testing.assert_array_equal(variables["params"]["linear"]["kernel"], f["linear.weight"].T)
+        np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["var"], f["bn1.running_var"])
+
+
+@needs_pretrained
+def test_import_errors_name_every_problem(tmp_path):
+    src = f"{PRETRAINED}/resnet20_cifar10.npz"
+    with np.load(src) as f:
+        state = dict(f)
+    state.pop("layer1.0.bn1.running_mean")
+    state["layer9.0.conv1.weight"] = np.zeros((1,))
+    state["linear.weight"] = np.zeros((100, 64), np.float32)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **state)
+    with pytest.raises(WeightsMismatchError) as e:
+        load_torch_npz(get_model("resnet20"), bad)
+    msg = str(e.value)
+    assert "missing in file (1): batch_stats/layer1/0/bn1/mean" in msg
+    assert "unexpected in file (1): layer9.0.conv1.weight" in msg
+    assert "wrong shape (1): linear.weight" in msg
+    with pytest.raises(WeightsMismatchError, match="missing in file"):
+        load_torch_npz(get_model("resnet32"), src)  # deeper architecture than the file
+    corrupt = tmp_path / "corrupt.npz"
+    shutil.copy(src, corrupt)
+    with open(corrupt, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(WeightsMismatchError, match="corrupt"):
+        load_torch_npz(get_model("resnet20"), corrupt)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_torch_npz(get_model("resnet20"), tmp_path / "nothing.npz")
+    assert os.path.getsize(src) > 1_000_000  # the source file is untouched
+
+
+@pytest.mark.cifar
+@needs_pretrained
+def test_pretrained_resnet20_accuracy_on_shared_cifar10():
+    from jaxnoise import data
+    try:
+        ds = data.load_dataset("cifar10")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model = get_model("resnet20")
+    variables = load_torch_npz(model, f"{PRETRAINED}/resnet20_cifar10.npz")
+    predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, ds.preprocess(x))[0], -1))
+    images, labels = ds.test.images, ds.test.labels
+    pred = np.concatenate([predict(variables, images[i:i + 1000]) for i in range(0, len(images), 1000)])
+    acc = float((pred == labels).mean())
+    assert abs(acc - 0.8103) <= 0.001, acc  # ../shared/pretrained/README.md: 81.03%
