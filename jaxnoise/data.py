@@ -32,6 +32,7 @@ import json
 import os
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -303,22 +304,26 @@ def resolve_data_dir(data_dir: str | None) -> str | None:
         Absolute path of the chosen directory (not checked for existence when given explicitly or by
         the environment), or None when nothing applies.
     """
-    for candidate, _ in _candidate_dirs(data_dir, include_tfds_default=False):
+    for candidate, _ in _candidate_dirs(data_dir, for_search=False):
         return candidate
     return None
 
 
-def _candidate_dirs(data_dir: str | None, *, include_tfds_default: bool) -> list[tuple[str, str]]:
-    """Returns the TFDS data dirs to search, in order, as (absolute path, origin) pairs."""
+def _candidate_dirs(data_dir: str | None, *, for_search: bool) -> list[tuple[str, str]]:
+    """Returns TFDS data dirs in order of precedence, as (absolute path, origin) pairs.
+
+    With ``for_search`` (used by the loader), ``../shared/tfds`` is listed even when absent, so that
+    error messages name it, and the TFDS default ``~/tensorflow_datasets`` is appended.
+    """
     if data_dir:
         return [(_abspath(data_dir), "data_dir argument")]
     out = []
     env = os.environ.get("TFDS_DATA_DIR")
     if env:
         out.append((_abspath(env), "$TFDS_DATA_DIR"))
-    if os.path.isdir(SHARED_TFDS_DIR):
+    if for_search or os.path.isdir(SHARED_TFDS_DIR):
         out.append((_abspath(SHARED_TFDS_DIR), f"{SHARED_TFDS_DIR} relative to the working directory"))
-    if include_tfds_default:
+    if for_search:
         default = os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
         out.append((_abspath(default), "TFDS default data dir"))
     unique, seen = [], set()
@@ -479,7 +484,7 @@ def _find_builder(name: str, data_dir: str | None):
     """Returns the TFDS builder of the first searched dir where ``name`` is prepared as array_record."""
     import tensorflow_datasets as tfds
 
-    candidates = _candidate_dirs(data_dir, include_tfds_default=data_dir is None)
+    candidates = _candidate_dirs(data_dir, for_search=True)
     searched = []
     for path, origin in candidates:
         if not os.path.isdir(path):
@@ -506,8 +511,6 @@ def _find_builder(name: str, data_dir: str | None):
         return builder
     if data_dir is None and not os.environ.get("TFDS_DATA_DIR"):
         searched.insert(0, "$TFDS_DATA_DIR: not set")
-    if data_dir is None and not os.path.isdir(SHARED_TFDS_DIR):
-        searched.append(f"{_abspath(SHARED_TFDS_DIR)} ({SHARED_TFDS_DIR} relative to the working directory): does not exist")
     lines = "\n".join(f"  - {s}" for s in searched)
     raise DatasetNotFoundError(
         f"Dataset '{name}' was not found in a prepared TFDS data dir. Searched:\n{lines}\n"
@@ -529,14 +532,15 @@ def _read_split(builder, name: str, split: str, label_key: str, disk_cache: bool
                 images, labels = f["images"], f["labels"]
             if images.dtype == np.uint8 and images.ndim == 4 and labels.shape == (len(images),):
                 return Split(_readonly(images), _readonly(labels.astype(np.int32, copy=False)))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             warnings.warn(f"Ignoring unreadable cache {cache_path}: {e}", stacklevel=2)
 
     source = builder.as_data_source(split=split)
     n = len(source)
-    shape = tuple(int(s) for s in builder.info.features["image"].shape)
+    shape = tuple(builder.info.features["image"].shape)
     if any(s is None or s < 1 for s in shape):
         raise NotImplementedError(f"{name}: variable image shape {shape} cannot be stacked in memory")
+    shape = tuple(int(s) for s in shape)
     images = np.empty((n, *shape), np.uint8)
     labels = np.empty((n,), np.int32)
     # Batched reads amortise per-call overhead; decoding (PIL) dominates either way.
@@ -575,6 +579,7 @@ def _write_npz_atomic(path: str, **arrays: np.ndarray) -> None:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except OSError as e:
         warnings.warn(f"Could not write dataset cache {path}: {e}", stacklevel=3)
