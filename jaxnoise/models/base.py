@@ -36,9 +36,17 @@ class Model:
 
     def init(self, key: jax.Array, batch_size: int = 2) -> Variables:
         """Fresh variables; every leaf's initialisation key is derived from its path."""
+        return self._jitted_init(key, batch_size=batch_size)
+
+    def _init(self, key: jax.Array, batch_size: int) -> Variables:
         scope = Scope(init_key=key)
         self.forward(scope, jnp.zeros((batch_size,) + tuple(self.input_shape), jnp.float32))
         return {"params": scope.created_params, "batch_stats": scope.created_stats}
+
+    @functools.cached_property
+    def _jitted_init(self):
+        # One compilation per model instead of one eager random.normal per parameter shape.
+        return jax.jit(self._init, static_argnames="batch_size")
 
     def apply(self, variables: Variables, x: jax.Array, *, key: jax.Array | None = None,
               noise: noise_lib.NoiseSpec | None = None, train: bool = False,

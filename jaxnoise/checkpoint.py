@@ -1,0 +1,558 @@
+"""Checkpoints: a thin wrapper over ``orbax-checkpoint`` with atomic writes and clear errors.
+
+Layout of a checkpoint directory (``WORKDIR/checkpoints`` for :func:`jaxnoise.train.train`)::
+
+    DIR/
+      metadata.json            # copy of the latest step's metadata (human-readable; replaced atomically)
+      <step>/                  # one finished step; orbax writes <step>.orbax-checkpoint-tmp*/ and renames it
+        state/                 # the pytree (orbax StandardSave, OCDBT/zarr arrays)
+        metadata/metadata      # the JSON metadata of this step
+
+Guarantees:
+
+* **Atomic writes.** orbax's ``AtomicRenameTemporaryPath`` mode is set explicitly: a step is written into a
+  temporary directory and renamed into place only once complete. A temporary directory left behind by a killed
+  run is never listed as a step, and is deleted by the next :meth:`CheckpointManager.save` in that directory.
+* **Append-only.** A save never overwrites an existing step, and a failed save leaves earlier steps untouched.
+  Only the retention policy (keep the newest ``max_to_keep`` steps) deletes steps, and only after a new step has
+  been written completely.
+* **Clear errors.** A missing directory or step raises :class:`FileNotFoundError`; an unreadable (truncated,
+  partly deleted) step raises :class:`CheckpointError`; a checkpoint of another model or optimizer raises
+  :class:`CheckpointMismatchError` listing the differences. Each message names the path and what to do.
+
+Restored arrays take the structure, dtypes and (for ``jax.Array`` leaves) the sharding of the target pytree.
+Without a target, leaves come back as ``jax.Array`` on the default device in nested dicts/lists (tuples and
+namedtuples become lists and dicts), whatever device wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.path import atomicity as ocp_atomicity
+
+_STATE = "state"
+_METADATA = "metadata"
+METADATA_FILE = "metadata.json"
+# A training workdir keeps its checkpoints here; read functions accept either directory.
+CHECKPOINT_SUBDIR = "checkpoints"
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+_MAX_LISTED = 10
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be read (truncated, partly deleted or otherwise corrupt)."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint does not match the structure or shapes of the pytree it is restored into."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _abs(directory: str | os.PathLike) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(directory)))
+
+
+def _step_dirs(directory: str) -> list[int]:
+    """Finished step directories (``<int>``) in ``directory``; temporary ones are skipped."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def _resolve(directory: str | os.PathLike) -> str:
+    """The checkpoint directory meant by ``directory``: itself, or its ``checkpoints/`` subdirectory.
+
+    Raises:
+      FileNotFoundError: when ``directory`` does not exist.
+    """
+    path = _abs(directory)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"checkpoint directory {path!r} does not exist. Pass the directory a training run wrote "
+            f"(WORKDIR/{CHECKPOINT_SUBDIR}, or WORKDIR itself) or one written by save_variables; train first "
+            f"with jaxnoise.train.train(..., workdir=WORKDIR) if there is none.")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is a file, not a checkpoint directory. Pass the directory a training "
+                                f"run wrote (WORKDIR/{CHECKPOINT_SUBDIR} or WORKDIR), or a .npz weights file to "
+                                f"load_variables.")
+    sub = os.path.join(path, CHECKPOINT_SUBDIR)
+    if not _step_dirs(path) and not os.path.exists(os.path.join(path, METADATA_FILE)) and os.path.isdir(sub):
+        return sub
+    return path
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """``{"a/b/0/c": (shape, dtype)}`` for every leaf; dict keys, attribute names and indices alike."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {}
+    for path, leaf in leaves:
+        name = "/".join(_key_str(k) for k in path)
+        out[name] = (tuple(np.shape(leaf)), getattr(leaf, "dtype", None))
+    return out
+
+
+def _describe_mismatch(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    missing = [k for k in wanted if k not in stored]
+    unexpected = [k for k in stored if k not in wanted]
+    misshaped = [f"{k}: checkpoint {stored[k][0]}, target {wanted[k][0]}" for k in wanted
+                 if k in stored and tuple(stored[k][0]) != tuple(wanted[k][0])]
+    lines = []
+    for title, items in (("in target but not in checkpoint", missing), ("in checkpoint but not in target",
+                                                                         unexpected), ("wrong shape", misshaped)):
+        if items:
+            shown = items[:_MAX_LISTED] + ([f"... and {len(items) - _MAX_LISTED} more"]
+                                           if len(items) > _MAX_LISTED else [])
+            lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
+    return lines
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    """Writes JSON to a temporary file in the same directory, then renames it over ``path``."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` with tuples as lists and numpy scalars as Python numbers; raises TypeError for the rest."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.generic, np.ndarray)) or isinstance(o, jax.Array):
+        return np.asarray(o).tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(f"metadata value {o!r} of type {type(o).__name__} is not JSON-serialisable; "
+                    f"use strings, numbers, bools, lists and dicts.")
+
+
+def _restore_item(target: Any) -> Any:
+    """The item orbax restores into: ``jax.Array`` leaves as they are (their sharding is kept), every other leaf
+    as a ``jax.ShapeDtypeStruct`` on the default device (so a checkpoint written on another device reads here)."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def leaf(x):
+        if isinstance(x, jax.Array):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or sharding)
+        arr = np.asarray(x)
+        return jax.ShapeDtypeStruct(arr.shape, arr.dtype, sharding=sharding)
+    return jax.tree.map(leaf, target)
+
+
+def _cast_like(restored: Any, target: Any) -> Any:
+    """Restored leaves converted to the target's leaf kind (numpy/Python/jax) and dtype."""
+    def leaf(r, t):
+        if isinstance(t, (jax.Array, jax.ShapeDtypeStruct)):
+            return r if r.dtype == t.dtype else r.astype(t.dtype)
+        if isinstance(t, (bool, int, float)) and not isinstance(t, np.generic):
+            return type(t)(np.asarray(r))
+        dtype = t.dtype if hasattr(t, "dtype") else np.asarray(t).dtype
+        return np.asarray(r, dtype=dtype)
+    return jax.tree.map(leaf, restored, target)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The manager
+
+
+class CheckpointManager:
+    """Numbered, atomic checkpoints of a pytree plus JSON metadata in one directory.
+
+    Args:
+      directory: the checkpoint directory. For reading, a training workdir containing ``checkpoints/`` is
+        accepted too.
+      max_to_keep: the newest ``max_to_keep`` steps are kept; older ones are deleted after each successful save.
+        None keeps every step.
+      create: create ``directory`` when missing (for writing). With False, a missing directory raises
+        FileNotFoundError.
+
+    Examples:
+      >>> with CheckpointManager("runs/a/checkpoints") as ckpt:
+      ...     ckpt.save(100, {"params": params}, metadata={"model": "mlp"})
+      ...     restored = ckpt.restore({"params": params})
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, create: bool = True):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (or None to keep every checkpoint).")
+        if create:
+            self.directory = _abs(directory)
+            os.makedirs(self.directory, exist_ok=True)
+        else:
+            self.directory = _resolve(directory)
+        self.max_to_keep = max_to_keep
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=False,
+            # Synchronous: save() returns once the step is complete and renamed into place.
+            enable_async_checkpointing=False,
+            # Temporary directories of killed runs are removed before the next save (never read).
+            cleanup_tmp_directories=create,
+            # Write <step>.orbax-checkpoint-tmp*/ and rename it when complete (atomic on POSIX filesystems).
+            temporary_path_class=ocp_atomicity.AtomicRenameTemporaryPath,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={_STATE: ocp.StandardCheckpointHandler(), _METADATA: ocp.JsonCheckpointHandler()})
+
+    # -- context manager ----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Waits for pending work and releases orbax's resources."""
+        self._manager.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- listing ------------------------------------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """Finished steps, ascending (temporary directories of unfinished saves are not steps)."""
+        self._manager.reload()
+        return sorted(int(s) for s in self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest finished step, or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def step_path(self, step: int) -> str:
+        """The directory of ``step``."""
+        return os.path.join(self.directory, str(int(step)))
+
+    def _check_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                leftovers = [n for n in os.listdir(self.directory) if _TMP_MARKER in n]
+                hint = (f" (only unfinished temporary directories {leftovers[:3]} from an interrupted save, "
+                        f"which are ignored)" if leftovers else "")
+                raise FileNotFoundError(f"no checkpoint in {self.directory!r}{hint}: train first, or pass the "
+                                        f"directory that holds the numbered step directories.")
+            return steps[-1]
+        step = int(step)
+        if step not in steps:
+            raise FileNotFoundError(f"checkpoint step {step} not found in {self.directory!r}; available steps: "
+                                    f"{steps or 'none'}. Pass one of these (or step=None for the latest).")
+        return step
+
+    def _corrupt(self, step: int, e: BaseException) -> CheckpointError:
+        earlier = [s for s in self.all_steps() if s < step]
+        fix = (f"delete {self.step_path(step)!r} to resume from step {earlier[-1]}, or restore an earlier step "
+               f"with step={earlier[-1]} (available: {earlier})" if earlier else
+               f"delete {self.step_path(step)!r} and start again (there is no earlier step)")
+        return CheckpointError(f"checkpoint {self.step_path(step)!r} (step {step}) cannot be read; it is "
+                               f"probably truncated or partly deleted ({_short(e)}). To continue: {fix}.")
+
+    # -- writing ------------------------------------------------------------------------------------------------
+    def save(self, step: int, state: Any, metadata: Mapping[str, Any] | None = None) -> str:
+        """Writes ``state`` (and ``metadata``) as step ``step``, atomically.
+
+        Args:
+          step: a non-negative int, larger than every existing step.
+          state: a pytree of arrays (dicts, lists, tuples, namedtuples, flax struct dataclasses).
+          metadata: JSON-serialisable dict stored with the step and copied to ``DIR/metadata.json``.
+
+        Returns:
+          The path of the new step directory.
+
+        Raises:
+          ValueError: ``step`` is negative, or not after the latest existing step (steps are never overwritten).
+          TypeError: ``metadata`` is not JSON-serialisable.
+        """
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"checkpoint step must be >= 0, got {step}.")
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            raise ValueError(
+                f"cannot save step {step} in {self.directory!r}: step {latest} already exists there and "
+                f"checkpoints are never overwritten. Save a later step, or use a fresh directory.")
+        meta = _jsonable(dict(metadata or {}))
+        self._manager.save(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(meta)}), force=True)
+        self._manager.wait_until_finished()
+        _write_json_atomic(os.path.join(self.directory, METADATA_FILE), dict(meta, step=step))
+        return self.step_path(step)
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def stored_structure(self, step: int | None = None) -> Any:
+        """The stored pytree of ``step`` (latest by default) as ``jax.ShapeDtypeStruct`` leaves.
+
+        Raises:
+          FileNotFoundError: no such step. CheckpointError: the step's metadata cannot be read.
+        """
+        step = self._check_step(step)
+        try:
+            tree = self._manager.item_metadata(step)[_STATE]
+            tree = getattr(tree, "tree", tree)
+            if tree is None:
+                raise ValueError("no pytree metadata")
+            return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+        except Exception as e:  # orbax/tensorstore raise many kinds; all mean "unreadable"
+            raise self._corrupt(step, e) from e
+
+    def restore(self, target: Any = None, step: int | None = None) -> Any:
+        """Reads step ``step`` (latest by default).
+
+        Args:
+          target: a pytree like the saved one (e.g. the freshly initialised state, or its ``jax.eval_shape``).
+            The result has its structure, leaf types and dtypes (``jax.Array`` and ``jax.ShapeDtypeStruct`` leaves
+            give ``jax.Array``, with the target's sharding if it has one; numpy/Python leaves give numpy/Python).
+            None restores the stored structure as nested dicts/lists of ``jax.Array`` on the default device.
+          step: the step, or None for the latest.
+
+        Returns:
+          The restored pytree.
+
+        Raises:
+          FileNotFoundError: no checkpoint, or no such step.
+          CheckpointMismatchError: the checkpoint's leaves or shapes differ from ``target``'s.
+          CheckpointError: the step cannot be read (corrupt).
+        """
+        step = self._check_step(step)
+        stored = self.stored_structure(step)
+        if target is not None:
+            lines = _describe_mismatch(_flat_shapes(stored), _flat_shapes(target))
+            if lines:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.step_path(step)!r} does not match the structure it is restored into:\n"
+                    + "\n".join(lines) + "\nIt was probably written for another model or optimizer "
+                    f"configuration; use a matching model/config, or another directory.")
+        item = _restore_item(stored if target is None else target)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(
+                item)}))[_STATE]
+        except Exception as e:  # orbax/tensorstore raise many kinds; all mean "unreadable"
+            raise self._corrupt(step, e) from e
+        return restored if target is None else _cast_like(restored, target)
+
+    def read_metadata(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata saved with ``step`` (latest by default).
+
+        Falls back to ``DIR/metadata.json`` when there is no step (e.g. all steps were deleted by hand).
+
+        Raises:
+          FileNotFoundError: no checkpoint and no metadata file. CheckpointError: unreadable metadata.
+        """
+        if step is None and not self.all_steps():
+            return _read_metadata_file(self.directory)
+        step = self._check_step(step)
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()}))[
+                _METADATA]
+        except Exception as e:  # orbax/tensorstore raise many kinds; all mean "unreadable"
+            raise self._corrupt(step, e) from e
+        if meta is None:
+            raise self._corrupt(step, ValueError("metadata item is empty"))
+        return dict(meta, step=step)
+
+
+def _read_metadata_file(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, METADATA_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint and no {METADATA_FILE} in {directory!r}: pass the directory a "
+                                f"training run wrote (WORKDIR/{CHECKPOINT_SUBDIR} or WORKDIR).")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path!r} cannot be read ({_short(e)}); delete it (it is a copy of the newest "
+                              f"step's metadata) or restore it from a step directory.") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Function API
+
+
+def save(directory: str | os.PathLike, step: int, state: Any, metadata: Mapping[str, Any] | None = None, *,
+         max_to_keep: int | None = 3) -> str:
+    """Saves ``state`` as step ``step`` in ``directory`` atomically; keeps the newest ``max_to_keep`` steps.
+
+    Args:
+      directory: the checkpoint directory (created when missing).
+      step: larger than every existing step (steps are never overwritten).
+      state: a pytree of arrays.
+      metadata: JSON-serialisable dict, saved with the step and copied to ``directory/metadata.json``.
+      max_to_keep: how many steps to keep (None: all).
+
+    Returns:
+      The path of the new step directory.
+    """
+    with CheckpointManager(directory, max_to_keep=max_to_keep) as mgr:
+        return mgr.save(step, state, metadata)
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The newest finished step in ``directory`` (or its ``checkpoints/``); None if there is none or no directory.
+
+    Temporary directories of interrupted saves are not steps.
+    """
+    try:
+        path = _resolve(directory)
+    except FileNotFoundError:
+        return None
+    with CheckpointManager(path, create=False) as mgr:
+        return mgr.latest_step()
+
+
+def restore(directory: str | os.PathLike, target: Any = None, step: int | None = None) -> Any:
+    """Restores step ``step`` (latest by default) of ``directory`` into the structure and dtypes of ``target``.
+
+    Args:
+      directory: the checkpoint directory, or a training workdir containing ``checkpoints/``.
+      target: a pytree like the saved one; None restores the stored structure (nested dicts/lists of
+        ``jax.Array``).
+      step: the step, or None for the latest.
+
+    Returns:
+      The restored pytree.
+
+    Raises:
+      FileNotFoundError: missing directory, no checkpoint or no such step.
+      CheckpointMismatchError: structure or shapes differ from ``target``.
+      CheckpointError: the step is corrupt.
+    """
+    with CheckpointManager(directory, create=False) as mgr:
+        return mgr.restore(target, step)
+
+
+def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The metadata saved with step ``step`` (latest by default), plus ``"step"``.
+
+    For a training checkpoint: ``{"model": name, "model_config": {...}, "input_shape": [...], "num_classes",
+    "dataset": name, "train_config": {...}, "loss": name, "step", "epoch", ...}`` (see
+    :func:`jaxnoise.train.train`).
+
+    Args:
+      directory: the checkpoint directory, or a training workdir containing ``checkpoints/``.
+      step: the step, or None for the latest.
+    """
+    with CheckpointManager(directory, create=False) as mgr:
+        return mgr.read_metadata(step)
+
+
+def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
+                   metadata: Mapping[str, Any] | None = None) -> str:
+    """Saves final model variables ``{"params", "batch_stats"}`` as a one-step checkpoint directory (step 0).
+
+    Args:
+      path: a new or empty directory.
+      variables: ``{"params": ..., "batch_stats": ...}``.
+      metadata: JSON-serialisable dict (model name/config, dataset, ...), readable with :func:`read_metadata`.
+
+    Returns:
+      The path of the written step directory.
+
+    Raises:
+      FileExistsError: ``path`` exists and is not empty (nothing is overwritten).
+      ValueError: ``variables`` lacks ``params``, or ``path`` names a ``.npz`` file.
+    """
+    path = _abs(path)
+    if path.endswith(".npz"):
+        raise ValueError(f"save_variables writes an orbax checkpoint directory, not a .npz file: pass a directory "
+                         f"path instead of {path!r}.")
+    if "params" not in variables:
+        raise ValueError(f"variables must be {{'params': ..., 'batch_stats': ...}}, got keys {sorted(variables)}.")
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{path!r} already exists and is not empty; save_variables never overwrites. Choose "
+                              f"a new directory or delete this one.")
+    state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    return save(path, 0, state, metadata, max_to_keep=None)
+
+
+def load_variables(path: str | os.PathLike, model: Any = None, step: int | None = None) -> dict[str, Any]:
+    """Loads model variables from a checkpoint directory or a PyTorch ``.npz`` state dict.
+
+    Args:
+      path: one of
+        * a directory written by :func:`jaxnoise.train.train` (``WORKDIR`` or ``WORKDIR/checkpoints``) or by
+          :func:`save_variables`: the latest step (or ``step``) is read and its ``params``/``batch_stats``
+          returned;
+        * a ``.npz`` file with a PyTorch-named state dict (``jaxnoise.models.load_torch_npz``; needs ``model``).
+      model: the :class:`~jaxnoise.models.Model`. Required for ``.npz``; for directories it is optional and, when
+        given, the checkpoint is checked against it.
+      step: checkpoint step (directories only); None for the latest.
+
+    Returns:
+      ``{"params": ..., "batch_stats": ...}`` of numpy arrays.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist or holds no checkpoint.
+      CheckpointMismatchError: the checkpoint does not match ``model``.
+      jaxnoise.models.WeightsMismatchError: the ``.npz`` does not match ``model`` or is unreadable.
+      CheckpointError: the checkpoint is corrupt or is not a model checkpoint.
+      ValueError: a ``.npz`` without ``model``.
+    """
+    fspath = _abs(path)
+    if os.path.isfile(fspath) or fspath.endswith(".npz"):
+        if not fspath.endswith(".npz"):
+            raise ValueError(f"{fspath!r} is a file but not a .npz state dict; pass a .npz file or a checkpoint "
+                             f"directory.")
+        if model is None:
+            raise ValueError(f"loading the PyTorch state dict {fspath!r} needs the model: "
+                             f"load_variables(path, model=get_model(name)).")
+        from jaxnoise.models import load_torch_npz  # noqa: PLC0415 (models import jax-heavy modules)
+        return load_torch_npz(model, fspath)
+    with CheckpointManager(fspath, create=False) as mgr:
+        step = mgr._check_step(step)
+        stored = mgr.stored_structure(step)
+        if not isinstance(stored, Mapping) or "params" not in stored:
+            raise CheckpointError(f"checkpoint {mgr.step_path(step)!r} holds no 'params' (top-level keys: "
+                                  f"{sorted(stored) if isinstance(stored, Mapping) else type(stored).__name__}); "
+                                  f"it is not a model checkpoint of jaxnoise.")
+        if model is not None:
+            abstract = jax.eval_shape(model.init, jax.random.key(0))
+            wanted = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+            have = {"params": stored["params"], "batch_stats": stored.get("batch_stats", {})}
+            lines = _describe_mismatch(_flat_shapes(have), _flat_shapes(wanted))
+            if lines:
+                raise CheckpointMismatchError(
+                    f"checkpoint {mgr.step_path(step)!r} does not match model {model.name} ({model.config}):\n"
+                    + "\n".join(lines) + "\nCheck the model name/config against read_metadata(path)['model'].")
+        restored = mgr.restore(None, step)
+    # numpy, like load_torch_npz: the same kind of result whatever the source.
+    return jax.tree.map(np.asarray, {"params": restored["params"],
+                                     "batch_stats": restored.get("batch_stats", {}) or {}})
+
+
+__all__ = ["CHECKPOINT_SUBDIR", "METADATA_FILE", "CheckpointError", "CheckpointManager", "CheckpointMismatchError",
+           "latest_step", "load_variables", "read_metadata", "restore", "save", "save_variables"]

@@ -1,0 +1,292 @@
+"""The ``jaxnoise`` command line: ``demo``, ``train``, ``eval`` and ``sweep``.
+
+The CLI imports the library; no library module imports the CLI. Every command that reports accuracy under noise
+writes a result file in the shared format (``../shared/RESULTS.md``) recording the exact command line.
+
+Examples::
+
+  jaxnoise demo                                     # digits: train a small model, sweep weight noise (< 2 min)
+  jaxnoise eval --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \\
+      --weight-noise additive_rel_max --weight-eta 0.1 --n-chips 32
+  jaxnoise sweep --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \\
+      --weight-etas 0,0.02,0.04,0.06,0.08 --n-chips 32 --out runs/sweep_r20
+  jaxnoise train --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \\
+      --epochs 2 --lr 0.01 --workdir runs/r20_finetune
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxnoise import checkpoint, data, models, noise, report, robustness, train
+
+DEMO_WEIGHT_ETAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.05,0.1; got {text!r}") from e
+
+
+_ARGV: list[str] = []  # the arguments of the running command, for the record
+
+
+def _command_line() -> str:
+    return "jaxnoise " + " ".join(shlex.quote(a) for a in _ARGV)
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, default_model: str | None = None) -> None:
+    p.add_argument("--model", default=default_model, help=f"one of {', '.join(models.MODELS)}")
+    p.add_argument("--weights", help="PyTorch-named .npz state dict (e.g. ../shared/pretrained/resnet20_cifar10.npz)")
+    p.add_argument("--checkpoint", help="a training workdir or checkpoint directory written by `jaxnoise train`")
+    p.add_argument("--dataset", default=None, help=f"one of {', '.join(data.DATASETS)} (default: digits, or the "
+                                                    f"checkpoint's dataset)")
+    p.add_argument("--data-dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR, then ../shared/tfds)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_noise_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weight-noise", default="additive_rel_max", choices=sorted(noise.WEIGHT_KINDS),
+                   help="weight-noise kind (default additive_rel_max: sigma = eta * max|W| per layer)")
+    p.add_argument("--act-noise", default="additive", choices=sorted(noise.ACTIVATION_KINDS),
+                   help="activation-noise kind (default additive: sigma = eta * r_site, r_site calibrated)")
+    p.add_argument("--act-statistic", default="std", choices=noise.ACTIVATION_STATISTICS,
+                   help="r_site of additive activation noise: std (default) or absmax of the clean output")
+    p.add_argument("--n-chips", type=int, default=32, help="Monte Carlo chips (weight-noise draws)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    p.add_argument("--chip-batch-size", type=int, default=None,
+                   help="chips evaluated at once (lax.map batch_size); default per backend (CPU 1)")
+    p.add_argument("--n-images", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--out", default=None, help="output directory for JSON, markdown and plot")
+
+
+def load_model(args) -> tuple[models.Model, dict[str, Any], data.Dataset, dict[str, Any]]:
+    """Model, variables, dataset and a description of where the weights came from, from parsed arguments."""
+    meta: dict[str, Any] = {}
+    if args.checkpoint:
+        meta = checkpoint.read_metadata(args.checkpoint)
+    name = args.model or meta.get("model")
+    if not name:
+        raise SystemExit("error: --model is required (or --checkpoint of a training run that recorded it).")
+    dataset_name = args.dataset or meta.get("dataset") or "digits"
+    dataset = data.load_dataset(dataset_name, data_dir=args.data_dir)
+    kwargs = dict(meta.get("model_config", {}))
+    kwargs.pop("depth", None)
+    kwargs["num_classes"] = dataset.num_classes
+    if name in ("mlp", "cnn"):
+        kwargs["input_shape"] = tuple(dataset.image_shape)
+    model = models.get_model(name, **kwargs)
+    if args.weights and args.checkpoint:
+        raise SystemExit("error: give either --weights or --checkpoint, not both.")
+    if args.weights:
+        variables = checkpoint.load_variables(args.weights, model)
+        source = {"weights": args.weights}
+    elif args.checkpoint:
+        variables = checkpoint.load_variables(args.checkpoint, model)
+        source = {"checkpoint": args.checkpoint}
+    else:
+        raise SystemExit("error: --weights FILE.npz or --checkpoint DIR is required (train one with "
+                         "`jaxnoise train` or use ../shared/pretrained/*.npz).")
+    return model, variables, dataset, source
+
+
+def test_arrays(dataset: data.Dataset, n_images: int | None):
+    images, labels = dataset.test.images, dataset.test.labels
+    if n_images is not None:
+        if n_images < 1:
+            raise SystemExit(f"error: --n-images must be >= 1, got {n_images}.")
+        images, labels = images[:n_images], labels[:n_images]
+    return images, labels
+
+
+def calibrate(model, variables, dataset: data.Dataset, statistic: str) -> dict[str, jax.Array]:
+    """``r_site`` from 1024 fixed training images (``data.calibration_images``), clean network."""
+    images = data.calibration_images(dataset.train, n=1024, seed=0)
+    x = jax.jit(dataset.preprocess)(jnp.asarray(images))
+    return noise.calibrate_activations(model.apply, variables, x, statistic=statistic)
+
+
+def build_spec(args, model, variables, dataset, *, weight: bool, act: bool) -> noise.NoiseSpec:
+    ref = None
+    if act and args.act_noise == "additive":
+        ref = calibrate(model, variables, dataset, args.act_statistic)
+    return noise.NoiseSpec(weight_kind=args.weight_noise if weight else None,
+                           act_kind=args.act_noise if act else None, act_ref=ref)
+
+
+def _describe_extra(args, spec: noise.NoiseSpec) -> dict[str, Any]:
+    return {"activation_statistic": args.act_statistic if spec.act_kind == "additive" else None,
+            "calibration": "1024 training images, data.calibration_images(seed=0)" if spec.act_ref else None}
+
+
+def _write_outputs(record: dict, out: str, noise_axis: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    report.write_json(os.path.join(out, "results.json"), record)
+    table = report.markdown_table(record)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    report.plot_sweep(record, os.path.join(out, "accuracy_vs_eta.png"), noise=noise_axis)
+    print(table)
+    print(f"wrote {out}/results.json, results.md, accuracy_vs_eta.png")
+
+
+def cmd_sweep(args) -> dict:
+    model, variables, dataset, source = load_model(args)
+    if (args.weight_etas is None) == (args.act_etas is None):
+        raise SystemExit("error: give exactly one of --weight-etas or --act-etas.")
+    weight = args.weight_etas is not None
+    spec = build_spec(args, model, variables, dataset, weight=weight, act=not weight)
+    images, labels = test_arrays(dataset, args.n_images)
+    t0 = time.time()
+    results = robustness.sweep(model, variables, images, labels, spec, weight_etas=args.weight_etas,
+                               act_etas=args.act_etas, key=jax.random.key(args.seed), n_chips=args.n_chips,
+                               batch_size=args.batch_size, chip_batch_size=args.chip_batch_size,
+                               preprocess=dataset.preprocess)
+    arm = report.arm(args.arm_name or model.name, model.name, args.method, model.param_count(variables), results,
+                     train={**source, **_describe_extra(args, spec)})
+    record = report.result_record(
+        args.experiment or f"sweep_{model.name}_{dataset.name}", _command_line(), [arm],
+        {"name": dataset.name, "split": "test", "n_images": int(len(labels))})
+    record["wall_seconds"] = round(time.time() - t0, 1)
+    out = args.out or os.path.join("runs", record["experiment"])
+    _write_outputs(record, out, "weight" if weight else "activation")
+    return record
+
+
+def cmd_eval(args) -> dict:
+    model, variables, dataset, source = load_model(args)
+    weight = args.weight_eta > 0
+    act = args.act_eta > 0
+    spec = build_spec(args, model, variables, dataset, weight=weight, act=act)
+    spec = spec.replace(weight_eta=args.weight_eta if weight else 0.0, act_eta=args.act_eta if act else 0.0)
+    images, labels = test_arrays(dataset, args.n_images)
+    noisy = weight or act
+    result = robustness.evaluate(model, variables, images, labels, spec if noisy else None,
+                                 key=jax.random.key(args.seed) if noisy else None,
+                                 n_chips=args.n_chips if noisy else 1, batch_size=args.batch_size,
+                                 chip_batch_size=args.chip_batch_size, preprocess=dataset.preprocess)
+    lo, hi = result.ci95
+    print(f"{model.name} on {dataset.name} test ({result.n_images} images), {result.n_chips} chips: "
+          f"mean {100 * result.mean:.2f}%  95% CI [{100 * lo:.2f}, {100 * hi:.2f}]  std {100 * result.std:.2f}  "
+          f"5th-percentile chip {100 * result.p5:.2f}%")
+    record = report.result_record(
+        args.experiment or f"eval_{model.name}_{dataset.name}", _command_line(),
+        [report.arm(args.arm_name or model.name, model.name, args.method, model.param_count(variables), [result],
+                    train={**source, **_describe_extra(args, spec)})],
+        {"name": dataset.name, "split": "test", "n_images": int(result.n_images)})
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        report.write_json(os.path.join(args.out, "results.json"), record)
+        print(f"wrote {args.out}/results.json")
+    return record
+
+
+def _train_config(args) -> train.TrainConfig:
+    return train.TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, learning_rate=args.lr,
+                             weight_decay=args.weight_decay, seed=args.seed)
+
+
+def cmd_train(args) -> Any:
+    dataset = data.load_dataset(args.dataset or "digits", data_dir=args.data_dir)
+    name = args.model or "mlp"
+    kwargs = {"num_classes": dataset.num_classes}
+    if name in ("mlp", "cnn"):
+        kwargs["input_shape"] = tuple(dataset.image_shape)
+    model = models.get_model(name, **kwargs)
+    variables = checkpoint.load_variables(args.weights, model) if args.weights else None
+    workdir = args.workdir or os.path.join("runs", f"train_{name}_{dataset.name}")
+    variables, history = train.train(model, dataset, _train_config(args), workdir=workdir, variables=variables)
+    acc = train.evaluate_clean(model, variables, dataset.test, dataset.preprocess)
+    print(f"{model.name} on {dataset.name}: clean test accuracy {100 * acc:.2f}%  (checkpoints in {workdir})")
+    return variables
+
+
+def cmd_demo(args) -> dict:
+    """Trains a small model on the embedded digits dataset, then sweeps weight noise over it."""
+    dataset = data.load_dataset("digits")
+    model = models.get_model(args.model, num_classes=dataset.num_classes, input_shape=tuple(dataset.image_shape))
+    out = args.out
+    workdir = os.path.join(out, "train")
+    config = train.TrainConfig(epochs=args.epochs, batch_size=64, learning_rate=0.05, seed=args.seed)
+    t0 = time.time()
+    variables, _ = train.train(model, dataset, config, workdir=workdir, progress=not args.quiet)
+    clean = train.evaluate_clean(model, variables, dataset.test, dataset.preprocess)
+    print(f"trained {model.name} on digits in {time.time() - t0:.0f} s: clean test accuracy {100 * clean:.2f}%")
+    spec = noise.NoiseSpec(weight_kind="additive_rel_max")
+    results = robustness.sweep(model, variables, dataset.test.images, dataset.test.labels, spec,
+                               weight_etas=list(DEMO_WEIGHT_ETAS), key=jax.random.key(args.seed),
+                               n_chips=args.n_chips, batch_size=512, preprocess=dataset.preprocess)
+    arm = report.arm(model.name, model.name, "clean", model.param_count(variables), results,
+                     train={"epochs": args.epochs, "seed": args.seed, "workdir": workdir})
+    record = report.result_record("demo_digits", _command_line(), [arm],
+                                  {"name": "digits", "split": "test", "n_images": int(len(dataset.test.labels))})
+    _write_outputs(record, out, "weight")
+    print(f"demo finished in {time.time() - t0:.0f} s")
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxnoise", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train a small model on digits and sweep weight noise (the main job)")
+    p.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--n-chips", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="jaxnoise_out/demo")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="clean training / fine-tuning with checkpoints and resume")
+    _add_model_args(p)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--train-batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--workdir", default=None, help="checkpoints and metrics.jsonl; an existing one is resumed")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, help_ in (("eval", cmd_eval, "Monte Carlo accuracy under one noise setting"),
+                              ("sweep", cmd_sweep, "Monte Carlo accuracy over a grid of noise scales")):
+        p = sub.add_parser(name, help=help_)
+        _add_model_args(p)
+        _add_noise_args(p)
+        p.add_argument("--experiment", default=None, help="experiment name recorded in the result file")
+        p.add_argument("--arm-name", default=None)
+        p.add_argument("--method", default="clean", help="training method of these weights, for the record")
+        if name == "eval":
+            p.add_argument("--weight-eta", type=float, default=0.0)
+            p.add_argument("--act-eta", type=float, default=0.0)
+        else:
+            p.add_argument("--weight-etas", type=_floats, default=None, help="e.g. 0,0.05,0.1,0.15,0.2")
+            p.add_argument("--act-etas", type=_floats, default=None, help="e.g. 0,0.1,0.2,0.4")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _ARGV[:] = argv
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, checkpoint.CheckpointError, models.WeightsMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

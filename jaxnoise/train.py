@@ -1,0 +1,683 @@
+"""Training: SGD with momentum, BatchNorm statistics, deterministic data order, atomic checkpoints and resume.
+
+The pieces compose so that noise-aware methods only bring their own loss function:
+
+* a **loss function** ``loss_fn(params, batch_stats, images, labels, key) -> (loss, (logits, new_batch_stats,
+  metrics))`` made by a factory such as :func:`clean_loss` (``images`` are preprocessed floats, ``key`` is this
+  step's loss key: use it for forward noise);
+* the **generic step** of :func:`make_train_step`: key derivation, augmentation, preprocessing, gradient,
+  optimizer update and BatchNorm update, whatever the loss;
+* the **driver** :func:`train`: epochs, logging, evaluation, checkpoints and resume.
+
+Keys: every key comes from ``jax.random.key(config.seed)`` by name (``jaxnoise.noise.name_key``):
+``"jaxnoise/train/init"`` initialises the model, ``"jaxnoise/train/data"`` orders the data (epoch ``e`` uses
+``fold_in(data_key, e)``, see ``jaxnoise.data.epoch_batches``) and ``"jaxnoise/train/step"`` is the step base key:
+step ``s`` uses ``fold_in(base_key, s)``, then ``fold_in(., 0)`` for augmentation and ``fold_in(., 1)`` for the
+loss. The whole run is therefore a pure function of ``(seed, config, initial variables)``, and a resumed run
+reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import numbers
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from tqdm import tqdm
+
+from jaxnoise import checkpoint as ckpt_lib
+from jaxnoise import data as data_lib
+from jaxnoise import noise as noise_lib
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "constant")
+METRICS_FILE = "metrics.jsonl"
+# Sub-keys of step s's key fold_in(base_key, s).
+AUGMENT_KEY = 0
+LOSS_KEY = 1
+# Config fields that may change when a run is resumed without breaking the step -> batch mapping; changing
+# any other field (but seed and batch_size, which are refused) gives a result that differs from an uninterrupted
+# run, and a warning.
+_RESUME_FREE_FIELDS = ("epochs", "checkpoint_every", "max_to_keep", "log_every", "eval_batch_size")
+_RESUME_FIXED_FIELDS = ("seed", "batch_size")
+
+LossFn = Callable[..., tuple[jax.Array, tuple[jax.Array, Any, dict[str, jax.Array]]]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of a training run (saved in every checkpoint's metadata).
+
+    Attributes:
+      epochs: passes over the training set (each drops its last incomplete batch).
+      batch_size: training examples per step.
+      learning_rate: peak learning rate.
+      momentum: SGD momentum (0 for plain SGD).
+      nesterov: Nesterov momentum.
+      weight_decay: L2 coefficient added to the gradient of conv/dense ``kernel`` leaves only (not biases nor
+        BatchNorm), before momentum, as PyTorch's SGD ``weight_decay`` does.
+      schedule: ``"cosine"`` (decays to 0 over all steps) or ``"constant"``.
+      warmup_steps: linear warmup from 0 to ``learning_rate`` over the first steps (counted in the total).
+      seed: seed of every key of the run (initialisation, data order, augmentation, loss noise).
+      checkpoint_every: checkpoint period in steps; None means once per epoch. A checkpoint is always written
+        at the last step.
+      max_to_keep: how many checkpoints to keep (the newest ones).
+      log_every: period, in steps, of the training-metrics lines of ``metrics.jsonl`` (and of the progress bar's
+        numbers). The last step of each epoch is always logged.
+      eval_batch_size: batch size of the test-set evaluation at each epoch end.
+    """
+
+    epochs: int
+    batch_size: int = 128
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    seed: int = 0
+    checkpoint_every: int | None = None
+    max_to_keep: int = 3
+    log_every: int = 50
+    eval_batch_size: int = 1000
+
+    def validate(self, num_train: int | None = None) -> None:
+        """Raises ValueError naming the first bad field and how to fix it.
+
+        Args:
+          num_train: size of the training split, to check ``batch_size`` against; None skips that check.
+        """
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig.{message}")
+
+        def is_int(x: Any) -> bool:
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+        def is_real(x: Any) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+        need(is_int(self.epochs) and self.epochs >= 1,
+             f"epochs={self.epochs!r}: must be an integer >= 1 (number of passes over the training set).")
+        need(is_int(self.batch_size) and self.batch_size >= 1,
+             f"batch_size={self.batch_size!r}: must be an integer >= 1.")
+        if num_train is not None:
+            need(self.batch_size <= num_train,
+                 f"batch_size={self.batch_size} is larger than the training set ({num_train} examples), so an "
+                 f"epoch would have no complete batch: use batch_size <= {num_train}.")
+        need(is_real(self.learning_rate) and self.learning_rate >= 0,
+             f"learning_rate={self.learning_rate!r}: must be a finite number >= 0 (e.g. 0.1 for SGD).")
+        need(is_real(self.momentum) and 0 <= self.momentum < 1,
+             f"momentum={self.momentum!r}: must be in [0, 1) (0 disables momentum; 0.9 is usual).")
+        need(not (self.nesterov and self.momentum == 0),
+             "nesterov=True needs momentum > 0: set momentum (e.g. 0.9) or nesterov=False.")
+        need(is_real(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay={self.weight_decay!r}: must be a finite number >= 0 (0 disables it).")
+        need(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: choose one of {SCHEDULES}.")
+        need(is_int(self.warmup_steps) and self.warmup_steps >= 0,
+             f"warmup_steps={self.warmup_steps!r}: must be an integer >= 0.")
+        need(is_int(self.seed), f"seed={self.seed!r}: must be an integer.")
+        need(self.checkpoint_every is None or (is_int(self.checkpoint_every) and self.checkpoint_every >= 1),
+             f"checkpoint_every={self.checkpoint_every!r}: must be an integer >= 1, or None for once per epoch.")
+        need(is_int(self.max_to_keep) and self.max_to_keep >= 1,
+             f"max_to_keep={self.max_to_keep!r}: must be an integer >= 1.")
+        need(is_int(self.log_every) and self.log_every >= 1, f"log_every={self.log_every!r}: must be an integer >= 1.")
+        need(is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
+             f"eval_batch_size={self.eval_batch_size!r}: must be an integer >= 1.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return dataclasses.asdict(self)
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a training step updates (a pytree).
+
+    Attributes:
+      step: number of steps done, int32 scalar array.
+      params: the trainable parameters.
+      batch_stats: BatchNorm running statistics (``{}`` for models without BatchNorm).
+      opt_state: the optax optimizer state.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """``{"params": ..., "batch_stats": ...}``, ready for ``model.apply``."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    """The learning-rate schedule: optional linear warmup, then cosine decay to 0 or constant.
+
+    Args:
+      config: the training config.
+      total_steps: number of optimizer steps of the whole run (warmup included).
+
+    Returns:
+      ``schedule(step) -> learning rate``.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be >= 1.")
+    lr, warmup = float(config.learning_rate), int(config.warmup_steps)
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"TrainConfig.schedule={config.schedule!r}: choose one of {SCHEDULES}.")
+    if warmup and warmup >= total_steps:
+        raise ValueError(f"TrainConfig.warmup_steps={warmup} must be smaller than the total number of steps "
+                         f"({total_steps}): reduce warmup_steps or train longer.")
+    if config.schedule == "cosine":
+        if warmup:
+            return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps, end_value=0.0)
+        return optax.cosine_decay_schedule(lr, total_steps)
+    if warmup:
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
+                                    [warmup])
+    return optax.constant_schedule(lr)
+
+
+def kernel_mask(params: Any) -> Any:
+    """A bool tree like ``params``: True at conv/dense ``kernel`` leaves (the weight-decayed ones)."""
+    def is_kernel(path, _):
+        return bool(path) and ckpt_lib._key_str(path[-1]) == "kernel"
+    return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """SGD with (Nesterov) momentum, masked weight decay and the configured schedule.
+
+    ``optax.chain(add_decayed_weights(weight_decay, mask=kernel_mask), inject_hyperparams(sgd)(schedule,
+    momentum, nesterov))``: the learning rate of each step is kept in the optimizer state, where the train step
+    reads it for its metrics.
+
+    Args:
+      config: the training config.
+      total_steps: number of optimizer steps of the whole run (the cosine decay spans them).
+
+    Returns:
+      The optax transformation.
+    """
+    schedule = make_schedule(config, total_steps)
+    momentum = float(config.momentum) or None
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=momentum,
+                                               nesterov=bool(config.nesterov))
+    return optax.chain(optax.add_decayed_weights(float(config.weight_decay), mask=kernel_mask), sgd)
+
+
+def current_learning_rate(opt_state: Any) -> jax.Array:
+    """The learning rate recorded by ``optax.inject_hyperparams`` in ``opt_state`` (NaN when there is none).
+
+    After an update, it is the rate that update used.
+    """
+    kinds = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds)):
+        if isinstance(node, kinds) and "learning_rate" in node.hyperparams:
+            return jnp.asarray(node.hyperparams["learning_rate"], jnp.float32)
+    return jnp.float32(jnp.nan)
+
+
+def _check_variables(model: Any, variables: Mapping[str, Any]) -> None:
+    if "params" not in variables:
+        raise ValueError(f"variables must be {{'params': ..., 'batch_stats': ...}}, got keys {sorted(variables)}.")
+    abstract = jax.eval_shape(model.init, jax.random.key(0))
+    have = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}) or {}}
+    want = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+    lines = ckpt_lib._describe_mismatch(ckpt_lib._flat_shapes(have), ckpt_lib._flat_shapes(want))
+    if lines:
+        raise ValueError(f"variables do not match model {model.name} ({model.config}):\n" + "\n".join(lines)
+                         + "\nInitialise with model.init or load weights of this architecture.")
+
+
+def init_state(model: Any, variables: Mapping[str, Any], optimizer: optax.GradientTransformation) -> TrainState:
+    """The state at step 0.
+
+    Args:
+      model: the model (``variables`` are checked against it).
+      variables: ``{"params": ..., "batch_stats": ...}`` (numpy or jax arrays), e.g. from ``model.init`` or
+        ``jaxnoise.checkpoint.load_variables``.
+      optimizer: from :func:`make_optimizer`.
+
+    Returns:
+      A :class:`TrainState` of jax arrays, ``step = 0``.
+
+    Raises:
+      ValueError: ``variables`` do not match ``model``.
+    """
+    _check_variables(model, variables)
+    # Copies: the jitted step may donate the state's buffers, which must not be the caller's arrays.
+    params = jax.tree.map(jnp.array, variables["params"])
+    batch_stats = jax.tree.map(jnp.array, variables.get("batch_stats", {}) or {})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=optimizer.init(params))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss and step
+
+
+def clean_loss(model: Any) -> LossFn:
+    """The clean cross-entropy loss of ``model`` (no noise), in train mode (BatchNorm batch statistics).
+
+    Args:
+      model: the model.
+
+    Returns:
+      ``loss_fn(params, batch_stats, images, labels, key) -> (loss, (logits, new_batch_stats, {}))`` with
+      ``loss`` the mean softmax cross-entropy over the batch; ``key`` is unused. The function has ``name =
+      "clean"`` and ``config = {}``, which :func:`train` records in the checkpoint metadata (loss factories of
+      other methods set their own).
+    """
+    def loss_fn(params, batch_stats, images, labels, key):
+        del key  # clean training draws no noise
+        logits, features = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, (logits, features["batch_stats"], {})
+
+    loss_fn.name = "clean"
+    loss_fn.config = {}
+    return loss_fn
+
+
+def step_keys(base_key: jax.Array, step: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+    """``(augment_key, loss_key)`` of step ``step``: ``fold_in(fold_in(base_key, step), 0 / 1)``."""
+    key = jax.random.fold_in(base_key, step)
+    return jax.random.fold_in(key, AUGMENT_KEY), jax.random.fold_in(key, LOSS_KEY)
+
+
+def make_train_step(model: Any, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    dataset: Any) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted training step, generic in the loss.
+
+    ``step(state, images, labels, base_key) -> (state, metrics)``:
+
+    1. ``augment_key, loss_key = step_keys(base_key, state.step)``;
+    2. ``x = dataset.preprocess(dataset.augment(augment_key, images))``;
+    3. ``(loss, (logits, new_batch_stats, extra)), grads = value_and_grad(loss_fn)(params, batch_stats, x,
+       labels, loss_key)``;
+    4. optimizer update of ``params``; ``batch_stats <- new_batch_stats``; ``step <- step + 1``.
+
+    ``metrics`` holds ``loss``, ``accuracy`` (of ``logits`` on the batch), ``lr`` (the learning rate this step
+    used) and the loss function's own ``extra`` metrics (which should be scalars: :func:`train` logs their
+    means), all on device. On accelerators the input
+    ``state`` is donated (do not reuse it after the call).
+
+    Args:
+      model: the model (its input shape is checked against the dataset's).
+      loss_fn: e.g. ``clean_loss(model)``.
+      optimizer: from :func:`make_optimizer`.
+      dataset: provides ``augment(key, images)`` and ``preprocess(images)`` (a ``jaxnoise.data.Dataset``).
+
+    Returns:
+      The jitted step function.
+    """
+    image_shape = tuple(getattr(dataset, "image_shape", model.input_shape))
+    if image_shape != tuple(model.input_shape):
+        raise ValueError(f"dataset {getattr(dataset, 'name', '?')} has images of shape {image_shape} but model "
+                         f"{model.name} expects {tuple(model.input_shape)}: build the model with "
+                         f"input_shape={image_shape} or use a matching dataset.")
+
+    def step(state: TrainState, images: jax.Array, labels: jax.Array, base_key: jax.Array):
+        augment_key, loss_key = step_keys(base_key, state.step)
+        x = dataset.preprocess(dataset.augment(augment_key, images))
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (logits, new_batch_stats, extra)), grads = grad_fn(state.params, state.batch_stats, x, labels,
+                                                                  loss_key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+        metrics = {**extra, "loss": loss, "accuracy": accuracy, "lr": current_learning_rate(opt_state)}
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_batch_stats,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    # Donation saves a copy of the state on accelerators; the CPU backend ignores it (with a warning).
+    donate = () if jax.default_backend() == "cpu" else (0,)
+    return jax.jit(step, donate_argnums=donate)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+# (id(model), id(preprocess owner), id(preprocess function)) -> (model, preprocess, jitted fn). The entries keep
+# model and preprocess alive, so the ids cannot be reused while cached.
+_EVAL_CACHE: dict[tuple[int, int, int], tuple[Any, Any, Callable]] = {}
+_EVAL_CACHE_SIZE = 8
+
+
+def _eval_fn(model: Any, preprocess: Callable) -> Callable:
+    key = (id(model), id(getattr(preprocess, "__self__", None)), id(getattr(preprocess, "__func__", preprocess)))
+    if key in _EVAL_CACHE:
+        return _EVAL_CACHE[key][2]
+
+    @jax.jit
+    def correct(variables, images, labels, mask):
+        logits, _ = model.apply(variables, preprocess(images))
+        return jnp.sum((jnp.argmax(logits, axis=-1) == labels) & mask, dtype=jnp.int32)
+
+    if len(_EVAL_CACHE) >= _EVAL_CACHE_SIZE:
+        _EVAL_CACHE.pop(next(iter(_EVAL_CACHE)))
+    _EVAL_CACHE[key] = (model, preprocess, correct)
+    return correct
+
+
+def evaluate_clean(model: Any, variables: Mapping[str, Any], split: Any, preprocess: Callable,
+                   batch_size: int = 1000) -> float:
+    """Clean (noise-free) top-1 accuracy on a whole split, BatchNorm in inference mode (running statistics).
+
+    Every example counts once: the last partial batch is zero-padded to ``batch_size`` (one compiled shape)
+    and the padding is masked out.
+
+    Args:
+      model: the model.
+      variables: ``{"params": ..., "batch_stats": ...}``.
+      split: has ``images`` (raw, as stored) and ``labels`` (a ``jaxnoise.data.Split``).
+      preprocess: raw images -> model input (``dataset.preprocess``).
+      batch_size: examples per forward pass.
+
+    Returns:
+      The accuracy in [0, 1].
+    """
+    n = len(split.labels)
+    if n == 0:
+        raise ValueError("evaluate_clean got an empty split: there is nothing to evaluate.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    batch_size = min(int(batch_size), n)
+    fn = _eval_fn(model, preprocess)
+    images, labels = np.asarray(split.images), np.asarray(split.labels)
+    total = jnp.zeros((), jnp.int32)
+    for start in range(0, n, batch_size):
+        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        k = len(y)
+        if k < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - k,) + x.shape[1:], x.dtype)])
+            y = np.concatenate([y, np.zeros((batch_size - k,), y.dtype)])
+        total = total + fn(variables, x, y, np.arange(batch_size) < k)
+    return int(total) / n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics file
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (unparsable lines, e.g. a line cut by a kill, are skipped)."""
+    records = []
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keeps the records of steps <= ``step`` (the ones a resume from ``step`` will not redo); atomic rewrite."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            keep.append(json.dumps(record) + "\n")
+    if keep == lines:
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
+    host = jax.device_get(window)
+    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def _progress_enabled(progress: bool) -> bool:
+    return bool(progress) and not os.environ.get("CI") and sys.stderr.isatty()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def _run_metadata(model, dataset, config, loss_fn, total_steps, steps_per_epoch, extra) -> dict[str, Any]:
+    """The JSON metadata of every checkpoint of a run (flat keys; see :func:`train`)."""
+    meta = {
+        "format": "jaxnoise.train/1",
+        "model": model.name,
+        "model_config": dict(model.config),
+        "input_shape": list(model.input_shape),
+        "num_classes": int(model.num_classes),
+        "dataset": getattr(dataset, "name", None),
+        "num_train": len(dataset.train.labels),
+        "train_config": config.to_dict(),
+        "loss": getattr(loss_fn, "name", getattr(loss_fn, "__name__", type(loss_fn).__name__)),
+        "loss_config": getattr(loss_fn, "config", None),
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+    }
+    meta.update(extra or {})
+    return ckpt_lib._jsonable(meta)
+
+
+# Metadata entries a resume must not change: they define which run the checkpoints belong to.
+_RUN_IDENTITY = ("model", "model_config", "input_shape", "dataset")
+
+
+def _check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], directory: str) -> None:
+    """Refuses a resume that would change the run's identity; warns when it changes its outcome."""
+    fixed = [f"{k}: checkpoint {saved[k]!r}, now {current.get(k)!r}" for k in _RUN_IDENTITY
+             if k in saved and saved[k] != current.get(k)]
+    old_cfg, new_cfg = saved.get("train_config") or {}, current["train_config"]
+    fixed += [f"train_config.{f}: checkpoint {old_cfg[f]!r}, now {new_cfg[f]!r}"
+              for f in _RESUME_FIXED_FIELDS if f in old_cfg and old_cfg[f] != new_cfg[f]]
+    if fixed:
+        raise ValueError(f"the checkpoints in {directory!r} belong to a different run:\n  " + "\n  ".join(fixed)
+                         + "\nUse another workdir, or the original settings to resume.")
+    changed = [f"{f}: {old_cfg[f]!r} -> {new_cfg[f]!r}" for f in new_cfg
+               if f in old_cfg and f not in _RESUME_FREE_FIELDS and old_cfg[f] != new_cfg[f]]
+    for k in ("loss", "loss_config"):
+        if k in saved and saved[k] != current.get(k):
+            changed.append(f"{k}: {saved[k]!r} -> {current.get(k)!r}")
+    if changed:
+        warnings.warn(f"resuming from {directory!r} with changed settings ({'; '.join(changed)}); the result "
+                      f"will differ from an uninterrupted run with either setting.", stacklevel=3)
+
+
+def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.PathLike,
+          variables: Mapping[str, Any] | None = None, loss_fn: LossFn | None = None, progress: bool = True,
+          max_steps: int | None = None, metadata: Mapping[str, Any] | None = None,
+          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Trains ``model`` on ``dataset.train``, resuming from ``workdir`` if a previous run left checkpoints there.
+
+    Files in ``workdir``:
+
+    * ``checkpoints/<step>/``: atomic orbax checkpoints of the :class:`TrainState` (as a dict with keys ``step``,
+      ``params``, ``batch_stats``, ``opt_state``) every ``config.checkpoint_every`` steps (default: each epoch end)
+      and at the last step; the newest ``config.max_to_keep`` are kept. Each carries the run metadata, also
+      copied to ``checkpoints/metadata.json`` (``jaxnoise.checkpoint.read_metadata(workdir)`` reads it,
+      ``load_variables(workdir)`` the variables): ``{"format": "jaxnoise.train/1", "model": name,
+      "model_config": model.config, "input_shape", "num_classes", "dataset": name, "num_train", "train_config":
+      config.to_dict(), "loss": loss_fn.name, "loss_config": loss_fn.config, "total_steps", "steps_per_epoch",
+      "epoch" (steps done / steps per epoch), "step", **metadata}``.
+    * ``metrics.jsonl``: one JSON object per line. ``{"type": "train", "step", "epoch", "loss", "accuracy",
+      "lr", ..., "time", "elapsed"}`` every ``config.log_every`` steps and at each epoch's last step (means over
+      the steps since the previous train line of this process); ``{"type": "epoch", "step", "epoch",
+      "test_accuracy", "train_loss", "train_accuracy", "lr", "time", "elapsed"}`` at each epoch end
+      (``train_*``: means over the epoch's steps run by this process). ``epoch`` counts from 1, ``step`` is the
+      number of steps done, ``time`` is the Unix time and ``elapsed`` the seconds since this call started.
+
+    Resume: when ``workdir/checkpoints`` holds a checkpoint, the state is restored from the latest one (``variables``
+    is then ignored) and training continues at its step: the batches of epoch ``e`` are a pure function of
+    ``(seed, e)`` and the keys of step ``s`` of ``(seed, s)``, so the result equals an uninterrupted run (bitwise
+    on the same machine). Lines of ``metrics.jsonl`` for steps after that checkpoint (written before the
+    interruption) are removed first, so no step is logged twice. A resume with another model, dataset, seed or
+    batch size is refused; other changed settings (except ``epochs``, ``checkpoint_every``, ``max_to_keep``,
+    ``log_every``, ``eval_batch_size``) give a warning. Raising ``epochs`` continues a finished run (with the
+    cosine schedule the decay then spans the new total, so it differs from a run started with that many epochs).
+
+    Args:
+      model: the model (``jaxnoise.models.get_model``).
+      dataset: a ``jaxnoise.data.Dataset``.
+      config: the hyperparameters.
+      workdir: the run directory (created if missing).
+      variables: initial ``{"params", "batch_stats"}`` (e.g. pretrained); None initialises with
+        ``model.init(name_key(key(seed), "jaxnoise/train/init"))``.
+      loss_fn: ``loss_fn(params, batch_stats, images, labels, key) -> (loss, (logits, new_batch_stats,
+        metrics))``; None means :func:`clean_loss`.
+      progress: show a tqdm bar (only on a terminal, and never when the environment variable ``CI`` is set).
+      max_steps: stop (with a checkpoint) once this many steps are done, e.g. to split a run across time-limited
+        jobs; the schedule still spans all ``config.epochs``. None runs to the end.
+      metadata: extra JSON-serialisable entries for the checkpoint metadata.
+
+    Returns:
+      ``(variables, history)``: the final ``{"params", "batch_stats"}`` (jax arrays) and every record of
+      ``metrics.jsonl`` (earlier, resumed-from runs included).
+
+    Raises:
+      ValueError: a bad config value (naming the field), a dataset that does not fit the model, or a workdir
+        that holds another run.
+      jaxnoise.checkpoint.CheckpointError: the latest checkpoint is corrupt (the message says which step
+        directory to delete).
+    """
+    num_train = len(dataset.train.labels)
+    config.validate(num_train=num_train)
+    if max_steps is not None and (not isinstance(max_steps, (int, np.integer)) or max_steps < 1):
+        raise ValueError(f"max_steps={max_steps!r} must be an integer >= 1 (or None to run every epoch).")
+    if int(model.num_classes) != int(dataset.num_classes):
+        raise ValueError(f"model {model.name} has {model.num_classes} outputs but dataset {dataset.name} has "
+                         f"{dataset.num_classes} classes: build the model with num_classes={dataset.num_classes}.")
+    image_shape = tuple(getattr(dataset, "image_shape", model.input_shape))
+    if image_shape != tuple(model.input_shape):
+        raise ValueError(f"dataset {dataset.name} has images of shape {image_shape} but model {model.name} expects "
+                         f"{tuple(model.input_shape)}: build the model with input_shape={image_shape}.")
+    loss_fn = clean_loss(model) if loss_fn is None else loss_fn
+
+    steps_per_epoch = num_train // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    stop = total_steps if max_steps is None else min(total_steps, int(max_steps))
+    checkpoint_every = config.checkpoint_every or steps_per_epoch
+
+    root = jax.random.key(config.seed)
+    init_key = noise_lib.name_key(root, "jaxnoise/train/init")
+    data_key = noise_lib.name_key(root, "jaxnoise/train/data")
+    base_key = noise_lib.name_key(root, "jaxnoise/train/step")
+
+    optimizer = make_optimizer(config, total_steps)
+    run_meta = _run_metadata(model, dataset, config, loss_fn, total_steps, steps_per_epoch, metadata)
+
+    workdir = os.path.abspath(os.fspath(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    ckpt_dir = os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR)
+    metrics_path = os.path.join(workdir, METRICS_FILE)
+    train_step = make_train_step(model, loss_fn, optimizer, dataset)
+    started = time.time()
+
+    with ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=config.max_to_keep) as ckpt:
+        start = ckpt.latest_step()
+        if start is None:
+            if variables is None:
+                variables = model.init(init_key)
+            state = init_state(model, variables, optimizer)
+        else:
+            _check_resume(ckpt.read_metadata(start), run_meta, ckpt_dir)
+            # Only the structure of the state is needed as the restore target: nothing is initialised.
+            target = jax.eval_shape(lambda: _state_dict(init_state(model, model.init(init_key), optimizer)))
+            state = TrainState(**ckpt.restore(target, start))
+            logger.info("resuming from %s at step %d of %d", ckpt.step_path(start), start, total_steps)
+        start = int(state.step)
+        _truncate_metrics(metrics_path, start)
+
+        def record(kind: str, step: int, values: dict[str, float]) -> None:
+            now = time.time()
+            line = {"type": kind, "step": step, "epoch": -(-step // steps_per_epoch), **values,
+                    "time": now, "elapsed": now - started}
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+
+        s = start
+        window: list[dict[str, jax.Array]] = []
+        epoch_window: list[dict[str, jax.Array]] = []
+        with open(metrics_path, "a") as log, tqdm(total=total_steps, initial=start, unit="step",
+                                                   disable=not _progress_enabled(progress)) as bar:
+            while s < stop:
+                epoch = s // steps_per_epoch
+                first = s - epoch * steps_per_epoch  # batches of this epoch already done before a resume
+                for b, (images, labels) in enumerate(data_lib.epoch_batches(data_key, dataset.train,
+                                                                            config.batch_size, epoch)):
+                    if b < first:
+                        continue
+                    state, metrics = train_step(state, images, labels, base_key)
+                    s += 1
+                    window.append(metrics)
+                    epoch_window.append(metrics)
+                    bar.update(1)
+                    epoch_end = s % steps_per_epoch == 0
+                    if s % config.log_every == 0 or epoch_end or s == stop:
+                        values = _mean_metrics(window)
+                        window = []
+                        record("train", s, values)
+                        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}")
+                    if epoch_end:
+                        test_accuracy = evaluate_clean(model, state.variables, dataset.test, dataset.preprocess,
+                                                       config.eval_batch_size)
+                        means = _mean_metrics(epoch_window)
+                        epoch_window = []
+                        record("epoch", s, {"test_accuracy": test_accuracy, "train_loss": means["loss"],
+                                            "train_accuracy": means["accuracy"], "lr": means["lr"]})
+                    # Logged before saved: a checkpoint's lines are always in the file.
+                    if s % checkpoint_every == 0 or s == stop:
+                        ckpt.save(s, _state_dict(state), dict(run_meta, epoch=s / steps_per_epoch))
+                    if s >= stop:
+                        break
+    return state.variables, read_metrics(metrics_path)
+
+
+def _state_dict(state: TrainState) -> dict[str, Any]:
+    """The checkpointed form of a :class:`TrainState`."""
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state}
+
+
+__all__ = ["AUGMENT_KEY", "LOSS_KEY", "METRICS_FILE", "SCHEDULES", "TrainConfig", "TrainState", "clean_loss",
+           "current_learning_rate", "evaluate_clean", "init_state", "kernel_mask", "make_optimizer",
+           "make_schedule", "make_train_step", "read_metrics", "step_keys", "train"]

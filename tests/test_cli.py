@@ -1,0 +1,96 @@
+"""The command line end to end on small settings: demo, train/resume, eval, sweep, and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxnoise import cli
+
+CHECK = "../shared/check_results.py"
+PRETRAINED = "../shared/pretrained/resnet20_cifar10.npz"
+
+
+def _check_results(path):
+    if os.path.exists(CHECK):
+        out = subprocess.run([sys.executable, CHECK, str(path)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_demo_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--epochs", "3", "--n-chips", "4", "--out", str(out), "--quiet"]) == 0
+    record = json.loads((out / "results.json").read_text())
+    etas = [e["weight_noise"]["eta"] for e in record["arms"][0]["eval"]]
+    assert etas == list(cli.DEMO_WEIGHT_ETAS)
+    assert record["command"].startswith("jaxnoise demo")
+    assert (out / "accuracy_vs_eta.png").stat().st_size > 1000
+    assert "| " in (out / "results.md").read_text()
+    _check_results(out / "results.json")
+    text = capsys.readouterr().out
+    assert "clean test accuracy" in text
+
+
+def test_train_then_eval_from_checkpoint(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--dataset", "digits", "--epochs", "2", "--lr", "0.05",
+            "--workdir", str(workdir)]
+    assert cli.main(args) == 0
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--weight-eta", "0.1", "--n-chips", "3",
+                     "--out", str(tmp_path / "eval")]) == 0
+    record = json.loads((tmp_path / "eval" / "results.json").read_text())
+    entry = record["arms"][0]["eval"][0]
+    assert entry["n_chips"] == 3 and entry["weight_noise"] == {"kind": "additive_rel_max", "eta": 0.1}
+    _check_results(tmp_path / "eval" / "results.json")
+    # Running the same training command again resumes the finished run instead of starting over.
+    assert cli.main(args) == 0
+
+
+def test_activation_sweep_digits(tmp_path):
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--model", "cnn", "--epochs", "1", "--lr", "0.05", "--workdir", str(workdir)]) == 0
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--checkpoint", str(workdir), "--act-etas", "0,0.5", "--n-chips", "2",
+                     "--out", str(out)]) == 0
+    record = json.loads((out / "results.json").read_text())
+    evals = record["arms"][0]["eval"]
+    assert [e["activation_noise"]["eta"] for e in evals] == [0.0, 0.5]
+    assert evals[0]["weight_noise"] is None
+    _check_results(out / "results.json")
+
+
+@pytest.mark.cifar
+@pytest.mark.skipif(not os.path.exists(PRETRAINED), reason="pretrained weights not present")
+def test_eval_pretrained_resnet20_subset(tmp_path, capsys):
+    code = cli.main(["eval", "--model", "resnet20", "--weights", PRETRAINED, "--dataset", "cifar10",
+                     "--weight-eta", "0.05", "--n-chips", "2", "--n-images", "200",
+                     "--out", str(tmp_path)])
+    if code != 0 and "TFDS_DATA_DIR" in capsys.readouterr().err:
+        pytest.skip("CIFAR-10 not available")
+    assert code == 0
+    _check_results(tmp_path / "results.json")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "vgg", "--weights", "x.npz"], "unknown model 'vgg'"),
+    (["eval", "--model", "mlp", "--weights", "/nonexistent/w.npz"], "does not exist"),
+    (["eval", "--model", "mlp", "--dataset", "mnist3", "--weights", "w.npz"], "nknown dataset"),
+    (["eval", "--checkpoint", "/nonexistent/run"], "/nonexistent/run"),
+])
+def test_bad_input_gives_clear_error(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_negative_eta_rejected(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--model", "mlp", "--epochs", "1", "--workdir", str(workdir)]) == 0
+    assert cli.main(["sweep", "--checkpoint", str(workdir), "--weight-etas", "0,-0.1"]) == 2
+    assert "negative" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "jaxnoise", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "sweep" in out.stdout
