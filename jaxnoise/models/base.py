@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -127,4 +128,4 @@ class Model:
     def param_count(self, variables: Variables | None = None) -> int:
         """Number of trainable parameters (``params`` leaves; BatchNorm running statistics excluded)."""
         params = (variables or jax.eval_shape(self.init, jax.random.key(0)))["params"]
-        return int(sum(int(jnp.size(p)) for p in jax.tree.leaves(params)))
+        return int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))
