@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +36,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.path import atomicity as ocp_atomicity
+
+from jaxnoise.io import write_text_atomic
 
 _STATE = "state"
 _METADATA = "metadata"
@@ -133,18 +134,7 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 def _write_json_atomic(path: str, obj: Any) -> None:
     """Writes JSON to a temporary file in the same directory, then renames it over ``path``."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -24,12 +24,12 @@ import datetime
 import json
 import os
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from jaxnoise.io import write_text_atomic
 from jaxnoise.robustness import MCResult
 
 __all__ = [
@@ -182,21 +182,8 @@ def write_json(path: str | os.PathLike, record: Mapping[str, Any]) -> str:
     Returns:
       The path written.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     text = json.dumps(record, indent=2, default=_json_default, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, text)
     return path
 
 
