@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, checkpoint.CheckpointError, models.WeightsMismatchError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, checkpoint.CheckpointError,
+            models.WeightsMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

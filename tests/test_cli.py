@@ -78,6 +78,7 @@ def test_eval_pretrained_resnet20_subset(tmp_path, capsys):
     (["eval", "--model", "mlp", "--weights", "/nonexistent/w.npz"], "does not exist"),
     (["eval", "--model", "mlp", "--dataset", "mnist3", "--weights", "w.npz"], "nknown dataset"),
     (["eval", "--checkpoint", "/nonexistent/run"], "/nonexistent/run"),
+    (["eval", "--model", "resnet18", "--dataset", "imagenet2012", "--weights", "w.npz"], "imagenet2012"),
 ])
 def test_bad_input_gives_clear_error(argv, message, capsys):
     assert cli.main(argv) == 2
