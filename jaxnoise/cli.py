@@ -70,6 +70,16 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory for JSON, markdown and plot")
 
 
+def build_model(name: str, dataset: data.Dataset, config: dict[str, Any] | None = None) -> models.Model:
+    """``name`` sized for ``dataset`` (classes; input shape of the small models), with a recorded model config."""
+    kwargs = dict(config or {})
+    kwargs.pop("depth", None)  # part of the name
+    kwargs["num_classes"] = dataset.num_classes
+    if name in ("mlp", "cnn"):
+        kwargs["input_shape"] = tuple(dataset.image_shape)
+    return models.get_model(name, **kwargs)
+
+
 def load_model(args) -> tuple[models.Model, dict[str, Any], data.Dataset, dict[str, Any]]:
     """Model, variables, dataset and a description of where the weights came from, from parsed arguments."""
     meta: dict[str, Any] = {}
@@ -80,12 +90,7 @@ def load_model(args) -> tuple[models.Model, dict[str, Any], data.Dataset, dict[s
         raise SystemExit("error: --model is required (or --checkpoint of a training run that recorded it).")
     dataset_name = args.dataset or meta.get("dataset") or "digits"
     dataset = data.load_dataset(dataset_name, data_dir=args.data_dir)
-    kwargs = dict(meta.get("model_config", {}))
-    kwargs.pop("depth", None)
-    kwargs["num_classes"] = dataset.num_classes
-    if name in ("mlp", "cnn"):
-        kwargs["input_shape"] = tuple(dataset.image_shape)
-    model = models.get_model(name, **kwargs)
+    model = build_model(name, dataset, meta.get("model_config"))
     if args.weights and args.checkpoint:
         raise SystemExit("error: give either --weights or --checkpoint, not both.")
     if args.weights:
@@ -199,10 +204,7 @@ def _train_config(args) -> train.TrainConfig:
 def cmd_train(args) -> Any:
     dataset = data.load_dataset(args.dataset or "digits", data_dir=args.data_dir)
     name = args.model or "mlp"
-    kwargs = {"num_classes": dataset.num_classes}
-    if name in ("mlp", "cnn"):
-        kwargs["input_shape"] = tuple(dataset.image_shape)
-    model = models.get_model(name, **kwargs)
+    model = build_model(name, dataset)
     variables = checkpoint.load_variables(args.weights, model) if args.weights else None
     workdir = args.workdir or os.path.join("runs", f"train_{name}_{dataset.name}")
     variables, history = train.train(model, dataset, _train_config(args), workdir=workdir, variables=variables)
@@ -214,7 +216,7 @@ def cmd_train(args) -> Any:
 def cmd_demo(args) -> dict:
     """Trains a small model on the embedded digits dataset, then sweeps weight noise over it."""
     dataset = data.load_dataset("digits")
-    model = models.get_model(args.model, num_classes=dataset.num_classes, input_shape=tuple(dataset.image_shape))
+    model = build_model(args.model, dataset)
     out = args.out
     workdir = os.path.join(out, "train")
     config = train.TrainConfig(epochs=args.epochs, batch_size=64, learning_rate=0.05, seed=args.seed)
