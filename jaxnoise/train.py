@@ -42,6 +42,7 @@ from tqdm import tqdm
 from jaxnoise import checkpoint as ckpt_lib
 from jaxnoise import data as data_lib
 from jaxnoise import noise as noise_lib
+from jaxnoise import robustness
 
 logger = logging.getLogger(__name__)
 
@@ -365,28 +366,6 @@ def make_train_step(model: Any, loss_fn: LossFn, optimizer: optax.GradientTransf
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 
-# (id(model), id(preprocess owner), id(preprocess function)) -> (model, preprocess, jitted fn). The entries keep
-# model and preprocess alive, so the ids cannot be reused while cached.
-_EVAL_CACHE: dict[tuple[int, int, int], tuple[Any, Any, Callable]] = {}
-_EVAL_CACHE_SIZE = 8
-
-
-def _eval_fn(model: Any, preprocess: Callable) -> Callable:
-    key = (id(model), id(getattr(preprocess, "__self__", None)), id(getattr(preprocess, "__func__", preprocess)))
-    if key in _EVAL_CACHE:
-        return _EVAL_CACHE[key][2]
-
-    @jax.jit
-    def correct(variables, images, labels, mask):
-        logits, _ = model.apply(variables, preprocess(images))
-        return jnp.sum((jnp.argmax(logits, axis=-1) == labels) & mask, dtype=jnp.int32)
-
-    if len(_EVAL_CACHE) >= _EVAL_CACHE_SIZE:
-        _EVAL_CACHE.pop(next(iter(_EVAL_CACHE)))
-    _EVAL_CACHE[key] = (model, preprocess, correct)
-    return correct
-
-
 def evaluate_clean(model: Any, variables: Mapping[str, Any], split: Any, preprocess: Callable,
                    batch_size: int = 1000) -> float:
     """Clean (noise-free) top-1 accuracy on a whole split, BatchNorm in inference mode (running statistics).
@@ -409,18 +388,10 @@ def evaluate_clean(model: Any, variables: Mapping[str, Any], split: Any, preproc
         raise ValueError("evaluate_clean got an empty split: there is nothing to evaluate.")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    batch_size = min(int(batch_size), n)
-    fn = _eval_fn(model, preprocess)
-    images, labels = np.asarray(split.images), np.asarray(split.labels)
-    total = jnp.zeros((), jnp.int32)
-    for start in range(0, n, batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
-        k = len(y)
-        if k < batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - k,) + x.shape[1:], x.dtype)])
-            y = np.concatenate([y, np.zeros((batch_size - k,), y.dtype)])
-        total = total + fn(variables, x, y, np.arange(batch_size) < k)
-    return int(total) / n
+    # The Monte Carlo evaluator's noise-free path: one compiled scan over padded, masked batches.
+    result = robustness.evaluate(model, variables, split.images, split.labels, None,
+                                 batch_size=min(int(batch_size), n), preprocess=preprocess)
+    return float(result.mean)
 
 
 # ----------------------------------------------------------------------------------------------------------------
