@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnoise import checkpoint, data, models, noise, report, robustness, train
+from jaxnoise import checkpoint, data, methods, models, noise, report, robustness, train
 
 DEMO_WEIGHT_ETAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 
@@ -201,15 +201,47 @@ def _train_config(args) -> train.TrainConfig:
                              weight_decay=args.weight_decay, seed=args.seed)
 
 
+def _sites(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def build_loss(args, model, variables, dataset):
+    """The loss of ``--method`` with its options (``jaxnoise.methods``)."""
+    if args.method == "clean":
+        return methods.clean(model)
+    act = args.train_act_noise is not None
+    ref = None
+    if act and args.train_act_noise == "additive":
+        if variables is None:
+            raise SystemExit("error: additive activation-noise training calibrates r_site on the starting weights: "
+                             "give --weights or --checkpoint.")
+        ref = calibrate(model, variables, dataset, args.act_statistic)
+    kwargs = dict(eta_train=args.eta_train, weight_kind=args.train_weight_noise, act_kind=args.train_act_noise,
+                  act_eta_train=args.act_eta_train, act_ref=ref, num_draws=args.num_draws,
+                  draw_batch_size=args.draw_batch_size)
+    if args.method == "consistency":
+        teacher = checkpoint.load_variables(args.teacher, model) if args.teacher else None
+        kwargs.update(lam=args.lam, sites=_sites(args.sites), distance=args.distance, teacher=teacher)
+    return methods.make_loss(args.method, model, **kwargs)
+
+
 def cmd_train(args) -> Any:
-    dataset = data.load_dataset(args.dataset or "digits", data_dir=args.data_dir)
-    name = args.model or "mlp"
-    model = build_model(name, dataset)
-    variables = checkpoint.load_variables(args.weights, model) if args.weights else None
-    workdir = args.workdir or os.path.join("runs", f"train_{name}_{dataset.name}")
-    variables, history = train.train(model, dataset, _train_config(args), workdir=workdir, variables=variables)
+    meta = checkpoint.read_metadata(args.checkpoint) if args.checkpoint else {}
+    dataset = data.load_dataset(args.dataset or meta.get("dataset") or "digits", data_dir=args.data_dir)
+    name = args.model or meta.get("model") or "mlp"
+    model = build_model(name, dataset, meta.get("model_config"))
+    if args.weights and args.checkpoint:
+        raise SystemExit("error: give either --weights or --checkpoint (the starting weights), not both.")
+    start = args.weights or args.checkpoint
+    variables = checkpoint.load_variables(start, model) if start else None
+    workdir = args.workdir or os.path.join("runs", f"train_{name}_{dataset.name}_{args.method}")
+    loss_fn = build_loss(args, model, variables, dataset)
+    variables, history = train.train(model, dataset, _train_config(args), workdir=workdir, variables=variables,
+                                     loss_fn=loss_fn, max_steps=args.max_steps,
+                                     metadata={"init": start, "method": args.method})
     acc = train.evaluate_clean(model, variables, dataset.test, dataset.preprocess)
-    print(f"{model.name} on {dataset.name}: clean test accuracy {100 * acc:.2f}%  (checkpoints in {workdir})")
+    print(f"{model.name} on {dataset.name} ({args.method}): clean test accuracy {100 * acc:.2f}%  "
+          f"(checkpoints in {workdir})")
     return variables
 
 
@@ -251,13 +283,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="clean training / fine-tuning with checkpoints and resume")
+    p = sub.add_parser("train", help="training / fine-tuning (clean, forward_noise, consistency), resumable")
     _add_model_args(p)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--train-batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--workdir", default=None, help="checkpoints and metrics.jsonl; an existing one is resumed")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
+    g = p.add_argument_group("noise-aware training (jaxnoise.methods)")
+    g.add_argument("--method", default="clean", choices=methods.METHODS)
+    g.add_argument("--eta-train", type=float, default=0.1, help="weight-noise scale during training")
+    g.add_argument("--train-weight-noise", default="additive_rel_max", choices=sorted(noise.WEIGHT_KINDS),
+                   help="weight-noise kind during training (default additive_rel_max: sigma = eta * max|W|)")
+    g.add_argument("--train-act-noise", default=None, choices=sorted(noise.ACTIVATION_KINDS),
+                   help="also inject activation noise of this kind (off by default)")
+    g.add_argument("--act-eta-train", type=float, default=0.0)
+    g.add_argument("--act-statistic", default="std", choices=noise.ACTIVATION_STATISTICS)
+    g.add_argument("--num-draws", type=int, default=1, help="K, noise draws per step (averaged)")
+    g.add_argument("--draw-batch-size", type=int, default=None, help="draws run at once (vmap); default per backend")
+    g.add_argument("--lam", type=float, default=1.0, help="consistency weight lambda")
+    g.add_argument("--sites", default=None, help="consistency feature sites, comma-separated (default: all "
+                                                 "named features; 'logits' for the output)")
+    g.add_argument("--distance", default="nmse", choices=sorted(methods.DISTANCES))
+    g.add_argument("--teacher", default=None, help="frozen teacher weights (.npz or workdir) for the clean "
+                                                   "features; default: the trained weights with noise off")
     p.set_defaults(func=cmd_train)
 
     for name, func, help_ in (("eval", cmd_eval, "Monte Carlo accuracy under one noise setting"),

@@ -2,9 +2,10 @@
 
 The pieces compose so that noise-aware methods only bring their own loss function:
 
-* a **loss function** ``loss_fn(params, batch_stats, images, labels, key) -> (loss, (logits, new_batch_stats,
-  metrics))`` made by a factory such as :func:`clean_loss` (``images`` are preprocessed floats, ``key`` is this
-  step's loss key: use it for forward noise);
+* a **loss function** ``loss_fn(params, batch_stats, images, labels, key, hparams) -> (loss, (logits,
+  new_batch_stats, metrics))`` made by a factory of :mod:`jaxnoise.methods` (``images`` are preprocessed floats,
+  ``key`` is this step's loss key: use it for forward noise; ``hparams`` is a dict of float32 scalars such as
+  ``eta_train`` and ``lambda``, passed as array data so that changing them does not recompile the step);
 * the **generic step** of :func:`make_train_step`: key derivation, augmentation, preprocessing, gradient,
   optimizer update and BatchNorm update, whatever the loss;
 * the **driver** :func:`train`: epochs, logging, evaluation, checkpoints and resume.
@@ -41,6 +42,7 @@ from tqdm import tqdm
 
 from jaxnoise import checkpoint as ckpt_lib
 from jaxnoise import data as data_lib
+from jaxnoise import methods
 from jaxnoise import noise as noise_lib
 from jaxnoise import robustness
 
@@ -284,26 +286,11 @@ def init_state(model: Any, variables: Mapping[str, Any], optimizer: optax.Gradie
 
 
 def clean_loss(model: Any) -> LossFn:
-    """The clean cross-entropy loss of ``model`` (no noise), in train mode (BatchNorm batch statistics).
+    """The clean cross-entropy loss of ``model`` (no noise), in train mode: ``jaxnoise.methods.clean(model)``.
 
-    Args:
-      model: the model.
-
-    Returns:
-      ``loss_fn(params, batch_stats, images, labels, key) -> (loss, (logits, new_batch_stats, {}))`` with
-      ``loss`` the mean softmax cross-entropy over the batch; ``key`` is unused. The function has ``name =
-      "clean"`` and ``config = {}``, which :func:`train` records in the checkpoint metadata (loss factories of
-      other methods set their own).
+    Loss functions of other methods: :mod:`jaxnoise.methods` (``forward_noise``, ``consistency``).
     """
-    def loss_fn(params, batch_stats, images, labels, key):
-        del key  # clean training draws no noise
-        logits, features = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, (logits, features["batch_stats"], {})
-
-    loss_fn.name = "clean"
-    loss_fn.config = {}
-    return loss_fn
+    return methods.clean(model)
 
 
 def step_keys(base_key: jax.Array, step: jax.Array | int) -> tuple[jax.Array, jax.Array]:
@@ -316,12 +303,12 @@ def make_train_step(model: Any, loss_fn: LossFn, optimizer: optax.GradientTransf
                     dataset: Any) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted training step, generic in the loss.
 
-    ``step(state, images, labels, base_key) -> (state, metrics)``:
+    ``step(state, images, labels, base_key, hparams=None) -> (state, metrics)``:
 
     1. ``augment_key, loss_key = step_keys(base_key, state.step)``;
     2. ``x = dataset.preprocess(dataset.augment(augment_key, images))``;
     3. ``(loss, (logits, new_batch_stats, extra)), grads = value_and_grad(loss_fn)(params, batch_stats, x,
-       labels, loss_key)``;
+       labels, loss_key, hparams)`` (``hparams``: float32 scalar arrays, ``{}`` when None);
     4. optimizer update of ``params``; ``batch_stats <- new_batch_stats``; ``step <- step + 1``.
 
     ``metrics`` holds ``loss``, ``accuracy`` (of ``logits`` on the batch), ``lr`` (the learning rate this step
@@ -344,12 +331,14 @@ def make_train_step(model: Any, loss_fn: LossFn, optimizer: optax.GradientTransf
                          f"{model.name} expects {tuple(model.input_shape)}: build the model with "
                          f"input_shape={image_shape} or use a matching dataset.")
 
-    def step(state: TrainState, images: jax.Array, labels: jax.Array, base_key: jax.Array):
+    def step(state: TrainState, images: jax.Array, labels: jax.Array, base_key: jax.Array,
+             hparams: Mapping[str, jax.Array] | None = None):
         augment_key, loss_key = step_keys(base_key, state.step)
+        hparams = {} if hparams is None else hparams
         x = dataset.preprocess(dataset.augment(augment_key, images))
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (logits, new_batch_stats, extra)), grads = grad_fn(state.params, state.batch_stats, x, labels,
-                                                                  loss_key)
+                                                                  loss_key, hparams)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
@@ -486,7 +475,7 @@ def _check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], director
                          + "\nUse another workdir, or the original settings to resume.")
     changed = [f"{f}: {old_cfg[f]!r} -> {new_cfg[f]!r}" for f in new_cfg
                if f in old_cfg and f not in _RESUME_FREE_FIELDS and old_cfg[f] != new_cfg[f]]
-    for k in ("loss", "loss_config"):
+    for k in ("loss", "loss_config", "hparams"):
         if k in saved and saved[k] != current.get(k):
             changed.append(f"{k}: {saved[k]!r} -> {current.get(k)!r}")
     if changed:
@@ -497,7 +486,7 @@ def _check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], director
 def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.PathLike,
           variables: Mapping[str, Any] | None = None, loss_fn: LossFn | None = None, progress: bool = True,
           max_steps: int | None = None, metadata: Mapping[str, Any] | None = None,
-          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+          hparams: Mapping[str, float] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Trains ``model`` on ``dataset.train``, resuming from ``workdir`` if a previous run left checkpoints there.
 
     Files in ``workdir``:
@@ -509,7 +498,7 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
       ``load_variables(workdir)`` the variables): ``{"format": "jaxnoise.train/1", "model": name,
       "model_config": model.config, "input_shape", "num_classes", "dataset": name, "num_train", "train_config":
       config.to_dict(), "loss": loss_fn.name, "loss_config": loss_fn.config, "total_steps", "steps_per_epoch",
-      "epoch" (steps done / steps per epoch), "step", **metadata}``.
+      "hparams", "epoch" (steps done / steps per epoch), "step", **metadata}``.
     * ``metrics.jsonl``: one JSON object per line. ``{"type": "train", "step", "epoch", "loss", "accuracy",
       "lr", ..., "time", "elapsed"}`` every ``config.log_every`` steps and at each epoch's last step (means over
       the steps since the previous train line of this process); ``{"type": "epoch", "step", "epoch",
@@ -533,8 +522,10 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
       workdir: the run directory (created if missing).
       variables: initial ``{"params", "batch_stats"}`` (e.g. pretrained); None initialises with
         ``model.init(name_key(key(seed), "jaxnoise/train/init"))``.
-      loss_fn: ``loss_fn(params, batch_stats, images, labels, key) -> (loss, (logits, new_batch_stats,
-        metrics))``; None means :func:`clean_loss`.
+      loss_fn: ``loss_fn(params, batch_stats, images, labels, key, hparams) -> (loss, (logits,
+        new_batch_stats, metrics))`` (:mod:`jaxnoise.methods`); None means :func:`clean_loss`.
+      hparams: the loss's hyperparameters (``{"eta_train": 0.1, "lambda": 1.0}``...); None uses
+        ``loss_fn.hparams``. They enter the jitted step as arrays and are recorded in the metadata.
       progress: show a tqdm bar (only on a terminal, and never when the environment variable ``CI`` is set).
       max_steps: stop (with a checkpoint) once this many steps are done, e.g. to split a run across time-limited
         jobs; the schedule still spans all ``config.epochs``. None runs to the end.
@@ -562,6 +553,8 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
         raise ValueError(f"dataset {dataset.name} has images of shape {image_shape} but model {model.name} expects "
                          f"{tuple(model.input_shape)}: build the model with input_shape={image_shape}.")
     loss_fn = clean_loss(model) if loss_fn is None else loss_fn
+    hparams = dict(getattr(loss_fn, "hparams", {}) if hparams is None else hparams)
+    hparams_array = methods.check_hparams(hparams, tuple(getattr(loss_fn, "hparams", hparams)))
 
     steps_per_epoch = num_train // config.batch_size
     total_steps = config.epochs * steps_per_epoch
@@ -574,7 +567,8 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
     base_key = noise_lib.name_key(root, "jaxnoise/train/step")
 
     optimizer = make_optimizer(config, total_steps)
-    run_meta = _run_metadata(model, dataset, config, loss_fn, total_steps, steps_per_epoch, metadata)
+    run_meta = _run_metadata(model, dataset, config, loss_fn, total_steps, steps_per_epoch,
+                             {"hparams": {k: float(v) for k, v in hparams_array.items()}, **(metadata or {})})
 
     workdir = os.path.abspath(os.fspath(workdir))
     os.makedirs(workdir, exist_ok=True)
@@ -617,7 +611,7 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
                                                                             config.batch_size, epoch)):
                     if b < first:
                         continue
-                    state, metrics = train_step(state, images, labels, base_key)
+                    state, metrics = train_step(state, images, labels, base_key, hparams_array)
                     s += 1
                     window.append(metrics)
                     epoch_window.append(metrics)

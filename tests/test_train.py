@@ -130,8 +130,8 @@ def test_step_key_derivation_and_metrics(synthetic):
     model = get_model("mlp", hidden=(16,))
     clean = train_lib.clean_loss(model)
 
-    def loss_with_key(params, batch_stats, images, labels, key):
-        loss, (logits, new_stats, extra) = clean(params, batch_stats, images, labels, key)
+    def loss_with_key(params, batch_stats, images, labels, key, hparams):
+        loss, (logits, new_stats, extra) = clean(params, batch_stats, images, labels, key, hparams)
         return loss, (logits, new_stats, {**extra, "key_data": jax.random.key_data(key)})
 
     config = TrainConfig(epochs=1, batch_size=32, learning_rate=0.1)

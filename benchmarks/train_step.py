@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Cost of noise-aware training steps relative to a clean step, measured in one run (ResNet-20, CIFAR-10 shapes).
+
+Prints, for the jitted :func:`jaxnoise.train.make_train_step` on a batch of ``--batch-size`` images:
+
+* forward-noise step / clean step at K = 1 (goal <= 1.2),
+* consistency step / clean step at K = 1 (goal <= 2.2; default sites: every block output),
+* how the step time grows with K (forward-noise and consistency), for each ``draw_batch_size`` in
+  ``--draw-batch-sizes`` (1 = sequential ``lax.map`` over draws, K = one ``vmap``).
+
+Each timing is the median of ``--repeats`` rounds of ``--steps`` steps after a warm-up (compilation excluded);
+rounds of the different configurations are interleaved so that machine-load drift hits all of them alike.
+Data: random uint8 images (the step time does not depend on the pixel values), so it runs without CIFAR-10.
+
+Usage (from the repository root):
+  python benchmarks/train_step.py                 # K in {1, 2, 4}
+  python benchmarks/train_step.py --quick         # smoke test: small batch, K in {1, 2}
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnoise import data as data_lib
+from jaxnoise import methods, train
+from jaxnoise.models import get_model
+from jaxnoise.report import device_description
+
+
+def make_runner(model, loss_fn, batch_size: int, dataset, steps: int):
+    config = train.TrainConfig(epochs=1, batch_size=batch_size)
+    optimizer = train.make_optimizer(config, 1000)
+    step = train.make_train_step(model, loss_fn, optimizer, dataset)
+    state = train.init_state(model, model.init(jax.random.key(0)), optimizer)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (batch_size,) + tuple(model.input_shape), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, model.num_classes, (batch_size,)), jnp.int32)
+    hparams = methods.check_hparams(loss_fn.hparams, tuple(loss_fn.hparams))
+    base = jax.random.key(1)
+    box = {"state": state}
+
+    def run():
+        s = box["state"]
+        for _ in range(steps):
+            s, metrics = step(s, images, labels, base, hparams)
+        jax.block_until_ready((s, metrics))
+        box["state"] = s
+
+    run()  # compile + warm-up
+    return run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per configuration (median reported)")
+    p.add_argument("--ks", default="1,2,4", help="numbers of noise draws per step")
+    p.add_argument("--draw-batch-sizes", default="1,K", help="lax.map batch sizes over draws (K = all at once)")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.steps, args.repeats, args.ks = 32, 2, 3, "1,2"
+    ks = [int(k) for k in args.ks.split(",")]
+
+    model = get_model(args.model)
+    dataset = _shapes_only(model)
+    print(f"device: {device_description()}; jax {jax.__version__}; model {model.name}; batch {args.batch_size}; "
+          f"{args.steps} steps x median of {args.repeats} rounds")
+
+    configs = {"clean": methods.clean(model)}
+    for k in ks:
+        for dbs_text in args.draw_batch_sizes.split(","):
+            dbs = k if dbs_text == "K" else int(dbs_text)
+            if k == 1 and dbs != 1:
+                continue
+            if dbs > k:
+                continue
+            tag = f"K={k} dbs={dbs}"
+            configs[f"forward_noise {tag}"] = methods.forward_noise(model, eta_train=0.1, num_draws=k,
+                                                                    draw_batch_size=dbs)
+            configs[f"consistency {tag}"] = methods.consistency(model, eta_train=0.1, lam=1.0, num_draws=k,
+                                                                draw_batch_size=dbs)
+    runners = {}
+    for name, loss_fn in configs.items():
+        t0 = time.perf_counter()
+        runners[name] = make_runner(model, loss_fn, args.batch_size, dataset, args.steps)
+        print(f"  compiled {name} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    times = {name: [] for name in runners}
+    for _ in range(args.repeats):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    per_step = {name: statistics.median(t) for name, t in times.items()}
+    clean = per_step["clean"]
+    print(f"\n{'configuration':32s} {'ms/step':>9s} {'/ clean':>8s}")
+    for name, t in per_step.items():
+        print(f"{name:32s} {1000 * t:9.1f} {t / clean:8.2f}")
+    fn1 = per_step.get("forward_noise K=1 dbs=1")
+    cr1 = per_step.get("consistency K=1 dbs=1")
+    print()
+    if fn1:
+        print(f"forward-noise / clean at K=1: {fn1 / clean:.2f}  (goal <= 1.2: {'met' if fn1 / clean <= 1.2 else 'NOT met'})")
+    if cr1:
+        print(f"consistency / clean at K=1:   {cr1 / clean:.2f}  (goal <= 2.2: {'met' if cr1 / clean <= 2.2 else 'NOT met'})")
+    for method in ("forward_noise", "consistency"):
+        base = per_step.get(f"{method} K=1 dbs=1")
+        growth = [(name, t / base) for name, t in per_step.items() if name.startswith(method) and base]
+        print(f"{method}: step time relative to K=1: " + ", ".join(f"{n.split(' ', 1)[1]}: {r:.2f}"
+                                                                    for n, r in growth))
+    return 0
+
+
+class _shapes_only:
+    """A dataset stand-in for the step: the CIFAR augmentation (pad-4 crop, flip) and uint8 -> [0, 1] floats."""
+
+    def __init__(self, model):
+        self.name = "random"
+        self.image_shape = tuple(model.input_shape)
+
+    @staticmethod
+    def augment(key, images):
+        return data_lib.random_crop_flip(key, images)
+
+    @staticmethod
+    def preprocess(images):
+        return images.astype(jnp.float32) / 255.0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
