@@ -73,6 +73,36 @@ def test_eval_pretrained_resnet20_subset(tmp_path, capsys):
     _check_results(tmp_path / "results.json")
 
 
+@pytest.mark.parametrize("method, extra", [
+    ("forward_noise", ["--eta-train", "0.1", "--num-draws", "2"]),
+    ("consistency", ["--eta-train", "0.1", "--lam", "0.3", "--sites", "hidden1,logits", "--distance", "cosine"]),
+])
+def test_train_with_noise_aware_method_records_it_and_resumes(tmp_path, capsys, method, extra):
+    workdir = tmp_path / method
+    args = ["train", "--model", "mlp", "--epochs", "2", "--lr", "0.05", "--method", method, *extra,
+            "--workdir", str(workdir)]
+    assert cli.main(args + ["--max-steps", "5"]) == 0  # interrupted run
+    meta = json.loads((workdir / "checkpoints" / "metadata.json").read_text())
+    assert meta["loss"] == method and meta["step"] == 5
+    assert meta["hparams"]["eta_train"] == pytest.approx(0.1)
+    if method == "consistency":
+        assert meta["hparams"]["lambda"] == pytest.approx(0.3)
+        assert meta["loss_config"]["sites"] == ["hidden1", "logits"]
+        assert meta["loss_config"]["distance"] == "cosine"
+    else:
+        assert meta["loss_config"]["num_draws"] == 2
+    assert cli.main(args) == 0  # resumes and finishes
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 2 * (1347 // 128)
+    assert f"({method})" in capsys.readouterr().out
+
+
+def test_train_rejects_unknown_site(tmp_path, capsys):
+    assert cli.main(["train", "--model", "mlp", "--epochs", "1", "--method", "consistency", "--sites", "conv9",
+                     "--workdir", str(tmp_path / "w")]) == 2
+    assert "unknown consistency sites ['conv9']" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--model", "vgg", "--weights", "x.npz"], "unknown model 'vgg'"),
     (["eval", "--model", "mlp", "--weights", "/nonexistent/w.npz"], "does not exist"),
