@@ -19,8 +19,9 @@ Stages (``--stages``, default all, in this order):
   ``--target-eta`` and ``--n-chips-grid`` at the other scales (set both to 32 or more for the full protocol; the
   CPU run of this repository used fewer at the side scales, see the README). Chip ``i`` has the same key in every
   arm, so arms see the same standard-normal draws.
-* ``report``: ``results.json`` (shared format), ``results.md`` (tables and the consistency - forward_noise
-  difference with its 95% CI at every scale), and ``accuracy_vs_eta_<kind>.png`` in ``--out``.
+* ``report``: ``results_<kind>.json`` (shared format, one file per weight-noise convention, with the eta_train
+  search and the consistency - forward_noise differences), ``results.md`` (tables, and the difference with Welch
+  and paired 95% CIs at every scale) and ``accuracy_vs_eta_<kind>.png`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -266,8 +267,30 @@ def stage_report(args, model, dataset, eta_train):
                                 "ci95_paired": list(cip)})
     record["comparisons"] = comparisons
     os.makedirs(args.out, exist_ok=True)
-    report.write_json(os.path.join(args.out, "results.json"), record)
-    lines = [report.markdown_table(record), "",
+    per_kind = {}
+    for kind in args.kinds.split(","):
+        # One file per convention, so that `check_results.py --compare` never mixes conventions.
+        sub = dict(record, experiment=f"{record['experiment']}_{kind}",
+                   arms=[dict(a, eval=[e for e in a["eval"] if e["weight_noise"] is None
+                                       or e["weight_noise"]["kind"] == kind]) for a in record["arms"]],
+                   comparisons=[c for c in comparisons if c["weight_noise"]["kind"] == kind])
+        per_kind[kind] = sub
+        report.write_json(os.path.join(args.out, f"results_{kind}.json"), sub)
+    lines = []
+    for kind in args.kinds.split(","):
+        etas = sorted({k[2] for k in entries if k[1] == kind} | {0.0})
+        lines += [f"Weight noise `{kind}`: accuracy (%) on the {len(dataset.test.labels)} test images, mean over "
+                  f"chips [95% CI] (5th-percentile chip); eta 0 is the noise-free network.", "",
+                  "| arm | " + " | ".join(f"eta {e:g}" for e in etas) + " |", "|---|" + "---|" * len(etas)]
+        for arm in ARMS:
+            cells = []
+            for eta in etas:
+                e = entries.get((arm, None if eta == 0 else kind, eta))
+                cells.append("" if e is None else f"{100 * e['mean']:.2f} [{100 * e['ci95'][0]:.2f}, "
+                             f"{100 * e['ci95'][1]:.2f}] ({100 * e['p5']:.2f}) n={e['n_chips']}")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Every entry:", "", report.markdown_table(record), "",
              "consistency - forward_noise (accuracy points; Welch 95% CI over chips; paired: same chip keys)", "",
              "| weight noise | eta | chips | diff | Welch 95% CI | paired 95% CI |", "|---|---|---|---|---|---|"]
     for c in comparisons:
@@ -275,12 +298,10 @@ def stage_report(args, model, dataset, eta_train):
                      f"{100 * c['diff']:+.2f} | [{100 * c['ci95_welch'][0]:+.2f}, {100 * c['ci95_welch'][1]:+.2f}] | "
                      f"[{100 * c['ci95_paired'][0]:+.2f}, {100 * c['ci95_paired'][1]:+.2f}] |")
     io.write_text_atomic(os.path.join(args.out, "results.md"), "\n".join(lines) + "\n")
-    for kind in args.kinds.split(","):
-        sub = dict(record, arms=[dict(a, eval=[e for e in a["eval"] if e["weight_noise"] is None
-                                                or e["weight_noise"]["kind"] == kind]) for a in record["arms"]])
+    for kind, sub in per_kind.items():
         report.plot_sweep(sub, os.path.join(args.out, f"accuracy_vs_eta_{kind}.png"), noise="weight")
     print("\n".join(lines))
-    log(f"report: wrote {args.out}/results.json, results.md, accuracy_vs_eta_*.png")
+    log(f"report: wrote {args.out}/results_<kind>.json, results.md, accuracy_vs_eta_<kind>.png")
 
 
 def main(argv=None) -> int:

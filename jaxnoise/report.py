@@ -204,8 +204,8 @@ def _pct(x: float) -> str:
 def markdown_table(record: Mapping[str, Any]) -> str:
     """A markdown table with one row per arm and noise setting (accuracies in %, 2 decimals).
 
-    Columns: arm, method, weight eta, activation eta (``off`` when that noise is off), n_chips, mean, 95% CI of
-    the mean, 5th percentile over chips. A caption line names the experiment, dataset and noise kinds.
+    Columns: arm, method, weight eta (with its kind when the record has several), activation eta (``off`` when
+    that noise is off), n_chips, mean, 95% CI of the mean, 5th percentile over chips. A caption line names the experiment, dataset and noise kinds.
 
     Args:
       record: a record from :func:`result_record` (or a loaded result file).
@@ -226,7 +226,10 @@ def markdown_table(record: Mapping[str, Any]) -> str:
             w, act = _eta(e, "weight"), _eta(e, "activation")
             lo, hi = e["ci95"]
             p5 = e.get("p5")
-            lines.append(f"| {a['name']} | {a.get('method', '')} | {'off' if w is None else f'{w:g}'} | "
+            w_text = "off" if w is None else f"{w:g}"
+            if w is not None and len(wk) > 1:  # several conventions in one record: say which
+                w_text += f" ({e['weight_noise']['kind']})"
+            lines.append(f"| {a['name']} | {a.get('method', '')} | {w_text} | "
                          f"{'off' if act is None else f'{act:g}'} | {e['n_chips']} | {_pct(e['mean'])} | "
                          f"[{_pct(lo)}, {_pct(hi)}] | {'' if p5 is None else _pct(p5)} |")
     return "\n".join(lines) + "\n"
