@@ -19,6 +19,9 @@ Stages (``--stages``, default all, in this order):
   ``--target-eta`` and ``--n-chips-grid`` at the other scales (set both to 32 or more for the full protocol; the
   CPU run of this repository used fewer at the side scales, see the README). Chip ``i`` has the same key in every
   arm, so arms see the same standard-normal draws.
+* ``ablation`` (not in the default stages: ``--stages ablation,report``): consistency with other lambdas, site
+  sets (stage outputs; logits with KL) and K = 2 draws, and forward-noise with K = 2, each under the search
+  protocol at the chosen eta_train (``ablation.json``); lambda = 0 is forward-noise, in the search table.
 * ``report``: ``results_<kind>.json`` (shared format, one file per weight-noise convention, with the eta_train
   search and the consistency - forward_noise differences), ``results.md`` (tables, and the difference with Welch
   and paired 95% CIs at every scale) and ``accuracy_vs_eta_<kind>.png`` in ``--out``.
@@ -113,35 +116,74 @@ def make_loss(args, model, method, eta_train):
                                num_draws=args.num_draws)
 
 
+def short_run(args, model, dataset, name, loss_fn):
+    """The search protocol: ``--search-steps`` fine-tuning steps (constant lr) on training images 0-44999 from the
+    pretrained weights, then Monte Carlo accuracy at additive_rel_max ``--target-eta`` over ``--search-chips``
+    chips on the held-out training images 45000-49999. Returns the MCResult's dict."""
+    train_split = data.Split(dataset.train.images[:45000], dataset.train.labels[:45000])
+    search_ds = dataclasses.replace(dataset, train=train_split)
+    config = train_config(args, epochs=1, schedule="constant")
+    t0 = time.time()
+    variables, _ = train.train(model, search_ds, config, workdir=os.path.join(args.workdir, name),
+                               variables=pretrained(args, model), loss_fn=loss_fn, max_steps=args.search_steps,
+                               progress=False)
+    res = robustness.evaluate(model, variables, dataset.train.images[45000:], dataset.train.labels[45000:],
+                              noise.NoiseSpec(weight_eta=args.target_eta), key=jax.random.key(1000 + args.seed),
+                              n_chips=args.search_chips, batch_size=args.eval_batch_size,
+                              preprocess=dataset.preprocess)
+    log(f"{name}: {100 * res.mean:.2f}% [{100 * res.ci95[0]:.2f}, {100 * res.ci95[1]:.2f}] "
+        f"({time.time() - t0:.0f} s)")
+    return res.to_dict()
+
+
+def protocol(args):
+    return (f"fine-tune from the pretrained weights for {args.search_steps} steps, constant lr {args.lr}, batch "
+            f"{args.batch_size}, training images 0-44999; accuracy at additive_rel_max eta {args.target_eta} over "
+            f"{args.search_chips} chips on training images 45000-49999 (held out; never the test split)")
+
+
+# name -> (method, overrides of make_loss's settings); lambda 0 and K=1 at the chosen eta_train are in the search.
+ABLATION = {
+    "consistency lam=1 sites=all": ("consistency", {}),
+    "consistency lam=0.3 sites=all": ("consistency", {"lam": 0.3}),
+    "consistency lam=3 sites=all": ("consistency", {"lam": 3.0}),
+    "consistency lam=1 sites=stage outputs": ("consistency", {"sites": "layer1/{n},layer2/{n},layer3/{n}"}),
+    "consistency lam=1 sites=logits (logit_kl)": ("consistency", {"sites": "logits", "distance": "logit_kl"}),
+    "consistency lam=1 sites=all K=2": ("consistency", {"num_draws": 2}),
+}
+
+
+def stage_ablation(args, model, dataset, eta_train):
+    path = os.path.join(args.workdir, "ablation.json")
+    done = load_json(path) if os.path.exists(path) else {"runs": {}}
+    n_last = (int(args.model[len("resnet"):]) - 2) // 6 - 1
+    for name, (method, overrides) in ABLATION.items():
+        if name in done["runs"]:
+            continue
+        run_args = argparse.Namespace(**{**vars(args), **{k: (v.format(n=n_last) if isinstance(v, str) else v)
+                                                          for k, v in overrides.items()}})
+        slug = "ablation_" + "".join(c if c.isalnum() else "_" for c in name)
+        res = short_run(run_args, model, dataset, slug, make_loss(run_args, model, method, eta_train))
+        done["runs"][name] = {"method": method, "overrides": overrides, "eta_train": eta_train, **res}
+        done["protocol"] = protocol(args)
+        write_json(path, done)
+    return done
+
+
 def stage_search(args, model, dataset):
     path = os.path.join(args.workdir, "search.json")
     if args.eta_train is not None:
         return args.eta_train
     done = load_json(path) if os.path.exists(path) else {"candidates": {}}
-    train_split = data.Split(dataset.train.images[:45000], dataset.train.labels[:45000])
-    val = dataset.train.images[45000:], dataset.train.labels[45000:]
-    search_ds = dataclasses.replace(dataset, train=train_split)
-    spec = noise.NoiseSpec(weight_eta=args.target_eta)
     for eta in [float(e) for e in args.search_etas.split(",")]:
         if str(eta) in done["candidates"]:
             continue
-        log(f"search: forward_noise eta_train={eta}, {args.search_steps} steps")
-        config = dataclasses.replace(train_config(args, epochs=1, schedule="constant"))
-        variables, _ = train.train(model, search_ds, config, workdir=os.path.join(args.workdir, f"search_{eta}"),
-                                   variables=pretrained(args, model), loss_fn=make_loss(args, model,
-                                                                                         "forward_noise", eta),
-                                   max_steps=args.search_steps, progress=False)
-        res = robustness.evaluate(model, variables, val[0], val[1], spec, key=jax.random.key(1000 + args.seed),
-                                  n_chips=args.search_chips, batch_size=args.eval_batch_size,
-                                  preprocess=dataset.preprocess)
-        done["candidates"][str(eta)] = res.to_dict()
-        log(f"search: eta_train={eta}: {100 * res.mean:.2f}% [{100 * res.ci95[0]:.2f}, {100 * res.ci95[1]:.2f}]")
+        log(f"search: forward_noise eta_train={eta}")
+        done["candidates"][str(eta)] = short_run(args, model, dataset, f"search_{eta}",
+                                                 make_loss(args, model, "forward_noise", eta))
         write_json(path, done)
     best = max(done["candidates"], key=lambda e: done["candidates"][e]["mean"])
-    done.update(chosen=float(best), protocol=(
-        f"forward_noise fine-tune from the pretrained weights, {args.search_steps} steps, constant lr {args.lr}, "
-        f"batch {args.batch_size}, first 45000 training images; accuracy at additive_rel_max eta "
-        f"{args.target_eta} over {args.search_chips} chips on training images 45000-49999 (held out)"))
+    done.update(chosen=float(best), protocol="forward_noise: " + protocol(args))
     write_json(path, done)
     log(f"search: chose eta_train={best}")
     return float(best)
@@ -254,6 +296,9 @@ def stage_report(args, model, dataset, eta_train):
     search_path = os.path.join(args.workdir, "search.json")
     if os.path.exists(search_path):
         record["eta_train_search"] = load_json(search_path)
+    ablation_path = os.path.join(args.workdir, "ablation.json")
+    if os.path.exists(ablation_path):
+        record["ablation"] = load_json(ablation_path)
     comparisons = []
     for kind in args.kinds.split(","):
         for eta in sorted({k[2] for k in entries if k[1] == kind}):
@@ -290,6 +335,17 @@ def stage_report(args, model, dataset, eta_train):
                              f"{100 * e['ci95'][1]:.2f}] ({100 * e['p5']:.2f}) n={e['n_chips']}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
+    short = []
+    if "eta_train_search" in record:
+        short += [(f"forward_noise eta_train={e}", r) for e, r in record["eta_train_search"]["candidates"].items()]
+    if "ablation" in record:
+        short += [(f"{n} (eta_train={r['eta_train']})", r) for n, r in record["ablation"]["runs"].items()]
+    if short:
+        lines += ["Short runs (eta_train search and ablation). Protocol: " + protocol(args) + ".", "",
+                  "| run | accuracy (%) [95% CI] | p5 (%) |", "|---|---|---|"]
+        lines += [f"| {n} | {100 * r['mean']:.2f} [{100 * r['ci95'][0]:.2f}, {100 * r['ci95'][1]:.2f}] | "
+                  f"{100 * r['p5']:.2f} |" for n, r in short]
+        lines.append("")
     lines += ["Every entry:", "", report.markdown_table(record), "",
              "consistency - forward_noise (accuracy points; Welch 95% CI over chips; paired: same chip keys)", "",
              "| weight noise | eta | chips | diff | Welch 95% CI | paired 95% CI |", "|---|---|---|---|---|---|"]
@@ -321,6 +377,8 @@ def main(argv=None) -> int:
         stage_train(args, model, dataset, eta_train)
     if "eval" in stages:
         stage_eval(args, model, dataset)
+    if "ablation" in stages:
+        stage_ablation(args, model, dataset, eta_train)
     if "report" in stages:
         stage_report(args, model, dataset, eta_train)
     return 0
