@@ -80,12 +80,16 @@ def build_model(name: str, dataset: data.Dataset, config: dict[str, Any] | None 
     return models.get_model(name, **kwargs)
 
 
-def load_model(args) -> tuple[models.Model, dict[str, Any], data.Dataset, dict[str, Any]]:
-    """Model, variables, dataset and a description of where the weights came from, from parsed arguments."""
+def load_model(args, *, default_model: str | None = None, weights_required: bool = True,
+               ) -> tuple[models.Model, dict[str, Any] | None, data.Dataset, dict[str, Any]]:
+    """Model, variables, dataset and a description of where the weights came from, from parsed arguments.
+
+    With ``weights_required=False`` (training from scratch) no ``--weights``/``--checkpoint`` gives variables None.
+    """
     meta: dict[str, Any] = {}
     if args.checkpoint:
         meta = checkpoint.read_metadata(args.checkpoint)
-    name = args.model or meta.get("model")
+    name = args.model or meta.get("model") or default_model
     if not name:
         raise SystemExit("error: --model is required (or --checkpoint of a training run that recorded it).")
     dataset_name = args.dataset or meta.get("dataset") or "digits"
@@ -99,9 +103,11 @@ def load_model(args) -> tuple[models.Model, dict[str, Any], data.Dataset, dict[s
     elif args.checkpoint:
         variables = checkpoint.load_variables(args.checkpoint, model)
         source = {"checkpoint": args.checkpoint}
-    else:
+    elif weights_required:
         raise SystemExit("error: --weights FILE.npz or --checkpoint DIR is required (train one with "
                          "`jaxnoise train` or use ../shared/pretrained/*.npz).")
+    else:
+        variables, source = None, {}
     return model, variables, dataset, source
 
 
@@ -226,15 +232,9 @@ def build_loss(args, model, variables, dataset):
 
 
 def cmd_train(args) -> Any:
-    meta = checkpoint.read_metadata(args.checkpoint) if args.checkpoint else {}
-    dataset = data.load_dataset(args.dataset or meta.get("dataset") or "digits", data_dir=args.data_dir)
-    name = args.model or meta.get("model") or "mlp"
-    model = build_model(name, dataset, meta.get("model_config"))
-    if args.weights and args.checkpoint:
-        raise SystemExit("error: give either --weights or --checkpoint (the starting weights), not both.")
+    model, variables, dataset, _ = load_model(args, default_model="mlp", weights_required=False)
     start = args.weights or args.checkpoint
-    variables = checkpoint.load_variables(start, model) if start else None
-    workdir = args.workdir or os.path.join("runs", f"train_{name}_{dataset.name}_{args.method}")
+    workdir = args.workdir or os.path.join("runs", f"train_{model.name}_{dataset.name}_{args.method}")
     loss_fn = build_loss(args, model, variables, dataset)
     variables, history = train.train(model, dataset, _train_config(args), workdir=workdir, variables=variables,
                                      loss_fn=loss_fn, max_steps=args.max_steps,
