@@ -39,6 +39,7 @@ import statistics
 import sys
 import time
 
+from flax import traverse_util
 import jax
 import numpy as np
 
@@ -91,10 +92,6 @@ def log(msg: str) -> None:
 def load_json(path):
     with open(path) as f:
         return json.load(f)
-
-
-def write_json(path, obj):
-    io.write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def pretrained(args, model):
@@ -166,7 +163,7 @@ def stage_ablation(args, model, dataset, eta_train):
         res = short_run(run_args, model, dataset, slug, make_loss(run_args, model, method, eta_train))
         done["runs"][name] = {"method": method, "overrides": overrides, "eta_train": eta_train, **res}
         done["protocol"] = protocol(args)
-        write_json(path, done)
+        report.write_json(path, done)
     return done
 
 
@@ -181,10 +178,10 @@ def stage_search(args, model, dataset):
         log(f"search: forward_noise eta_train={eta}")
         done["candidates"][str(eta)] = short_run(args, model, dataset, f"search_{eta}",
                                                  make_loss(args, model, "forward_noise", eta))
-        write_json(path, done)
+        report.write_json(path, done)
     best = max(done["candidates"], key=lambda e: done["candidates"][e]["mean"])
     done.update(chosen=float(best), protocol="forward_noise: " + protocol(args))
-    write_json(path, done)
+    report.write_json(path, done)
     log(f"search: chose eta_train={best}")
     return float(best)
 
@@ -241,7 +238,7 @@ def stage_eval(args, model, dataset):
                                   key=None if spec is None else jax.random.key(args.seed), n_chips=n_chips,
                                   batch_size=args.eval_batch_size, preprocess=dataset.preprocess)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_json(path, res.to_dict())
+        report.write_json(path, res.to_dict())
         log(f"eval: {arm} {kind} eta={eta:g} ({n_chips} chips): {100 * res.mean:.2f}% "
             f"[{100 * res.ci95[0]:.2f}, {100 * res.ci95[1]:.2f}] p5 {100 * res.p5:.2f}  ({time.time() - t0:.0f} s)")
 
@@ -261,11 +258,19 @@ def welch(a, b):
 
 def paired(a, b):
     """Difference a - b over chips with the same key, with a Student-t 95% CI of the mean paired difference."""
-    from scipy import stats
-    d = np.asarray(a) - np.asarray(b)
-    m, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
-    t = float(stats.t.ppf(0.975, len(d) - 1))
-    return m, (m - t * se, m + t * se)
+    s = robustness.summarize(np.asarray(a) - np.asarray(b))
+    return s["mean"], tuple(s["ci95"])
+
+
+def eta_mapping(args, model):
+    """max|W| / rms(W) of every kernel of the pretrained weights: additive_rel_max eta is a per-weight sigma of
+    eta * that ratio in units of rms(W), while multiplicative eta is sigma = eta * |w| (rms eta * rms(W))."""
+    params = pretrained(args, model)["params"]
+    ratios = [float(np.max(np.abs(w)) / np.sqrt(np.mean(np.square(w))))
+              for path, w in traverse_util.flatten_dict(params, sep="/").items() if path.endswith("kernel")]
+    median = float(np.median(ratios))
+    return {"max_over_rms_per_kernel": ratios, "median": median, "min": min(ratios), "max": max(ratios),
+            "additive_0.2_sigma_in_rms_W": 0.2 * median, "additive_equivalent_of_multiplicative_0.2": 0.2 / median}
 
 
 def stage_report(args, model, dataset, eta_train):
@@ -296,6 +301,7 @@ def stage_report(args, model, dataset, eta_train):
     search_path = os.path.join(args.workdir, "search.json")
     if os.path.exists(search_path):
         record["eta_train_search"] = load_json(search_path)
+    record["eta_mapping"] = mapping = eta_mapping(args, model)
     ablation_path = os.path.join(args.workdir, "ablation.json")
     if os.path.exists(ablation_path):
         record["ablation"] = load_json(ablation_path)
@@ -335,6 +341,11 @@ def stage_report(args, model, dataset, eta_train):
                              f"{100 * e['ci95'][1]:.2f}] ({100 * e['p5']:.2f}) n={e['n_chips']}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += [f"Convention mapping: over the {len(mapping['max_over_rms_per_kernel'])} pretrained kernels, "
+              f"max|W| / rms(W) has median {mapping['median']:.2f} (min {mapping['min']:.2f}, max "
+              f"{mapping['max']:.2f}): additive_rel_max eta 0.2 is a per-weight sigma of about "
+              f"{mapping['additive_0.2_sigma_in_rms_W']:.2f} rms(W); multiplicative eta 0.2 (rms 0.2 rms(W)) is "
+              f"about additive_rel_max {mapping['additive_equivalent_of_multiplicative_0.2']:.3f}.", ""]
     short = []
     if "eta_train_search" in record:
         short += [(f"forward_noise eta_train={e}", r) for e, r in record["eta_train_search"]["candidates"].items()]
