@@ -15,6 +15,7 @@ Data: random uint8 images (the step time does not depend on the pixel values), s
 Usage (from the repository root):
   python benchmarks/train_step.py --steps 3 --repeats 3    # K in {1, 2, 4}; the figures in README.md
   python benchmarks/train_step.py --quick         # smoke test: small batch, K in {1, 2}
+  python benchmarks/train_step.py --scan-check    # K=2 gradient: draws in lax.map vs unrolled
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnoise import data as data_lib
-from jaxnoise import methods, train
+from jaxnoise import methods, noise, train
 from jaxnoise.models import get_model
 from jaxnoise.report import device_description
 
@@ -57,6 +58,38 @@ def make_runner(model, loss_fn, batch_size: int, dataset, steps: int):
     return run
 
 
+def scan_vs_unrolled(model, batch_size: int, repeats: int) -> tuple[float, float]:
+    """Seconds per gradient of a K=2 forward-noise loss with the draws in a ``lax.map`` (scan) and unrolled the way
+    ``jaxnoise.methods`` runs them (``draw_batch_size=1``): the reason methods does not use ``lax.map``."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch_size,) + tuple(model.input_shape)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, model.num_classes, (batch_size,)), jnp.int32)
+    variables = model.init(jax.random.key(0))
+    spec = noise.NoiseSpec(weight_eta=0.1)
+
+    def make(draws):
+        def loss(params, key):
+            def per_draw(draw_key):
+                logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                        key=draw_key, noise=spec, train=True)
+                return methods.cross_entropy(logits, y)
+            return jnp.mean(draws(per_draw, key))
+        return jax.jit(jax.grad(loss))
+
+    scan = make(lambda f, k: jax.lax.map(f, jnp.stack([jax.random.fold_in(k, i) for i in range(2)])))
+    unrolled = make(lambda f, k: methods._draws(f, k, 2, 1))
+    out = []
+    for fn in (scan, unrolled):
+        jax.block_until_ready(fn(variables["params"], jax.random.key(1)))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(variables["params"], jax.random.key(1)))
+            times.append(time.perf_counter() - t0)
+        out.append(statistics.median(times))
+    return out[0], out[1]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20")
@@ -67,12 +100,19 @@ def main(argv=None) -> int:
     p.add_argument("--vmap-ks", default="2", help="K values also measured with all K draws in one vmap "
                                                   "(slow to compile and run on CPU)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--scan-check", action="store_true",
+                   help="only time a K=2 gradient with the draws in lax.map vs unrolled (batch 32)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size, args.steps, args.repeats, args.ks = 32, 2, 3, "1,2"
     ks = [int(k) for k in args.ks.split(",")]
 
     model = get_model(args.model)
+    if args.scan_check:
+        t_scan, t_unrolled = scan_vs_unrolled(model, 32, args.repeats)
+        print(f"device: {device_description()}; {model.name}, batch 32, K=2 forward-noise gradient: lax.map "
+              f"{1000 * t_scan:.0f} ms, unrolled {1000 * t_unrolled:.0f} ms, ratio {t_scan / t_unrolled:.1f}x")
+        return 0
     dataset = _shapes_only(model)
     print(f"device: {device_description()}; jax {jax.__version__}; model {model.name}; batch {args.batch_size}; "
           f"{args.steps} steps x median of {args.repeats} rounds")

@@ -15,8 +15,8 @@ Every factory returns a loss function for :func:`jaxnoise.train.make_train_step`
 chunk one ``vmap`` over its draws, the chunks unrolled in the one compiled step (``draw_batch_size = K``: a
 single ``vmap``; ``1``: K plain passes one after another). On CPU a ``vmap`` over draws with different kernels
 lowers to a grouped convolution that is much slower than sequential passes, and a ``lax.map``/``scan`` over draws
-made the convolution gradients ~20x slower still (``benchmarks/train_step.py``), so the default is 1 on CPU and K
-elsewhere (:func:`default_draw_batch_size`). The loss is the mean over draws of the per-draw loss.
+made the convolution gradients ~20x slower still (``python benchmarks/train_step.py --scan-check``), so the default
+is 1 on CPU and K elsewhere (:func:`default_draw_batch_size`). The loss is the mean over draws of the per-draw loss.
 
 **BatchNorm under K draws** (the choice, tested in ``tests/test_methods.py``): every draw is a full training-mode
 forward pass, so each noisy network normalises with the batch statistics of *its own* noisy activations (that is
@@ -184,7 +184,8 @@ def _draws(per_draw: Callable, key: jax.Array, num_draws: int, draw_batch_size: 
 
     The draws go in chunks of ``draw_batch_size``: each chunk is one ``vmap`` (a single call when its size is 1)
     and the chunks are unrolled in the traced program. Not ``lax.map``/``scan``: on the CPU backend the gradient
-    of convolutions inside a loop ran ~20x slower than the same convolutions unrolled (benchmarks/train_step.py).
+    of convolutions inside a loop ran ~20x slower than the same convolutions unrolled
+    (``python benchmarks/train_step.py --scan-check``).
     """
     keys = [jax.random.fold_in(key, k) for k in range(num_draws)]
     outs = []
