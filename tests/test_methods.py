@@ -276,3 +276,12 @@ def test_noise_aware_training_makes_a_tiny_model_more_robust(trained_digits, dig
         se = np.sqrt(r.se ** 2 + clean.se ** 2)
         # Welch 95% interval of the difference excludes 0.
         assert diff - 1.96 * se > 0, f"{name}: {100 * r.mean:.2f}% vs clean {100 * clean.mean:.2f}%"
+
+
+def test_default_draw_batch_size_per_backend_and_bad_values(cnn_setup):
+    assert methods.default_draw_batch_size(4, "cpu") == 1
+    assert methods.default_draw_batch_size(4, "gpu") == 4 and methods.default_draw_batch_size(3, "tpu") == 3
+    model = cnn_setup[0]
+    assert methods.forward_noise(model, num_draws=4, draw_batch_size=9).config["draw_batch_size"] == 4
+    with pytest.raises(ValueError, match="draw_batch_size=0"):
+        methods.forward_noise(model, num_draws=2, draw_batch_size=0)
