@@ -1,4 +1,4 @@
-"""The ``jaxnoise`` command line: ``demo``, ``train``, ``eval`` and ``sweep``.
+"""The ``jaxnoise`` command line: ``demo``, ``train``, ``denoise``, ``eval`` and ``sweep``.
 
 The CLI imports the library; no library module imports the CLI. Every command that reports accuracy under noise
 writes a result file in the shared format (``../shared/RESULTS.md``) recording the exact command line.
@@ -12,6 +12,8 @@ Examples::
       --weight-etas 0,0.02,0.04,0.06,0.08 --n-chips 32 --out runs/sweep_r20
   jaxnoise train --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \\
       --epochs 2 --lr 0.01 --workdir runs/r20_finetune
+  jaxnoise denoise --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \
+      --act-eta-train 0.3 --search-budget 0.025 --epochs 1 --workdir runs/r20_denoise
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnoise import checkpoint, data, methods, models, noise, report, robustness, train
+import numpy as np
+
+from jaxnoise import checkpoint, data, denoise, methods, models, noise, placement, report, robustness, train
 
 DEMO_WEIGHT_ETAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 
@@ -71,7 +75,15 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_model(name: str, dataset: data.Dataset, config: dict[str, Any] | None = None) -> models.Model:
-    """``name`` sized for ``dataset`` (classes; input shape of the small models), with a recorded model config."""
+    """``name`` sized for ``dataset`` (classes; input shape of the small models), with a recorded model config.
+
+    A recorded config with a ``backbone`` (a checkpoint of ``jaxnoise denoise``) rebuilds the denoised model.
+    """
+    if config and "backbone" in config:
+        config = dict(config)
+        backbone = build_model(config.pop("backbone"), dataset,
+                               {k: v for k, v in config.items() if k not in ("denoiser", "denoiser_sites")})
+        return denoise.denoised(backbone, config["denoiser_sites"], denoise.DenoiserConfig(**config["denoiser"]))
     kwargs = dict(config or {})
     kwargs.pop("depth", None)  # part of the name
     kwargs["num_classes"] = dataset.num_classes
@@ -245,6 +257,59 @@ def cmd_train(args) -> Any:
     return variables
 
 
+def cmd_denoise(args) -> Any:
+    """Trains denoising blocks on a frozen model under activation noise; optionally searches the placement."""
+    model, variables, dataset, source = load_model(args)
+    if isinstance(model, denoise.DenoisedModel):
+        raise SystemExit("error: --checkpoint holds a denoised model; give the plain backbone's weights.")
+    config = denoise.DenoiserConfig(kind=args.kind, reduction=args.reduction)
+    dmodel = denoise.denoised(model, config=config)
+    ref = calibrate(model, variables, dataset, args.act_statistic) if args.act_noise == "additive" else None
+    loss_fn = denoise.denoiser_loss(dmodel, act_eta_train=args.act_eta_train, act_kind=args.act_noise, act_ref=ref,
+                                    eta_train=args.eta_train, weight_kind=args.train_weight_noise,
+                                    feature_weight=args.feature_weight, nll_weight=args.nll_weight)
+    dvars = denoise.init_variables(dmodel, variables, noise.name_key(jax.random.key(args.seed), "denoise/init"))
+    spec = noise.NoiseSpec(weight_kind=None, act_kind=args.act_noise, act_ref=ref,
+                           act_eta=args.act_eta if args.act_eta is not None else args.act_eta_train)
+    if args.search_budget is not None:
+        train_part, held_out = data.holdout(dataset.train, args.search_holdout)
+        result = placement.search(dmodel, dvars, dataset, loss_fn, held_out.images, held_out.labels, spec,
+                                  budget=args.search_budget, key=noise.name_key(jax.random.key(args.seed),
+                                                                                "denoise/search"),
+                                  strategy=args.strategy, beam_width=args.beam_width, steps=args.search_steps,
+                                  n_chips=args.search_chips, split=train_part, log=print)
+        gates = np.asarray(result.best["gates"], np.float32)
+        print(f"searched placement: {result.best['sites']} ({100 * result.best['param_overhead']:.2f}% params)")
+    else:
+        if not args.placement:
+            raise SystemExit("error: give --placement SITES (comma-separated, 'every-block' or 'all') or "
+                             "--search-budget FRACTION.")
+        if args.placement == "all":
+            gates = np.ones(len(dmodel.candidate_sites), np.float32)
+        elif args.placement == "every-block":
+            gates = placement.every_block_placement(dmodel)
+        else:
+            gates = np.asarray(denoise.placement_array(dmodel, list(_sites(args.placement))))
+    dvars = denoise.with_placement(dmodel, dvars, gates)
+    workdir = args.workdir or os.path.join("runs", f"denoise_{model.name}_{dataset.name}")
+    cost = denoise.overhead(dmodel, gates)
+    dvars, _ = denoise.train_denoisers(dmodel, dataset, _train_config(args), workdir=workdir, variables=dvars,
+                                       loss_fn=loss_fn, max_steps=args.max_steps,
+                                       metadata={"init": source, "act_statistic": args.act_statistic})
+    key = jax.random.key(args.seed)
+    images, labels = test_arrays(dataset, args.n_images)
+    plain = robustness.evaluate(model, variables, images, labels, spec, key=key, n_chips=args.n_chips,
+                                batch_size=args.batch_size, preprocess=dataset.preprocess)
+    den = robustness.evaluate(dmodel, dvars, images, labels, spec, key=key, n_chips=args.n_chips,
+                              batch_size=args.batch_size, preprocess=dataset.preprocess)
+    print(f"{model.name} + denoisers at {[s for s, g in zip(dmodel.candidate_sites, gates) if g]} "
+          f"({100 * cost['param_overhead']:.2f}% params): act eta {float(spec.act_eta)}, {args.n_chips} chips: "
+          f"plain {100 * plain.mean:.2f}% [{100 * plain.ci95[0]:.2f}, {100 * plain.ci95[1]:.2f}], "
+          f"denoised {100 * den.mean:.2f}% [{100 * den.ci95[0]:.2f}, {100 * den.ci95[1]:.2f}] "
+          f"(checkpoints in {workdir})")
+    return dmodel, dvars
+
+
 def cmd_demo(args) -> dict:
     """Trains a small model on the embedded digits dataset, then sweeps weight noise over it."""
     dataset = data.load_dataset("digits")
@@ -309,6 +374,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", default=None, help="frozen teacher weights (.npz or workdir) for the clean "
                                                    "features; default: the trained weights with noise off")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("denoise", help="train denoising blocks on a frozen model (Azizi et al. 2024), resumable")
+    _add_model_args(p)
+    p.add_argument("--placement", default=None, help="sites, comma-separated (e.g. layer3/0,layer2/2), "
+                                                     "'every-block' or 'all'")
+    p.add_argument("--search-budget", type=float, default=None,
+                   help="search the placement under this parameter budget (fraction, e.g. 0.025) first")
+    p.add_argument("--strategy", default="greedy", choices=placement.STRATEGIES)
+    p.add_argument("--beam-width", type=int, default=2)
+    p.add_argument("--search-steps", type=int, default=50, help="brief training steps of each candidate")
+    p.add_argument("--search-chips", type=int, default=4)
+    p.add_argument("--search-holdout", type=int, default=1000,
+                   help="last N training images: the search's selection set (excluded from its training)")
+    p.add_argument("--kind", default="residual", choices=denoise.KINDS)
+    p.add_argument("--reduction", type=int, default=4, help="bottleneck width = ceil(C / reduction), >= 4")
+    p.add_argument("--act-noise", default="additive", choices=sorted(noise.ACTIVATION_KINDS))
+    p.add_argument("--act-statistic", default="std", choices=noise.ACTIVATION_STATISTICS)
+    p.add_argument("--act-eta-train", type=float, default=0.3, help="activation-noise scale of training")
+    p.add_argument("--act-eta", type=float, default=None, help="evaluation scale (default: --act-eta-train)")
+    p.add_argument("--train-weight-noise", default=None, choices=sorted(noise.WEIGHT_KINDS),
+                   help="also train under weight noise of this kind (off by default)")
+    p.add_argument("--eta-train", type=float, default=0.0)
+    p.add_argument("--feature-weight", type=float, default=0.0, help="feature matching to the clean backbone")
+    p.add_argument("--nll-weight", type=float, default=0.0, help="noise likelihood (probabilistic blocks)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--train-batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--workdir", default=None, help="checkpoints and metrics.jsonl; an existing one is resumed")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--n-chips", type=int, default=8, help="Monte Carlo chips of the final evaluation")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--n-images", type=int, default=None, help="evaluate on the first N test images only")
+    p.set_defaults(func=cmd_denoise)
 
     for name, func, help_ in (("eval", cmd_eval, "Monte Carlo accuracy under one noise setting"),
                               ("sweep", cmd_sweep, "Monte Carlo accuracy over a grid of noise scales")):

@@ -235,6 +235,18 @@ def epoch_batches(
         yield split.images[batch], split.labels[batch]
 
 
+def holdout(split: Split, n: int) -> tuple[Split, Split]:
+    """``(first len - n examples, last n examples)`` of a split: a training part and a held-out selection set.
+
+    Used for model selection (e.g. a placement search) without touching the test split.
+    """
+    if not isinstance(n, (int, np.integer)) or not 1 <= n < len(split):
+        raise ValueError(f"holdout size n={n!r} must be an integer in [1, {len(split) - 1}] for a split of "
+                         f"{len(split)} examples.")
+    cut = len(split) - int(n)
+    return Split(split.images[:cut], split.labels[:cut]), Split(split.images[cut:], split.labels[cut:])
+
+
 def calibration_images(split: Split, n: int = 1024, seed: int = 0) -> np.ndarray:
     """Returns a fixed, seeded subset of a split's raw images (pass the TRAIN split).
 

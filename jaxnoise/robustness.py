@@ -46,7 +46,8 @@ import scipy.stats
 from jaxnoise import noise as noise_lib
 from jaxnoise.models.base import Model, Variables
 
-__all__ = ["MCResult", "chip_keys", "evaluate", "make_chip_eval", "summarize", "sweep", "trace_count"]
+__all__ = ["MCResult", "batch_data", "chip_keys", "evaluate", "make_chip_eval", "spec_as_arrays", "summarize", "sweep",
+           "trace_count"]
 
 _TRACE_COUNT = 0  # traces of the jitted evaluation programs (see trace_count)
 
@@ -369,6 +370,21 @@ def _prepare(model: Model, images: Any, labels: Any, batch_size: int, preprocess
         valid_b=jnp.asarray(valid.reshape(n_batches, b)),
         n_images=n,
     )
+
+
+def batch_data(model: Model, images: Any, labels: Any, batch_size: int,
+               preprocess: Callable | None = None) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Validated, padded data for :func:`make_chip_eval`: ``(images_b, labels_b, valid_b, n_images)``.
+
+    The last batch is padded with copies of the last image and masked out by ``valid_b``.
+    """
+    data = _prepare(model, images, labels, batch_size, preprocess)
+    return data.images_b, data.labels_b, data.valid_b, data.n_images
+
+
+def spec_as_arrays(spec: noise_lib.NoiseSpec) -> noise_lib.NoiseSpec:
+    """Every leaf of ``spec`` (scales, references, masks) as a float32 array: one compiled program for all values."""
+    return _spec_as_arrays(spec)
 
 
 def _spec_as_arrays(spec: noise_lib.NoiseSpec) -> noise_lib.NoiseSpec:

@@ -299,8 +299,16 @@ def step_keys(base_key: jax.Array, step: jax.Array | int) -> tuple[jax.Array, ja
     return jax.random.fold_in(key, AUGMENT_KEY), jax.random.fold_in(key, LOSS_KEY)
 
 
+def trainable_mask(params: Any, trainable: Callable[[str], bool] | None) -> Any:
+    """A bool tree like ``params``: ``trainable(path)`` of each leaf's ``/``-joined path (all True when None)."""
+    def leaf(path, _):
+        return True if trainable is None else bool(trainable("/".join(ckpt_lib._key_str(k) for k in path)))
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 def make_train_step(model: Any, loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    dataset: Any) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+                    dataset: Any, trainable: Callable[[str], bool] | None = None
+                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted training step, generic in the loss.
 
     ``step(state, images, labels, base_key, hparams=None) -> (state, metrics)``:
@@ -321,6 +329,9 @@ def make_train_step(model: Any, loss_fn: LossFn, optimizer: optax.GradientTransf
       loss_fn: e.g. ``clean_loss(model)``.
       optimizer: from :func:`make_optimizer`.
       dataset: provides ``augment(key, images)`` and ``preprocess(images)`` (a ``jaxnoise.data.Dataset``).
+      trainable: ``trainable(path) -> bool`` over ``/``-joined parameter paths; the other leaves are frozen:
+        the loss sees them through ``stop_gradient`` (no gradient is computed for them) and the step returns
+        them unchanged (the same bits). None trains every leaf.
 
     Returns:
       The jitted step function.
@@ -337,10 +348,13 @@ def make_train_step(model: Any, loss_fn: LossFn, optimizer: optax.GradientTransf
         hparams = {} if hparams is None else hparams
         x = dataset.preprocess(dataset.augment(augment_key, images))
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logits, new_batch_stats, extra)), grads = grad_fn(state.params, state.batch_stats, x, labels,
+        mask = trainable_mask(state.params, trainable)
+        params_in = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), state.params, mask)
+        (loss, (logits, new_batch_stats, extra)), grads = grad_fn(params_in, state.batch_stats, x, labels,
                                                                   loss_key, hparams)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        params = jax.tree.map(lambda new, old, t: new if t else old, params, state.params, mask)
         accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
         metrics = {**extra, "loss": loss, "accuracy": accuracy, "lr": current_learning_rate(opt_state)}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_batch_stats,
@@ -486,7 +500,8 @@ def _check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], director
 def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.PathLike,
           variables: Mapping[str, Any] | None = None, loss_fn: LossFn | None = None, progress: bool = True,
           max_steps: int | None = None, metadata: Mapping[str, Any] | None = None,
-          hparams: Mapping[str, float] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+          hparams: Mapping[str, float] | None = None,
+          trainable: Callable[[str], bool] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Trains ``model`` on ``dataset.train``, resuming from ``workdir`` if a previous run left checkpoints there.
 
     Files in ``workdir``:
@@ -530,6 +545,9 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
       max_steps: stop (with a checkpoint) once this many steps are done, e.g. to split a run across time-limited
         jobs; the schedule still spans all ``config.epochs``. None runs to the end.
       metadata: extra JSON-serialisable entries for the checkpoint metadata.
+      trainable: ``trainable(path) -> bool`` selecting the trained parameter leaves (see
+        :func:`make_train_step`); the others stay bitwise unchanged. None trains all (e.g. denoising blocks on a
+        frozen backbone: ``jaxnoise.denoise.is_denoiser_param``).
 
     Returns:
       ``(variables, history)``: the final ``{"params", "batch_stats"}`` (jax arrays) and every record of
@@ -574,7 +592,7 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
     os.makedirs(workdir, exist_ok=True)
     ckpt_dir = os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR)
     metrics_path = os.path.join(workdir, METRICS_FILE)
-    train_step = make_train_step(model, loss_fn, optimizer, dataset)
+    train_step = make_train_step(model, loss_fn, optimizer, dataset, trainable)
     started = time.time()
 
     with ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=config.max_to_keep) as ckpt:
@@ -645,4 +663,4 @@ def _state_dict(state: TrainState) -> dict[str, Any]:
 
 __all__ = ["AUGMENT_KEY", "LOSS_KEY", "METRICS_FILE", "SCHEDULES", "TrainConfig", "TrainState", "clean_loss",
            "current_learning_rate", "evaluate_clean", "init_state", "kernel_mask", "make_optimizer",
-           "make_schedule", "make_train_step", "read_metrics", "step_keys", "train"]
+           "make_schedule", "make_train_step", "read_metrics", "step_keys", "train", "trainable_mask"]

@@ -51,7 +51,7 @@ class Model:
 
     def apply(self, variables: Variables, x: jax.Array, *, key: jax.Array | None = None,
               noise: noise_lib.NoiseSpec | None = None, train: bool = False,
-              capture_mvm: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+              capture_mvm: bool = False, tap: Callable | None = None) -> tuple[jax.Array, dict[str, Any]]:
         """Runs the model, noisy when both ``key`` and ``noise`` are given.
 
         Args:
@@ -63,6 +63,9 @@ class Model:
           train: BatchNorm in training mode; ``features["batch_stats"]`` then holds the updated running
             statistics (same structure as ``variables["batch_stats"]``).
           capture_mvm: put the clean (pre-noise) output of every activation site in ``features["mvm"]``.
+          tap: ``tap(scope, name, x) -> x`` called at every named feature (``self.feature_names``) with the root
+            :class:`~jaxnoise.models.layers.Scope`; what it returns flows on (and is the reported feature).
+            Used to insert denoising blocks (``jaxnoise.denoise``) and gradient probes. None: identity.
 
         Returns:
           ``(logits, features)``: logits (batch, num_classes); features maps each name of
@@ -73,7 +76,7 @@ class Model:
         if key is not None and noise is not None:
             params = noise_lib.perturb_weights(noise_lib.weight_key(key), params, noise)
         sites = noise_lib.SiteContext(key, noise, capture=capture_mvm)
-        scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train)
+        scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap)
         logits, features = self.forward(scope, x)
         features = dict(features)
         if train:
@@ -103,7 +106,7 @@ class Model:
 
         def run(v, x):
             logits, feats = self.forward(Scope(v["params"], v["batch_stats"], sites=ctx), x)
-            order.extend(feats)
+            order.extend(k for k, v in feats.items() if not isinstance(v, dict))
             return logits
 
         jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1,) + tuple(self.input_shape), jnp.float32))

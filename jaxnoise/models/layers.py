@@ -31,11 +31,13 @@ class Scope:
       train: BatchNorm uses batch statistics and records updated running statistics in ``new_stats``.
       init_key: when given, missing parameters are created (He-normal kernels, keyed by path).
       bn_momentum: weight of the new batch statistic in the running average (PyTorch's 0.1).
+      tap: ``tap(scope, name, x) -> x``, called by :meth:`feature` at every named feature (block outputs, stem):
+        the hook where denoising blocks are inserted or gradient probes attached. None: identity.
     """
 
     def __init__(self, params=None, batch_stats=None, *, sites: noise_lib.SiteContext | None = None,
                  train: bool = False, init_key: jax.Array | None = None, bn_momentum: float = 0.1,
-                 _path: tuple[str, ...] = (), _root: "Scope | None" = None):
+                 tap=None, _path: tuple[str, ...] = (), _root: "Scope | None" = None):
         self.params = {} if params is None else params
         self.batch_stats = {} if batch_stats is None else batch_stats
         self.sites = sites or noise_lib.SiteContext()
@@ -45,6 +47,7 @@ class Scope:
         self.path = _path
         self.root = _root or self
         if _root is None:
+            self.tap = tap
             self.new_stats: dict[str, Any] = {}
             self.created_params: dict[str, Any] = {}
             self.created_stats: dict[str, Any] = {}
@@ -56,22 +59,37 @@ class Scope:
                      sites=self.sites, train=self.train, init_key=self.init_key, bn_momentum=self.bn_momentum,
                      _path=self.path + (name,), _root=self.root)
 
+    def feature(self, name: str, x):
+        """Marks ``x`` as the named feature ``name`` (a model-level name such as ``"layer1/0"``) and returns it,
+        after the root's ``tap`` hook when one is set (the hook may change it, e.g. a denoising block)."""
+        tap = self.root.tap
+        return x if tap is None else tap(self.root, name, x)
+
+    def param(self, name: str, shape, init_fn):
+        """The parameter leaf ``name`` directly under this scope's path (created at init)."""
+        return self._get("params", None, name, shape, init_fn)
+
     def name(self, *parts: str) -> str:
         return "/".join(self.path + tuple(str(p) for p in parts))
 
     # -- variable access -------------------------------------------------------------------------------------
     def _get(self, collection: str, layer: str, leaf: str, shape, init_fn):
         tree = self.params if collection == "params" else self.batch_stats
-        value = tree.get(layer, {}).get(leaf) if tree else None
+        if layer is None:  # a leaf directly under this scope
+            value = tree.get(leaf) if tree else None
+            parts: tuple[str, ...] = (leaf,)
+        else:
+            value = tree.get(layer, {}).get(leaf) if tree else None
+            parts = (layer, leaf)
         if value is None:
             if self.init_key is None:
-                raise KeyError(f"missing {collection} leaf {self.name(layer, leaf)!r}: the variables do not match "
+                raise KeyError(f"missing {collection} leaf {self.name(*parts)!r}: the variables do not match "
                                f"this model (initialise with model.init or load matching weights).")
-            value = init_fn(noise_lib.name_key(self.init_key, self.name(layer, leaf)), shape)
+            value = init_fn(noise_lib.name_key(self.init_key, self.name(*parts)), shape)
             created = self.root.created_params if collection == "params" else self.root.created_stats
-            _set_nested(created, self.path + (layer, leaf), value)
+            _set_nested(created, self.path + parts, value)
         elif tuple(value.shape) != tuple(shape):
-            raise ValueError(f"{collection} leaf {self.name(layer, leaf)!r} has shape {tuple(value.shape)}, the "
+            raise ValueError(f"{collection} leaf {self.name(*parts)!r} has shape {tuple(value.shape)}, the "
                              f"model expects {tuple(shape)}: the weights belong to a different architecture.")
         return value
 

@@ -34,15 +34,15 @@ def forward(s: Scope, x, *, depth: int, num_classes: int, width: int = 16):
     n = (depth - 2) // 6
     feats = {}
     x = jax.nn.relu(s.batch_norm("bn1", s.conv("conv1", x, width, 3, 1)))
-    feats["stem"] = x
+    x = feats["stem"] = s.feature("stem", x)
     for stage, planes in enumerate((width, 2 * width, 4 * width), start=1):
         layer = s.child(f"layer{stage}")
         for b in range(n):
             stride = 2 if stage > 1 and b == 0 else 1
             x = basic_block(layer.child(b), x, planes, stride)
-            feats[f"layer{stage}/{b}"] = x
+            x = feats[f"layer{stage}/{b}"] = s.feature(f"layer{stage}/{b}", x)
     x = jnp.mean(x, axis=(1, 2))
-    feats["pre_logits"] = x
+    x = feats["pre_logits"] = s.feature("pre_logits", x)
     return s.dense("linear", x, num_classes), feats
 
 

@@ -33,14 +33,14 @@ def forward(s: Scope, x, *, blocks=(2, 2, 2, 2), num_classes: int = 1000):
     feats = {}
     x = jax.nn.relu(s.batch_norm("bn1", s.conv("conv1", x, 64, 7, 2, padding=3)))
     x = max_pool_3x3_s2(x)
-    feats["stem"] = x
+    x = feats["stem"] = s.feature("stem", x)
     for stage, (n, planes) in enumerate(zip(blocks, (64, 128, 256, 512)), start=1):
         layer = s.child(f"layer{stage}")
         for b in range(n):
             x = basic_block(layer.child(b), x, planes, 2 if stage > 1 and b == 0 else 1)
-            feats[f"layer{stage}/{b}"] = x
+            x = feats[f"layer{stage}/{b}"] = s.feature(f"layer{stage}/{b}", x)
     x = jnp.mean(x, axis=(1, 2))
-    feats["pre_logits"] = x
+    x = feats["pre_logits"] = s.feature("pre_logits", x)
     return s.dense("fc", x, num_classes), feats
 
 

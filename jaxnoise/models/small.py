@@ -16,8 +16,8 @@ def mlp_forward(s: Scope, x, *, hidden=(128, 64), num_classes=10):
     x = x.reshape(x.shape[0], -1)
     for i, h in enumerate(hidden, start=1):
         x = jax.nn.relu(s.dense(f"fc{i}", x, h))
-        feats[f"hidden{i}"] = x
-    feats["pre_logits"] = x
+        x = feats[f"hidden{i}"] = s.feature(f"hidden{i}", x)
+    x = feats["pre_logits"] = s.feature("pre_logits", x)
     return s.dense("head", x, num_classes), feats
 
 
@@ -25,9 +25,9 @@ def cnn_forward(s: Scope, x, *, channels=(16, 32, 32), num_classes=10):
     feats = {}
     for i, c in enumerate(channels, start=1):
         x = jax.nn.relu(s.batch_norm(f"bn{i}", s.conv(f"conv{i}", x, c, 3, 1 if i == 1 else 2)))
-        feats[f"block{i}"] = x
+        x = feats[f"block{i}"] = s.feature(f"block{i}", x)
     x = jnp.mean(x, axis=(1, 2))
-    feats["pre_logits"] = x
+    x = feats["pre_logits"] = s.feature("pre_logits", x)
     return s.dense("head", x, num_classes), feats
 
 

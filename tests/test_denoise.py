@@ -1,0 +1,193 @@
+"""Denoising blocks: identity at insertion, placement as data, frozen backbone, counts, training helps."""
+
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from flax import traverse_util
+
+from jaxnoise import denoise, noise, robustness, train
+from jaxnoise.data import load_dataset
+from jaxnoise.models import get_model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(digits):
+    """A CNN trained on digits (clean accuracy ~98%) and its activation reference scales."""
+    model = get_model("cnn", input_shape=digits.image_shape, num_classes=10)
+    with tempfile.TemporaryDirectory() as workdir:
+        variables, _ = train.train(model, digits, train.TrainConfig(epochs=15, batch_size=64, learning_rate=0.05),
+                                   workdir=workdir, progress=False)
+    ref = noise.calibrate_activations(model.apply, variables, digits.preprocess(digits.train.images[:512]))
+    return model, variables, ref
+
+
+def _randomize_blocks(dmodel, dvars, key):
+    """Non-zero values in every block leaf (as if trained), gates kept."""
+    flat = traverse_util.flatten_dict(dvars["params"], sep="/")
+    for i, path in enumerate(sorted(flat)):
+        if denoise.is_denoiser_param(path):
+            flat[path] = 0.3 * jax.random.normal(jax.random.fold_in(key, i), flat[path].shape)
+    return {**dvars, "params": traverse_util.unflatten_dict(flat, sep="/")}
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "resnet20"])
+@pytest.mark.parametrize("kind", ["residual", "probabilistic"])
+def test_fresh_blocks_are_bitwise_identity(name, kind):
+    model = get_model(name, **({"input_shape": (8, 8, 1)} if name != "resnet20" else {}))
+    variables = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3,) + model.input_shape)
+    dmodel = denoise.denoised(model, config=denoise.DenoiserConfig(kind=kind))
+    dvars = denoise.init_variables(dmodel, variables, jax.random.key(2))
+    assert dmodel.candidate_sites == model.feature_names
+    logits, feats = model.apply(variables, x)
+    dlogits, dfeats = dmodel.apply(dvars, x)
+    np.testing.assert_array_equal(np.asarray(dlogits), np.asarray(logits))
+    for s in model.feature_names:
+        np.testing.assert_array_equal(np.asarray(dfeats[s]), np.asarray(feats[s]))
+
+
+@pytest.mark.parametrize("kind", ["residual", "probabilistic"])
+def test_empty_placement_equals_plain_model_under_noise(kind):
+    """Gates 0 give the plain model bit for bit, noise included: insertion changes no noise key elsewhere."""
+    model = get_model("cnn", input_shape=(8, 8, 1))
+    variables = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    dmodel = denoise.denoised(model, config=denoise.DenoiserConfig(kind=kind))
+    dvars = _randomize_blocks(dmodel, denoise.init_variables(dmodel, variables, jax.random.key(2)), jax.random.key(3))
+    ref = {s: jnp.float32(1.0) for s in model.sites}
+    spec = noise.NoiseSpec(weight_eta=0.1, act_kind="additive", act_eta=0.2, act_ref=ref)
+    key = jax.random.key(4)
+    plain, _ = model.apply(variables, x, key=key, noise=spec)
+    off, _ = dmodel.apply(denoise.with_placement(dmodel, dvars, []), x, key=key, noise=spec)
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(plain))
+    on, _ = dmodel.apply(denoise.with_placement(dmodel, dvars, ["block2"]), x, key=key, noise=spec)
+    assert not np.array_equal(np.asarray(on), np.asarray(plain))  # a placed, non-zero block acts
+
+
+def test_placement_is_data_vmapped_and_compiled_once():
+    model = get_model("cnn", input_shape=(8, 8, 1))
+    variables = model.init(jax.random.key(0))
+    dmodel = denoise.denoised(model)
+    dvars = _randomize_blocks(dmodel, denoise.init_variables(dmodel, variables, jax.random.key(2)), jax.random.key(3))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    traces = []
+
+    @jax.jit
+    def run(gates):
+        traces.append(1)
+        return dmodel.apply(denoise.with_placement(dmodel, dvars, gates), x)[0]
+
+    placements = np.eye(4, dtype=np.float32)
+    singles = [run(p) for p in placements]
+    assert len(traces) == 1  # four placements, one compilation
+    batched = jax.vmap(lambda g: dmodel.apply(denoise.with_placement(dmodel, dvars, g), x)[0])(placements)
+    np.testing.assert_allclose(np.asarray(batched), np.stack(singles), rtol=1e-5, atol=1e-5)
+
+
+def test_counts_match_hand_count():
+    model = get_model("cnn", input_shape=(8, 8, 1))  # block1: 8x8x16
+    costs = denoise.site_costs(denoise.denoised(model))
+    # 1x1 16->4 (+4 bias), 3x3 4->4 (+4), 1x1 4->16 (+16)
+    assert costs["block1"]["params"] == 16 * 4 + 4 + 9 * 4 * 4 + 4 + 4 * 16 + 16 == 296
+    assert costs["block1"]["macs"] == 8 * 8 * (16 * 4 + 9 * 4 * 4 + 4 * 16) == 17408
+    # pre_logits (32 channels, dense block, b = 8): 32*8+8 + 8*8+8 + 8*32+32
+    assert costs["pre_logits"]["params"] == 256 + 8 + 64 + 8 + 256 + 32
+    assert costs["pre_logits"]["macs"] == 256 + 64 + 256
+    prob = denoise.site_costs(denoise.denoised(model, config=denoise.DenoiserConfig(kind="probabilistic")))
+    # + two heads b->C on the pooled bottleneck, applied once per image
+    assert prob["block1"]["params"] == 296 + 2 * (4 * 16 + 16)
+    assert prob["block1"]["macs"] == 17408 + 2 * 4 * 16
+    # the counted leaves are the leaves that exist
+    dvars = denoise.denoised(model).init(jax.random.key(0))
+    flat = traverse_util.flatten_dict(dvars["params"], sep="/")
+    assert sum(v.size for p, v in flat.items() if p.startswith("denoise/block1/") and denoise.is_denoiser_param(p)) \
+        == 296
+    over = denoise.overhead(denoise.denoised(model), ["block1", "block3"])
+    assert over["params"] == 296 + costs["block3"]["params"]
+    assert over["param_overhead"] == pytest.approx(over["params"] / model.param_count())
+    assert over["mac_overhead"] == pytest.approx(over["macs"] / denoise.backbone_mvm_macs(model))
+
+
+def test_backbone_mvm_macs_hand_count():
+    model = get_model("mlp", input_shape=(8, 8, 1), hidden=(128, 64))
+    assert denoise.backbone_mvm_macs(model) == 64 * 128 + 128 * 64 + 64 * 10
+
+
+def test_blocks_are_digital_and_noise_free():
+    model = get_model("cnn", input_shape=(8, 8, 1))
+    dmodel = denoise.denoised(model)
+    assert dmodel.sites == model.sites  # no activation-noise site inside blocks
+    dvars = dmodel.init(jax.random.key(0))
+    assert noise.weight_noise_sites(dvars["params"]) == noise.weight_noise_sites(model.init(jax.random.key(0))["params"])
+
+
+def test_bad_input_errors():
+    model = get_model("cnn", input_shape=(8, 8, 1))
+    with pytest.raises(ValueError, match="unknown denoiser sites"):
+        denoise.denoised(model, ["block9"])
+    with pytest.raises(ValueError, match="unknown denoiser kind"):
+        denoise.DenoiserConfig(kind="wiener")
+    with pytest.raises(ValueError, match="reduction"):
+        denoise.DenoiserConfig(reduction=0)
+    dmodel = denoise.denoised(model)
+    with pytest.raises(ValueError, match="last axis of 4"):
+        denoise.placement_array(dmodel, np.ones(3))
+    with pytest.raises(ValueError, match="without a block"):
+        denoise.placement_array(dmodel, ["layer1/0"])
+    with pytest.raises(ValueError, match="probabilistic"):
+        denoise.denoiser_loss(dmodel, act_eta_train=0.1, act_ref={}, nll_weight=1.0)
+    with pytest.raises(ValueError, match="already has denoising blocks"):
+        denoise.denoised(dmodel)
+
+
+def test_training_freezes_backbone_and_raises_noisy_accuracy(digits, trained_cnn, tmp_path):
+    """Blocks trained under activation noise: backbone bitwise unchanged, Monte Carlo accuracy up (CI > 0)."""
+    model, variables, ref = trained_cnn
+    dmodel = denoise.denoised(model)
+    dvars = denoise.init_variables(dmodel, variables, jax.random.key(0), placement=["block1", "block2", "block3"])
+    loss_fn = denoise.denoiser_loss(dmodel, act_eta_train=0.5, act_ref=ref, feature_weight=0.5)
+    config = train.TrainConfig(epochs=15, batch_size=64, learning_rate=0.05, weight_decay=0.0)
+    trained, history = denoise.train_denoisers(dmodel, digits, config, workdir=str(tmp_path), variables=dvars,
+                                               loss_fn=loss_fn, progress=False)
+    before = traverse_util.flatten_dict(dvars["params"], sep="/")
+    after = traverse_util.flatten_dict(trained["params"], sep="/")
+    for path, value in before.items():
+        if denoise.is_denoiser_param(path):
+            continue
+        assert np.asarray(after[path]).tobytes() == np.asarray(value).tobytes(), path  # bitwise
+    assert any(not np.array_equal(after[p], before[p]) for p in before if denoise.is_denoiser_param(p))
+    for name in ("batch_stats",):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                     trained[name], dvars[name])
+    spec = noise.NoiseSpec(weight_kind=None, act_kind="additive", act_ref=ref, act_eta=0.5)
+    kw = dict(key=7, n_chips=16, preprocess=digits.preprocess)
+    plain = robustness.evaluate(model, variables, digits.test.images, digits.test.labels, spec, **kw)
+    den = robustness.evaluate(dmodel, trained, digits.test.images, digits.test.labels, spec, **kw)
+    diff = den.per_chip - plain.per_chip
+    half = scipy.stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    assert diff.mean() - half > 0, (plain.mean, den.mean)
+    # resume: a finished run restores instead of retraining
+    again, _ = denoise.train_denoisers(dmodel, digits, config, workdir=str(tmp_path), variables=dvars,
+                                       loss_fn=loss_fn, progress=False)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again, trained)
+
+
+def test_probabilistic_blocks_train_with_noise_likelihood(digits, trained_cnn, tmp_path):
+    model, variables, ref = trained_cnn
+    dmodel = denoise.denoised(model, ["block2"], denoise.DenoiserConfig(kind="probabilistic"))
+    dvars = denoise.init_variables(dmodel, variables, jax.random.key(0))
+    loss_fn = denoise.denoiser_loss(dmodel, act_eta_train=0.5, act_ref=ref, feature_weight=0.5, nll_weight=0.1)
+    config = train.TrainConfig(epochs=4, batch_size=64, learning_rate=0.02, weight_decay=0.0)
+    _, history = denoise.train_denoisers(dmodel, digits, config, workdir=str(tmp_path), variables=dvars,
+                                         loss_fn=loss_fn, progress=False)
+    nll = [h["nll"] for h in history if h["type"] == "train"]
+    assert np.all(np.isfinite(nll)) and nll[-1] < nll[0]  # the predicted noise distribution fits better
