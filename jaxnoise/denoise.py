@@ -432,8 +432,8 @@ def overhead(dmodel: DenoisedModel, placement: Any) -> dict[str, float]:
 
 
 def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str | None = "additive",
-                  act_ref: Mapping[str, Any] | None = None, eta_train: float = 0.0,
-                  weight_kind: str | None = None, weight_paths: Sequence[str] | None = None,
+                  act_ref: Mapping[str, Any] | None = None, act_mask: Mapping[str, Any] | None = None,
+                  eta_train: float = 0.0, weight_kind: str | None = None, weight_paths: Sequence[str] | None = None,
                   feature_weight: float = 0.0, feature_sites: Sequence[str] | None = None,
                   nll_weight: float = 0.0) -> train_lib.LossFn:
     """The loss of denoiser training: frozen backbone in inference mode, one noise draw per step.
@@ -448,6 +448,7 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
       act_eta_train: activation-noise scale of training (``hparams["act_eta_train"]``).
       act_kind: a key of ``jaxnoise.noise.ACTIVATION_KINDS`` (None: no activation noise).
       act_ref: calibrated ``{site: r_site}`` (additive noise).
+      act_mask: optional ``{site: multiplier}`` of the activation noise (``NoiseSpec.act_mask``).
       eta_train: weight-noise scale (``hparams["eta_train"]``, when ``weight_kind`` is set).
       weight_kind: optional weight noise on the backbone (blocks are digital and never noisy).
       weight_paths: regexes of the noisy backbone parameters.
@@ -461,7 +462,7 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
     """
     if not isinstance(dmodel, DenoisedModel):
         raise ValueError("denoiser_loss needs a denoised model: build it with jaxnoise.denoise.denoised(model).")
-    spec = noise_lib.NoiseSpec(act_kind=act_kind, act_ref=act_ref, weight_kind=weight_kind,
+    spec = noise_lib.NoiseSpec(act_kind=act_kind, act_ref=act_ref, act_mask=act_mask, weight_kind=weight_kind,
                                **({"weight_paths": tuple(weight_paths)} if weight_paths else {}))
     feature_sites = tuple(dmodel.candidate_sites if feature_sites is None else feature_sites)
     unknown = [s for s in feature_sites if s not in dmodel.backbone.feature_names]
