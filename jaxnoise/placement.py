@@ -264,7 +264,7 @@ def gradient_sensitivity(model: Model, variables: Mapping[str, Any], images: Any
     base = robustness._as_key(key)
     shapes = denoise.feature_shapes(model)
 
-    def per_draw(k):
+    def per_draw(k, x, y):  # data as arguments, not closed-over constants (XLA would constant-fold the convs)
         offsets = {s: jnp.zeros((x.shape[0],) + shapes[s], jnp.float32) for s in sites}
 
         def loss(offsets):
@@ -281,7 +281,7 @@ def gradient_sensitivity(model: Model, variables: Mapping[str, Any], images: Any
     fn = jax.jit(per_draw)
     totals = {s: 0.0 for s in sites}
     for k in range(int(n_draws)):
-        out = fn(jax.random.fold_in(base, k))
+        out = fn(jax.random.fold_in(base, k), x, y)
         for s in sites:
             totals[s] += float(out[s]) / n_draws
     return totals

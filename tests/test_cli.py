@@ -125,3 +125,35 @@ def test_negative_eta_rejected(tmp_path, capsys):
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "jaxnoise", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout and "sweep" in out.stdout
+
+
+def test_denoise_search_train_resume_and_eval(tmp_path, capsys):
+    """`jaxnoise denoise`: placement search, frozen-backbone training, resume; `eval` rebuilds the denoised model."""
+    base = tmp_path / "cnn"
+    assert cli.main(["train", "--model", "cnn", "--dataset", "digits", "--epochs", "2", "--lr", "0.05",
+                     "--workdir", str(base)]) == 0
+    workdir = tmp_path / "den"
+    args = ["denoise", "--checkpoint", str(base), "--act-eta-train", "0.5", "--search-budget", "0.1",
+            "--search-steps", "5", "--search-holdout", "300", "--search-chips", "2", "--max-steps", "20",
+            "--train-batch-size", "64", "--n-chips", "2", "--workdir", str(workdir)]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "searched placement" in text and "denoised" in text
+    meta = json.loads((workdir / "checkpoints" / "metadata.json").read_text())
+    assert meta["model"] == "cnn+denoise" and meta["overhead"]["param_overhead"] <= 0.1
+    assert cli.main(args) == 0  # resumes the finished run
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--act-eta", "0.5", "--n-chips", "2",
+                     "--out", str(tmp_path / "eval")]) == 0
+    _check_results(tmp_path / "eval" / "results.json")
+
+
+def test_denoise_needs_a_placement(tmp_path, capsys):
+    args = cli.build_parser().parse_args(["denoise", "--checkpoint", str(_tiny_mlp(tmp_path))])
+    with pytest.raises(SystemExit, match="--placement"):
+        cli.cmd_denoise(args)
+
+
+def _tiny_mlp(tmp_path):
+    workdir = tmp_path / "mlp"
+    assert cli.main(["train", "--model", "mlp", "--dataset", "digits", "--epochs", "1", "--workdir", str(workdir)]) == 0
+    return workdir

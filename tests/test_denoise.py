@@ -39,8 +39,8 @@ def _randomize_blocks(dmodel, dvars, key):
     return {**dvars, "params": traverse_util.unflatten_dict(flat, sep="/")}
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp", "resnet20"])
-@pytest.mark.parametrize("kind", ["residual", "probabilistic"])
+@pytest.mark.parametrize("name,kind", [("cnn", "residual"), ("cnn", "probabilistic"), ("mlp", "residual"),
+                                       ("mlp", "probabilistic"), ("resnet20", "residual")])
 def test_fresh_blocks_are_bitwise_identity(name, kind):
     model = get_model(name, **({"input_shape": (8, 8, 1)} if name != "resnet20" else {}))
     variables = model.init(jax.random.key(0))
