@@ -325,34 +325,19 @@ def train_candidates(dmodel: denoise.DenoisedModel, variables: Mapping[str, Any]
         block_params = jax.tree.map(lambda a: jnp.broadcast_to(a, (v,) + a.shape), fresh)
     batch_stats = variables.get("batch_stats", {}) or {}
     hparams = methods_hparams(loss_fn, hparams)
-    schedule = optax.cosine_decay_schedule(float(learning_rate), int(steps))
-    optimizer = optax.sgd(schedule, momentum=float(momentum) or None)
-    opt_state = jax.vmap(optimizer.init)(block_params)
+    step = _candidate_step(dmodel, loss_fn, dataset, float(momentum))
+    opt_state = jax.vmap(optax.trace(decay=float(momentum)).init)(block_params)
     split = dataset.train if split is None else split
-
-    def one(blocks, opt, gates, x, labels, loss_key):
-        def loss_of(blocks):
-            params = {**backbone_params, denoise.DENOISE_KEY: blocks}
-            params = denoise.with_placement(dmodel, {"params": params}, gates)["params"]
-            loss, _ = loss_fn(params, batch_stats, x, labels, loss_key, hparams)
-            return loss
-        loss, grads = jax.value_and_grad(loss_of)(blocks)
-        updates, opt = optimizer.update(grads, opt, blocks)
-        return optax.apply_updates(blocks, updates), opt, loss
-
-    @jax.jit
-    def step(blocks, opt, images, labels, s):
-        aug_key, loss_key = train_lib.step_keys(noise_lib.name_key(key, "step"), s)
-        x = dataset.preprocess(dataset.augment(aug_key, images))
-        return jax.vmap(one, in_axes=(0, 0, 0, None, None, None))(blocks, opt, placements, x, labels, loss_key)
-
+    step_key = noise_lib.name_key(key, "step")
+    lr, total = jnp.float32(learning_rate), jnp.float32(steps)
     data_key = noise_lib.name_key(key, "data")
     losses = []
     s, epoch = 0, 0
     while s < steps:
         for images, labels in data_lib.epoch_batches(data_key, split, batch_size, epoch):
-            block_params, opt_state, loss = step(block_params, opt_state, jnp.asarray(images),
-                                                 jnp.asarray(labels), jnp.int32(s))
+            block_params, opt_state, loss = step(block_params, opt_state, backbone_params, batch_stats, placements,
+                                                 jnp.asarray(images), jnp.asarray(labels), step_key, jnp.int32(s),
+                                                 lr, total, hparams)
             losses.append(loss)
             s += 1
             if s >= steps:
@@ -360,6 +345,40 @@ def train_candidates(dmodel: denoise.DenoisedModel, variables: Mapping[str, Any]
         epoch += 1
     tail = np.mean(np.stack([np.asarray(l) for l in losses[-min(10, steps):]]), axis=0)
     return block_params, tail
+
+
+_STEPS: dict[tuple, tuple] = {}
+
+
+def _candidate_step(dmodel, loss_fn, dataset, momentum: float):
+    """The jitted vmapped step of :func:`train_candidates`, cached per (model, loss, dataset, momentum): settings
+    that change between calls (placements, learning rate, steps, keys, hyperparameters) are arguments."""
+    cache_key = (id(dmodel), id(loss_fn), id(dataset), momentum)
+    entry = _STEPS.get(cache_key)
+    if entry is not None and entry[0] is dmodel and entry[1] is loss_fn and entry[2] is dataset:
+        return entry[3]
+    tracer = optax.trace(decay=momentum)
+
+    def one(blocks, opt, gates, backbone_params, batch_stats, x, labels, loss_key, lr_s, hparams):
+        def loss_of(blocks):
+            params = {**backbone_params, denoise.DENOISE_KEY: blocks}
+            params = denoise.with_placement(dmodel, {"params": params}, gates)["params"]
+            loss, _ = loss_fn(params, batch_stats, x, labels, loss_key, hparams)
+            return loss
+        loss, grads = jax.value_and_grad(loss_of)(blocks)
+        velocity, opt = tracer.update(grads, opt)  # PyTorch-style momentum: v = m v + g; p -= lr v
+        return jax.tree.map(lambda p, u: p - lr_s * u, blocks, velocity), opt, loss
+
+    @jax.jit
+    def step(blocks, opt, backbone_params, batch_stats, placements, images, labels, step_key, s, lr, total, hparams):
+        aug_key, loss_key = train_lib.step_keys(step_key, s)
+        x = dataset.preprocess(dataset.augment(aug_key, images))
+        lr_s = lr * 0.5 * (1 + jnp.cos(jnp.pi * s / total))  # cosine decay to 0 over the run
+        return jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None, None, None, None))(
+            blocks, opt, placements, backbone_params, batch_stats, x, labels, loss_key, lr_s, hparams)
+
+    _STEPS[cache_key] = (dmodel, loss_fn, dataset, step)
+    return step
 
 
 def methods_hparams(loss_fn: Callable, hparams: Mapping[str, float] | None) -> dict[str, jax.Array]:

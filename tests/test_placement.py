@@ -83,6 +83,12 @@ def test_train_candidates_vmapped_equals_one_by_one(digits, setup):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a)[k], np.asarray(b)[0], rtol=2e-4,
                                                              atol=2e-5), together, alone)
         np.testing.assert_allclose(losses[k], loss_k[0], rtol=1e-4)
+    # one compiled step per number of candidates, whatever the placements, learning rate or steps
+    step = placement._candidate_step(dmodel, loss_fn, digits, 0.9)
+    size = step._cache_size()
+    placement.train_candidates(dmodel, dvars, placements[::-1].copy(), digits, loss_fn,
+                               **{**kw, "learning_rate": 0.01, "steps": 2})
+    assert step._cache_size() == size
     # blocks whose gate is 0 get no gradient: unchanged
     fresh = denoise.split_params(dvars["params"])[1]
     np.testing.assert_array_equal(np.asarray(together["block3"]["up"]["w"][0]), np.asarray(fresh["block3"]["up"]["w"]))
