@@ -23,7 +23,8 @@ Stages (``--stages``, default all, in this order):
   ``searched``, ``every_block`` (a block after every residual block, bottleneck narrowed until it fits the
   budget), ``random`` (random sites filling the budget) and ``most_sensitive`` (the single most sensitive site).
 * ``eval``: full test split; ``--n-chips`` chips for the plain model and the searched blocks at the target level,
-  ``--n-chips-side`` for the baselines and the side levels. Chip ``i`` has the same key in every arm.
+  ``--n-chips-side`` for the baselines and ``--n-chips-levels`` at the side levels. Chip ``i`` has the same key
+  in every arm.
 * ``report``: ``results.json`` (shared format), ``results.md``, ``pareto.png`` and the engine cost table.
 """
 
@@ -69,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--feature-weight", type=float, default=0.0)
     p.add_argument("--n-chips", type=int, default=32)
-    p.add_argument("--n-chips-side", type=int, default=8)
+    p.add_argument("--n-chips-side", type=int, default=8, help="chips of the baselines at the target level")
+    p.add_argument("--n-chips-levels", type=int, default=8, help="chips at the milder and harsher levels")
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -228,8 +230,8 @@ def eval_plan(s: Setup, level):
         plan.append((name, target, s.args.n_chips_side))
     for eta in level["levels"]:
         if eta != target:
-            plan.append(("plain", eta, s.args.n_chips_side))
-            plan.append(("searched", eta, s.args.n_chips_side))
+            plan.append(("plain", eta, s.args.n_chips_levels))
+            plan.append(("searched", eta, s.args.n_chips_levels))
     return plan
 
 
