@@ -142,7 +142,10 @@ def calibrate(model, variables, dataset: data.Dataset, statistic: str) -> dict[s
 def build_spec(args, model, variables, dataset, *, weight: bool, act: bool) -> noise.NoiseSpec:
     ref = None
     if act and args.act_noise == "additive":
-        ref = calibrate(model, variables, dataset, args.act_statistic)
+        # The noise is the hardware's: a denoised model is calibrated on its backbone (the blocks change the
+        # activations downstream of them, not the noise level).
+        backbone = model.backbone if isinstance(model, denoise.DenoisedModel) else model
+        ref = calibrate(backbone, variables, dataset, args.act_statistic)
     return noise.NoiseSpec(weight_kind=args.weight_noise if weight else None,
                            act_kind=args.act_noise if act else None, act_ref=ref)
 
