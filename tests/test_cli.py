@@ -127,21 +127,21 @@ def test_module_entry_point_help():
     assert out.returncode == 0 and "demo" in out.stdout and "sweep" in out.stdout
 
 
-def test_denoise_search_train_resume_and_eval(tmp_path, capsys):
-    """`jaxnoise denoise`: placement search, frozen-backbone training, resume; `eval` rebuilds the denoised model."""
+def test_denoise_train_and_eval_checkpoint(tmp_path, capsys):
+    """`jaxnoise denoise` trains blocks at the given sites (search: tests/test_placement.py; resume: test_denoise); `eval`
+    rebuilds the denoised model from its checkpoint."""
     base = tmp_path / "cnn"
     assert cli.main(["train", "--model", "cnn", "--dataset", "digits", "--epochs", "2", "--lr", "0.05",
                      "--workdir", str(base)]) == 0
     workdir = tmp_path / "den"
-    args = ["denoise", "--checkpoint", str(base), "--act-eta-train", "0.5", "--search-budget", "0.1",
-            "--search-steps", "5", "--search-holdout", "300", "--search-chips", "2", "--max-steps", "20",
-            "--train-batch-size", "64", "--n-chips", "2", "--workdir", str(workdir)]
+    args = ["denoise", "--checkpoint", str(base), "--act-eta-train", "0.5", "--placement", "block1,block2",
+            "--max-steps", "10", "--train-batch-size", "64", "--n-chips", "2", "--workdir", str(workdir)]
     assert cli.main(args) == 0
     text = capsys.readouterr().out
-    assert "searched placement" in text and "denoised" in text
+    assert "['block1', 'block2']" in text and "denoised" in text
     meta = json.loads((workdir / "checkpoints" / "metadata.json").read_text())
-    assert meta["model"] == "cnn+denoise" and meta["overhead"]["param_overhead"] <= 0.1
-    assert cli.main(args) == 0  # resumes the finished run
+    assert meta["model"] == "cnn+denoise" and meta["placement"] == {"block1": 1.0, "block2": 1.0, "block3": 0.0,
+                                                                    "pre_logits": 0.0}
     assert cli.main(["eval", "--checkpoint", str(workdir), "--act-eta", "0.5", "--n-chips", "2",
                      "--out", str(tmp_path / "eval")]) == 0
     _check_results(tmp_path / "eval" / "results.json")
