@@ -102,7 +102,8 @@ def main(argv=None):
     t_apart = _time(lambda: [jax.block_until_ready(
         placement.train_candidates(dmodel, dvars, cands[k:k + 1], dataset, loss_fn, **tkw)[0]) for k in range(v)],
         args.repeats)
-    print(f"train {v} candidates x {args.train_steps} steps (batch {args.train_batch_size}): vmapped {t_together:.2f} s, "
+    print(f"train {v} candidates x {args.train_steps} steps (batch {args.train_batch_size}): "
+          f"vmapped {t_together:.2f} s, "
           f"one after another {t_apart:.2f} s; ratio sequential / vmapped = {t_apart / t_together:.2f}x")
 
 

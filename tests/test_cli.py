@@ -128,8 +128,9 @@ def test_module_entry_point_help():
 
 
 def test_denoise_train_and_eval_checkpoint(tmp_path, capsys):
-    """`jaxnoise denoise` trains blocks at the given sites (search: tests/test_placement.py; resume: test_denoise); `eval`
-    rebuilds the denoised model from its checkpoint."""
+    """`jaxnoise denoise` trains blocks at the given sites; `eval` rebuilds the denoised model from its checkpoint.
+
+    The search and the resume are tested in tests/test_placement.py and tests/test_denoise.py."""
     base = tmp_path / "cnn"
     assert cli.main(["train", "--model", "cnn", "--dataset", "digits", "--epochs", "2", "--lr", "0.05",
                      "--workdir", str(base)]) == 0

@@ -127,7 +127,8 @@ def test_blocks_are_digital_and_noise_free():
     dmodel = denoise.denoised(model)
     assert dmodel.sites == model.sites  # no activation-noise site inside blocks
     dvars = dmodel.init(jax.random.key(0))
-    assert noise.weight_noise_sites(dvars["params"]) == noise.weight_noise_sites(model.init(jax.random.key(0))["params"])
+    plain = model.init(jax.random.key(0))["params"]
+    assert noise.weight_noise_sites(dvars["params"]) == noise.weight_noise_sites(plain)
 
 
 def test_bad_input_errors():
