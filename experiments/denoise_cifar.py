@@ -253,11 +253,18 @@ def stage_eval(s: Setup, level, arms, trained, workdir):
         _save_json(path, r.to_dict())
         print(f"eval: {name} at eta {eta}: {100 * r.mean:.2f}% [{100 * r.ci95[0]:.2f}, {100 * r.ci95[1]:.2f}] "
               f"({n_chips} chips, {time.time() - t0:.0f} s)", flush=True)
+    clean_eval(s, workdir)
+
+
+def clean_eval(s: Setup, workdir):
+    """The plain model's noise-free test accuracy (cached)."""
     clean_path = os.path.join(workdir, "eval", "plain_clean.json")
     if not os.path.exists(clean_path):
-        r = robustness.evaluate(s.model, s.variables, test.images, test.labels, None,
+        os.makedirs(os.path.dirname(clean_path), exist_ok=True)
+        r = robustness.evaluate(s.model, s.variables, s.dataset.test.images, s.dataset.test.labels, None,
                                 preprocess=s.dataset.preprocess)
         _save_json(clean_path, r.to_dict())
+    return _load_json(clean_path)
 
 
 def stage_report(s: Setup, level, sens, search, arms, workdir, out_dir, command):
@@ -271,7 +278,7 @@ def stage_report(s: Setup, level, sens, search, arms, workdir, out_dir, command)
         path = os.path.join(workdir, "eval", f"{name}_{eta}_{n_chips}.json")
         if os.path.exists(path):
             evals.setdefault(name, []).append(_load_json(path))
-    clean = _load_json(os.path.join(workdir, "eval", "plain_clean.json"))
+    clean = clean_eval(s, workdir)
     backbone_params = s.model.param_count()
     record_arms = [report.arm("plain", s.model, "clean", backbone_params, [clean] + evals.get("plain", []),
                               train={"pretrained": f"{s.args.pretrained_dir}/{s.args.model}_cifar10.npz"})]
