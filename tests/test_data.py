@@ -385,3 +385,13 @@ def test_cifar10_disk_cache_roundtrip(cifar10_dir, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="unreadable cache"):
         again = data._read_split(builder, "cifar10", "test", "label", disk_cache=True)
     np.testing.assert_array_equal(cold.labels, again.labels)
+
+
+def test_holdout_splits_off_the_last_examples():
+    from jaxnoise.data import Split, holdout
+    split = Split(np.arange(10 * 4, dtype=np.uint8).reshape(10, 2, 2, 1), np.arange(10, dtype=np.int32))
+    train_part, held = holdout(split, 3)
+    np.testing.assert_array_equal(train_part.labels, np.arange(7))
+    np.testing.assert_array_equal(held.labels, [7, 8, 9])
+    with pytest.raises(ValueError, match="holdout size"):
+        holdout(split, 10)
