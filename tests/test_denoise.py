@@ -1,6 +1,5 @@
 """Denoising blocks: identity at insertion, placement as data, frozen backbone, counts, training helps."""
 
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -10,24 +9,12 @@ import scipy.stats
 from flax import traverse_util
 
 from jaxnoise import denoise, noise, robustness, train
-from jaxnoise.data import load_dataset
 from jaxnoise.models import get_model
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def trained_cnn(digits):
-    """A CNN trained on digits (clean accuracy ~98%) and its activation reference scales."""
-    model = get_model("cnn", input_shape=digits.image_shape, num_classes=10)
-    with tempfile.TemporaryDirectory() as workdir:
-        variables, _ = train.train(model, digits, train.TrainConfig(epochs=15, batch_size=64, learning_rate=0.05),
-                                   workdir=workdir, progress=False)
-    ref = noise.calibrate_activations(model.apply, variables, digits.preprocess(digits.train.images[:512]))
-    return model, variables, ref
+def trained_cnn(trained_digits_cnn):
+    return trained_digits_cnn
 
 
 def _randomize_blocks(dmodel, dvars, key):

@@ -10,13 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxnoise import methods, noise, robustness, train
-from jaxnoise.data import load_dataset
 from jaxnoise.models import get_model
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture(scope="module")

@@ -1,29 +1,17 @@
 """Placement search: site structure, vmapped evaluation/training equal to sequential, search finds the noisy site."""
 
-import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnoise import denoise, noise, placement, robustness, train
-from jaxnoise.data import load_dataset
+from jaxnoise import denoise, noise, placement, robustness
 from jaxnoise.models import get_model
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def setup(digits):
-    model = get_model("cnn", input_shape=digits.image_shape, num_classes=10)
-    with tempfile.TemporaryDirectory() as workdir:
-        variables, _ = train.train(model, digits, train.TrainConfig(epochs=15, batch_size=64, learning_rate=0.05),
-                                   workdir=workdir, progress=False)
-    ref = noise.calibrate_activations(model.apply, variables, digits.preprocess(digits.train.images[:512]))
+def setup(trained_digits_cnn):
+    model, variables, ref = trained_digits_cnn
     dmodel = denoise.denoised(model)
     dvars = denoise.init_variables(dmodel, variables, jax.random.key(0))
     return model, variables, ref, dmodel, dvars
