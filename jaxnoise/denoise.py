@@ -40,7 +40,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,11 +48,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxnoise import engine
 from jaxnoise import methods
 from jaxnoise import noise as noise_lib
 from jaxnoise import train as train_lib
 from jaxnoise.models.base import Model
-from jaxnoise.models.layers import Scope
+from jaxnoise.models.layers import Scope, he_normal, ones, zeros
 
 KINDS = ("residual", "probabilistic")
 DENOISE_KEY = "denoise"  # the params subtree of the blocks
@@ -95,30 +95,15 @@ class DenoiserConfig:
 # The blocks
 
 
-def _he(key, shape):
-    fan_in = int(np.prod(shape[:-1]))
-    return jax.random.normal(key, shape, jnp.float32) * np.sqrt(2.0 / fan_in)
-
-
-def _zeros(key, shape):
-    del key
-    return jnp.zeros(shape, jnp.float32)
-
-
-def _ones(key, shape):
-    del key
-    return jnp.ones(shape, jnp.float32)
-
-
-def _dense(s: Scope, name: str, x, features: int, init=_he):
+def _dense(s: Scope, name: str, x, features: int, init=he_normal):
     w = s.child(name).param("w", (x.shape[-1], features), init)
-    b = s.child(name).param("b", (features,), _zeros)
+    b = s.child(name).param("b", (features,), zeros)
     return x @ w + b
 
 
 def _conv3x3(s: Scope, name: str, x, features: int):
-    w = s.child(name).param("w", (3, 3, x.shape[-1], features), _he)
-    b = s.child(name).param("b", (features,), _zeros)
+    w = s.child(name).param("w", (3, 3, x.shape[-1], features), he_normal)
+    b = s.child(name).param("b", (features,), zeros)
     y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + b
 
@@ -145,12 +130,12 @@ def block_delta(s: Scope, h: jax.Array, config: DenoiserConfig) -> tuple[jax.Arr
     """
     c = h.shape[-1]
     u = _trunk(s, h, config.width(c))
-    r = _dense(s, "up", u, c, init=_zeros)
+    r = _dense(s, "up", u, c, init=zeros)
     if config.kind == "residual":
         return r, {}
     pooled = jnp.mean(u, axis=(1, 2)) if h.ndim == 4 else u
-    mean = _dense(s, "noise_mean", pooled, c, init=_zeros)
-    log_var = _dense(s, "noise_log_var", pooled, c, init=_zeros)
+    mean = _dense(s, "noise_mean", pooled, c, init=zeros)
+    log_var = _dense(s, "noise_log_var", pooled, c, init=zeros)
     if h.ndim == 4:
         var_signal = jnp.var(h, axis=(1, 2))[:, None, None, :]
         m, v = mean[:, None, None, :], log_var[:, None, None, :]
@@ -229,7 +214,7 @@ def denoised(model: Model, sites: Sequence[str] | None = None,
         def tap(root: Scope, name: str, h):
             if name in site_set:
                 s = _block_scope(root, name)
-                gate = s.param(GATE, (), _ones)
+                gate = s.param(GATE, (), ones)
                 delta, extra = block_delta(s, h, config)
                 if extra:
                     aux[name] = {"input": h, **extra}
@@ -344,9 +329,8 @@ def feature_shapes(model: Model) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape[1:]) for k, v in feats.items() if not isinstance(v, dict)}
 
 
-def block_shapes(dmodel: DenoisedModel, sites: Sequence[str] | None = None) -> list[Any]:
+def block_shapes(dmodel: DenoisedModel, sites: Sequence[str] | None = None) -> list[engine.BlockShape]:
     """The :class:`jaxnoise.engine.BlockShape` of the block at each site (default: every candidate)."""
-    from jaxnoise import engine  # noqa: PLC0415  (the hardware model is only needed here)
     shapes = feature_shapes(dmodel.backbone)
     out = []
     for site in (dmodel.candidate_sites if sites is None else sites):
@@ -385,9 +369,8 @@ def site_costs(dmodel: DenoisedModel) -> dict[str, dict[str, int]]:
     return out
 
 
-def analog_layers(model: Model) -> list[Any]:
+def analog_layers(model: Model) -> list[engine.AnalogLayer]:
     """The backbone's analog MVM layers (every activation site) as :class:`jaxnoise.engine.AnalogLayer`."""
-    from jaxnoise import engine  # noqa: PLC0415
     variables = jax.eval_shape(model.init, jax.random.key(0))
     x = jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32)
     _, feats = jax.eval_shape(lambda v, x: model.apply(v, x, capture_mvm=True), variables, x)
@@ -403,11 +386,7 @@ def analog_layers(model: Model) -> list[Any]:
 
 def backbone_mvm_macs(model: Model) -> int:
     """MACs per image of the model's analog MVMs (every conv/dense kernel at every output position)."""
-    variables = jax.eval_shape(model.init, jax.random.key(0))
-    x = jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32)
-    _, feats = jax.eval_shape(lambda v, x: model.apply(v, x, capture_mvm=True), variables, x)
-    flat = traverse_util.flatten_dict(variables["params"], sep="/")
-    return int(sum(np.prod(flat[f"{site}/kernel"].shape) * np.prod(y.shape[1:-1]) for site, y in feats["mvm"].items()))
+    return int(sum(layer.rows * layer.cols * layer.mvms_per_image for layer in analog_layers(model)))
 
 
 def overhead(dmodel: DenoisedModel, placement: Any) -> dict[str, float]:

@@ -159,6 +159,13 @@ def check_hparams(hparams: Mapping[str, Any], expected: Sequence[str]) -> dict[s
 # Losses
 
 
+def resolve_hparams(loss_fn: Any, hparams: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
+    """A loss's hyperparameters as float32 scalar arrays: ``hparams`` (default ``loss_fn.hparams``), checked
+    against the names ``loss_fn.hparams`` declares (:func:`check_hparams`)."""
+    values = dict(getattr(loss_fn, "hparams", {}) if hparams is None else hparams)
+    return check_hparams(values, tuple(getattr(loss_fn, "hparams", values)))
+
+
 def clean(model: Any) -> LossFn:
     """Noise-free cross-entropy, BatchNorm in training mode.
 

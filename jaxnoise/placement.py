@@ -151,17 +151,34 @@ def evaluate_variants(model: Model, variables: Mapping[str, Any], images: Any, l
     return np.asarray(correct, np.float64).T / n
 
 
-def _gates_variant(dmodel: denoise.DenoisedModel):
-    # One function object per model, so evaluate_variants reuses its compiled program.
-    fn = getattr(dmodel, "_jaxnoise_gates_variant", None)
-    if fn is None:
+_VARIANT_FNS: dict[tuple[str, int], tuple[Model, Callable]] = {}
+
+
+def _variant_fn(kind: str, model: Model) -> Callable:
+    """The variant map of ``kind`` for ``model``, one function object per (kind, model) so that
+    :func:`evaluate_variants` reuses its compiled program (cached by identity, like ``_Program``).
+
+    ``"gates"``: variant data ``(placement, block_params)`` of a denoised model; ``"noise_mask"``: a row of
+    activation-noise multipliers over ``model.sites``.
+    """
+    entry = _VARIANT_FNS.get((kind, id(model)))
+    if entry is not None and entry[0] is model:
+        return entry[1]
+    if kind == "gates":
         def fn(variables, spec, d):
             placement, block_params = d
             params = dict(variables["params"])
             if block_params is not None:
                 params[denoise.DENOISE_KEY] = block_params
-            return denoise.with_placement(dmodel, {**variables, "params": params}, placement), spec
-        object.__setattr__(dmodel, "_jaxnoise_gates_variant", fn)
+            return denoise.with_placement(model, {**variables, "params": params}, placement), spec
+    else:
+        sites = tuple(model.sites)
+
+        def fn(variables, spec, row):
+            base = dict(spec.act_mask or {})
+            mask = {s: row[i] * base.get(s, 1.0) for i, s in enumerate(sites)}
+            return variables, spec.replace(act_mask=mask)
+    _VARIANT_FNS[(kind, id(model))] = (model, fn)
     return fn
 
 
@@ -181,21 +198,10 @@ def evaluate_placements(dmodel: denoise.DenoisedModel, variables: Mapping[str, A
     placements = denoise.placement_array(dmodel, placements)
     if placements.ndim != 2:
         raise ValueError(f"placements must be (V, {len(dmodel.candidate_sites)}), got {placements.shape}.")
-    return evaluate_variants(dmodel, variables, images, labels, spec, _gates_variant(dmodel),
+    return evaluate_variants(dmodel, variables, images, labels, spec, _variant_fn("gates", dmodel),
                              (placements, block_params), key=key, n_chips=n_chips, batch_size=batch_size,
                              preprocess=preprocess, chip_batch_size=chip_batch_size,
                              variant_batch_size=variant_batch_size)
-
-
-def _mask_variant(sites: tuple[str, ...]):
-    def fn(variables, spec, row):
-        base = dict(spec.act_mask or {})
-        mask = {s: row[i] * base.get(s, 1.0) for i, s in enumerate(sites)}
-        return variables, spec.replace(act_mask=mask)
-    return fn
-
-
-_MASK_FNS: dict[tuple[int, tuple[str, ...]], Callable] = {}
 
 
 def removal_sensitivity(model: Model, variables: Mapping[str, Any], images: Any, labels: Any,
@@ -229,10 +235,7 @@ def removal_sensitivity(model: Model, variables: Mapping[str, Any], images: Any,
     for j, s in enumerate(sites):
         for ns in groups[s]:
             rows[1 + j, noise_sites.index(ns)] = 0.0
-    fn_key = (id(model), noise_sites)
-    if fn_key not in _MASK_FNS:
-        _MASK_FNS[fn_key] = _mask_variant(noise_sites)
-    acc = evaluate_variants(model, variables, images, labels, spec, _MASK_FNS[fn_key], rows, key=key,
+    acc = evaluate_variants(model, variables, images, labels, spec, _variant_fn("noise_mask", model), rows, key=key,
                             n_chips=n_chips, batch_size=batch_size, preprocess=preprocess,
                             chip_batch_size=chip_batch_size, variant_batch_size=variant_batch_size)
     out = {"noisy": robustness.summarize(acc[0]), "noisy_per_chip": acc[0].tolist(), "sites": {}}
@@ -324,7 +327,7 @@ def train_candidates(dmodel: denoise.DenoisedModel, variables: Mapping[str, Any]
     if block_params is None:
         block_params = jax.tree.map(lambda a: jnp.broadcast_to(a, (v,) + a.shape), fresh)
     batch_stats = variables.get("batch_stats", {}) or {}
-    hparams = methods_hparams(loss_fn, hparams)
+    hparams = methods.resolve_hparams(loss_fn, hparams)
     step = _candidate_step(dmodel, loss_fn, dataset, float(momentum))
     opt_state = jax.vmap(optax.trace(decay=float(momentum)).init)(block_params)
     split = dataset.train if split is None else split
@@ -379,12 +382,6 @@ def _candidate_step(dmodel, loss_fn, dataset, momentum: float):
 
     _STEPS[cache_key] = (dmodel, loss_fn, dataset, step)
     return step
-
-
-def methods_hparams(loss_fn: Callable, hparams: Mapping[str, float] | None) -> dict[str, jax.Array]:
-    """The loss's hyperparameters as float32 arrays (defaults from ``loss_fn.hparams``)."""
-    values = dict(getattr(loss_fn, "hparams", {}) if hparams is None else hparams)
-    return methods.check_hparams(values, tuple(getattr(loss_fn, "hparams", values)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -571,8 +571,7 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
         raise ValueError(f"dataset {dataset.name} has images of shape {image_shape} but model {model.name} expects "
                          f"{tuple(model.input_shape)}: build the model with input_shape={image_shape}.")
     loss_fn = clean_loss(model) if loss_fn is None else loss_fn
-    hparams = dict(getattr(loss_fn, "hparams", {}) if hparams is None else hparams)
-    hparams_array = methods.check_hparams(hparams, tuple(getattr(loss_fn, "hparams", hparams)))
+    hparams_array = methods.resolve_hparams(loss_fn, hparams)
 
     steps_per_epoch = num_train // config.batch_size
     total_steps = config.epochs * steps_per_epoch

@@ -104,6 +104,22 @@ def test_counts_match_hand_count():
     assert over["mac_overhead"] == pytest.approx(over["macs"] / denoise.backbone_mvm_macs(model))
 
 
+@pytest.mark.parametrize("kind", ["residual", "probabilistic"])
+def test_engine_shapes_agree_with_the_counted_blocks(kind):
+    """block_shapes / analog_layers feed jaxnoise.engine; its counts equal the ones taken from the real leaves."""
+    from jaxnoise import engine
+    model = get_model("resnet20")
+    dmodel = denoise.denoised(model, config=denoise.DenoiserConfig(kind=kind))
+    costs = denoise.site_costs(dmodel)
+    for shape in denoise.block_shapes(dmodel):
+        cost = engine.block_cost(shape)
+        assert (cost["params"], cost["macs"]) == (costs[shape.site]["params"], costs[shape.site]["macs"]), shape
+    layers = denoise.analog_layers(model)
+    assert [layer.name for layer in layers] == list(model.sites)
+    assert layers[0] == engine.AnalogLayer("conv1", rows=27, cols=16, mvms_per_image=32 * 32)
+    assert engine.backbone_cost(layers)["macs"] == denoise.backbone_mvm_macs(model)
+
+
 def test_backbone_mvm_macs_hand_count():
     model = get_model("mlp", input_shape=(8, 8, 1), hidden=(128, 64))
     assert denoise.backbone_mvm_macs(model) == 64 * 128 + 128 * 64 + 64 * 10

@@ -112,6 +112,8 @@ def test_baselines_respect_the_budget(setup):
     np.testing.assert_array_equal(g, [0, 1, 0, 0])
     with pytest.raises(ValueError, match="within the budget"):
         placement.most_sensitive_placement(dmodel, {"block2": 1.0}, 1e-5)
+    with pytest.raises(ValueError, match="budget"):
+        placement.search(dmodel, None, None, None, None, None, None, budget=0.0, key=0)
     with pytest.raises(ValueError, match="strategy"):
         placement.search(dmodel, None, None, None, None, None, None, budget=0.1, key=0, strategy="anneal")
 

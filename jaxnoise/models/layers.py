@@ -99,23 +99,23 @@ class Scope:
         """2-D convolution (NHWC), an analog MVM: noise site ``self.name(name)``; bias added digitally after."""
         padding = kernel_size // 2 if padding is None else padding
         cin = x.shape[-1]
-        kernel = self._get("params", name, "kernel", (kernel_size, kernel_size, cin, features), _he_normal)
+        kernel = self._get("params", name, "kernel", (kernel_size, kernel_size, cin, features), he_normal)
         y = jax.lax.conv_general_dilated(
             x, kernel.astype(x.dtype), window_strides=(stride, stride),
             padding=((padding, padding), (padding, padding)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
         y = self.sites(self.name(name), y)
         if bias:
-            y = y + self._get("params", name, "bias", (features,), _zeros).astype(y.dtype)
+            y = y + self._get("params", name, "bias", (features,), zeros).astype(y.dtype)
         return y
 
     def dense(self, name: str, x, features: int, bias: bool = True):
         """Fully connected layer, an analog MVM: noise site ``self.name(name)``; bias added digitally after."""
-        kernel = self._get("params", name, "kernel", (x.shape[-1], features), _lecun_normal)
+        kernel = self._get("params", name, "kernel", (x.shape[-1], features), lecun_normal)
         y = x @ kernel.astype(x.dtype)
         y = self.sites(self.name(name), y)
         if bias:
-            y = y + self._get("params", name, "bias", (features,), _zeros).astype(y.dtype)
+            y = y + self._get("params", name, "bias", (features,), zeros).astype(y.dtype)
         return y
 
     def batch_norm(self, name: str, x, eps: float = 1e-5):
@@ -124,10 +124,10 @@ class Scope:
         Running variance is updated with the unbiased batch variance, as PyTorch does.
         """
         c = x.shape[-1]
-        scale = self._get("params", name, "scale", (c,), _ones)
-        bias = self._get("params", name, "bias", (c,), _zeros)
-        mean_r = self._get("batch_stats", name, "mean", (c,), _zeros)
-        var_r = self._get("batch_stats", name, "var", (c,), _ones)
+        scale = self._get("params", name, "scale", (c,), ones)
+        bias = self._get("params", name, "bias", (c,), zeros)
+        mean_r = self._get("batch_stats", name, "mean", (c,), zeros)
+        var_r = self._get("batch_stats", name, "var", (c,), ones)
         if self.train:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axes)
@@ -149,20 +149,22 @@ def _set_nested(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def _he_normal(key, shape):
+def he_normal(key, shape):
+    """He-normal initialiser: std sqrt(2 / fan_in), fan_in = product of all axes but the last."""
     fan_in = int(np.prod(shape[:-1]))
     return jax.random.normal(key, shape, jnp.float32) * np.sqrt(2.0 / fan_in)
 
 
-def _lecun_normal(key, shape):
+def lecun_normal(key, shape):
+    """LeCun-normal initialiser for (in, out) kernels: std sqrt(1 / in)."""
     return jax.random.normal(key, shape, jnp.float32) * np.sqrt(1.0 / shape[0])
 
 
-def _zeros(key, shape):
+def zeros(key, shape):
     del key
     return jnp.zeros(shape, jnp.float32)
 
 
-def _ones(key, shape):
+def ones(key, shape):
     del key
     return jnp.ones(shape, jnp.float32)
