@@ -31,6 +31,7 @@ Stages (``--stages``, default all, in this order):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -82,10 +83,6 @@ def _load_json(path):
         return json.load(f)
 
 
-def _save_json(path, obj):
-    report.write_json(path, obj)
-
-
 class Setup:
     """Model, data, variables and reference scales shared by the stages."""
 
@@ -128,7 +125,7 @@ def stage_level(s: Setup, path):
     sides = [round(target * float(f), 4) for f in args.side_factors.split(",")]
     out = {"clean_selection": clean, "grid": rows, "target": target, "levels": sorted([target] + sides),
            "protocol": f"plain model, {args.level_chips} chips, last {args.holdout} training images"}
-    _save_json(path, out)
+    report.write_json(path, out)
     return out
 
 
@@ -141,7 +138,7 @@ def stage_sensitivity(s: Setup, level, path):
                                            s.spec(eta), key=noise.name_key(s.key, "gradient"), n_draws=4,
                                            preprocess=s.dataset.preprocess)
     out = {"eta": eta, "removal": rem, "gradient_norm": grads}
-    _save_json(path, out)
+    report.write_json(path, out)
     for site, v in rem["sites"].items():
         print(f"sensitivity: {site}: +{100 * v['gain']:.2f} pts, grad {grads[site]:.4f}", flush=True)
     return out
@@ -165,7 +162,7 @@ def stage_search(s: Setup, level, sens, path):
                               eval_batch_size=args.eval_batch_size, split=s.train_part,
                               log=lambda line: print("search:", line, flush=True))
     out = {**result.to_dict(), "seconds": time.time() - t0}
-    _save_json(path, out)
+    report.write_json(path, out)
     return out
 
 
@@ -215,7 +212,6 @@ def stage_train(s: Setup, level, arms, workdir):
 
 
 def _train_dataset(s: Setup):
-    import dataclasses  # noqa: PLC0415
     # The epoch-end clean evaluation of jaxnoise.train runs on a 1000-image slice of the held-out set.
     return dataclasses.replace(s.dataset, train=s.train_part,
                                test=data.Split(s.selection.images, s.selection.labels))
@@ -250,7 +246,7 @@ def stage_eval(s: Setup, level, arms, trained, workdir):
         r = robustness.evaluate(model, variables, test.images, test.labels, s.spec(eta),
                                 key=noise.name_key(s.key, "eval"), n_chips=n_chips,
                                 batch_size=s.args.eval_batch_size, preprocess=s.dataset.preprocess)
-        _save_json(path, r.to_dict())
+        report.write_json(path, r.to_dict())
         print(f"eval: {name} at eta {eta}: {100 * r.mean:.2f}% [{100 * r.ci95[0]:.2f}, {100 * r.ci95[1]:.2f}] "
               f"({n_chips} chips, {time.time() - t0:.0f} s)", flush=True)
     clean_eval(s, workdir)
@@ -263,7 +259,7 @@ def clean_eval(s: Setup, workdir):
         os.makedirs(os.path.dirname(clean_path), exist_ok=True)
         r = robustness.evaluate(s.model, s.variables, s.dataset.test.images, s.dataset.test.labels, None,
                                 preprocess=s.dataset.preprocess)
-        _save_json(clean_path, r.to_dict())
+        report.write_json(clean_path, r.to_dict())
     return _load_json(clean_path)
 
 
