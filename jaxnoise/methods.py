@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnoise import device as device_lib
 from jaxnoise import noise as noise_lib
 
 METHODS = ("clean", "forward_noise", "consistency")
@@ -126,10 +127,13 @@ def _check_draws(num_draws: Any, draw_batch_size: Any) -> tuple[int, int]:
 
 
 def _train_spec(weight_kind: str | None, act_kind: str | None, act_ref: Mapping[str, Any] | None,
-                weight_paths: Sequence[str] | None) -> noise_lib.NoiseSpec:
-    if weight_kind is None and act_kind is None:
-        raise ValueError("a noise-aware method needs weight_kind or act_kind (or both); for noise-free training "
-                         "use method 'clean'.")
+                weight_paths: Sequence[str] | None, device: Any = None) -> noise_lib.NoiseSpec:
+    if weight_kind is None and act_kind is None and device is None:
+        raise ValueError("a noise-aware method needs weight_kind, act_kind or a device spec; for noise-free "
+                         "training use method 'clean'.")
+    if device is not None and not isinstance(device, device_lib.DeviceSpec):
+        raise ValueError(f"device must be a jaxnoise.device.DeviceSpec (e.g. jaxnoise.device.preset('hwa_standard')"
+                         f".training()), got {type(device).__name__}.")
     kwargs = {} if weight_paths is None else {"weight_paths": tuple(weight_paths)}
     # Validates the kinds (and that additive activation noise gets its reference scales when it is used).
     return noise_lib.NoiseSpec(weight_kind=weight_kind, act_kind=act_kind, act_ref=act_ref, **kwargs)
@@ -226,7 +230,8 @@ def _noise_hparams(spec: noise_lib.NoiseSpec, eta_train: float, act_eta_train: f
 def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None = "additive_rel_max",
                   act_eta_train: float = 0.0, act_kind: str | None = None,
                   act_ref: Mapping[str, Any] | None = None, weight_paths: Sequence[str] | None = None,
-                  num_draws: int = 1, draw_batch_size: int | None = None) -> LossFn:
+                  num_draws: int = 1, draw_batch_size: int | None = None,
+                  device: device_lib.DeviceSpec | None = None) -> LossFn:
     """Forward-noise (noise-injection) training: the cross-entropy of freshly drawn noisy chips.
 
     Every step draws ``num_draws`` chips (weight noise of ``weight_kind`` at ``eta_train``, and optionally
@@ -245,6 +250,10 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
       weight_paths: regexes of the noisy parameters (default: every kernel).
       num_draws: K, the noise draws per step.
       draw_batch_size: draws run at once (one ``vmap``); None: :func:`default_draw_batch_size`.
+      device: hardware-aware training under a device spec (``jaxnoise.device``): every draw programs a fresh chip
+        (PCM programming noise and/or a weight modifier) and runs every analog MVM with its I/O non-idealities
+        (DAC/ADC straight-through, output noise). aihwkit trains with ``preset(...).training()`` (PCM off).
+        Composes with ``weight_kind``/``act_kind``; both may be None when a device is given.
 
     Returns:
       ``loss_fn(params, batch_stats, images, labels, key, hparams)``; its logits are those of draw 0, its
@@ -254,7 +263,7 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
       >>> loss_fn = forward_noise(model, eta_train=0.1, num_draws=4)
       >>> loss, aux = loss_fn(params, stats, x, y, key, {"eta_train": jnp.float32(0.2)})   # no recompilation
     """
-    spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths)
+    spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths, device)
     num_draws, draw_batch_size = _check_draws(num_draws, draw_batch_size)
     defaults = _noise_hparams(spec, eta_train, act_eta_train)
 
@@ -263,7 +272,8 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
         variables = {"params": params, "batch_stats": batch_stats}
 
         def per_draw(draw_key):
-            logits, features = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True)
+            logits, features = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
+                                           device=device)
             return cross_entropy(logits, labels), logits, features["batch_stats"]
 
         ce, logits, stats = _draws(per_draw, key, num_draws, draw_batch_size)
@@ -273,7 +283,8 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
     loss_fn.name = "forward_noise"
     loss_fn.config = {"noise": {"weight_kind": weight_kind, "act_kind": act_kind,
                                 "weight_paths": list(spec.weight_paths)},
-                      "num_draws": num_draws, "draw_batch_size": draw_batch_size}
+                      "num_draws": num_draws, "draw_batch_size": draw_batch_size,
+                      "device": None if device is None else device.describe()}
     loss_fn.hparams = defaults
     return loss_fn
 
@@ -283,7 +294,8 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
                 weight_kind: str | None = "additive_rel_max", act_eta_train: float = 0.0,
                 act_kind: str | None = None, act_ref: Mapping[str, Any] | None = None,
                 weight_paths: Sequence[str] | None = None, num_draws: int = 1, draw_batch_size: int | None = None,
-                teacher: Mapping[str, Any] | None = None, teacher_model: Any = None) -> LossFn:
+                teacher: Mapping[str, Any] | None = None, teacher_model: Any = None,
+                device: device_lib.DeviceSpec | None = None) -> LossFn:
     """Consistency regularisation (Hou et al. 2024): noisy cross-entropy plus a pull toward clean features.
 
     ``loss = mean over K draws of [CE(noisy logits, y) + lambda * sum_s w_s * d(f_s(noisy), stop_gradient(f_s(clean)))]``
@@ -307,6 +319,8 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
         :func:`forward_noise`.
       teacher: frozen ``{"params", "batch_stats"}`` giving the clean features; None uses the trained weights.
       teacher_model: the teacher's architecture when it differs from ``model`` (it must have the same sites).
+      device: train the noisy network under a device spec, as in :func:`forward_noise`; the clean target is the
+        exact network.
 
     Returns:
       ``loss_fn(params, batch_stats, images, labels, key, hparams)`` with metrics ``{"ce", "consistency"}``
@@ -315,7 +329,7 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
     References:
       Hou et al., Machine Learning: Science and Technology 5, 035065 (2024).
     """
-    spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths)
+    spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths, device)
     num_draws, draw_batch_size = _check_draws(num_draws, draw_batch_size)
     if distance not in DISTANCES:
         raise ValueError(f"unknown consistency distance {distance!r}; choose one of {sorted(DISTANCES)}.")
@@ -357,7 +371,8 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
         targets = jax.lax.stop_gradient(pick(clean_logits, clean_features))
 
         def per_draw(draw_key):
-            logits, features = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True)
+            logits, features = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
+                                           device=device)
             noisy = pick(logits, features)
             reg = sum(weights[s] * feature_distance(noisy[s], targets[s], distance) for s in sites)
             return cross_entropy(logits, labels), reg, logits, features["batch_stats"]
@@ -372,7 +387,8 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
                                 "weight_paths": list(spec.weight_paths)},
                       "num_draws": num_draws, "draw_batch_size": draw_batch_size, "sites": list(sites),
                       "site_weights": weights, "distance": distance,
-                      "target": "teacher" if teacher is not None else "same weights, noise off"}
+                      "target": "teacher" if teacher is not None else "same weights, noise off",
+                      "device": None if device is None else device.describe()}
     loss_fn.hparams = defaults
     return loss_fn
 

@@ -291,13 +291,36 @@ class SiteContext:
       capture: keep the clean site outputs in ``ctx.captured``.
     """
 
-    def __init__(self, key: jax.Array | None = None, spec: NoiseSpec | None = None, capture: bool = False):
+    def __init__(self, key: jax.Array | None = None, spec: NoiseSpec | None = None, capture: bool = False,
+                 analog: Any = None):
         active = key is not None and spec is not None and spec.act_kind is not None
         self.spec = spec
         self.key = activation_key(key) if active else None
         self.capture = capture
         self.captured: dict[str, jax.Array] = {}
+        self.captured_inputs: dict[str, jax.Array] = {}
         self.sites: list[str] = []
+        self.analog = analog  # a jaxnoise.device.AnalogContext, or None: every MVM exact
+
+    def mvm(self, name: str, x: jax.Array, kernel: jax.Array, exact: Callable[[jax.Array, jax.Array], jax.Array],
+            geometry: Mapping[str, int] | None = None) -> jax.Array:
+        """The output of the analog MVM ``name``: ``exact(x, kernel)``, or the device's analog MVM when ``name`` is an
+        analog layer of ``self.analog``; then the activation-noise site ``name`` (:meth:`__call__`).
+
+        Args:
+          name: the layer (site) name.
+          x: the layer input.
+          kernel: the layer's (possibly noisy) kernel.
+          exact: the exact linear map ``exact(x, kernel)``.
+          geometry: ``{"stride", "padding"}`` for a convolution, None for a dense layer.
+        """
+        if self.capture:
+            self.captured_inputs[name] = x
+        if self.analog is not None and self.analog.handles(name):
+            y = self.analog.mvm(name, x, kernel, geometry)
+        else:
+            y = exact(x, kernel)
+        return self(name, y)
 
     def __call__(self, name: str, y: jax.Array) -> jax.Array:
         if name in self.sites:

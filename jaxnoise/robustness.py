@@ -43,10 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from jaxnoise import device as device_lib
 from jaxnoise import noise as noise_lib
 from jaxnoise.models.base import Model, Variables
 
-__all__ = ["MCResult", "batch_data", "chip_keys", "evaluate", "make_chip_eval", "spec_as_arrays", "summarize", "sweep",
+__all__ = ["MCResult", "batch_data", "chip_keys", "evaluate", "evaluate_device", "make_chip_eval", "spec_as_arrays", "summarize", "sweep",
            "trace_count"]
 
 _TRACE_COUNT = 0  # traces of the jitted evaluation programs (see trace_count)
@@ -99,6 +100,8 @@ def make_chip_eval(model: Model, *, batch_size: int,
     * ``valid_b``: (n_batches, batch_size) bool, False on the padding of the last batch,
     * ``spec``: a :class:`~jaxnoise.noise.NoiseSpec`, or None for exact computation,
     * ``chip_key``: the chip's key (``fold_in(K, i)``), or None for exact computation,
+    * ``device`` (optional): a programmed and read chip (``jaxnoise.device.ChipRead``); pass ``k`` then draws its
+      I/O noise from ``fold_in(chip_key, b)`` too,
 
     draws the chip's weights once, scans the batches with fresh activation noise per batch
     (key ``fold_in(chip_key, b)``) and returns the int32 number of correct valid predictions. It has no Python
@@ -123,7 +126,7 @@ def make_chip_eval(model: Model, *, batch_size: int,
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
 
     def chip_correct(variables: Variables, images_b, labels_b, valid_b, spec: noise_lib.NoiseSpec | None,
-                     chip_key: jax.Array | None) -> jax.Array:
+                     chip_key: jax.Array | None, device: device_lib.ChipRead | None = None) -> jax.Array:
         if images_b.shape[1] != batch_size:
             raise ValueError(f"images_b has batches of {images_b.shape[1]} images, make_chip_eval was built for "
                              f"batch_size={batch_size}: pre-batch the data as (n_batches, batch_size, ...).")
@@ -135,13 +138,14 @@ def make_chip_eval(model: Model, *, batch_size: int,
             act_spec = spec.activation_only() if spec.has_activation_noise else None
         else:
             act_spec = None
+        per_pass = chip_key is not None and (act_spec is not None or device is not None)
 
         def body(total, xs):
             b, x, y, valid = xs
             if preprocess is not None:
                 x = preprocess(x)
-            key = jax.random.fold_in(chip_key, b) if act_spec is not None else None
-            logits, _ = model.apply(variables, x, key=key, noise=act_spec)
+            key = jax.random.fold_in(chip_key, b) if per_pass else None
+            logits, _ = model.apply(variables, x, key=key, noise=act_spec, device=device)
             hit = (jnp.argmax(logits, axis=-1) == y) & valid
             return total + jnp.sum(hit, dtype=jnp.int32), None
 
@@ -241,9 +245,11 @@ class MCResult:
 
     def to_dict(self) -> dict[str, Any]:
         """One ``eval`` entry of the shared result format (``../shared/RESULTS.md``), JSON-ready."""
+        extra = {k: v for k, v in self.noise.items() if k not in ("weight_noise", "activation_noise")}
         return {
             "weight_noise": self.noise.get("weight_noise"),
             "activation_noise": self.noise.get("activation_noise"),
+            **extra,
             "n_chips": self.n_chips,
             "n_images": self.n_images,
             "per_chip": [float(x) for x in self.per_chip],
@@ -549,4 +555,111 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
             exact = exact.replace(act_eta=ae)
         per_chip = _run_mc(data, variables, exact, keys, chip_batch_size)
         results.append(MCResult.from_per_chip(per_chip, data.n_images, exact.describe()))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device time sweeps
+
+
+@functools.partial(jax.jit, static_argnames=("static", "chip_batch_size"))
+def _device_program(static: _Static, variables, images_b, labels_b, valid_b, spec, device, keys, times, *,
+                    chip_batch_size: int):
+    """Number correct of each chip at each time: (n_chips, n_times) int32. One trace for any times / scales."""
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+
+    def one_chip(chip_key):
+        params = variables["params"]
+        if spec is not None and spec.has_weight_noise:
+            params = noise_lib.perturb_weights(noise_lib.weight_key(chip_key), params, spec)
+        chip_vars = {**variables, "params": params}
+        act_spec = spec.activation_only() if spec is not None and spec.has_activation_noise else None
+        chip = device_lib.program_chip(device_lib.chip_key(chip_key), params, device)
+
+        def one_time(k_t):
+            k, t = k_t
+            read_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/read"), k)
+            layers = device_lib.read_chip(read_key, chip, t, device)
+            pass_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/time"), k)
+            return static.chip_correct(chip_vars, images_b, labels_b, valid_b, act_spec, pass_key,
+                                       device_lib.ChipRead(device, layers))
+
+        return jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), times))
+
+    return jax.lax.map(one_chip, keys, batch_size=None if chip_batch_size == 1 else chip_batch_size)
+
+
+def describe_device(device: device_lib.DeviceSpec, t_inference: float) -> dict[str, Any]:
+    """The ``weight_noise`` entry of a device evaluation in the shared format: kind ``device:<preset>``, ``eta`` =
+    the inference time in seconds (the swept quantity, so ``check_results.py --compare`` pairs times), plus the
+    compensation mode."""
+    return {"kind": f"device:{device.name}", "eta": float(t_inference), "t_inference_s": float(t_inference),
+            "drift_compensation": device.compensation}
+
+
+def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any, device: device_lib.DeviceSpec,
+                    *, times: Sequence[float], key: jax.Array | int, n_chips: int = 32,
+                    noise: noise_lib.NoiseSpec | None = None, batch_size: int = 500,
+                    chip_batch_size: int | None = None,
+                    preprocess: Callable[[jax.Array], jax.Array] | None = None) -> list[MCResult]:
+    """Monte Carlo accuracy of programmed chips read at several inference times, as one compiled program.
+
+    Chip ``i`` (key ``fold_in(key, i)``) is programmed once (``jaxnoise.device.program_chip`` with
+    ``device.chip_key(chip_key)``: programming noise and drift exponents), then read at every time ``t_k``: drift is
+    deterministic given the chip, read noise is fresh per read (key ``fold_in(name_key(chip_key,
+    "jaxnoise/device/read"), k)``) and I/O noise fresh per data batch. The same chips serve every time (common random
+    numbers), so differences between times have less variance than independent chips would give. Times are array
+    data: any number of sweeps with the same number of times reuses the compiled program (:func:`trace_count`).
+
+    Args:
+      model, variables, images, labels, batch_size, chip_batch_size, preprocess: as in :func:`evaluate`.
+      device: the device spec (``jaxnoise.device.preset(...)``); its ``t_inference`` is ignored.
+      times: inference times in seconds after programming (>= 0).
+      key: base key of the chips.
+      n_chips: chips (each evaluated at every time).
+      noise: an optional ``NoiseSpec`` composed with the device (weight noise before programming, activation
+        noise after each analog MVM).
+
+    Returns:
+      One :class:`MCResult` per time; its ``noise`` holds ``weight_noise`` = :func:`describe_device`, the
+      ``activation_noise`` of ``noise`` and ``device`` = ``device.describe()``.
+
+    Examples:
+      >>> res = evaluate_device(model, variables, x, y, jaxnoise.device.preset("aihwkit_inference_default"),
+      ...                       times=[1, 3600, 86400], key=0, n_chips=32, preprocess=ds.preprocess)
+    """
+    if not isinstance(device, device_lib.DeviceSpec):
+        raise ValueError(f"device must be a jaxnoise.device.DeviceSpec (e.g. jaxnoise.device.preset("
+                         f"'aihwkit_inference_default')), got {type(device).__name__}.")
+    try:
+        t = np.asarray(times, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"times={times!r} must be a sequence of seconds: {e}") from e
+    if t.size == 0:
+        raise ValueError("times is empty: give at least one inference time in seconds (e.g. [1, 3600]).")
+    device_lib.check_times(t, "times")
+    if key is None:
+        raise ValueError("evaluate_device needs a key (the chips' base key).")
+    n_chips = _check_count("n_chips", n_chips)
+    chip_batch_size = _check_count("chip_batch_size", noise_lib.default_chip_batch_size()
+                                   if chip_batch_size is None else chip_batch_size)
+    if noise is not None:
+        noise_lib.check_eta(noise.weight_eta, "noise.weight_eta")
+        noise_lib.check_eta(noise.act_eta, "noise.act_eta")
+    data = _prepare(model, images, labels, batch_size, preprocess)
+    keys = chip_keys(_as_key(key), n_chips)
+    dev = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), device)
+    spec = None if noise is None else _spec_as_arrays(noise)
+    correct = _device_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec, dev, keys,
+                              jnp.asarray(t, jnp.float32), chip_batch_size=min(chip_batch_size, n_chips))
+    acc = np.asarray(correct, np.float64) / data.n_images
+    act = None if noise is None else noise.describe()["activation_noise"]
+    results = []
+    for k, tk in enumerate(t):
+        desc = {"weight_noise": describe_device(device, tk), "activation_noise": act,
+                "device": device.replace(t_inference=float(tk)).describe()}
+        if noise is not None and noise.has_weight_noise:
+            desc["weight_noise_spec"] = noise.describe()["weight_noise"]
+        results.append(MCResult.from_per_chip(acc[:, k], data.n_images, desc))
     return results

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxnoise import device as device_lib
 from jaxnoise import noise as noise_lib
 from jaxnoise.models.layers import Scope
 
@@ -51,7 +52,8 @@ class Model:
 
     def apply(self, variables: Variables, x: jax.Array, *, key: jax.Array | None = None,
               noise: noise_lib.NoiseSpec | None = None, train: bool = False,
-              capture_mvm: bool = False, tap: Callable | None = None) -> tuple[jax.Array, dict[str, Any]]:
+              capture_mvm: bool = False, tap: Callable | None = None,
+              device: device_lib.DeviceSpec | device_lib.ChipRead | None = None) -> tuple[jax.Array, dict[str, Any]]:
         """Runs the model, noisy when both ``key`` and ``noise`` are given.
 
         Args:
@@ -66,6 +68,11 @@ class Model:
           tap: ``tap(scope, name, x) -> x`` called at every named feature (``self.feature_names``) with the root
             :class:`~jaxnoise.models.layers.Scope`; what it returns flows on (and is the reported feature).
             Used to insert denoising blocks (``jaxnoise.denoise``) and gradient probes. None: identity.
+          device: analog device non-idealities (``jaxnoise.device``), applied when ``key`` is given. A
+            ``DeviceSpec`` programs a fresh chip from ``device.chip_key(key)`` and reads it at
+            ``spec.t_inference``; a ``ChipRead`` (an already programmed and read chip, as the Monte Carlo evaluator
+            uses) only draws the pass's I/O noise from ``key``. Composes with ``noise`` (weight noise is applied to
+            the weights before they are programmed; activation noise after the analog MVM).
 
         Returns:
           ``(logits, features)``: logits (batch, num_classes); features maps each name of
@@ -75,7 +82,15 @@ class Model:
         params = variables["params"]
         if key is not None and noise is not None:
             params = noise_lib.perturb_weights(noise_lib.weight_key(key), params, noise)
-        sites = noise_lib.SiteContext(key, noise, capture=capture_mvm)
+        analog = None
+        if device is not None and key is not None:
+            chip = device
+            if isinstance(device, device_lib.DeviceSpec):
+                chip = None if device.is_ideal else device_lib.read(device_lib.chip_key(key), params, device)
+            elif not isinstance(device, device_lib.ChipRead):
+                raise TypeError(f"device must be a jaxnoise.device.DeviceSpec or ChipRead, got {type(device).__name__}.")
+            analog = None if chip is None else device_lib.AnalogContext(chip, key)
+        sites = noise_lib.SiteContext(key, noise, capture=capture_mvm, analog=analog)
         scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap)
         logits, features = self.forward(scope, x)
         features = dict(features)
@@ -83,6 +98,7 @@ class Model:
             features["batch_stats"] = scope.new_stats
         if capture_mvm:
             features["mvm"] = sites.captured
+            features["mvm_inputs"] = sites.captured_inputs
         return logits, features
 
     def check_input(self, x: Any) -> None:

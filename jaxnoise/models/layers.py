@@ -96,15 +96,17 @@ class Scope:
     # -- layers ------------------------------------------------------------------------------------------------
     def conv(self, name: str, x, features: int, kernel_size: int = 3, stride: int = 1,
              padding: int | None = None, bias: bool = False):
-        """2-D convolution (NHWC), an analog MVM: noise site ``self.name(name)``; bias added digitally after."""
+        """2-D convolution (NHWC), an analog MVM (``sites.mvm``): noise site ``self.name(name)``; bias digital."""
         padding = kernel_size // 2 if padding is None else padding
         cin = x.shape[-1]
         kernel = self._get("params", name, "kernel", (kernel_size, kernel_size, cin, features), he_normal)
-        y = jax.lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), window_strides=(stride, stride),
-            padding=((padding, padding), (padding, padding)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        y = self.sites(self.name(name), y)
+        def exact(x, kernel):
+            return jax.lax.conv_general_dilated(
+                x, kernel.astype(x.dtype), window_strides=(stride, stride),
+                padding=((padding, padding), (padding, padding)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+        y = self.sites.mvm(self.name(name), x, kernel, exact, {"stride": stride, "padding": padding})
         if bias:
             y = y + self._get("params", name, "bias", (features,), zeros).astype(y.dtype)
         return y
@@ -112,8 +114,7 @@ class Scope:
     def dense(self, name: str, x, features: int, bias: bool = True):
         """Fully connected layer, an analog MVM: noise site ``self.name(name)``; bias added digitally after."""
         kernel = self._get("params", name, "kernel", (x.shape[-1], features), lecun_normal)
-        y = x @ kernel.astype(x.dtype)
-        y = self.sites(self.name(name), y)
+        y = self.sites.mvm(self.name(name), x, kernel, lambda x, k: x @ k.astype(x.dtype))
         if bias:
             y = y + self._get("params", name, "bias", (features,), zeros).astype(y.dtype)
         return y

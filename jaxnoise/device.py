@@ -1,0 +1,916 @@
+"""Analog device models: PCM conductances, the analog MVM's DAC/ADC I/O, drift compensation and weight modifiers.
+
+Pure JAX functions with explicit keys, composable with :class:`jaxnoise.noise.NoiseSpec`. Part of the noise core:
+it imports no model. The formulas and defaults are those of IBM aihwkit (``PCMLikeNoiseModel``, ``IOParameters``,
+``GlobalDriftCompensation``, ``WeightModifierParameter``, ``StandardHWATrainingPreset``) as written down in
+``../shared/DEVICE-MODELS.md``; every constant is a field. Conductances are in microsiemens, times in seconds.
+
+One analog layer (a conv or dense kernel ``W`` selected by :attr:`DeviceSpec.analog_layers`) goes through
+
+1. **Mapping** (:func:`weights_to_conductances`): ``A = max|W|`` per tensor or per output column, ``s = (g_max -
+   g_min) / A``, a differential pair ``g+ = clip(W s, 0, g_max) + g_min``, ``g- = clip(-W s, 0, g_max) + g_min``.
+2. **Programming** (once per chip, :func:`program_conductances`, :func:`drift_exponents`): PCM programming noise and
+   per-device drift exponents nu from the target conductance.
+3. **Reading at time t** (:func:`drift`, :func:`read_conductances`): ``g (t/t0)^-nu`` plus 1/f read noise, fresh for
+   every read. Deterministic given the chip except for the read noise.
+4. The tile weights ``w = (g+ - g-) / (g_max - g_min)`` (normalised: ``W / A`` when noise-free) run the MVM with the
+   I/O non-idealities of :func:`analog_mvm` (input scaling, DAC, output-referred read noise, output noise, ADC,
+   bound management); the digital periphery multiplies the output by ``A`` and by the drift-compensation factor
+   ``alpha`` (:func:`compensation_readout`).
+
+**Semantics.** One chip = one programming draw (conductances and drift exponents). The same chip can be read at any
+number of times; each read draws fresh read noise. Each forward pass draws fresh output (ADC) noise. Inference time
+is array data (``DeviceSpec.t_inference`` or the ``times`` of ``robustness.evaluate_device``), so a time sweep
+compiles once.
+
+**Keys** (all derived by name, :func:`jaxnoise.noise.name_key`): a chip key ``K`` gives programming noise
+``name_key(name_key(K, "jaxnoise/device/program"), path)`` and drift exponents from ``".../drift"``; a read key
+gives read noise per path; a pass key gives output noise per site (and per bound-management round).
+
+**Gradients.** The analog MVM is straight-through: its value is the analog output, its gradient that of the exact
+linear map at the (noisy) tile weights; weight noise (programming noise, modifiers) is straight-through to the clean
+weights, as in aihwkit's hardware-aware training. The mapping scale ``A`` is treated as a constant.
+
+References:
+  Joshi et al., Nature Communications 11, 2473 (2020); Nandakumar et al., ISCAS 2019 (PCM model);
+  Rasch et al., Nature Communications 14, 5282 (2023) (aihwkit HWA training, ``StandardHWATrainingPreset``);
+  aihwkit ``src/aihwkit/inference/noise/pcm.py``, ``src/aihwkit/simulator/parameters/io.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct, traverse_util
+
+from jaxnoise import noise as noise_lib
+
+NOISE_MANAGEMENT = ("abs_max", "constant")
+BOUND_MANAGEMENT = ("none", "iterative")
+MAPPINGS = ("tensor", "column")
+COMPENSATIONS = (None, "global", "column")
+MODIFIER_KINDS: dict[str, str] = {
+    "add_normal": "w + std * A * N(0,1) (aihwkit ADD_NORMAL)",
+    "mult_normal": "w * (1 + std * N(0,1)) (aihwkit MULT_NORMAL)",
+    "poly": "w + A * std * (c0 + c1 |w|/A + c2 (|w|/A)^2) * N(0,1) (aihwkit POLY)",
+    "discretize": "A * res * round(w / (A * res)) (aihwkit DISCRETIZE)",
+}
+COMPENSATION_FLOOR = 1e-4  # aihwkit's clamp of the readout (min=0.0001)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _concrete(x: Any) -> bool:
+    """A concrete number or array (not None, not a tracer, not a pytree placeholder)."""
+    return noise_lib._is_concrete_number(x)
+
+
+def _check_positive(value: Any, name: str, fix: str = "") -> None:
+    if not _concrete(value):
+        return
+    arr = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"{name}={value!r} must be a finite number > 0{': ' + fix if fix else '.'}")
+
+
+def _check_nonnegative(value: Any, name: str) -> None:
+    if not _concrete(value):
+        return
+    arr = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
+
+
+def check_times(times: Any, name: str = "t_inference") -> None:
+    """Raises ValueError when concrete inference times are negative, NaN or infinite (seconds after programming)."""
+    if not _concrete(times):
+        return
+    arr = np.asarray(times, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}={times!r} is not finite: inference times are seconds after programming.")
+    if np.any(arr < 0):
+        raise ValueError(f"{name}={times!r} is negative: inference times are seconds after programming, >= 0 "
+                         f"(0 = just programmed; 3600 = one hour later).")
+
+
+def _choice(value: Any, options: tuple, name: str) -> None:
+    if value not in options:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {list(options)}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights <-> conductances
+
+
+def _max_abs(w: jax.Array, per_column: bool) -> jax.Array:
+    """max|W| over the tensor (scalar) or per output column (last axis), never 0 (an all-zero tensor maps to 0)."""
+    axes = tuple(range(w.ndim - 1)) if per_column else None
+    a = jnp.max(jnp.abs(w), axis=axes)
+    return jnp.where(a > 0, a, jnp.ones_like(a))
+
+
+def weights_to_conductances(w: jax.Array, g_max: Any = 25.0, g_min: Any = 0.0, *, per_column: bool = False):
+    """Differential-pair conductances of a weight tensor (aihwkit ``SinglePairConductanceConverter``).
+
+    ``s = (g_max - g_min) / max|W|``; ``g+ = clip(W s, 0, g_max) + g_min``, ``g- = clip(-W s, 0, g_max) + g_min``.
+    The ``g_max`` clip only bites on ``g_min > 0`` (then ``W s`` can reach ``g_max - g_min`` < ``g_max``).
+
+    Args:
+      w: the weights; the last axis is the output column.
+      g_max: the largest conductance (uS), > 0.
+      g_min: the conductance of an "off" device (uS), 0 <= g_min < g_max.
+      per_column: one scale per output column (last axis) instead of one per tensor.
+
+    Returns:
+      ``(g_plus, g_minus, scale)``; ``scale`` is ``s`` (scalar, or shape ``(w.shape[-1],)`` per column), and
+      :func:`conductances_to_weights` inverts the map exactly (up to float rounding).
+    """
+    _check_positive(g_max, "g_max", "the largest device conductance in uS (aihwkit default 25)")
+    _check_nonnegative(g_min, "g_min")
+    if _concrete(g_max) and _concrete(g_min) and float(np.max(g_min)) >= float(np.min(g_max)):
+        raise ValueError(f"g_min={g_min!r} must be smaller than g_max={g_max!r}.")
+    g_max = jnp.asarray(g_max, w.dtype)
+    g_min = jnp.asarray(g_min, w.dtype)
+    scale = (g_max - g_min) / _max_abs(w, per_column)
+    ws = w * scale
+    g_plus = jnp.clip(ws, 0.0, g_max) + g_min
+    g_minus = jnp.clip(-ws, 0.0, g_max) + g_min
+    return g_plus, g_minus, scale
+
+
+def conductances_to_weights(g_plus: jax.Array, g_minus: jax.Array, scale: jax.Array) -> jax.Array:
+    """Weights of a differential pair: ``(g+ - g-) / s``."""
+    return (g_plus - g_minus) / scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PCM model (aihwkit PCMLikeNoiseModel)
+
+
+@struct.dataclass
+class PCMModel:
+    """PCM statistical model of aihwkit's ``PCMLikeNoiseModel`` (Nandakumar et al. 2019, Joshi et al. 2020).
+
+    Every field is a pytree leaf (float or tuple of floats), so a spec with other constants reuses compiled code.
+
+    Attributes:
+      prog_coeff: ``(c0, c1, c2)`` of ``sigma_prog = (c0 + c1 x + c2 x^2) g_max / 25``, ``x = g_T / g_max``.
+      prog_noise_scale, read_noise_scale, drift_scale: multipliers of programming noise, read noise and nu
+        (aihwkit's ``prog_noise_scale``, ``read_noise_scale``, ``drift_scale``; 1 = the model, 0 = off).
+      t0: time of the first read after programming (s); drift is relative to it.
+      t_read: duration of one read (s), in the 1/f noise integral.
+      drift_mu: ``(a, b)`` of ``mu_nu = a ln g_rel + b``; ``drift_mu_clip`` its ``(lo, hi)``.
+      drift_sigma: ``(a, b)`` of ``sigma_nu = a ln g_rel + b``; ``drift_sigma_clip`` its ``(lo, hi)``.
+      g_rel_min: floor of ``g_rel = |g_T| / g_max`` in the drift-exponent formulas.
+      read_q: ``(q, exponent, floor, cap)`` of ``Q_s = min(q / max((|g_prog|/g_max)^exponent, floor), cap)``.
+    """
+
+    prog_coeff: tuple = (0.26348, 1.9650, -1.1731)
+    prog_noise_scale: Any = 1.0
+    read_noise_scale: Any = 1.0
+    drift_scale: Any = 1.0
+    t0: Any = 20.0
+    t_read: Any = 250e-9
+    drift_mu: tuple = (-0.0155, 0.0244)
+    drift_mu_clip: tuple = (0.049, 0.1)
+    drift_sigma: tuple = (-0.0125, -0.0059)
+    drift_sigma_clip: tuple = (0.008, 0.045)
+    g_rel_min: Any = 1e-7
+    read_q: tuple = (0.0088, 0.65, 1e-3, 0.2)
+
+    def __post_init__(self):
+        for name in ("prog_noise_scale", "read_noise_scale", "drift_scale"):
+            _check_nonnegative(getattr(self, name), f"PCMModel.{name}")
+        _check_positive(self.t0, "PCMModel.t0", "the first read after programming, in seconds (aihwkit: 20)")
+        _check_positive(self.t_read, "PCMModel.t_read", "the read duration in seconds (aihwkit: 250e-9)")
+
+
+def programming_noise_std(g_target: jax.Array, pcm: PCMModel, g_max: Any = 25.0) -> jax.Array:
+    """``sigma_prog(g_T) = (c0 + c1 x + c2 x^2) * g_max / 25`` with ``x = g_T / g_max`` (uS), times
+    ``prog_noise_scale``. Source: aihwkit ``PCMLikeNoiseModel.apply_programming_noise_to_conductance``."""
+    c0, c1, c2 = (jnp.asarray(c, g_target.dtype) for c in pcm.prog_coeff)
+    g_max = jnp.asarray(g_max, g_target.dtype)
+    x = g_target / g_max
+    return (c0 + c1 * x + c2 * x * x) * g_max / 25.0 * pcm.prog_noise_scale
+
+
+def program_conductances(key: jax.Array, g_target: jax.Array, pcm: PCMModel, g_max: Any = 25.0) -> jax.Array:
+    """One programming draw: ``g_prog = max(g_T + sigma_prog(g_T) N(0,1), 0)``."""
+    z = jax.random.normal(key, g_target.shape, g_target.dtype)
+    return jnp.maximum(g_target + programming_noise_std(g_target, pcm, g_max) * z, 0.0)
+
+
+def drift_exponent_stats(g_target: jax.Array, pcm: PCMModel, g_max: Any = 25.0) -> tuple[jax.Array, jax.Array]:
+    """``(mu_nu, sigma_nu)`` of the drift exponent at each target conductance (aihwkit
+    ``PCMLikeNoiseModel.generate_drift_coefficients``): ``g_rel = max(|g_T| / g_max, 1e-7)``,
+    ``mu_nu = clip(-0.0155 ln g_rel + 0.0244, 0.049, 0.1)``, ``sigma_nu = clip(-0.0125 ln g_rel - 0.0059, 0.008,
+    0.045)``."""
+    dt = g_target.dtype
+    g_rel = jnp.maximum(jnp.abs(g_target) / jnp.asarray(g_max, dt), jnp.asarray(pcm.g_rel_min, dt))
+    ln = jnp.log(g_rel)
+    mu = jnp.clip(pcm.drift_mu[0] * ln + pcm.drift_mu[1], pcm.drift_mu_clip[0], pcm.drift_mu_clip[1])
+    sigma = jnp.clip(pcm.drift_sigma[0] * ln + pcm.drift_sigma[1], pcm.drift_sigma_clip[0], pcm.drift_sigma_clip[1])
+    return mu.astype(dt), sigma.astype(dt)
+
+
+def drift_exponents(key: jax.Array, g_target: jax.Array, pcm: PCMModel, g_max: Any = 25.0) -> jax.Array:
+    """Per-device drift exponents ``nu = |mu_nu + sigma_nu N(0,1)| * drift_scale`` (fixed per chip)."""
+    mu, sigma = drift_exponent_stats(g_target, pcm, g_max)
+    z = jax.random.normal(key, g_target.shape, g_target.dtype)
+    return jnp.abs(mu + sigma * z) * pcm.drift_scale
+
+
+def drift(g_prog: jax.Array, nu: jax.Array, t_inference: Any, pcm: PCMModel) -> jax.Array:
+    """``g_prog ((t_inference + t0) / t0)^-nu`` (the factor is 1 at ``t_inference = 0``)."""
+    t0 = jnp.asarray(pcm.t0, g_prog.dtype)
+    t = jnp.asarray(t_inference, g_prog.dtype) + t0
+    return g_prog * jnp.power(t / t0, -nu)
+
+
+def read_noise_std(g_prog: jax.Array, t_inference: Any, pcm: PCMModel, g_max: Any = 25.0) -> jax.Array:
+    """Relative 1/f read-noise std: ``Q_s sqrt(ln((t + t_read) / (2 t_read)))`` with ``t = t_inference + t0`` and
+    ``Q_s = min(0.0088 / max((|g_prog|/g_max)^0.65, 1e-3), 0.2)``, times ``read_noise_scale``."""
+    dt = g_prog.dtype
+    q, exponent, floor, cap = pcm.read_q
+    g_rel = jnp.abs(g_prog) / jnp.asarray(g_max, dt)
+    q_s = jnp.minimum(q / jnp.maximum(jnp.power(g_rel, exponent), floor), cap)
+    t = jnp.asarray(t_inference, dt) + jnp.asarray(pcm.t0, dt)
+    t_read = jnp.asarray(pcm.t_read, dt)
+    return q_s * jnp.sqrt(jnp.log((t + t_read) / (2 * t_read))) * pcm.read_noise_scale
+
+
+def read_conductances(key: jax.Array, g_prog: jax.Array, nu: jax.Array, t_inference: Any, pcm: PCMModel,
+                      g_max: Any = 25.0) -> jax.Array:
+    """One read at ``t_inference`` s after programming: ``g_d = drift(g_prog)``, then
+    ``max(g_d + |g_d| sigma_rd N(0,1), 0)`` with fresh noise (aihwkit ``apply_drift_noise_to_conductance``)."""
+    check_times(t_inference)
+    g_d = drift(g_prog, nu, t_inference, pcm)
+    z = jax.random.normal(key, g_prog.shape, g_prog.dtype)
+    return jnp.maximum(g_d + jnp.abs(g_d) * read_noise_std(g_prog, t_inference, pcm, g_max) * z, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Analog MVM I/O (aihwkit IOParameters)
+
+
+@struct.dataclass
+class IOParams:
+    """Non-idealities of one analog MVM, aihwkit ``IOParameters`` (defaults = ``IOParameters()``).
+
+    Attributes:
+      inp_bound: DAC range, inputs clipped to ``+-inp_bound`` after scaling.
+      inp_res: DAC bin width in units of the range (``1/126``: 7 bits); steps ``inp_res * 2 * inp_bound``. None:
+        no quantisation (infinite resolution). aihwkit turns it off with a value <= 0; here that is an error.
+      out_bound: ADC range (clip to ``+-out_bound``); None: no clipping.
+      out_res: ADC bin width (``1/510``: 9 bits); steps ``out_res * 2 * out_bound``; None: no quantisation.
+      out_noise: std of the additive output noise before the ADC, in tile units.
+      w_noise: output-referred PCM read noise (aihwkit ``w_noise_type=PCM_READ``):
+        ``y_i += w_noise sqrt(sum_j |w_ij| x_j^2) N(0,1)``; 0 off.
+      nm_scale: the constant input scale of ``noise_management="constant"`` (aihwkit ``nm_thres``).
+      inp_ranges: optional ``{site: range}``: per-layer constant input scales (learned/calibrated input ranges of
+        HWA training) overriding ``nm_scale`` for ``noise_management="constant"``.
+      max_bm_factor: largest input down-scaling of iterative bound management.
+      noise_management: ``"abs_max"`` (scale = max|x| per input vector; aihwkit default) or ``"constant"`` (static).
+      bound_management: ``"iterative"`` (aihwkit default: a vector whose output clipped is re-run with the input
+        scale doubled, up to ``max_bm_factor``) or ``"none"`` (static).
+    """
+
+    inp_bound: Any = 1.0
+    inp_res: Any = 1.0 / 126
+    out_bound: Any = 12.0
+    out_res: Any = 1.0 / 510
+    out_noise: Any = 0.06
+    w_noise: Any = 0.0
+    nm_scale: Any = 1.0
+    inp_ranges: Mapping[str, Any] | None = None
+    max_bm_factor: Any = 1000.0
+    noise_management: str = struct.field(pytree_node=False, default="abs_max")
+    bound_management: str = struct.field(pytree_node=False, default="iterative")
+
+    def __post_init__(self):
+        _choice(self.noise_management, NOISE_MANAGEMENT, "noise_management")
+        _choice(self.bound_management, BOUND_MANAGEMENT, "bound_management")
+        _check_positive(self.inp_bound, "IOParams.inp_bound")
+        if self.out_bound is not None:
+            _check_positive(self.out_bound, "IOParams.out_bound", "use None for no ADC clipping")
+        for name in ("inp_res", "out_res"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive(value, f"IOParams.{name}",
+                                "it is the quantisation bin width in units of the range (1/126 for 7 bits); "
+                                "use None for infinite resolution (aihwkit's <= 0)")
+        _check_nonnegative(self.out_noise, "IOParams.out_noise")
+        _check_nonnegative(self.w_noise, "IOParams.w_noise")
+        _check_positive(self.nm_scale, "IOParams.nm_scale")
+        _check_positive(self.max_bm_factor, "IOParams.max_bm_factor")
+        for site, r in (self.inp_ranges or {}).items():
+            _check_positive(r, f"IOParams.inp_ranges[{site!r}]")
+
+
+def quantize(x: jax.Array, res: Any, bound: Any) -> jax.Array:
+    """Uniform quantiser of aihwkit's DAC/ADC: steps ``res * 2 * bound``, round half to even, clip to ``+-bound``.
+
+    Straight-through: the value is quantised, the gradient is the identity.
+
+    Args:
+      x: values in the converter's units.
+      res: bin width in units of the range (``1/126``: 7 bits), or None for no rounding (infinite resolution).
+      bound: the range, or None for no clipping.
+
+    Returns:
+      The quantised ``x``.
+    """
+    if res is not None:
+        _check_positive(res, "res", "use None for infinite resolution")
+    if bound is not None:
+        _check_positive(bound, "bound", "use None for no clipping")
+    q = x
+    if res is not None:
+        step = jnp.asarray(res, x.dtype) * 2 * jnp.asarray(1.0 if bound is None else bound, x.dtype)
+        q = jnp.round(q / step) * step  # jnp.round rounds half to even
+    if bound is not None:
+        b = jnp.asarray(bound, x.dtype)
+        q = jnp.clip(q, -b, b)
+    return x + jax.lax.stop_gradient(q - x)
+
+
+def conv_patches(x: jax.Array, kernel_shape: tuple[int, ...], stride: int, padding: int) -> jax.Array:
+    """The input vectors of a conv layer's MVMs (im2col), ``(N, H', W', kh * kw * cin)`` ordered like
+    ``kernel.reshape(-1, cout)`` (kh, kw, cin), so ``patches @ kernel.reshape(-1, cout)`` is the convolution."""
+    kh, kw, cin, _ = kernel_shape
+    p = jax.lax.conv_general_dilated_patches(
+        x, (kh, kw), (stride, stride), ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "OIHW", "NHWC"))
+    # conv_general_dilated_patches orders features (cin, kh, kw): reorder to (kh, kw, cin).
+    n, h, w, _ = p.shape
+    return p.reshape(n, h, w, cin, kh, kw).transpose(0, 1, 2, 4, 5, 3).reshape(n, h, w, kh * kw * cin)
+
+
+def _linear(x: jax.Array, w: jax.Array, geometry: Mapping[str, int] | None) -> jax.Array:
+    """The exact MVM: ``x @ w`` (dense or patch vectors) or the convolution of ``geometry``."""
+    if geometry is None:
+        return x @ w.reshape(-1, w.shape[-1])
+    s, p = geometry["stride"], geometry["padding"]
+    return jax.lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _noise_flags(key, io: IOParams) -> tuple[bool, bool]:
+    """Whether the w_noise / out_noise draws are needed: a key, and a scale that is not a concrete 0."""
+    def on(v):
+        return key is not None and not (_concrete(v) and float(np.max(np.asarray(v))) == 0.0)
+    return on(io.w_noise), on(io.out_noise)
+
+
+def _conv_views(x: jax.Array, kernel_shape: tuple[int, ...], stride: int, padding: int) -> list[jax.Array]:
+    """The ``kh * kw`` shifted views of a conv input: view ``(i, j)`` holds, at every output position, the input
+    pixel that kernel tap ``(i, j)`` sees there. ``sum_ij view_ij @ kernel[i, j]`` is the convolution, and
+    ``concatenate(views, -1)`` the im2col patches, without materialising them."""
+    kh, kw = kernel_shape[0], kernel_shape[1]
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    h = (x.shape[1] + 2 * padding - kh) // stride + 1
+    w = (x.shape[2] + 2 * padding - kw) // stride + 1
+    return [xp[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride, :]
+            for i in range(kh) for j in range(kw)]
+
+
+def _patch_absmax(x: jax.Array, kernel_shape: tuple[int, ...], stride: int, padding: int) -> jax.Array:
+    """max |x| over each conv patch (kh * kw * cin values), (N, H', W', 1)."""
+    kh, kw = kernel_shape[0], kernel_shape[1]
+    m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    return jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, kh, kw, 1), (1, stride, stride, 1),
+                                 ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+def analog_mvm(key: jax.Array | None, x: jax.Array, w_tile: jax.Array, io: IOParams, *,
+               geometry: Mapping[str, int] | None = None, inp_scale: Any = None,
+               noise_flags: tuple[bool, bool] | None = None) -> jax.Array:
+    """One analog MVM ``y ~ x @ w_tile`` with aihwkit's I/O non-idealities, in the units of ``x``.
+
+    Order (DEVICE-MODELS.md, aihwkit ``rpu_forward_backward_pass.cpp``): (1) input scale ``s`` = max|x| per input
+    vector (``abs_max``) or a constant; (2) DAC: ``x' = quantize(x / s, inp_res, inp_bound)``; (3) ``y = x' W``,
+    plus output-referred PCM read noise ``w_noise sqrt(sum_j |w_ij| x'_j^2) N``; (4) ADC: ``y += out_noise N``,
+    ``quantize(y, out_res, out_bound)``; (5) ``y * s``. With iterative bound management, a vector with any output
+    at ``|y| >= out_bound`` is re-run with ``s`` doubled (fresh noise), until none clips or the factor would pass
+    ``max_bm_factor``.
+
+    An input vector is a row of a dense input, or one conv patch (kh * kw * cin values, as aihwkit's im2col) when
+    ``geometry`` is given: ``abs_max`` scales each patch by its own max, computed on shifted views of the input
+    (:func:`_conv_views`) instead of materialised patches; ``constant`` scaling quantises elementwise, so the conv
+    stays one convolution.
+
+    Args:
+      key: the pass key of this site (output noise), or None for no noise (quantisation still applies).
+      x: inputs, (..., n_in) for dense, NHWC for a conv.
+      w_tile: tile weights in normalised units (|w| <= 1 noise-free), (n_in, n_out) or HWIO.
+      io: the I/O parameters.
+      geometry: ``{"stride", "padding"}`` of a conv layer, None for dense.
+      inp_scale: the constant input scale (``noise_management="constant"``); default ``io.nm_scale``.
+      noise_flags: internal: (w_noise on, out_noise on) decided where ``io`` is concrete (a zero scale is skipped).
+
+    Returns:
+      The output, same shape as the exact ``x @ w_tile`` / convolution. Not differentiable by itself (call it on
+      ``stop_gradient`` inputs; :class:`AnalogContext` adds the straight-through gradient).
+    """
+    dt = x.dtype
+    w_tile = w_tile.astype(dt)
+    w_abs = jnp.abs(w_tile)
+    use_w_noise, use_out_noise = _noise_flags(key, io) if noise_flags is None else noise_flags
+    views = None
+    if io.noise_management == "abs_max":
+        if geometry is not None:
+            s = _patch_absmax(x, w_tile.shape, geometry["stride"], geometry["padding"])
+            views = _conv_views(x, w_tile.shape, geometry["stride"], geometry["padding"])
+            taps = [(i, j) for i in range(w_tile.shape[0]) for j in range(w_tile.shape[1])]
+        else:
+            s = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+        s = jnp.where(s > 0, s, jnp.ones_like(s))
+    else:
+        s = jnp.asarray(io.nm_scale if inp_scale is None else inp_scale, dt)
+
+    def dac(v, factor):
+        return quantize(v / (s * factor), io.inp_res, io.inp_bound)
+
+    def products(factor):
+        """(y, sum_j |w_ij| x'_j^2 or None) of the quantised inputs."""
+        if views is None:
+            xq = dac(x, factor)
+            return _linear(xq, w_tile, geometry), (_linear(xq * xq, w_abs, geometry) if use_w_noise else None)
+        y = spread = None
+        for (i, j), v in zip(taps, views):
+            q = dac(v, factor)
+            y = q @ w_tile[i, j] if y is None else y + q @ w_tile[i, j]
+            if use_w_noise:
+                spread = (q * q) @ w_abs[i, j] if spread is None else spread + (q * q) @ w_abs[i, j]
+        return y, spread
+
+    def one_round(factor, round_key):
+        y, spread = products(factor)
+        if use_w_noise:
+            y = y + jnp.asarray(io.w_noise, dt) * jnp.sqrt(jnp.maximum(spread, 0.0)) * jax.random.normal(
+                noise_lib.name_key(round_key, "w_noise"), y.shape, dt)
+        if use_out_noise:
+            y = y + jnp.asarray(io.out_noise, dt) * jax.random.normal(
+                noise_lib.name_key(round_key, "out_noise"), y.shape, dt)
+        clipped = (jnp.any(jnp.abs(y) >= io.out_bound, axis=-1, keepdims=True) if io.out_bound is not None
+                   else jnp.zeros(y.shape[:-1] + (1,), bool))
+        return quantize(y, io.out_res, io.out_bound), clipped
+
+    y0, clipped0 = one_round(jnp.asarray(1.0, dt), None if key is None else jax.random.fold_in(key, 0))
+    if io.bound_management == "none" or io.out_bound is None:
+        return y0 * s
+
+    max_factor = jnp.asarray(io.max_bm_factor, dt)
+
+    def body(carry):
+        r, out, done, factor = carry
+        y, clipped = one_round(factor, None if key is None else jax.random.fold_in(key, r))
+        accept = ~done & (~clipped | (factor * 2 > max_factor))
+        out = jnp.where(accept, y * factor, out)
+        done = done | accept
+        factor = jnp.where(done, factor, factor * 2)
+        return r + 1, out, done, factor
+
+    done0 = ~clipped0 | (2 > max_factor)
+    factor0 = jnp.where(done0, 1.0, 2.0).astype(dt)
+    _, out, _, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[2]), body, (jnp.uint32(1), y0, done0, factor0))
+    return out * s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _ste_mvm(x, w, key, io, inp_scale, geometry, flags):
+    return analog_mvm(key, x, w, io, geometry=None if geometry is None else dict(geometry), inp_scale=inp_scale,
+                      noise_flags=flags)
+
+
+def _ste_fwd(x, w, key, io, inp_scale, geometry, flags):
+    return _ste_mvm(x, w, key, io, inp_scale, geometry, flags), (x, w)
+
+
+def _ste_bwd(geometry, flags, res, g):
+    x, w = res
+    _, vjp = jax.vjp(lambda x, w: _linear(x, w, None if geometry is None else dict(geometry)), x, w)
+    dx, dw = vjp(g)
+    return dx, dw, None, None, None
+
+
+_ste_mvm.defvjp(_ste_fwd, _ste_bwd)
+
+
+def _analog_mvm_ste(key, x, w_tile, io, inp_scale, geometry):
+    """:func:`analog_mvm` with the straight-through gradient of the exact linear map (no extra cost without grad)."""
+    return _ste_mvm(x, w_tile, key, io, inp_scale, geometry, _noise_flags(key, io))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight modifiers (aihwkit WeightModifierParameter), for hardware-aware training
+
+
+@struct.dataclass
+class WeightModifier:
+    """A training-time weight perturbation of aihwkit (``WeightModifierParameter``); ``A = max|W|`` of the tensor.
+
+    Attributes:
+      kind: a key of ``MODIFIER_KINDS`` (static).
+      std: noise std relative to ``A`` (add_normal, poly) or relative to ``w`` (mult_normal).
+      res: bin width relative to ``A`` (discretize).
+      coeffs: ``(c0, c1, c2)`` of ``poly``.
+    """
+
+    std: Any = 0.0
+    res: Any = 0.0
+    coeffs: tuple = (1.0, 0.0, 0.0)
+    kind: str = struct.field(pytree_node=False, default="add_normal")
+
+    def __post_init__(self):
+        _choice(self.kind, tuple(MODIFIER_KINDS), "weight modifier kind")
+        _check_nonnegative(self.std, "WeightModifier.std")
+        if self.kind == "discretize":
+            _check_positive(self.res, "WeightModifier.res", "the bin width relative to max|W| (e.g. 1/127)")
+
+
+def modify_weights(key: jax.Array, w: jax.Array, modifier: WeightModifier) -> jax.Array:
+    """One draw of ``modifier`` on ``w`` (formulas of DEVICE-MODELS.md), straight-through to ``w``."""
+    a = jax.lax.stop_gradient(jnp.max(jnp.abs(w)))
+    std = jnp.asarray(modifier.std, w.dtype)
+    if modifier.kind == "discretize":
+        step = a * jnp.asarray(modifier.res, w.dtype)
+        new = jnp.where(step > 0, jnp.round(w / jnp.where(step > 0, step, 1.0)) * step, w)
+    else:
+        z = jax.random.normal(key, w.shape, w.dtype)
+        if modifier.kind == "add_normal":
+            new = w + std * a * z
+        elif modifier.kind == "mult_normal":
+            new = w * (1 + std * z)
+        else:  # poly
+            c0, c1, c2 = modifier.coeffs
+            rel = jnp.abs(w) / jnp.where(a > 0, a, 1.0)
+            new = w + a * std * (c0 + c1 * rel + c2 * rel * rel) * z
+    return w + jax.lax.stop_gradient(new - w)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The device spec
+
+
+@struct.dataclass
+class DeviceSpec:
+    """Which device non-idealities the analog layers of a model see. A pytree: numbers are leaves, choices static.
+
+    Attributes:
+      io: MVM I/O non-idealities (:class:`IOParams`), or None for an exact MVM.
+      pcm: the PCM conductance model (:class:`PCMModel`), or None for exact conductances.
+      modifier: a training-time weight modifier (:class:`WeightModifier`), or None.
+      g_max, g_min: conductance range of the mapping (uS).
+      t_inference: seconds after programming at which ``Model.apply(..., device=spec)`` reads its chip.
+      mapping: ``"tensor"`` (one ``max|W|`` per tensor) or ``"column"`` (per output column), static.
+      compensation: None, ``"global"`` or ``"column"`` drift compensation, static.
+      analog_layers: regexes (``re.search``) over layer (site) names that are analog, static; default all.
+      digital_layers: regexes of layers kept digital (exact) even when ``analog_layers`` matches, static.
+      name: the preset's name, for records.
+
+    Examples:
+      >>> spec = preset("aihwkit_inference_default").replace(t_inference=jnp.float32(86400.0))
+      >>> spec = spec.replace(digital_layers=("^conv1$", "^fc$"))   # first and last layer digital
+    """
+
+    io: IOParams | None = None
+    pcm: PCMModel | None = None
+    modifier: WeightModifier | None = None
+    g_max: Any = 25.0
+    g_min: Any = 0.0
+    t_inference: Any = 0.0
+    mapping: str = struct.field(pytree_node=False, default="tensor")
+    compensation: str | None = struct.field(pytree_node=False, default=None)
+    analog_layers: tuple[str, ...] = struct.field(pytree_node=False, default=(r".*",))
+    digital_layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    name: str = struct.field(pytree_node=False, default="custom")
+
+    def __post_init__(self):
+        _choice(self.mapping, MAPPINGS, "mapping")
+        _choice(self.compensation, COMPENSATIONS, "drift compensation")
+        _check_positive(self.g_max, "g_max", "the largest device conductance in uS (aihwkit default 25)")
+        _check_nonnegative(self.g_min, "g_min")
+        if _concrete(self.g_max) and _concrete(self.g_min) and float(np.max(self.g_min)) >= float(
+                np.min(self.g_max)):
+            raise ValueError(f"g_min={self.g_min!r} must be smaller than g_max={self.g_max!r}.")
+        check_times(self.t_inference)
+        for pattern in tuple(self.analog_layers) + tuple(self.digital_layers):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"layer pattern {pattern!r} is not a valid regular expression: {e}") from e
+
+    @property
+    def is_ideal(self) -> bool:
+        """True when the spec changes nothing (no I/O, no PCM, no modifier)."""
+        return self.io is None and self.pcm is None and self.modifier is None
+
+    def is_analog(self, site: str) -> bool:
+        return (any(re.search(p, site) for p in self.analog_layers)
+                and not any(re.search(p, site) for p in self.digital_layers))
+
+    def training(self) -> "DeviceSpec":
+        """The spec as aihwkit trains with it: I/O non-idealities and modifier on; PCM and compensation are
+        inference-only (``InferenceRPUConfig``)."""
+        return self.replace(pcm=None, compensation=None)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description (every field; numbers as floats)."""
+        def plain(x):
+            if x is None or isinstance(x, (str, bool)):
+                return x
+            if isinstance(x, Mapping):
+                return {str(k): plain(v) for k, v in x.items()}
+            if isinstance(x, (tuple, list)):
+                return [plain(v) for v in x]
+            if hasattr(x, "__dataclass_fields__"):
+                return {f: plain(getattr(x, f)) for f in x.__dataclass_fields__}
+            arr = np.asarray(x)
+            return float(arr) if arr.ndim == 0 else arr.tolist()
+        return plain(self)
+
+
+def analog_sites(params: Mapping[str, Any], spec: DeviceSpec) -> tuple[str, ...]:
+    """Layer names (``"layer1/0/conv1"``) whose ``kernel`` is analog under ``spec``, in tree order."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    sites = []
+    for path in flat:
+        if path == "kernel" or path.endswith("/kernel"):
+            site = path[: -len("/kernel")] if "/" in path else ""
+            if spec.is_analog(site):
+                sites.append(site)
+    return tuple(sites)
+
+
+def chip_key(key: jax.Array) -> jax.Array:
+    """The chip (programming) key of a forward pass key: ``name_key(key, "jaxnoise/device/chip")``."""
+    return noise_lib.name_key(key, "jaxnoise/device/chip")
+
+
+def _key(key: jax.Array, *names: str) -> jax.Array:
+    for n in names:
+        key = noise_lib.name_key(key, n)
+    return key
+
+
+def _tile(g_plus, g_minus, spec: DeviceSpec):
+    return (g_plus - g_minus) / (jnp.asarray(spec.g_max, g_plus.dtype) - jnp.asarray(spec.g_min, g_plus.dtype))
+
+
+def _readout(key: jax.Array | None, w_tile: jax.Array, spec: DeviceSpec, site: str) -> jax.Array:
+    """aihwkit's drift-compensation readout of one layer: the identity (one one-hot vector per input) through the
+    tile with its I/O non-idealities; ``max(mean|y|, 1e-4)`` (global) or per output column (column)."""
+    w = w_tile.reshape(-1, w_tile.shape[-1])
+    eye = jnp.eye(w.shape[0], dtype=w.dtype)
+    if spec.io is None:
+        y = eye @ w
+    else:
+        scale = None if spec.io.inp_ranges is None else spec.io.inp_ranges.get(site)
+        y = analog_mvm(key, eye, w, spec.io, inp_scale=scale)
+    axis = 0 if spec.compensation == "column" else None
+    return jnp.maximum(jnp.mean(jnp.abs(y), axis=axis), COMPENSATION_FLOOR)
+
+
+def compensation_readout(key: jax.Array | None, w_tile: jax.Array, spec: DeviceSpec, site: str = "") -> jax.Array:
+    """Public form of the readout: the reference ``r`` of :func:`drift_compensation_factor`."""
+    return _readout(key, w_tile, spec, site)
+
+
+def drift_compensation_factor(r_reference: jax.Array, r_now: jax.Array) -> jax.Array:
+    """``alpha = r0 / r_t``: multiplies the layer's outputs at time t (aihwkit ``apply_drift_compensation``)."""
+    return r_reference / r_now
+
+
+def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) -> dict[str, dict[str, jax.Array]]:
+    """Programs one chip: target conductances, programming noise and drift exponents of every analog layer.
+
+    Args:
+      key: the chip key; programming noise of layer ``site`` uses ``name_key(name_key(key,
+        "jaxnoise/device/program"), site + "/g_plus")`` (and ``/g_minus``), drift exponents ``".../drift"``.
+      params: the model parameters (the clean weights; any weight noise of a ``NoiseSpec`` applied before).
+      spec: the device spec.
+
+    Returns:
+      ``{site: {"g_plus", "g_minus", "nu_plus", "nu_minus", "scale", "w_target", "r0"}}``: programmed
+      conductances, drift exponents (0 without PCM), the mapping scale ``s``, the (modified) tile-unit target and the
+      drift-compensation reference ``r0`` (1 without compensation).
+    """
+    flat = traverse_util.flatten_dict(params, sep="/")
+    chip = {}
+    for site in analog_sites(params, spec):
+        w = jax.lax.stop_gradient(flat[f"{site}/kernel" if site else "kernel"])
+        if spec.modifier is not None:
+            w = modify_weights(_key(key, "jaxnoise/device/modifier", site), w, spec.modifier)
+        g_plus, g_minus, scale = weights_to_conductances(w, spec.g_max, spec.g_min,
+                                                         per_column=spec.mapping == "column")
+        target = _tile(g_plus, g_minus, spec)
+        if spec.pcm is not None:
+            kp = _key(key, "jaxnoise/device/program", site)
+            kd = _key(key, "jaxnoise/device/drift", site)
+            nu_plus = drift_exponents(noise_lib.name_key(kd, "g_plus"), g_plus, spec.pcm, spec.g_max)
+            nu_minus = drift_exponents(noise_lib.name_key(kd, "g_minus"), g_minus, spec.pcm, spec.g_max)
+            g_plus = program_conductances(noise_lib.name_key(kp, "g_plus"), g_plus, spec.pcm, spec.g_max)
+            g_minus = program_conductances(noise_lib.name_key(kp, "g_minus"), g_minus, spec.pcm, spec.g_max)
+        else:
+            nu_plus = nu_minus = jnp.zeros_like(g_plus)
+        if spec.compensation is not None:
+            r0 = _readout(_key(key, "jaxnoise/device/compensation", site), _tile(g_plus, g_minus, spec), spec, site)
+        else:
+            r0 = jnp.ones((), w.dtype)
+        chip[site] = {"g_plus": g_plus, "g_minus": g_minus, "nu_plus": nu_plus, "nu_minus": nu_minus,
+                      "scale": scale, "w_target": target, "r0": r0}
+    return chip
+
+
+def read_chip(key: jax.Array, chip: Mapping[str, Mapping[str, jax.Array]], t_inference: Any,
+              spec: DeviceSpec) -> dict[str, dict[str, jax.Array]]:
+    """One read of a programmed chip at ``t_inference`` s: drift, fresh read noise, drift compensation.
+
+    Args:
+      key: the read key (read noise of ``site`` from ``name_key(name_key(key, "jaxnoise/device/read"), site)``).
+      chip: from :func:`program_chip`.
+      t_inference: seconds after programming (array data: a sweep over times compiles once), >= 0.
+      spec: the device spec.
+
+    Returns:
+      ``{site: {"w_tile", "w_scale", "alpha"}}``: tile weights (normalised), ``A = (g_max - g_min) / s`` (the
+      weight of a unit tile weight) and the drift-compensation factor (1 without compensation).
+    """
+    check_times(t_inference)
+    out = {}
+    for site, c in chip.items():
+        g_plus, g_minus = c["g_plus"], c["g_minus"]
+        if spec.pcm is not None:
+            kr = _key(key, "jaxnoise/device/read", site)
+            g_plus = read_conductances(noise_lib.name_key(kr, "g_plus"), g_plus, c["nu_plus"], t_inference, spec.pcm,
+                                       spec.g_max)
+            g_minus = read_conductances(noise_lib.name_key(kr, "g_minus"), g_minus, c["nu_minus"], t_inference,
+                                        spec.pcm, spec.g_max)
+        w_tile = _tile(g_plus, g_minus, spec)
+        if spec.compensation is not None:
+            r_t = _readout(_key(key, "jaxnoise/device/compensation", site), w_tile, spec, site)
+            alpha = drift_compensation_factor(c["r0"], r_t)
+        else:
+            alpha = jnp.ones((), w_tile.dtype)
+        dt = w_tile.dtype
+        w_scale = (jnp.asarray(spec.g_max, dt) - jnp.asarray(spec.g_min, dt)) / c["scale"]
+        out[site] = {"w_tile": w_tile, "w_scale": w_scale, "alpha": alpha}
+    return out
+
+
+@struct.dataclass
+class ChipRead:
+    """A programmed chip read at one time: what a forward pass needs besides its pass key.
+
+    Attributes:
+      spec: the device spec.
+      layers: ``{site: {"w_tile", "w_scale", "alpha"}}`` from :func:`read_chip`.
+    """
+
+    spec: DeviceSpec
+    layers: Mapping[str, Mapping[str, jax.Array]]
+
+
+def read(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec, t_inference: Any = None,
+         read_key: jax.Array | None = None) -> ChipRead:
+    """Programs the chip of ``key`` and reads it at ``t_inference`` (default ``spec.t_inference``).
+
+    The read key defaults to ``name_key(key, "jaxnoise/device/read_pass")``.
+    """
+    t = spec.t_inference if t_inference is None else t_inference
+    chip = program_chip(key, params, spec)
+    rk = noise_lib.name_key(key, "jaxnoise/device/read_pass") if read_key is None else read_key
+    return ChipRead(spec=spec, layers=read_chip(rk, chip, t, spec))
+
+
+class AnalogContext:
+    """The analog layers of one forward pass (lives only while tracing; used by ``noise.SiteContext.mvm``).
+
+    Args:
+      chip: the :class:`ChipRead` of this pass.
+      key: the pass key of the I/O noise (output noise keyed ``name_key(name_key(key, "jaxnoise/device/io"),
+        site)``), or None for none (quantisation still applies).
+    """
+
+    def __init__(self, chip: ChipRead, key: jax.Array | None):
+        self.chip = chip
+        self.key = None if key is None else noise_lib.name_key(key, "jaxnoise/device/io")
+
+    def handles(self, site: str) -> bool:
+        return site in self.chip.layers
+
+    def mvm(self, site: str, x: jax.Array, kernel: jax.Array, geometry: Mapping[str, int] | None) -> jax.Array:
+        """The analog layer's output ``~ op(x, kernel)``: tile weights, I/O, ``* A * alpha``."""
+        layer = self.chip.layers[site]
+        spec = self.chip.spec
+        a = jax.lax.stop_gradient(layer["w_scale"]).astype(x.dtype)
+        # Value: the chip's tile weights; gradient: to the clean kernel (straight-through).
+        w = kernel.astype(x.dtype) / a
+        w = w + jax.lax.stop_gradient(layer["w_tile"].astype(x.dtype) - w)
+        if spec.io is None:
+            y = _linear(x, w, geometry)
+        else:
+            scale = None if spec.io.inp_ranges is None else spec.io.inp_ranges.get(site)
+            key = None if self.key is None else noise_lib.name_key(self.key, site)
+            y = _analog_mvm_ste(key, x, w, spec.io, scale, None if geometry is None else tuple(geometry.items()))
+        return y * a * jax.lax.stop_gradient(layer["alpha"]).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def _ideal() -> DeviceSpec:
+    return DeviceSpec(name="ideal")
+
+
+def _aihwkit_inference_default() -> DeviceSpec:
+    return DeviceSpec(io=IOParams(), pcm=PCMModel(), mapping="tensor", compensation="global",
+                      name="aihwkit_inference_default")
+
+
+def _hwa_standard() -> DeviceSpec:
+    io = IOParams(inp_bound=1.0, inp_res=1.0 / 254, out_bound=10.0, out_res=1.0 / 254, out_noise=0.04,
+                  w_noise=0.0175, nm_scale=1.0, noise_management="constant", bound_management="none")
+    return DeviceSpec(io=io, pcm=PCMModel(), mapping="column", compensation="global", name="hwa_standard")
+
+
+PRESETS = {"ideal": _ideal, "aihwkit_inference_default": _aihwkit_inference_default, "hwa_standard": _hwa_standard}
+PRESET_DOCS = {
+    "ideal": "no device effects: the exact network",
+    "aihwkit_inference_default": "aihwkit InferenceRPUConfig defaults: IOParameters() (7-bit DAC with abs-max "
+                                 "scaling, 9-bit ADC at +-12, output noise 0.06, iterative bound management), "
+                                 "PCMLikeNoiseModel (g_max 25 uS, per-tensor mapping), global drift compensation",
+    "hwa_standard": "aihwkit StandardHWATrainingPreset: 8-bit DAC/ADC, constant input ranges, out_bound 10, output "
+                    "noise 0.04, PCM-read w_noise 0.0175, channel-wise mapping (weights remapped to max 1 per column, "
+                    "so clipped to +-1), PCM model and global drift compensation at inference",
+}
+
+
+def preset(name: str) -> DeviceSpec:
+    """A named device spec (data: change any field with ``.replace``).
+
+    Args:
+      name: one of ``PRESETS``: ``ideal``, ``aihwkit_inference_default``, ``hwa_standard``.
+
+    Returns:
+      The :class:`DeviceSpec`. ``hwa_standard``'s input ranges are not set: calibrate them with
+      :func:`calibrate_input_ranges` (aihwkit initialises them from data, ``init_std_alpha = 3``).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown device preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return PRESETS[name]()
+
+
+def calibrate_input_ranges(apply_fn, variables, images, *, statistic: str = "std", alpha: float = 3.0,
+                           batch_size: int = 256) -> dict[str, jax.Array]:
+    """Per-layer constant input ranges of the analog layers from clean data, for ``IOParams(inp_ranges=...)``.
+
+    ``statistic="std"``: ``alpha * std(x)`` pooled over every image, position and channel of the layer input
+    (aihwkit ``InputRangeParameter(init_from_data, init_std_alpha=3)``; aihwkit then learns the ranges, this
+    library keeps them fixed). ``"absmax"``: ``alpha * max|x|`` (no input is clipped on the calibration data when
+    ``alpha >= 1``).
+
+    Args:
+      apply_fn: ``apply(variables, x, *, capture_mvm=True)`` returning clean layer inputs in
+        ``features["mvm_inputs"]`` (every ``jaxnoise.models`` model does).
+      variables: model variables.
+      images: preprocessed calibration inputs (the library uses ``data.calibration_images`` of the train split).
+      statistic: ``"std"`` or ``"absmax"``.
+      alpha: the multiple of the statistic.
+      batch_size: images per pass.
+
+    Returns:
+      ``{site: float32 range}``.
+    """
+    _choice(statistic, ("std", "absmax"), "input-range statistic")
+    _check_positive(alpha, "alpha")
+    if len(images) == 0:
+        raise ValueError("calibrate_input_ranges needs at least one image.")
+
+    @jax.jit
+    def stats(x):
+        _, feats = apply_fn(variables, x, capture_mvm=True)
+        return {s: (jnp.sum(v), jnp.sum(v * v), jnp.float32(v.size), jnp.max(jnp.abs(v)))
+                for s, v in feats["mvm_inputs"].items()}
+
+    total = None
+    for start in range(0, len(images), batch_size):
+        s = jax.tree.map(lambda a: np.asarray(a, np.float64), stats(jnp.asarray(images[start:start + batch_size])))
+        total = s if total is None else {k: (a[0] + b[0], a[1] + b[1], a[2] + b[2], max(a[3], b[3]))
+                                         for (k, a), b in zip(total.items(), s.values())}
+    out = {}
+    for site, (s1, s2, n, amax) in total.items():
+        mean = s1 / n
+        value = math.sqrt(max(s2 / n - mean * mean, 0.0)) if statistic == "std" else amax
+        out[site] = jnp.float32(alpha * value if value > 0 else 1.0)
+    return out
