@@ -1,0 +1,456 @@
+"""Tests of the device models (jaxnoise.device): statistics, NumPy transcriptions, keys, compensation, sweeps.
+
+Statistical tolerances come from the sample sizes: a sample mean of n draws is checked within 5 standard errors,
+a sample std within 5 * sigma / sqrt(2 (n - 1)) (its normal-approximation standard error). False failures then
+have probability below 1e-6 per check, and a wrong constant (e.g. a 5% error in a coefficient) fails.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.integrate
+
+from jaxnoise import device, methods, robustness
+from jaxnoise.models import get_model
+
+PCM = device.PCMModel()
+G_MAX = 25.0
+Z = 5.0  # standard errors allowed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NumPy transcriptions of DEVICE-MODELS.md (written independently of the library)
+
+
+def np_map(w, g_max=25.0, g_min=0.0, per_column=False):
+    a = np.max(np.abs(w), axis=tuple(range(w.ndim - 1))) if per_column else np.max(np.abs(w))
+    s = (g_max - g_min) / a
+    return np.clip(w * s, 0, g_max) + g_min, np.clip(-w * s, 0, g_max) + g_min, s
+
+
+def np_sigma_prog(g, g_max=25.0):
+    x = g / g_max
+    return (0.26348 + 1.9650 * x - 1.1731 * x ** 2) * g_max / 25
+
+
+def np_nu_stats(g, g_max=25.0):
+    g_rel = np.maximum(np.abs(g) / g_max, 1e-7)
+    mu = np.clip(-0.0155 * np.log(g_rel) + 0.0244, 0.049, 0.1)
+    sig = np.clip(-0.0125 * np.log(g_rel) - 0.0059, 0.008, 0.045)
+    return mu, sig
+
+
+def np_sigma_read(g_prog, t_inf, g_max=25.0):
+    q_s = np.minimum(0.0088 / np.maximum((np.abs(g_prog) / g_max) ** 0.65, 1e-3), 0.2)
+    t = t_inf + 20.0
+    return q_s * np.sqrt(np.log((t + 250e-9) / (2 * 250e-9)))
+
+
+def np_quantize(x, res, bound):
+    step = res * 2 * bound
+    return np.clip(np.round(x / step) * step, -bound, bound)  # np.round: half to even
+
+
+def np_mvm_dense(x, w, inp_res, inp_bound, out_res, out_bound):
+    """aihwkit forward without noise or bound management: abs-max per row, DAC, W, ADC, rescale."""
+    s = np.max(np.abs(x), axis=-1, keepdims=True)
+    s = np.where(s > 0, s, 1.0)
+    xq = np_quantize(x / s, inp_res, inp_bound)
+    return np_quantize(xq @ w, out_res, out_bound) * s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mapping and the PCM model
+
+
+@pytest.mark.parametrize("per_column", [False, True])
+@pytest.mark.parametrize("g_min", [0.0, 2.0])
+def test_mapping_matches_numpy_and_round_trips(per_column, g_min):
+    w = np.asarray(jax.random.normal(jax.random.key(0), (7, 5)), np.float32)
+    gp, gm, s = device.weights_to_conductances(jnp.asarray(w), 25.0, g_min, per_column=per_column)
+    npp, npm, nps = np_map(w.astype(np.float64), 25.0, g_min, per_column)
+    np.testing.assert_allclose(gp, npp, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(gm, npm, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(s, nps, rtol=1e-6)
+    back = device.conductances_to_weights(gp, gm, s)
+    np.testing.assert_allclose(back, w, rtol=0, atol=1e-6 * np.max(np.abs(w)))
+    assert float(jnp.max(jnp.maximum(gp, gm))) <= 25.0 + 1e-5
+
+
+@pytest.mark.parametrize("g_target", [2.0, 5.0, 12.5, 25.0])
+def test_programming_noise_std_matches_polynomial(g_target):
+    n = 200_000
+    g = jnp.full((n,), g_target, jnp.float32)
+    draws = np.asarray(device.program_conductances(jax.random.key(1), g, PCM, G_MAX), np.float64)
+    sigma = np_sigma_prog(g_target)
+    assert abs(draws.mean() - g_target) < Z * sigma / math.sqrt(n)
+    assert abs(draws.std(ddof=1) - sigma) < Z * sigma / math.sqrt(2 * (n - 1))
+    np.testing.assert_allclose(device.programming_noise_std(g[:1], PCM, G_MAX), [sigma], rtol=1e-5)
+
+
+def test_programming_draw_is_the_formula_with_the_keys_normal():
+    g = jnp.linspace(0.0, 25.0, 11)
+    key = jax.random.key(2)
+    z = np.asarray(jax.random.normal(jax.random.clone(key), g.shape), np.float64)
+    got = device.program_conductances(key, g, PCM, G_MAX)
+    want = np.maximum(np.asarray(g) + np_sigma_prog(np.asarray(g, np.float64)) * z, 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_drift_exponent_stats_match_numpy():
+    g = np.array([0.0, 1e-6, 0.1, 1.0, 5.0, 12.0, 25.0], np.float32)
+    mu, sig = device.drift_exponent_stats(jnp.asarray(g), PCM, G_MAX)
+    np_mu, np_sig = np_nu_stats(g.astype(np.float64))
+    np.testing.assert_allclose(mu, np_mu, rtol=1e-5)
+    np.testing.assert_allclose(sig, np_sig, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t_inf", [3600.0, 31536000.0])
+def test_mean_drift_factor_matches_folded_normal_expectation(t_inf):
+    """E[((t_inf + t0)/t0)^-nu] with nu = |mu + sigma Z|, by numerical integration over Z."""
+    g_target = 5.0
+    n = 200_000
+    mu, sig = np_nu_stats(np.float64(g_target))
+    r = (t_inf + 20.0) / 20.0
+    pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    f = lambda z: r ** (-abs(mu + sig * z)) * pdf(z)  # noqa: E731
+    f2 = lambda z: r ** (-2 * abs(mu + sig * z)) * pdf(z)  # noqa: E731
+    mean = scipy.integrate.quad(f, -12, 12, points=[-mu / sig])[0]
+    var = scipy.integrate.quad(f2, -12, 12, points=[-mu / sig])[0] - mean ** 2
+    g = jnp.full((n,), g_target, jnp.float32)
+    nu = device.drift_exponents(jax.random.key(3), g, PCM, G_MAX)
+    factor = np.asarray(device.drift(jnp.ones((n,)), nu, t_inf, PCM), np.float64)
+    assert abs(factor.mean() - mean) < Z * math.sqrt(var / n)
+    assert float(jnp.min(nu)) >= 0.0
+
+
+def test_drift_is_identity_at_time_zero_and_monotone():
+    nu = jnp.array([0.0, 0.05, 0.1])
+    g = jnp.array([10.0, 10.0, 10.0])
+    np.testing.assert_array_equal(device.drift(g, nu, 0.0, PCM), g)
+    later = device.drift(g, nu, 86400.0, PCM)
+    assert float(later[0]) == 10.0 and float(later[2]) < float(later[1]) < 10.0
+
+
+@pytest.mark.parametrize("t_inf", [1.0, 86400.0])
+def test_read_noise_std_matches_sigma_rd(t_inf):
+    n = 200_000
+    g_prog = 20.0
+    sigma_rd = float(np_sigma_read(np.float64(g_prog), t_inf))
+    np.testing.assert_allclose(device.read_noise_std(jnp.asarray([g_prog]), t_inf, PCM, G_MAX), [sigma_rd],
+                               rtol=1e-5)
+    g = jnp.full((n,), g_prog)
+    reads = np.asarray(device.read_conductances(jax.random.key(4), g, jnp.zeros((n,)), t_inf, PCM, G_MAX),
+                       np.float64)
+    rel = reads / g_prog - 1.0
+    assert abs(rel.mean()) < Z * sigma_rd / math.sqrt(n)
+    assert abs(rel.std(ddof=1) - sigma_rd) < Z * sigma_rd / math.sqrt(2 * (n - 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantisers and the analog MVM
+
+
+def test_quantize_levels_half_to_even_clipping_and_identity():
+    res, bound = 0.25, 2.0            # step = 0.25 * 2 * 2 = 1
+    x = jnp.array([0.5, 1.5, 2.5, -0.5, -1.5, 0.49, 0.51, 7.0, -7.0])
+    got = device.quantize(x, res, bound)
+    np.testing.assert_array_equal(got, [0.0, 2.0, 2.0, -0.0, -2.0, 0.0, 1.0, 2.0, -2.0])
+    y = jax.random.normal(jax.random.key(5), (1000,)) * 3
+    q = np.asarray(device.quantize(y, 1 / 126, 1.0))
+    steps = q / (2 / 126)
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)        # on the grid
+    assert np.max(np.abs(q)) <= 1.0
+    np.testing.assert_array_equal(device.quantize(y, None, None), y)   # infinite resolution, no bound
+    np.testing.assert_allclose(device.quantize(y, 1e-7, None), y, atol=1e-5)
+    np.testing.assert_allclose(q, np_quantize(np.asarray(y, np.float64), 1 / 126, 1.0), atol=1e-6)
+
+
+def test_quantize_gradient_is_straight_through():
+    g = jax.grad(lambda x: jnp.sum(device.quantize(x, 1 / 10, 1.0) * jnp.arange(4.0)))(jnp.array([0.3, 5, -5, 0]))
+    np.testing.assert_array_equal(g, [0.0, 1.0, 2.0, 3.0])
+
+
+def test_analog_mvm_dense_matches_numpy_without_noise():
+    x = np.asarray(jax.random.normal(jax.random.key(6), (16, 12)), np.float32)
+    w = np.asarray(jax.random.uniform(jax.random.key(7), (12, 6), minval=-1, maxval=1), np.float32)
+    io = device.IOParams(out_noise=0.0, bound_management="none")
+    got = device.analog_mvm(None, jnp.asarray(x), jnp.asarray(w), io)
+    want = np_mvm_dense(x.astype(np.float64), w.astype(np.float64), 1 / 126, 1.0, 1 / 510, 12.0)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_analog_mvm_output_noise_std():
+    """Without quantisation, analog - exact = s * out_noise * N per output (s = max|x| of the row)."""
+    n_rows = 4000
+    x = jax.random.normal(jax.random.key(8), (n_rows, 10))
+    w = jax.random.uniform(jax.random.key(9), (10, 8), minval=-1, maxval=1)
+    io = device.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.06)
+    s = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    z = np.asarray((device.analog_mvm(jax.random.key(10), x, w, io) - x @ w) / s, np.float64).ravel()
+    n = z.size
+    assert abs(z.mean()) < Z * 0.06 / math.sqrt(n)
+    assert abs(z.std(ddof=1) - 0.06) < Z * 0.06 / math.sqrt(2 * (n - 1))
+
+
+def test_analog_mvm_pcm_read_output_noise_std():
+    """w_noise: the per-output std is w_noise * sqrt(sum_j |w_ij| x'_j^2) (in units of the scaled input)."""
+    x = jnp.tile(jnp.array([[1.0, -0.5, 0.25, 0.0]]), (20000, 1))
+    w = jnp.array([[0.5], [-1.0], [0.25], [1.0]])
+    io = device.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.0, w_noise=0.1)
+    y = np.asarray(device.analog_mvm(jax.random.key(11), x, w, io), np.float64).ravel()
+    sigma = 0.1 * math.sqrt(0.5 * 1 + 1.0 * 0.25 + 0.25 * 0.0625)
+    n = y.size
+    assert abs(y.mean() - float((x @ w)[0, 0])) < Z * sigma / math.sqrt(n)
+    assert abs(y.std(ddof=1) - sigma) < Z * sigma / math.sqrt(2 * (n - 1))
+
+
+def test_bound_management_rescales_clipped_vectors():
+    """A vector whose output clips is re-run at half the input scale: no clipping, the exact result."""
+    x = jnp.ones((2, 40)) * jnp.array([[1.0], [0.01]])   # sum of 40 ones = 40 > out_bound 12
+    w = jnp.ones((40, 1))
+    base = dict(inp_res=None, out_res=None, out_noise=0.0)
+    none = device.analog_mvm(None, x, w, device.IOParams(bound_management="none", **base))
+    it = device.analog_mvm(None, x, w, device.IOParams(bound_management="iterative", **base))
+    np.testing.assert_allclose(none[:, 0], [12.0, 0.12], rtol=1e-6)    # clipped at the ADC bound
+    np.testing.assert_allclose(it[:, 0], [40.0, 0.4], rtol=1e-6)       # 4x down-scaled, exact
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("nm", ["abs_max", "constant"])
+def test_analog_conv_equals_analog_dense_on_im2col_patches(stride, nm):
+    x = jax.random.normal(jax.random.key(12), (2, 9, 9, 3))
+    w = jax.random.uniform(jax.random.key(13), (3, 3, 3, 4), minval=-1, maxval=1)
+    io = device.IOParams(out_noise=0.0, bound_management="none", noise_management=nm, nm_scale=4.0)
+    got = device.analog_mvm(None, x, w, io, geometry={"stride": stride, "padding": 1})
+    patches = device.conv_patches(x, w.shape, stride, 1)
+    want = device.analog_mvm(None, patches, w.reshape(-1, 4), io)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    exact = jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(patches @ w.reshape(-1, 4), exact, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chips, reads, compensation
+
+
+def _dense_params(key, n_in=6, n_out=4):
+    return {"fc": {"kernel": jax.random.normal(key, (n_in, n_out)), "bias": jnp.zeros((n_out,))}}
+
+
+def test_compensation_restores_mean_output_scale_of_a_noiseless_drifted_layer():
+    quiet = device.PCMModel(prog_noise_scale=0.0, read_noise_scale=0.0)
+    spec = device.DeviceSpec(pcm=quiet, compensation="global")
+    params = _dense_params(jax.random.key(14))
+    chip = device.program_chip(jax.random.key(15), params, spec)
+    layer = device.read_chip(jax.random.key(16), chip, 31536000.0, spec)["fc"]
+    drifted = layer["w_tile"]
+    assert float(jnp.mean(jnp.abs(drifted))) < 0.8 * float(jnp.mean(jnp.abs(chip["fc"]["w_target"])))
+    # the readout of the compensated layer equals the reference exactly
+    np.testing.assert_allclose(jnp.mean(jnp.abs(layer["alpha"] * drifted)), chip["fc"]["r0"], rtol=1e-6)
+    # equal drift exponents (all |w| equal, sigma_nu = 0): compensation restores every output exactly
+    flat = device.PCMModel(prog_noise_scale=0.0, read_noise_scale=0.0, drift_sigma=(0.0, 0.0),
+                           drift_sigma_clip=(0.0, 0.0))
+    spec = device.DeviceSpec(pcm=flat, compensation="global")
+    signs = {"fc": {"kernel": jnp.sign(params["fc"]["kernel"]), "bias": params["fc"]["bias"]}}
+    chip = device.program_chip(jax.random.key(17), signs, spec)
+    layer = device.read_chip(jax.random.key(18), chip, 86400.0, spec)["fc"]
+    np.testing.assert_allclose(layer["alpha"] * layer["w_tile"], chip["fc"]["w_target"], rtol=1e-5)
+
+
+def test_column_compensation_per_output_column():
+    quiet = device.PCMModel(prog_noise_scale=0.0, read_noise_scale=0.0)
+    spec = device.DeviceSpec(pcm=quiet, compensation="column")
+    params = _dense_params(jax.random.key(19))
+    chip = device.program_chip(jax.random.key(20), params, spec)
+    layer = device.read_chip(jax.random.key(21), chip, 3600.0, spec)["fc"]
+    assert layer["alpha"].shape == (4,)
+    np.testing.assert_allclose(jnp.mean(jnp.abs(layer["alpha"] * layer["w_tile"]), axis=0), chip["fc"]["r0"],
+                               rtol=1e-6)
+
+
+def test_chip_is_fixed_and_reads_are_fresh():
+    spec = device.preset("aihwkit_inference_default")
+    params = _dense_params(jax.random.key(22))
+    a = device.program_chip(jax.random.key(23), params, spec)
+    b = device.program_chip(jax.random.key(23), params, spec)
+    for k in ("g_plus", "g_minus", "nu_plus", "nu_minus"):
+        np.testing.assert_array_equal(a["fc"][k], b["fc"][k])
+    r1 = device.read_chip(jax.random.key(24), a, 3600.0, spec)["fc"]["w_tile"]
+    r2 = device.read_chip(jax.random.key(25), a, 3600.0, spec)["fc"]["w_tile"]
+    r1_again = device.read_chip(jax.random.key(24), a, 3600.0, spec)["fc"]["w_tile"]
+    np.testing.assert_array_equal(r1, r1_again)           # same key -> same read
+    assert float(jnp.max(jnp.abs(r1 - r2))) > 0           # a new read draws new read noise
+    c = device.program_chip(jax.random.key(26), params, spec)
+    assert float(jnp.max(jnp.abs(c["fc"]["g_plus"] - a["fc"]["g_plus"]))) > 0   # another chip
+
+
+def test_keys_come_from_layer_names():
+    """Adding a layer leaves the programming draws of the others unchanged."""
+    spec = device.preset("aihwkit_inference_default")
+    params = _dense_params(jax.random.key(27))
+    more = {**params, "aaa_new": {"kernel": jnp.ones((3, 3))}}
+    a = device.program_chip(jax.random.key(28), params, spec)["fc"]
+    b = device.program_chip(jax.random.key(28), more, spec)["fc"]
+    np.testing.assert_array_equal(a["g_plus"], b["g_plus"])
+    np.testing.assert_array_equal(a["nu_minus"], b["nu_minus"])
+
+
+def test_layer_selection_by_path():
+    params = {"conv1": {"kernel": jnp.ones((3, 3, 1, 2))}, "layer1": {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}},
+              "fc": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
+    spec = device.DeviceSpec(pcm=device.PCMModel())
+    assert device.analog_sites(params, spec) == ("conv1", "layer1/conv", "fc")
+    spec = spec.replace(digital_layers=("^conv1$", "^fc$"))
+    assert device.analog_sites(params, spec) == ("layer1/conv",)
+
+
+def test_weight_modifiers_match_formulas():
+    w = jnp.array([[0.5, -1.0], [0.25, 2.0]])
+    a = 2.0
+    key = jax.random.key(29)
+    z = jax.random.normal(jax.random.clone(key), w.shape)
+    cases = {
+        "add_normal": w + 0.1 * a * z,
+        "mult_normal": w * (1 + 0.1 * z),
+        "poly": w + a * 0.1 * (1.0 + 0.5 * jnp.abs(w) / a + 0.25 * (w / a) ** 2) * z,
+    }
+    for kind, want in cases.items():
+        mod = device.WeightModifier(kind=kind, std=0.1, coeffs=(1.0, 0.5, 0.25))
+        np.testing.assert_allclose(device.modify_weights(jax.random.clone(key), w, mod), want, rtol=1e-6)
+    d = device.modify_weights(key, w, device.WeightModifier(kind="discretize", res=0.25))
+    np.testing.assert_allclose(d, a * 0.25 * np.round(np.asarray(w) / (a * 0.25)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models, evaluation, training
+
+
+@pytest.fixture(scope="module")
+def cnn(digits):
+    model = get_model("cnn", input_shape=digits.image_shape, num_classes=10)
+    return model, model.init(jax.random.key(0))
+
+
+def test_ideal_preset_and_no_key_are_the_exact_model(cnn, digits):
+    model, variables = cnn
+    x = digits.preprocess(digits.test.images[:8])
+    exact, _ = model.apply(variables, x)
+    ideal, _ = model.apply(variables, x, key=jax.random.key(1), device=device.preset("ideal"))
+    nokey, _ = model.apply(variables, x, device=device.preset("aihwkit_inference_default"))
+    np.testing.assert_array_equal(ideal, exact)
+    np.testing.assert_array_equal(nokey, exact)
+
+
+def test_noise_free_io_matches_exact_model_and_gradient(cnn, digits):
+    model, variables = cnn
+    x = digits.preprocess(digits.test.images[:8])
+    y = jnp.asarray(digits.test.labels[:8])
+    spec = device.DeviceSpec(io=device.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.0),
+                             mapping="column")
+
+    def loss(params, dev):
+        key = None if dev is None else jax.random.key(2)
+        logits, _ = model.apply({**variables, "params": params}, x, key=key, device=dev)
+        return methods.cross_entropy(logits, y)
+
+    np.testing.assert_allclose(loss(variables["params"], spec), loss(variables["params"], None), rtol=1e-5)
+    g_dev = jax.grad(loss)(variables["params"], spec)
+    g_exact = jax.grad(loss)(variables["params"], None)
+    for a, b in zip(jax.tree.leaves(g_dev), jax.tree.leaves(g_exact)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_time_sweep_compiles_once_and_chips_are_fixed_across_times(trained_digits_cnn, digits):
+    model, variables, _ = trained_digits_cnn
+    x, y = digits.test.images[:60], digits.test.labels[:60]
+    quiet = device.DeviceSpec(pcm=device.PCMModel(read_noise_scale=0.0), compensation=None, name="quiet")
+    kw = dict(key=0, n_chips=3, batch_size=30, preprocess=digits.preprocess)
+    before = robustness.trace_count()
+    both = robustness.evaluate_device(model, variables, x, y, quiet, times=[1.0, 1e8], **kw)
+    other = robustness.evaluate_device(model, variables, x, y, quiet, times=[10.0, 1e6], **kw)
+    assert robustness.trace_count() - before == 1
+    # read noise off and no I/O: a chip's accuracy at t depends only on its programming, whatever the sweep
+    again = robustness.evaluate_device(model, variables, x, y, quiet, times=[1e8, 1.0], **kw)
+    np.testing.assert_array_equal(both[0].per_chip, again[1].per_chip)
+    np.testing.assert_array_equal(both[1].per_chip, again[0].per_chip)
+    assert both[0].noise["weight_noise"]["eta"] == 1.0 and other[1].noise["device"]["t_inference"] == 1e6
+    assert both[1].mean < both[0].mean   # 3 years of uncompensated drift costs accuracy
+
+
+def test_device_evaluation_with_full_preset_and_compensation(trained_digits_cnn, digits):
+    model, variables, _ = trained_digits_cnn
+    x, y = digits.test.images[:60], digits.test.labels[:60]
+    spec = device.preset("aihwkit_inference_default")
+    res = robustness.evaluate_device(model, variables, x, y, spec, times=[1.0, 31536000.0], key=1, n_chips=3,
+                                     batch_size=30, preprocess=digits.preprocess)
+    nocomp = robustness.evaluate_device(model, variables, x, y, spec.replace(compensation=None),
+                                        times=[1.0, 31536000.0], key=1, n_chips=3, batch_size=30,
+                                        preprocess=digits.preprocess)
+    assert all(0.0 <= r.mean <= 1.0 for r in res + nocomp)
+    assert res[1].mean > nocomp[1].mean   # global compensation recovers the drifted year
+    d = res[0].to_dict()
+    assert d["weight_noise"]["kind"] == "device:aihwkit_inference_default" and d["device"]["compensation"] == "global"
+
+
+def test_hardware_aware_training_step_under_a_device(cnn, digits):
+    model, variables = cnn
+    x = digits.preprocess(digits.train.images[:16])
+    y = jnp.asarray(digits.train.labels[:16])
+    spec = device.preset("hwa_standard").training()
+    loss_fn = methods.forward_noise(model, weight_kind=None, device=spec)
+    assert loss_fn.hparams == {} and loss_fn.config["device"]["name"] == "hwa_standard"
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"], variables["batch_stats"],
+                                                                  x, y, jax.random.key(3), {})
+    assert np.isfinite(float(loss))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert float(jnp.linalg.norm(grads["conv1"]["kernel"])) > 0
+    pcm = methods.consistency(model, weight_kind=None, device=device.DeviceSpec(pcm=device.PCMModel()), lam=0.5)
+    loss2, _ = pcm(variables["params"], variables["batch_stats"], x, y, jax.random.key(4), pcm.hparams)
+    assert np.isfinite(float(loss2))
+
+
+def test_calibrate_input_ranges(cnn, digits):
+    model, variables = cnn
+    x = digits.preprocess(digits.train.images[:64])
+    std = device.calibrate_input_ranges(model.apply, variables, x, statistic="std", alpha=3.0)
+    amax = device.calibrate_input_ranges(model.apply, variables, x, statistic="absmax", alpha=1.0)
+    assert set(std) == set(model.sites)
+    np.testing.assert_allclose(amax["conv1"], np.max(np.abs(np.asarray(x))), rtol=1e-6)
+    np.testing.assert_allclose(std["conv1"], 3 * np.std(np.asarray(x, np.float64)), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: device.read_conductances(jax.random.key(0), jnp.ones(2), jnp.zeros(2), -1.0, PCM), "negative"),
+    (lambda: device.DeviceSpec(t_inference=-5.0), "negative"),
+    (lambda: device.weights_to_conductances(jnp.ones(2), g_max=0.0), "g_max"),
+    (lambda: device.DeviceSpec(g_max=-1.0), "g_max"),
+    (lambda: device.DeviceSpec(g_min=30.0), "smaller than g_max"),
+    (lambda: device.IOParams(inp_res=0.0), "infinite resolution"),
+    (lambda: device.IOParams(out_res=-1 / 510), "inp_res|out_res"),
+    (lambda: device.quantize(jnp.ones(2), 0.0, 1.0), "res"),
+    (lambda: device.preset("aihwkit_default"), "unknown device preset"),
+    (lambda: device.IOParams(noise_management="absmax"), "noise_management"),
+    (lambda: device.DeviceSpec(compensation="local"), "drift compensation"),
+    (lambda: device.WeightModifier(kind="discretize", res=0.0), "bin width"),
+])
+def test_bad_input_gets_a_clear_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_evaluate_device_rejects_bad_times(trained_digits_cnn, digits):
+    model, variables, _ = trained_digits_cnn
+    spec = device.preset("aihwkit_inference_default")
+    for times, match in (([1.0, -3.0], "negative"), ([], "empty"), ([float("nan")], "not finite")):
+        with pytest.raises(ValueError, match=match):
+            robustness.evaluate_device(model, variables, digits.test.images[:10], digits.test.labels[:10], spec,
+                                       times=times, key=0, preprocess=digits.preprocess)
