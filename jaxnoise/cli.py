@@ -10,6 +10,8 @@ Examples::
       --weight-noise additive_rel_max --weight-eta 0.1 --n-chips 32
   jaxnoise sweep --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \\
       --weight-etas 0,0.02,0.04,0.06,0.08 --n-chips 32 --out runs/sweep_r20
+  jaxnoise sweep --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \
+      --device aihwkit_inference_default --times 1,3600,86400,2592000,31536000 --n-chips 32
   jaxnoise train --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \\
       --epochs 2 --lr 0.01 --workdir runs/r20_finetune
   jaxnoise denoise --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 import time
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from jaxnoise import checkpoint, data, denoise, methods, models, noise, placement, report, robustness, train
+from jaxnoise import checkpoint, data, denoise, device, methods, models, noise, placement, report, robustness, train
 
 DEMO_WEIGHT_ETAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 
@@ -166,8 +169,56 @@ def _write_outputs(record: dict, out: str, noise_axis: str) -> None:
     print(f"wrote {out}/results.json, results.md, accuracy_vs_eta.png")
 
 
+def build_device(args) -> device.DeviceSpec | None:
+    """The ``--device`` preset with ``--no-drift-compensation`` / ``--digital-layers`` applied, or None."""
+    if args.device is None:
+        if args.times is not None:
+            raise SystemExit("error: --times needs --device (e.g. --device aihwkit_inference_default).")
+        return None
+    spec = device.preset(args.device)
+    if args.no_drift_compensation:
+        spec = spec.replace(compensation=None)
+    if args.digital_layers:
+        spec = spec.replace(digital_layers=tuple(f"^{re.escape(n)}$" for n in args.digital_layers.split(",")))
+    return spec
+
+
+def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | None) -> dict:
+    """``--device``: Monte Carlo accuracy of programmed chips at every ``--times`` (one compiled program)."""
+    dev = build_device(args)
+    times = args.times if args.times is not None else [0.0]
+    images, labels = test_arrays(dataset, args.n_images)
+    t0 = time.time()
+    results = robustness.evaluate_device(model, variables, images, labels, dev, times=times,
+                                         key=jax.random.key(args.seed), n_chips=args.n_chips, noise=spec,
+                                         batch_size=args.batch_size, chip_batch_size=args.chip_batch_size,
+                                         preprocess=dataset.preprocess)
+    for t, r in zip(times, results):
+        lo, hi = r.ci95
+        print(f"{model.name} on {dataset.name} test ({r.n_images} images), {dev.name}, t = {t:g} s, "
+              f"{r.n_chips} chips: mean {100 * r.mean:.2f}%  95% CI [{100 * lo:.2f}, {100 * hi:.2f}]  "
+              f"5th-percentile chip {100 * r.p5:.2f}%")
+    extra = _describe_extra(args, spec) if spec is not None else {}
+    arm = report.arm(args.arm_name or model.name, model.name, args.method, model.param_count(variables), results,
+                     train={**source, **extra})
+    record = report.result_record(
+        args.experiment or f"device_{model.name}_{dataset.name}", _command_line(), [arm],
+        {"name": dataset.name, "split": "test", "n_images": int(len(labels))})
+    record["wall_seconds"] = round(time.time() - t0, 1)
+    out = args.out or os.path.join("runs", record["experiment"])
+    _write_outputs(record, out, "weight")
+    return record
+
+
 def cmd_sweep(args) -> dict:
     model, variables, dataset, source = load_model(args)
+    if args.device is not None:
+        if args.weight_etas is not None or args.act_etas is not None:
+            raise SystemExit("error: with --device the sweep is over --times; drop --weight-etas/--act-etas "
+                             "(compose fixed noise with `jaxnoise eval --device ... --weight-eta ...`).")
+        if args.times is None:
+            raise SystemExit("error: --device needs --times, e.g. --times 1,3600,86400,2592000,31536000.")
+        return run_device(args, model, variables, dataset, source, None)
     if (args.weight_etas is None) == (args.act_etas is None):
         raise SystemExit("error: give exactly one of --weight-etas or --act-etas.")
     weight = args.weight_etas is not None
@@ -195,6 +246,9 @@ def cmd_eval(args) -> dict:
     act = args.act_eta > 0
     spec = build_spec(args, model, variables, dataset, weight=weight, act=act)
     spec = spec.replace(weight_eta=args.weight_eta if weight else 0.0, act_eta=args.act_eta if act else 0.0)
+    if args.device is not None:
+        return run_device(args, model, variables, dataset, source, spec if (weight or act) else None)
+    build_device(args)  # rejects --times without --device
     images, labels = test_arrays(dataset, args.n_images)
     noisy = weight or act
     result = robustness.evaluate(model, variables, images, labels, spec if noisy else None,
@@ -420,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--experiment", default=None, help="experiment name recorded in the result file")
         p.add_argument("--arm-name", default=None)
         p.add_argument("--method", default="clean", help="training method of these weights, for the record")
+        g = p.add_argument_group("analog device (jaxnoise.device)")
+        g.add_argument("--device", default=None, choices=sorted(device.PRESETS),
+                       help="device preset: PCM programming/drift/read noise and MVM I/O non-idealities")
+        g.add_argument("--times", type=_floats, default=None,
+                       help="inference times in s after programming, e.g. 1,3600,86400,2592000,31536000 "
+                            "(one compiled program for all; eval default 0)")
+        g.add_argument("--no-drift-compensation", action="store_true", help="turn the preset's compensation off")
+        g.add_argument("--digital-layers", default=None, help="layers kept digital, comma-separated (e.g. conv1,fc)")
         if name == "eval":
             p.add_argument("--weight-eta", type=float, default=0.0)
             p.add_argument("--act-eta", type=float, default=0.0)

@@ -286,7 +286,12 @@ def plot_sweep(record: Mapping[str, Any], path: str | os.PathLike, noise: str = 
     if n_lines == 0:
         raise ValueError(f"the record has no entries with {noise} noise to plot.")
     kinds = _kinds(record, noise)
-    ax.set_xlabel(f"{noise} noise eta" + (f" ({', '.join(kinds)})" if kinds else ""))
+    if kinds and all(k.startswith("device:") for k in kinds):
+        # device evaluations: eta is the inference time in seconds (robustness.describe_device)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel(f"time after programming, s ({', '.join(k[len('device:'):] for k in kinds)})")
+    else:
+        ax.set_xlabel(f"{noise} noise eta" + (f" ({', '.join(kinds)})" if kinds else ""))
     ax.set_ylabel("accuracy (%)")
     ds = record.get("dataset", {})
     ax.set_title(f"{record.get('experiment', '')}: {ds.get('name', '')} {ds.get('split', '')}, mean and 95% CI",

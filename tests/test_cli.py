@@ -60,6 +60,23 @@ def test_activation_sweep_digits(tmp_path):
     assert evals[0]["weight_noise"] is None
     _check_results(out / "results.json")
 
+    # Device time sweep of the same checkpoint: one entry per time, device spec recorded, shared format.
+    dev_out = tmp_path / "device"
+    assert cli.main(["sweep", "--checkpoint", str(workdir), "--device", "aihwkit_inference_default",
+                     "--times", "1,86400", "--n-chips", "2", "--n-images", "60", "--out", str(dev_out)]) == 0
+    evals = json.loads((dev_out / "results.json").read_text())["arms"][0]["eval"]
+    assert [e["weight_noise"]["t_inference_s"] for e in evals] == [1.0, 86400.0]
+    assert evals[0]["device"]["name"] == "aihwkit_inference_default" and evals[0]["device"]["pcm"]["t0"] == 20.0
+    _check_results(dev_out / "results.json")
+    assert (dev_out / "accuracy_vs_eta.png").exists()
+    # eval: a preset composed with weight noise, compensation off, first layer digital
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--device", "hwa_standard", "--no-drift-compensation",
+                     "--digital-layers", "conv1", "--weight-eta", "0.05", "--times", "3600", "--n-chips", "2",
+                     "--n-images", "30", "--out", str(tmp_path / "dev_eval")]) == 0
+    entry = json.loads((tmp_path / "dev_eval" / "results.json").read_text())["arms"][0]["eval"][0]
+    assert entry["device"]["compensation"] is None and entry["device"]["digital_layers"] == ["^conv1$"]
+    assert entry["weight_noise_spec"] == {"kind": "additive_rel_max", "eta": 0.05}
+
 
 @pytest.mark.cifar
 @pytest.mark.skipif(not os.path.exists(PRETRAINED), reason="pretrained weights not present")
@@ -120,6 +137,12 @@ def test_negative_eta_rejected(tmp_path, capsys):
     assert cli.main(["train", "--model", "mlp", "--epochs", "1", "--workdir", str(workdir)]) == 0
     assert cli.main(["sweep", "--checkpoint", str(workdir), "--weight-etas", "0,-0.1"]) == 2
     assert "negative" in capsys.readouterr().err
+    assert cli.main(["sweep", "--checkpoint", str(workdir), "--device", "ideal", "--times", "1,-5"]) == 2
+    assert "negative" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--times needs --device"):
+        cli.main(["eval", "--checkpoint", str(workdir), "--times", "1"])
+    with pytest.raises(SystemExit, match="needs --times"):
+        cli.main(["sweep", "--checkpoint", str(workdir), "--device", "ideal"])
 
 
 def test_module_entry_point_help():
