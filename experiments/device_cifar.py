@@ -33,7 +33,6 @@ import shlex
 import sys
 import time
 
-import jax
 import numpy as np
 
 from jaxnoise import checkpoint, data, device, methods, report, robustness, train

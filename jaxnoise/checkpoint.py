@@ -346,7 +346,7 @@ class CheckpointManager:
                 raise CheckpointMismatchError(
                     f"checkpoint {self.step_path(step)!r} does not match the structure it is restored into:\n"
                     + "\n".join(lines) + "\nIt was probably written for another model or optimizer "
-                    f"configuration; use a matching model/config, or another directory.")
+                    "configuration; use a matching model/config, or another directory.")
         item = _restore_item(stored if target is None else target)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(

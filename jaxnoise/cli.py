@@ -291,9 +291,22 @@ def build_loss(args, model, variables, dataset):
             raise SystemExit("error: additive activation-noise training calibrates r_site on the starting weights: "
                              "give --weights or --checkpoint.")
         ref = calibrate(model, variables, dataset, args.act_statistic)
-    kwargs = dict(eta_train=args.eta_train, weight_kind=args.train_weight_noise, act_kind=args.train_act_noise,
+    dev = None
+    if args.train_device is not None:
+        # aihwkit's training view: I/O non-idealities (and modifiers), PCM and compensation off.
+        dev = device.preset(args.train_device).training()
+        if dev.io is not None and dev.io.noise_management == "constant":
+            if variables is None:
+                raise SystemExit("error: --train-device with constant input ranges calibrates them on the starting "
+                                 "weights: give --weights or --checkpoint.")
+            images = jax.jit(dataset.preprocess)(jnp.asarray(data.calibration_images(dataset.train, n=1024, seed=0)))
+            ranges = device.calibrate_input_ranges(model.apply, variables, np.asarray(images), statistic="absmax",
+                                                   alpha=1.0)
+            dev = dev.replace(io=dev.io.replace(inp_ranges=ranges))
+    weight_kind = None if args.train_weight_noise == "none" else args.train_weight_noise
+    kwargs = dict(eta_train=args.eta_train, weight_kind=weight_kind, act_kind=args.train_act_noise,
                   act_eta_train=args.act_eta_train, act_ref=ref, num_draws=args.num_draws,
-                  draw_batch_size=args.draw_batch_size)
+                  draw_batch_size=args.draw_batch_size, device=dev)
     if args.method == "consistency":
         teacher = checkpoint.load_variables(args.teacher, model) if args.teacher else None
         kwargs.update(lam=args.lam, sites=_sites(args.sites), distance=args.distance, teacher=teacher)
@@ -416,8 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("noise-aware training (jaxnoise.methods)")
     g.add_argument("--method", default="clean", choices=methods.METHODS)
     g.add_argument("--eta-train", type=float, default=0.1, help="weight-noise scale during training")
-    g.add_argument("--train-weight-noise", default="additive_rel_max", choices=sorted(noise.WEIGHT_KINDS),
+    g.add_argument("--train-weight-noise", default="additive_rel_max", choices=sorted(noise.WEIGHT_KINDS) + ["none"],
                    help="weight-noise kind during training (default additive_rel_max: sigma = eta * max|W|)")
+    g.add_argument("--train-device", default=None, choices=sorted(device.PRESETS),
+                   help="hardware-aware training under a device preset's training view (I/O non-idealities with "
+                        "straight-through quantisers; constant input ranges = max|x| of the starting weights)")
     g.add_argument("--train-act-noise", default=None, choices=sorted(noise.ACTIVATION_KINDS),
                    help="also inject activation noise of this kind (off by default)")
     g.add_argument("--act-eta-train", type=float, default=0.0)

@@ -46,6 +46,15 @@ def test_train_then_eval_from_checkpoint(tmp_path, capsys):
     _check_results(tmp_path / "eval" / "results.json")
     # Running the same training command again resumes the finished run instead of starting over.
     assert cli.main(args) == 0
+    # Hardware-aware fine-tuning from that checkpoint under the hwa_standard preset, device recorded.
+    hwa = tmp_path / "hwa"
+    assert cli.main(["train", "--checkpoint", str(workdir), "--method", "forward_noise", "--train-weight-noise",
+                     "none", "--train-device", "hwa_standard", "--epochs", "1", "--lr", "0.01", "--max-steps", "3",
+                     "--workdir", str(hwa)]) == 0
+    meta = json.loads((hwa / "checkpoints" / "metadata.json").read_text())
+    dev = meta["loss_config"]["device"]
+    assert meta["step"] == 3 and dev["name"] == "hwa_standard" and dev["pcm"] is None
+    assert set(dev["io"]["inp_ranges"]) == {"fc1", "fc2", "head"} and meta["hparams"] == {}
 
 
 def test_activation_sweep_digits(tmp_path):
