@@ -127,6 +127,37 @@ def test_mean_drift_factor_matches_folded_normal_expectation(t_inf):
     assert float(jnp.min(nu)) >= 0.0
 
 
+def test_drift_and_read_match_numpy_on_a_small_layer():
+    """A 4x3 dense layer's conductances through drift and one read, against the formulas with the same normals."""
+    w = np.asarray(jax.random.normal(jax.random.key(30), (4, 3)), np.float64)
+    g_plus, _, _ = np_map(w)
+    g = jnp.asarray(g_plus, jnp.float32)
+    nu = device.drift_exponents(jax.random.key(31), g, PCM, G_MAX)
+    z_nu = np.asarray(jax.random.normal(jax.random.key(31), g.shape), np.float64)
+    mu, sig = np_nu_stats(g_plus)
+    np.testing.assert_allclose(nu, np.abs(mu + sig * z_nu), rtol=1e-5, atol=1e-7)
+    t_inf = 86400.0
+    g_d = g_plus * ((t_inf + 20.0) / 20.0) ** (-np.asarray(nu, np.float64))
+    np.testing.assert_allclose(device.drift(g, nu, t_inf, PCM), g_d, rtol=1e-5)
+    z_rd = np.asarray(jax.random.normal(jax.random.key(32), g.shape), np.float64)
+    want = np.maximum(g_d + np.abs(g_d) * np_sigma_read(g_plus, t_inf) * z_rd, 0.0)
+    got = device.read_conductances(jax.random.key(32), g, nu, t_inf, PCM, G_MAX)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_compensation_readout_matches_numpy():
+    """The identity readout through an exact MVM is mean|W| (global) or mean|W| per column."""
+    w = np.asarray(jax.random.normal(jax.random.key(33), (5, 3)), np.float32)
+    glob = device.compensation_readout(None, jnp.asarray(w), device.DeviceSpec(compensation="global"))
+    col = device.compensation_readout(None, jnp.asarray(w), device.DeviceSpec(compensation="column"))
+    np.testing.assert_allclose(glob, np.mean(np.abs(w)), rtol=1e-6)
+    np.testing.assert_allclose(col, np.mean(np.abs(w), axis=0), rtol=1e-6)
+    io = device.IOParams(out_noise=0.0, bound_management="none")   # through the quantisers of the defaults
+    q = device.compensation_readout(None, jnp.asarray(w), device.DeviceSpec(io=io, compensation="global"))
+    want = np.mean(np.abs(np_mvm_dense(np.eye(5), w.astype(np.float64), 1 / 126, 1.0, 1 / 510, 12.0)))
+    np.testing.assert_allclose(q, max(want, 1e-4), rtol=1e-5)
+
+
 def test_drift_is_identity_at_time_zero_and_monotone():
     nu = jnp.array([0.0, 0.05, 0.1])
     g = jnp.array([10.0, 10.0, 10.0])
@@ -408,6 +439,10 @@ def test_hardware_aware_training_step_under_a_device(cnn, digits):
                                                                   x, y, jax.random.key(3), {})
     assert np.isfinite(float(loss))
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert float(jnp.linalg.norm(grads["conv1"]["kernel"])) > 0
+    mod = methods.forward_noise(model, weight_kind=None, device=device.DeviceSpec(
+        modifier=device.WeightModifier(kind="poly", std=0.05, coeffs=(0.5, 0.3, 0.2))))
+    grads = jax.grad(lambda p: mod(p, variables["batch_stats"], x, y, jax.random.key(5), {})[0])(variables["params"])
     assert float(jnp.linalg.norm(grads["conv1"]["kernel"])) > 0
     pcm = methods.consistency(model, weight_kind=None, device=device.DeviceSpec(pcm=device.PCMModel()), lam=0.5)
     loss2, _ = pcm(variables["params"], variables["batch_stats"], x, y, jax.random.key(4), pcm.hparams)
