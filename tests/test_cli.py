@@ -71,11 +71,11 @@ def test_activation_sweep_digits(tmp_path):
 
     # Device time sweep of the same checkpoint: one entry per time, device spec recorded, shared format.
     dev_out = tmp_path / "device"
-    assert cli.main(["sweep", "--checkpoint", str(workdir), "--device", "aihwkit_inference_default",
+    assert cli.main(["sweep", "--checkpoint", str(workdir), "--device", "hwa_standard",
                      "--times", "1,86400", "--n-chips", "2", "--n-images", "60", "--out", str(dev_out)]) == 0
     evals = json.loads((dev_out / "results.json").read_text())["arms"][0]["eval"]
     assert [e["weight_noise"]["t_inference_s"] for e in evals] == [1.0, 86400.0]
-    assert evals[0]["device"]["name"] == "aihwkit_inference_default" and evals[0]["device"]["pcm"]["t0"] == 20.0
+    assert evals[0]["device"]["name"] == "hwa_standard" and evals[0]["device"]["pcm"]["t0"] == 20.0
     _check_results(dev_out / "results.json")
     assert (dev_out / "accuracy_vs_eta.png").exists()
     # eval: a preset composed with weight noise, compensation off, first layer digital

@@ -435,17 +435,18 @@ def test_hardware_aware_training_step_under_a_device(cnn, digits):
     spec = device.preset("hwa_standard").training()
     loss_fn = methods.forward_noise(model, weight_kind=None, device=spec)
     assert loss_fn.hparams == {} and loss_fn.config["device"]["name"] == "hwa_standard"
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"], variables["batch_stats"],
-                                                                  x, y, jax.random.key(3), {})
+    (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        variables["params"], variables["batch_stats"], x, y, jax.random.key(3), {})
     assert np.isfinite(float(loss))
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     assert float(jnp.linalg.norm(grads["conv1"]["kernel"])) > 0
     mod = methods.forward_noise(model, weight_kind=None, device=device.DeviceSpec(
         modifier=device.WeightModifier(kind="poly", std=0.05, coeffs=(0.5, 0.3, 0.2))))
-    grads = jax.grad(lambda p: mod(p, variables["batch_stats"], x, y, jax.random.key(5), {})[0])(variables["params"])
+    grads = jax.jit(jax.grad(lambda p: mod(p, variables["batch_stats"], x, y, jax.random.key(5), {})[0]))(
+        variables["params"])
     assert float(jnp.linalg.norm(grads["conv1"]["kernel"])) > 0
     pcm = methods.consistency(model, weight_kind=None, device=device.DeviceSpec(pcm=device.PCMModel()), lam=0.5)
-    loss2, _ = pcm(variables["params"], variables["batch_stats"], x, y, jax.random.key(4), pcm.hparams)
+    loss2, _ = jax.jit(pcm)(variables["params"], variables["batch_stats"], x, y, jax.random.key(4), pcm.hparams)
     assert np.isfinite(float(loss2))
 
 
