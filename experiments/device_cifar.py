@@ -9,13 +9,15 @@ per-arm files under ``<workdir>/eval``)::
 
 Stages (``--stages``, default all):
 
-* ``train``: HWA fine-tune from ``../shared/pretrained``: forward-noise training (``jaxnoise.methods``) with no
+* ``train``: two fine-tunes from ``../shared/pretrained`` with identical steps, lr, seed and data order:
+  ``clean_ft`` (no noise; the control for what fine-tuning on this JPEG'd copy of CIFAR-10 changes by itself) and
+  ``hwa``, forward-noise training (``jaxnoise.methods``) with no
   extra weight noise, under ``preset("hwa_standard").training()``: 8-bit DAC/ADC with straight-through gradients,
   output noise 0.04, PCM-read output noise 0.0175, channel-wise mapping, per-layer input ranges = max|x| of the
   clean layer inputs on 1024 training images (``--range-statistic``), kept fixed. aihwkit initialises them at
   3 x std and then *learns* them; without learning, a 3-std clip of every layer input costs the pretrained network
   much of its accuracy, hence max|x|. ``--hwa-steps`` SGD steps at a constant ``--lr``.
-* ``eval``: both networks (``pretrained``, ``hwa``) under ``preset("aihwkit_inference_default")`` at the
+* ``eval``: the three networks (``pretrained``, ``clean_ft``, ``hwa``) under ``preset("aihwkit_inference_default")`` at the
   inference times ``--times`` (default 1 s, 1 h, 1 day, 1 month, 1 year), with global drift compensation and
   without it: ``--n-chips`` chips on the first ``--n-images`` test images. Chip ``i`` is programmed once and read
   at every time (``robustness.evaluate_device``); the four arms share chip keys. The compile count of each sweep is
@@ -40,7 +42,7 @@ from jaxnoise.models import get_model
 
 TIMES = (1.0, 3600.0, 86400.0, 2592000.0, 31536000.0)
 TIME_NAMES = {1.0: "1 s", 3600.0: "1 h", 86400.0: "1 day", 2592000.0: "1 month", 31536000.0: "1 year"}
-ARMS = ("pretrained", "hwa")
+ARMS = ("pretrained", "clean_ft", "hwa")
 COMPENSATION = {"comp": "global", "nocomp": None}
 
 
@@ -91,24 +93,28 @@ def training_device(args, model, dataset):
 
 
 def stage_train(args, model, dataset):
+    """Two fine-tunes with identical steps, lr, seed and data order: ``clean_ft`` (no noise: the control for what
+    fine-tuning on this copy of CIFAR-10 alone changes) and ``hwa`` (under the hwa_standard training view)."""
     spec = training_device(args, model, dataset)
-    loss_fn = methods.forward_noise(model, weight_kind=None, device=spec)
     steps_per_epoch = len(dataset.train.labels) // args.batch_size
     epochs = max(1, -(-args.hwa_steps // steps_per_epoch))
     config = train.TrainConfig(epochs=epochs, batch_size=args.batch_size, learning_rate=args.lr,
                                weight_decay=args.weight_decay, seed=args.seed, schedule="constant",
                                checkpoint_every=100)
-    t0 = time.time()
-    train.train(model, dataset, config, workdir=os.path.join(args.workdir, "hwa"), variables=pretrained(args, model),
-                loss_fn=loss_fn, max_steps=args.hwa_steps, progress=False,
-                metadata={"device": spec.describe()})
-    log(f"hwa: trained to step {args.hwa_steps} ({time.time() - t0:.0f} s)")
+    for arm, loss_fn, meta in (("clean_ft", methods.clean(model), {}),
+                               ("hwa", methods.forward_noise(model, weight_kind=None, device=spec),
+                                {"device": spec.describe()})):
+        t0 = time.time()
+        train.train(model, dataset, config, workdir=os.path.join(args.workdir, arm),
+                    variables=pretrained(args, model), loss_fn=loss_fn, max_steps=args.hwa_steps, progress=False,
+                    metadata=meta)
+        log(f"{arm}: trained to step {args.hwa_steps} ({time.time() - t0:.0f} s)")
 
 
 def arm_variables(args, model, arm):
     if arm == "pretrained":
         return pretrained(args, model)
-    return checkpoint.load_variables(os.path.join(args.workdir, "hwa"), model)
+    return checkpoint.load_variables(os.path.join(args.workdir, arm), model)
 
 
 def eval_path(args, arm, comp):
@@ -155,19 +161,22 @@ def stage_report(args, model, dataset):
             with open(path) as f:
                 records[(arm, comp)] = json.load(f)
     n_images = records[("pretrained", "comp")]["results"][0]["n_images"]
-    hwa_meta = checkpoint.read_metadata(os.path.join(args.workdir, "hwa"))
     arms = []
     for (arm, comp), rec in records.items():
         name = arm if comp == "comp" else f"{arm}_nocomp"
+        if arm == "pretrained":
+            train_info = {"source": "../shared/pretrained"}
+        else:
+            meta = checkpoint.read_metadata(os.path.join(args.workdir, arm))
+            train_info = {"init": "../shared/pretrained", "steps": args.hwa_steps, "lr": args.lr,
+                          "batch_size": args.batch_size, "schedule": "constant", "seed": args.seed,
+                          "train_config": meta.get("config"),
+                          "device": None if arm == "clean_ft" else
+                          f"hwa_standard (training view), input ranges {args.range_alpha} x {args.range_statistic}"}
         arms.append({
-            "name": name, "model": args.model, "method": "clean" if arm == "pretrained" else "hwa_forward_noise",
-            "param_count": model.param_count(), "extra_param_count": 0,
-            "train": ({"source": "../shared/pretrained"} if arm == "pretrained" else
-                      {"init": "../shared/pretrained", "steps": args.hwa_steps, "lr": args.lr,
-                       "batch_size": args.batch_size, "schedule": "constant", "seed": args.seed,
-                       "device": f"hwa_standard (training view), input ranges {args.range_alpha} x "
-                                 f"{args.range_statistic}",
-                       "train_config": hwa_meta.get("config")}),
+            "name": name, "model": args.model,
+            "method": {"pretrained": "clean", "clean_ft": "clean", "hwa": "hwa_forward_noise"}[arm],
+            "param_count": model.param_count(), "extra_param_count": 0, "train": train_info,
             "clean_accuracy": rec["clean"], "drift_compensation": rec["compensation"],
             "eval_seconds": rec["seconds"], "eval_traces": rec["traces"], "eval": rec["results"]})
     command = "python experiments/device_cifar.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -184,7 +193,8 @@ def write_markdown(args, arms, n_images):
     by = {a["name"]: a for a in arms}
     lines = [f"# {args.model}: accuracy over time under aihwkit_inference_default", "",
              f"{arms[0]['eval'][0]['n_chips']} chips, first {n_images} test images; mean % [95% CI], and the "
-             f"5th-percentile chip. Clean: pretrained {100 * by['pretrained']['clean_accuracy']:.2f}%, "
+             f"5th-percentile chip. Clean (same images): pretrained {100 * by['pretrained']['clean_accuracy']:.2f}%, "
+             f"clean fine-tune {100 * by['clean_ft']['clean_accuracy']:.2f}%, "
              f"HWA {100 * by['hwa']['clean_accuracy']:.2f}%.", "",
              "| time | " + " | ".join(a["name"] for a in arms) + " |",
              "|---|" + "---|" * len(arms)]
