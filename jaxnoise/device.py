@@ -83,23 +83,13 @@ def _check_positive(value: Any, name: str, fix: str = "") -> None:
 
 
 def _check_nonnegative(value: Any, name: str) -> None:
-    if not _concrete(value):
-        return
-    arr = np.asarray(value, dtype=np.float64)
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
+    noise_lib.check_nonnegative(value, name, "it is a scale or conductance", "use 0 to turn it off")
 
 
 def check_times(times: Any, name: str = "t_inference") -> None:
     """Raises ValueError when concrete inference times are negative, NaN or infinite (seconds after programming)."""
-    if not _concrete(times):
-        return
-    arr = np.asarray(times, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}={times!r} is not finite: inference times are seconds after programming.")
-    if np.any(arr < 0):
-        raise ValueError(f"{name}={times!r} is negative: inference times are seconds after programming, >= 0 "
-                         f"(0 = just programmed; 3600 = one hour later).")
+    noise_lib.check_nonnegative(times, name, "inference times are seconds after programming",
+                                "0 = just programmed; 3600 = one hour later")
 
 
 def _choice(value: Any, options: tuple, name: str) -> None:

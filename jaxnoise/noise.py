@@ -88,16 +88,27 @@ def _is_concrete_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.ndarray, np.number, jax.Array)) and not isinstance(x, bool)
 
 
-def check_eta(value: Any, name: str = "eta") -> None:
-    """Raises ValueError when a concrete noise scale is negative, NaN or infinite (tracers pass unchecked)."""
+def check_nonnegative(value: Any, name: str, meaning: str, fix: str) -> None:
+    """Raises ValueError when a concrete number (or array) is negative, NaN or infinite; tracers pass unchecked.
+
+    Args:
+      value: the number or array.
+      name: its name in the message.
+      meaning: what it is (``"noise scales are standard deviations"``), said when it is not finite or negative.
+      fix: what to pass instead, said when it is negative.
+    """
     if not _is_concrete_number(value):
         return
     arr = np.asarray(value, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}={value!r} is not finite: noise scales must be finite numbers >= 0.")
+        raise ValueError(f"{name}={value!r} is not finite: {meaning}, finite numbers >= 0.")
     if np.any(arr < 0):
-        raise ValueError(f"{name}={value!r} is negative: noise scales are standard deviations and must be >= 0 "
-                         f"(use 0 for no noise).")
+        raise ValueError(f"{name}={value!r} is negative: {meaning} and must be >= 0 ({fix}).")
+
+
+def check_eta(value: Any, name: str = "eta") -> None:
+    """Raises ValueError when a concrete noise scale is negative, NaN or infinite (tracers pass unchecked)."""
+    check_nonnegative(value, name, "noise scales are standard deviations", "use 0 for no noise")
 
 
 def _check_kind(kind: str | None, kinds: Mapping[str, str], what: str) -> None:

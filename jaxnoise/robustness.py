@@ -340,6 +340,18 @@ def _check_count(name: str, value: Any) -> int:
     return int(value)
 
 
+def _check_chips(n_chips: Any, chip_batch_size: Any, spec: noise_lib.NoiseSpec | None,
+                 spec_name: str) -> tuple[int, int]:
+    """Checked ``(n_chips, chip_batch_size)`` (the latter defaulted per backend), and the spec's scales."""
+    n_chips = _check_count("n_chips", n_chips)
+    chip_batch_size = _check_count("chip_batch_size", noise_lib.default_chip_batch_size()
+                                   if chip_batch_size is None else chip_batch_size)
+    if spec is not None:
+        noise_lib.check_eta(spec.weight_eta, f"{spec_name}.weight_eta")
+        noise_lib.check_eta(spec.act_eta, f"{spec_name}.act_eta")
+    return n_chips, chip_batch_size
+
+
 def _prepare(model: Model, images: Any, labels: Any, batch_size: int, preprocess: Callable | None) -> _Batched:
     """Validates the data and pads it into (n_batches, B, ...) device arrays with a validity mask."""
     batch_size = _check_count("batch_size", batch_size)
@@ -446,12 +458,7 @@ def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
       ...                key=jax.random.key(0), n_chips=32, preprocess=ds.preprocess)
       >>> print(f"{100 * res.mean:.2f}% [{100 * res.ci95[0]:.2f}, {100 * res.ci95[1]:.2f}]")
     """
-    n_chips = _check_count("n_chips", n_chips)
-    chip_batch_size = _check_count("chip_batch_size", noise_lib.default_chip_batch_size()
-                                   if chip_batch_size is None else chip_batch_size)
-    if spec is not None:
-        noise_lib.check_eta(spec.weight_eta, "spec.weight_eta")
-        noise_lib.check_eta(spec.act_eta, "spec.act_eta")
+    n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, spec, "spec")
     data = _prepare(model, images, labels, batch_size, preprocess)
     if spec is None or key is None:
         correct = _clean_program(data.static, variables, data.images_b, data.labels_b, data.valid_b)
@@ -538,12 +545,7 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
         pairs = [(None, e) for e in a]
     if key is None:
         raise ValueError("sweep needs a key (the chips' base key).")
-    n_chips = _check_count("n_chips", n_chips)
-    chip_batch_size = _check_count("chip_batch_size", noise_lib.default_chip_batch_size()
-                                   if chip_batch_size is None else chip_batch_size)
-    noise_lib.check_eta(spec.weight_eta, "spec.weight_eta")
-    noise_lib.check_eta(spec.act_eta, "spec.act_eta")
-
+    n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, spec, "spec")
     data = _prepare(model, images, labels, batch_size, preprocess)
     keys = chip_keys(_as_key(key), n_chips)  # the same chips at every scale (common random numbers)
     results = []
@@ -641,12 +643,7 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
     device_lib.check_times(t, "times")
     if key is None:
         raise ValueError("evaluate_device needs a key (the chips' base key).")
-    n_chips = _check_count("n_chips", n_chips)
-    chip_batch_size = _check_count("chip_batch_size", noise_lib.default_chip_batch_size()
-                                   if chip_batch_size is None else chip_batch_size)
-    if noise is not None:
-        noise_lib.check_eta(noise.weight_eta, "noise.weight_eta")
-        noise_lib.check_eta(noise.act_eta, "noise.act_eta")
+    n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, noise, "noise")
     data = _prepare(model, images, labels, batch_size, preprocess)
     keys = chip_keys(_as_key(key), n_chips)
     dev = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), device)
