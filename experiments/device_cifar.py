@@ -67,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--n-images", type=int, default=None, help="first N test images (default: all 10,000)")
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--chip-batch-size", type=int, default=None)
+    p.add_argument("--arms", default=",".join(ARMS), help="arms the eval stage computes (parallel runs)")
     args = p.parse_args(argv)
     args.workdir = args.workdir or f"runs/device_{args.model}"
     args.out = args.out or f"experiments/results/device_{args.model}"
@@ -128,7 +129,7 @@ def stage_eval(args, model, dataset):
     os.makedirs(os.path.join(args.workdir, "eval"), exist_ok=True)
     for comp, mode in COMPENSATION.items():
         spec = device.preset("aihwkit_inference_default").replace(compensation=mode)
-        for arm in ARMS:
+        for arm in args.arms.split(","):
             path = eval_path(args, arm, comp)
             if os.path.exists(path):
                 continue
