@@ -223,7 +223,8 @@ def plot(args, arms):
         lo = np.array([e["ci95"][0] for e in a["eval"]]) * 100
         hi = np.array([e["ci95"][1] for e in a["eval"]]) * 100
         style = "-" if "nocomp" not in a["name"] else "--"
-        line, = ax.plot(t, m, style, marker="o", label=a["name"])
+        color = {"pretrained": "C0", "clean_ft": "C2", "hwa": "C1"}[a["name"].replace("_nocomp", "")]
+        line, = ax.plot(t, m, style, marker="o", color=color, label=a["name"])
         ax.fill_between(t, lo, hi, color=line.get_color(), alpha=0.2)
     ax.set_xscale("log")
     ax.set_xticks(args.times, [TIME_NAMES.get(t, f"{t:g}") for t in args.times])
