@@ -44,10 +44,11 @@ import numpy as np
 import scipy.stats
 
 from jaxnoise import device as device_lib
+from jaxnoise import distributed
 from jaxnoise import noise as noise_lib
 from jaxnoise.models.base import Model, Variables
 
-__all__ = ["MCResult", "batch_data", "chip_keys", "evaluate", "evaluate_device", "make_chip_eval", "spec_as_arrays", "summarize", "sweep",
+__all__ = ["MCResult", "batch_data", "chip_keys", "ci_halfwidth", "evaluate", "evaluate_device", "make_chip_eval", "spec_as_arrays", "summarize", "sweep",
            "trace_count"]
 
 _TRACE_COUNT = 0  # traces of the jitted evaluation programs (see trace_count)
@@ -102,6 +103,8 @@ def make_chip_eval(model: Model, *, batch_size: int,
     * ``chip_key``: the chip's key (``fold_in(K, i)``), or None for exact computation,
     * ``device`` (optional): a programmed and read chip (``jaxnoise.device.ChipRead``); pass ``k`` then draws its
       I/O noise from ``fold_in(chip_key, b)`` too,
+    * ``batch_ids`` (optional): the global index ``b`` of each batch (default ``arange(n_batches)``), so a device
+      holding a shard of the batches draws the same noise as one holding them all,
 
     draws the chip's weights once, scans the batches with fresh activation noise per batch
     (key ``fold_in(chip_key, b)``) and returns the int32 number of correct valid predictions. It has no Python
@@ -126,7 +129,8 @@ def make_chip_eval(model: Model, *, batch_size: int,
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
 
     def chip_correct(variables: Variables, images_b, labels_b, valid_b, spec: noise_lib.NoiseSpec | None,
-                     chip_key: jax.Array | None, device: device_lib.ChipRead | None = None) -> jax.Array:
+                     chip_key: jax.Array | None, device: device_lib.ChipRead | None = None,
+                     batch_ids: jax.Array | None = None) -> jax.Array:
         if images_b.shape[1] != batch_size:
             raise ValueError(f"images_b has batches of {images_b.shape[1]} images, make_chip_eval was built for "
                              f"batch_size={batch_size}: pre-batch the data as (n_batches, batch_size, ...).")
@@ -149,7 +153,7 @@ def make_chip_eval(model: Model, *, batch_size: int,
             hit = (jnp.argmax(logits, axis=-1) == y) & valid
             return total + jnp.sum(hit, dtype=jnp.int32), None
 
-        batches = jnp.arange(images_b.shape[0], dtype=jnp.uint32)
+        batches = jnp.arange(images_b.shape[0], dtype=jnp.uint32) if batch_ids is None else batch_ids
         total, _ = jax.lax.scan(body, jnp.int32(0), (batches, images_b, labels_b, valid_b))
         return total
 
@@ -209,6 +213,9 @@ class MCResult:
       p5: 5th percentile of ``per_chip`` (linear interpolation).
       noise: ``{"weight_noise": ..., "activation_noise": ...}`` from ``NoiseSpec.describe()``; both None when
         the evaluation was noise-free.
+      stopping: for an adaptive evaluation (``evaluate(..., target_ci_halfwidth=...)``), the stopping rule and
+        outcome: ``{"rule", "target_ci_halfwidth", "max_chips", "round_chips", "rounds", "ci_halfwidth",
+        "met_target"}``; None otherwise.
     """
 
     per_chip: np.ndarray
@@ -220,6 +227,7 @@ class MCResult:
     ci95: tuple[float, float]
     p5: float
     noise: dict[str, Any]
+    stopping: dict[str, Any] | None = None
 
     @classmethod
     def from_per_chip(cls, per_chip: Sequence[float] | np.ndarray, n_images: int,
@@ -258,6 +266,7 @@ class MCResult:
             "se": self.se,
             "ci95": [float(self.ci95[0]), float(self.ci95[1])],
             "p5": self.p5,
+            **({} if self.stopping is None else {"stopping": dict(self.stopping)}),
         }
 
 
@@ -300,17 +309,75 @@ class _Static:
                 and _same_callable(self.preprocess, other.preprocess))
 
 
+def _mc_chip_fn(static: _Static, variables, images_b, labels_b, valid_b, spec, batch_ids=None):
+    """``chip_key -> number correct`` of one chip under ``spec``."""
+    def one_chip(chip_key):
+        return static.chip_correct(variables, images_b, labels_b, valid_b, spec, chip_key, batch_ids=batch_ids)
+    return one_chip
+
+
+def _device_chip_fn(static: _Static, variables, images_b, labels_b, valid_b, spec, device, times, batch_ids=None):
+    """``chip_key -> (n_times,) numbers correct``: program the chip once, read it at every time."""
+    def one_chip(chip_key):
+        params = variables["params"]
+        if spec is not None and spec.has_weight_noise:
+            params = noise_lib.perturb_weights(noise_lib.weight_key(chip_key), params, spec)
+        chip_vars = {**variables, "params": params}
+        act_spec = spec.activation_only() if spec is not None and spec.has_activation_noise else None
+        chip = device_lib.program_chip(device_lib.chip_key(chip_key), params, device)
+
+        def one_time(k_t):
+            k, t = k_t
+            read_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/read"), k)
+            layers = device_lib.read_chip(read_key, chip, t, device)
+            pass_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/time"), k)
+            return static.chip_correct(chip_vars, images_b, labels_b, valid_b, act_spec, pass_key,
+                                       device_lib.ChipRead(device, layers), batch_ids=batch_ids)
+
+        return jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), times))
+    return one_chip
+
+
+def _map_chips(one_chip, keys, chip_batch_size: int):
+    # batch_size=None is a plain scan over chips (no vmap at all), the fastest on CPU.
+    return jax.lax.map(one_chip, keys, batch_size=None if chip_batch_size == 1 else chip_batch_size)
+
+
 @functools.partial(jax.jit, static_argnames=("static", "chip_batch_size"))
 def _mc_program(static: _Static, variables, images_b, labels_b, valid_b, spec, keys, *, chip_batch_size: int):
     """Number correct of each chip: (n_chips,) int32."""
     global _TRACE_COUNT
     _TRACE_COUNT += 1
+    return _map_chips(_mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec), keys, chip_batch_size)
 
-    def one_chip(chip_key):
-        return static.chip_correct(variables, images_b, labels_b, valid_b, spec, chip_key)
 
-    # batch_size=None is a plain scan over chips (no vmap at all), the fastest on CPU.
-    return jax.lax.map(one_chip, keys, batch_size=None if chip_batch_size == 1 else chip_batch_size)
+@functools.partial(jax.jit, static_argnames=("static", "mesh", "chip_batch_size", "key_impl"))
+def _sharded_program(static: _Static, variables, images_b, labels_b, valid_b, batch_ids, spec, device, times,
+                     key_data, chip_ids, *, mesh, chip_batch_size: int, key_impl: str):
+    """The Monte Carlo program over a mesh: chips sharded over ``"chips"``, data batches over ``"data"``.
+
+    Each device maps its chips (``fold_in(key, chip_id)``, the same keys as the single-device program) over its
+    batches (with their global indices ``batch_ids``, so activation/I/O noise keys are unchanged) and the partial
+    counts are summed over ``"data"``. Without a ``device`` (None): (n_chips,) counts; with one:
+    (n_chips, n_times).
+    """
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+    CHIPS, DATA, P = distributed.CHIPS, distributed.DATA, distributed.P
+
+    def local(variables, images_b, labels_b, valid_b, batch_ids, spec, device, times, key_data, chip_ids):
+        key = jax.random.wrap_key_data(key_data, impl=key_impl)
+        if device is None:
+            fn = _mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec, batch_ids)
+        else:
+            fn = _device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times, batch_ids)
+        counts = _map_chips(lambda i: fn(jax.random.fold_in(key, i)), chip_ids, chip_batch_size)
+        return jax.lax.psum(counts, DATA)
+
+    # check_vma=False: the per-chip scan carries start replicated and become device-varying.
+    return jax.shard_map(local, mesh=mesh, out_specs=P(CHIPS), check_vma=False,
+                         in_specs=(P(), P(DATA), P(DATA), P(DATA), P(DATA), P(), P(), P(), P(), P(CHIPS)))(
+        variables, images_b, labels_b, valid_b, batch_ids, spec, device, times, key_data, chip_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
@@ -332,6 +399,7 @@ class _Batched:
     labels_b: jax.Array
     valid_b: jax.Array
     n_images: int
+    sharded: dict = dataclasses.field(default_factory=dict, compare=False)  # mesh -> global arrays
 
 
 def _check_count(name: str, value: Any) -> int:
@@ -410,11 +478,78 @@ def _spec_as_arrays(spec: noise_lib.NoiseSpec) -> noise_lib.NoiseSpec:
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), spec)
 
 
-def _run_mc(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec, keys: jax.Array,
-            chip_batch_size: int) -> np.ndarray:
-    correct = _mc_program(data.static, variables, data.images_b, data.labels_b, data.valid_b,
-                          _spec_as_arrays(spec), keys, chip_batch_size=min(chip_batch_size, len(keys)))
-    return np.asarray(correct, dtype=np.float64) / data.n_images
+def _typed_key(key: Any) -> jax.Array:
+    """A typed PRNG key from a typed key, a raw uint32 key or an int seed."""
+    key = _as_key(key)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    return key
+
+
+def _check_mesh(mesh: Any) -> jax.sharding.Mesh:
+    if not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != {distributed.CHIPS, distributed.DATA}:
+        raise ValueError(f"mesh must be a jax.sharding.Mesh with axes ('chips', 'data'), got {mesh!r}: build it "
+                         f"with jaxnoise.distributed.mc_mesh(n_chips) or make_mesh(n_chip_shards, n_data_shards).")
+    return mesh
+
+
+def _sharded_data(data: _Batched, mesh: jax.sharding.Mesh) -> tuple[jax.Array, ...]:
+    """``(images_b, labels_b, valid_b, batch_ids)`` as global arrays sharded over ``"data"`` (cached per mesh).
+
+    The batches are padded to a multiple of the data-axis size with masked copies of batch 0; ``batch_ids`` keeps
+    each real batch's global index, so its noise keys are those of the single-device run.
+    """
+    if mesh not in data.sharded:
+        shards = mesh.shape[distributed.DATA]
+        nb = data.images_b.shape[0]
+        pad = -nb % shards
+        images, labels, valid = (np.asarray(x) for x in (data.images_b, data.labels_b, data.valid_b))
+        if pad:
+            images = np.concatenate([images, np.repeat(images[:1], pad, axis=0)])
+            labels = np.concatenate([labels, np.repeat(labels[:1], pad, axis=0)])
+            valid = np.concatenate([valid, np.zeros((pad,) + valid.shape[1:], bool)])
+        ids = np.arange(nb + pad, dtype=np.uint32)
+        spec = distributed.P(distributed.DATA)
+        data.sharded[mesh] = tuple(distributed.global_array(x, mesh, spec) for x in (images, labels, valid, ids))
+    return data.sharded[mesh]
+
+
+def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec | None, key: jax.Array,
+               start: int, n_chips: int, chip_batch_size: int, mesh: jax.sharding.Mesh | None = None,
+               device: device_lib.DeviceSpec | None = None, times: np.ndarray | None = None) -> np.ndarray:
+    """Accuracy of chips ``start .. start + n_chips - 1``: (n_chips,), or (n_chips, n_times) with a device.
+
+    Without a mesh: one jitted program on the default device. With one: the sharded program; chips are padded to
+    a multiple of the chips-axis size with the next chips (computed and discarded), so every chip's value is the
+    same as without a mesh.
+    """
+    spec = None if spec is None else _spec_as_arrays(spec)
+    if device is not None:
+        device = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), device)
+        times = jnp.asarray(times, jnp.float32)
+    if mesh is None:
+        keys = chip_keys(key, n_chips, start)
+        cbs = min(chip_batch_size, n_chips)
+        if device is None:
+            correct = _mc_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec, keys,
+                                  chip_batch_size=cbs)
+        else:
+            correct = _device_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec,
+                                      device, keys, times, chip_batch_size=cbs)
+        return np.asarray(correct, dtype=np.float64) / data.n_images
+    mesh = _check_mesh(mesh)
+    shards = mesh.shape[distributed.CHIPS]
+    n_padded = -(-n_chips // shards) * shards
+    images_b, labels_b, valid_b, batch_ids = _sharded_data(data, mesh)
+    key = _typed_key(key)
+    rep = functools.partial(distributed.replicate, mesh=mesh)
+    chip_ids = distributed.global_array(np.arange(start, start + n_padded, dtype=np.uint32), mesh,
+                                        distributed.P(distributed.CHIPS))
+    correct = _sharded_program(data.static, rep(variables), images_b, labels_b, valid_b, batch_ids, rep(spec),
+                               rep(device), rep(times), rep(jax.random.key_data(key)), chip_ids, mesh=mesh,
+                               chip_batch_size=min(chip_batch_size, n_padded // shards),
+                               key_impl=str(jax.random.key_impl(key)))
+    return distributed.to_host(correct)[:n_chips].astype(np.float64) / data.n_images
 
 
 def _noise_off() -> dict[str, Any]:
@@ -424,12 +559,24 @@ def _noise_off() -> dict[str, Any]:
 def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
              spec: noise_lib.NoiseSpec | None = None, *, key: jax.Array | int | None = None, n_chips: int = 32,
              batch_size: int = 500, chip_batch_size: int | None = None,
-             preprocess: Callable[[jax.Array], jax.Array] | None = None) -> MCResult:
+             preprocess: Callable[[jax.Array], jax.Array] | None = None, mesh: jax.sharding.Mesh | None = None,
+             target_ci_halfwidth: float | None = None, max_chips: int | None = None) -> MCResult:
     """Accuracy of ``n_chips`` simulated chips, each over the whole of ``images``.
 
     Chip ``i`` has key ``fold_in(key, i)``; its weights are drawn once and used for every image; activation noise
     is drawn afresh for every data batch (see the module docstring). The whole evaluation is one jitted program:
     data batches are scanned, chips mapped in chunks of ``chip_batch_size`` (vmapped within a chunk).
+
+    **Adaptive Monte Carlo.** With ``target_ci_halfwidth``, chips are drawn in rounds of ``n_chips`` (chips
+    ``0..n-1``, then ``n..2n-1``, ...; every round reuses the same compiled program) until the half-width of the
+    Student-t 95% CI of the mean accuracy, ``t_{0.975, n-1} * std / sqrt(n)``, is <= ``target_ci_halfwidth`` or
+    ``max_chips`` chips have been drawn (the last round is cut to the cap). The result keeps every chip's value and
+    records the rule in ``MCResult.stopping``. Caveat: the stopping time depends on the sample standard deviation,
+    so the reported interval is not an exact 95% interval: runs that stop early tend to be those whose first chips
+    underestimated the spread, and coverage falls slightly below 95% when the first round is small or the per-chip
+    distribution is skewed (tests/test_robustness.py measures it on a synthetic model with a known answer). Use
+    first rounds of >= 16 chips. The interval, as always here, is over chips for this fixed set of test images:
+    it does not include the sampling error of the test set.
 
     Args:
       model: the model.
@@ -438,34 +585,84 @@ def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
       labels: (N,) integer labels in ``[0, model.num_classes)``.
       spec: the noise; None means noise-free (one "chip").
       key: base key of the chips (typed/raw PRNG key or int seed); None means noise-free (one "chip").
-      n_chips: number of chips (>= 1); ignored when noise-free.
+      n_chips: number of chips (>= 1), or the chips per round (>= 2) with ``target_ci_halfwidth``; ignored when
+        noise-free.
       batch_size: images per forward pass (the last batch is padded and masked). With activation noise, each
         batch is one activation-noise draw, so per-chip results depend on it.
       chip_batch_size: chips evaluated at once (vmapped); default ``noise.default_chip_batch_size()`` (1 on CPU,
         where vmapped chips lower to a slow grouped convolution; 8 on accelerators). Does not change results
         beyond float rounding.
       preprocess: jax-traceable raw -> float map applied per batch inside the program (``dataset.preprocess``).
+      mesh: a ``("chips", "data")`` device mesh (``jaxnoise.distributed.mc_mesh(n_chips)``): chips are sharded
+        over ``"chips"`` and data batches over ``"data"`` (``jax.shard_map``). Per-chip values equal the
+        single-device run's (same keys, integer counts). None: the default device.
+      target_ci_halfwidth: stop once the 95% CI half-width of the mean (accuracy as a fraction, e.g. 0.002 for
+        +/-0.2 points) is at most this; None draws exactly ``n_chips`` chips.
+      max_chips: the cap on chips with ``target_ci_halfwidth`` (default ``64 * n_chips``).
 
     Returns:
       An :class:`MCResult`.
 
     Raises:
       ValueError: ``n_chips``/``batch_size``/``chip_batch_size`` < 1, images and labels of different lengths,
-        labels out of range, non-float images without ``preprocess``, or an invalid noise scale.
+        labels out of range, non-float images without ``preprocess``, an invalid noise scale, a target that is
+        not positive, ``max_chips < n_chips`` or a mesh without ``("chips", "data")`` axes.
 
     Examples:
       >>> res = evaluate(model, variables, ds.test.images, ds.test.labels, NoiseSpec(weight_eta=0.1),
       ...                key=jax.random.key(0), n_chips=32, preprocess=ds.preprocess)
       >>> print(f"{100 * res.mean:.2f}% [{100 * res.ci95[0]:.2f}, {100 * res.ci95[1]:.2f}]")
+      >>> res = evaluate(..., n_chips=16, target_ci_halfwidth=0.002, max_chips=1024)   # adaptive
+      >>> res.n_chips, res.stopping["met_target"]
     """
     n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, spec, "spec")
+    if target_ci_halfwidth is not None:
+        target = float(target_ci_halfwidth)
+        if not (math.isfinite(target) and target > 0):
+            raise ValueError(f"target_ci_halfwidth={target_ci_halfwidth!r} must be a positive number (a fraction "
+                             f"of accuracy: 0.002 means +/-0.2 points), or None for a fixed number of chips.")
+        if n_chips < 2:
+            raise ValueError(f"n_chips={n_chips} is the round size of an adaptive evaluation and must be >= 2 "
+                             f"(a confidence interval needs two chips); >= 16 is recommended.")
+        max_chips = 64 * n_chips if max_chips is None else _check_count("max_chips", max_chips)
+        if max_chips < n_chips:
+            raise ValueError(f"max_chips={max_chips} is below the first round of n_chips={n_chips}: raise "
+                             f"max_chips or lower n_chips.")
+    elif max_chips is not None:
+        raise ValueError("max_chips is the cap of an adaptive evaluation: give target_ci_halfwidth too.")
+    if mesh is not None:
+        _check_mesh(mesh)
     data = _prepare(model, images, labels, batch_size, preprocess)
     if spec is None or key is None:
         correct = _clean_program(data.static, variables, data.images_b, data.labels_b, data.valid_b)
         return MCResult.from_per_chip([int(correct) / data.n_images], data.n_images, _noise_off())
-    keys = chip_keys(_as_key(key), n_chips)
-    per_chip = _run_mc(data, variables, spec, keys, chip_batch_size)
-    return MCResult.from_per_chip(per_chip, data.n_images, spec.describe())
+    key = _as_key(key)
+    if target_ci_halfwidth is None:
+        per_chip = _run_chips(data, variables, spec, key, 0, n_chips, chip_batch_size, mesh)
+        return MCResult.from_per_chip(per_chip, data.n_images, spec.describe())
+    values: list[np.ndarray] = []
+    drawn, rounds = 0, 0
+    while True:
+        # Every round has n_chips chips (one compiled program); the last is cut to the cap.
+        values.append(_run_chips(data, variables, spec, key, drawn, n_chips, chip_batch_size, mesh)
+                      [:max_chips - drawn])
+        drawn += len(values[-1])
+        rounds += 1
+        halfwidth = ci_halfwidth(np.concatenate(values))
+        if halfwidth <= target or drawn >= max_chips:
+            break
+    stopping = {"rule": "t95_halfwidth", "target_ci_halfwidth": target, "max_chips": max_chips,
+                "round_chips": n_chips, "rounds": rounds, "ci_halfwidth": halfwidth, "met_target": halfwidth <= target}
+    return dataclasses.replace(MCResult.from_per_chip(np.concatenate(values), data.n_images, spec.describe()),
+                               stopping=stopping)
+
+
+def ci_halfwidth(per_chip: Sequence[float] | np.ndarray) -> float:
+    """Half-width of the Student-t 95% CI of the mean of ``per_chip`` (inf for fewer than two values)."""
+    a = np.asarray(per_chip, np.float64).ravel()
+    if a.size < 2:
+        return math.inf
+    return float(scipy.stats.t.ppf(0.975, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size))
 
 
 def _check_grid(name: str, etas: Sequence[float] | None) -> list[float] | None:
@@ -485,8 +682,8 @@ def _check_grid(name: str, etas: Sequence[float] | None) -> list[float] | None:
 def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: noise_lib.NoiseSpec, *,
           weight_etas: Sequence[float] | None = None, act_etas: Sequence[float] | None = None,
           key: jax.Array | int, n_chips: int = 32, grid: str = "product", batch_size: int = 500,
-          chip_batch_size: int | None = None,
-          preprocess: Callable[[jax.Array], jax.Array] | None = None) -> list[MCResult]:
+          chip_batch_size: int | None = None, preprocess: Callable[[jax.Array], jax.Array] | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> list[MCResult]:
     """Monte Carlo accuracy over a grid of noise scales, with one compiled program for the whole grid.
 
     Every setting is ``spec`` with ``weight_eta`` and/or ``act_eta`` replaced (as float32 arrays, so the jitted
@@ -509,6 +706,7 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
       batch_size: images per forward pass.
       chip_batch_size: chips evaluated at once (default ``noise.default_chip_batch_size()``).
       preprocess: raw -> float input map (``dataset.preprocess``).
+      mesh: shard chips (and data) over this device mesh, as in :func:`evaluate`.
 
     Returns:
       One :class:`MCResult` per setting, in grid order.
@@ -547,7 +745,7 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
         raise ValueError("sweep needs a key (the chips' base key).")
     n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, spec, "spec")
     data = _prepare(model, images, labels, batch_size, preprocess)
-    keys = chip_keys(_as_key(key), n_chips)  # the same chips at every scale (common random numbers)
+    key = _as_key(key)  # the same chips at every scale (common random numbers)
     results = []
     for we, ae in pairs:
         exact = spec  # Python floats: exact numbers in the description
@@ -555,7 +753,7 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
             exact = exact.replace(weight_eta=we)
         if ae is not None:
             exact = exact.replace(act_eta=ae)
-        per_chip = _run_mc(data, variables, exact, keys, chip_batch_size)
+        per_chip = _run_chips(data, variables, exact, key, 0, n_chips, chip_batch_size, mesh)
         results.append(MCResult.from_per_chip(per_chip, data.n_images, exact.describe()))
     return results
 
@@ -570,26 +768,8 @@ def _device_program(static: _Static, variables, images_b, labels_b, valid_b, spe
     """Number correct of each chip at each time: (n_chips, n_times) int32. One trace for any times / scales."""
     global _TRACE_COUNT
     _TRACE_COUNT += 1
-
-    def one_chip(chip_key):
-        params = variables["params"]
-        if spec is not None and spec.has_weight_noise:
-            params = noise_lib.perturb_weights(noise_lib.weight_key(chip_key), params, spec)
-        chip_vars = {**variables, "params": params}
-        act_spec = spec.activation_only() if spec is not None and spec.has_activation_noise else None
-        chip = device_lib.program_chip(device_lib.chip_key(chip_key), params, device)
-
-        def one_time(k_t):
-            k, t = k_t
-            read_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/read"), k)
-            layers = device_lib.read_chip(read_key, chip, t, device)
-            pass_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/time"), k)
-            return static.chip_correct(chip_vars, images_b, labels_b, valid_b, act_spec, pass_key,
-                                       device_lib.ChipRead(device, layers))
-
-        return jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), times))
-
-    return jax.lax.map(one_chip, keys, batch_size=None if chip_batch_size == 1 else chip_batch_size)
+    return _map_chips(_device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times), keys,
+                      chip_batch_size)
 
 
 def describe_device(device: device_lib.DeviceSpec, t_inference: float) -> dict[str, Any]:
@@ -604,7 +784,8 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
                     *, times: Sequence[float], key: jax.Array | int, n_chips: int = 32,
                     noise: noise_lib.NoiseSpec | None = None, batch_size: int = 500,
                     chip_batch_size: int | None = None,
-                    preprocess: Callable[[jax.Array], jax.Array] | None = None) -> list[MCResult]:
+                    preprocess: Callable[[jax.Array], jax.Array] | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> list[MCResult]:
     """Monte Carlo accuracy of programmed chips read at several inference times, as one compiled program.
 
     Chip ``i`` (key ``fold_in(key, i)``) is programmed once (``jaxnoise.device.program_chip`` with
@@ -615,7 +796,7 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
     data: any number of sweeps with the same number of times reuses the compiled program (:func:`trace_count`).
 
     Args:
-      model, variables, images, labels, batch_size, chip_batch_size, preprocess: as in :func:`evaluate`.
+      model, variables, images, labels, batch_size, chip_batch_size, preprocess, mesh: as in :func:`evaluate`.
       device: the device spec (``jaxnoise.device.preset(...)``); its ``t_inference`` is ignored.
       times: inference times in seconds after programming (>= 0).
       key: base key of the chips.
@@ -645,12 +826,7 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
         raise ValueError("evaluate_device needs a key (the chips' base key).")
     n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, noise, "noise")
     data = _prepare(model, images, labels, batch_size, preprocess)
-    keys = chip_keys(_as_key(key), n_chips)
-    dev = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), device)
-    spec = None if noise is None else _spec_as_arrays(noise)
-    correct = _device_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec, dev, keys,
-                              jnp.asarray(t, jnp.float32), chip_batch_size=min(chip_batch_size, n_chips))
-    acc = np.asarray(correct, np.float64) / data.n_images
+    acc = _run_chips(data, variables, noise, _as_key(key), 0, n_chips, chip_batch_size, mesh, device, t)
     act = None if noise is None else noise.describe()["activation_noise"]
     results = []
     for k, tk in enumerate(t):
