@@ -48,7 +48,7 @@ from jaxnoise import distributed
 from jaxnoise import noise as noise_lib
 from jaxnoise.models.base import Model, Variables
 
-__all__ = ["MCResult", "batch_data", "chip_keys", "ci_halfwidth", "evaluate", "evaluate_device", "make_chip_eval", "spec_as_arrays", "summarize", "sweep",
+__all__ = ["MCResult", "batch_data", "chip_keys", "ci_halfwidth", "evaluate", "evaluate_device", "evaluate_many", "make_chip_eval", "spec_as_arrays", "summarize", "sweep",
            "trace_count"]
 
 _TRACE_COUNT = 0  # traces of the jitted evaluation programs (see trace_count)
@@ -351,15 +351,30 @@ def _mc_program(static: _Static, variables, images_b, labels_b, valid_b, spec, k
     return _map_chips(_mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec), keys, chip_batch_size)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "mesh", "chip_batch_size", "key_impl"))
+@functools.partial(jax.jit, static_argnames=("static", "chip_batch_size", "setting_batch_size"))
+def _settings_program(static: _Static, variables, images_b, labels_b, valid_b, specs, keys, *, chip_batch_size: int,
+                      setting_batch_size: int):
+    """Number correct of each chip under each of the stacked specs: (n_settings, n_chips) int32."""
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+    return _map_settings(lambda spec: _map_chips(_mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec),
+                                                 keys, chip_batch_size), specs, setting_batch_size)
+
+
+def _map_settings(fn, specs, setting_batch_size: int):
+    return jax.lax.map(fn, specs, batch_size=None if setting_batch_size == 1 else setting_batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "mesh", "chip_batch_size", "key_impl", "setting_batch_size"))
 def _sharded_program(static: _Static, variables, images_b, labels_b, valid_b, batch_ids, spec, device, times,
-                     key_data, chip_ids, *, mesh, chip_batch_size: int, key_impl: str):
+                     key_data, chip_ids, *, mesh, chip_batch_size: int, key_impl: str,
+                     setting_batch_size: int | None = None):
     """The Monte Carlo program over a mesh: chips sharded over ``"chips"``, data batches over ``"data"``.
 
     Each device maps its chips (``fold_in(key, chip_id)``, the same keys as the single-device program) over its
     batches (with their global indices ``batch_ids``, so activation/I/O noise keys are unchanged) and the partial
     counts are summed over ``"data"``. Without a ``device`` (None): (n_chips,) counts; with one:
-    (n_chips, n_times).
+    (n_chips, n_times); with ``setting_batch_size`` (stacked specs, no device): (n_settings, n_chips).
     """
     global _TRACE_COUNT
     _TRACE_COUNT += 1
@@ -367,15 +382,20 @@ def _sharded_program(static: _Static, variables, images_b, labels_b, valid_b, ba
 
     def local(variables, images_b, labels_b, valid_b, batch_ids, spec, device, times, key_data, chip_ids):
         key = jax.random.wrap_key_data(key_data, impl=key_impl)
-        if device is None:
-            fn = _mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec, batch_ids)
-        else:
-            fn = _device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times, batch_ids)
-        counts = _map_chips(lambda i: fn(jax.random.fold_in(key, i)), chip_ids, chip_batch_size)
+
+        def chips(spec):
+            if device is None:
+                fn = _mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec, batch_ids)
+            else:
+                fn = _device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times, batch_ids)
+            return _map_chips(lambda i: fn(jax.random.fold_in(key, i)), chip_ids, chip_batch_size)
+
+        counts = chips(spec) if setting_batch_size is None else _map_settings(chips, spec, setting_batch_size)
         return jax.lax.psum(counts, DATA)
 
     # check_vma=False: the per-chip scan carries start replicated and become device-varying.
-    return jax.shard_map(local, mesh=mesh, out_specs=P(CHIPS), check_vma=False,
+    return jax.shard_map(local, mesh=mesh, out_specs=P(CHIPS) if setting_batch_size is None else P(None, CHIPS),
+                         check_vma=False,
                          in_specs=(P(), P(DATA), P(DATA), P(DATA), P(DATA), P(), P(), P(), P(), P(CHIPS)))(
         variables, images_b, labels_b, valid_b, batch_ids, spec, device, times, key_data, chip_ids)
 
@@ -516,8 +536,10 @@ def _sharded_data(data: _Batched, mesh: jax.sharding.Mesh) -> tuple[jax.Array, .
 
 def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec | None, key: jax.Array,
                start: int, n_chips: int, chip_batch_size: int, mesh: jax.sharding.Mesh | None = None,
-               device: device_lib.DeviceSpec | None = None, times: np.ndarray | None = None) -> np.ndarray:
-    """Accuracy of chips ``start .. start + n_chips - 1``: (n_chips,), or (n_chips, n_times) with a device.
+               device: device_lib.DeviceSpec | None = None, times: np.ndarray | None = None,
+               setting_batch_size: int | None = None) -> np.ndarray:
+    """Accuracy of chips ``start .. start + n_chips - 1``: (n_chips,), or (n_chips, n_times) with a device, or
+    (n_settings, n_chips) when ``spec`` is stacked (leading axis on every leaf) and ``setting_batch_size`` is set.
 
     Without a mesh: one jitted program on the default device. With one: the sharded program; chips are padded to
     a multiple of the chips-axis size with the next chips (computed and discarded), so every chip's value is the
@@ -530,7 +552,10 @@ def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec |
     if mesh is None:
         keys = chip_keys(key, n_chips, start)
         cbs = min(chip_batch_size, n_chips)
-        if device is None:
+        if setting_batch_size is not None:
+            correct = _settings_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec,
+                                        keys, chip_batch_size=cbs, setting_batch_size=setting_batch_size)
+        elif device is None:
             correct = _mc_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec, keys,
                                   chip_batch_size=cbs)
         else:
@@ -548,8 +573,10 @@ def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec |
     correct = _sharded_program(data.static, rep(variables), images_b, labels_b, valid_b, batch_ids, rep(spec),
                                rep(device), rep(times), rep(jax.random.key_data(key)), chip_ids, mesh=mesh,
                                chip_batch_size=min(chip_batch_size, n_padded // shards),
-                               key_impl=str(jax.random.key_impl(key)))
-    return distributed.to_host(correct)[:n_chips].astype(np.float64) / data.n_images
+                               key_impl=str(jax.random.key_impl(key)), setting_batch_size=setting_batch_size)
+    correct = distributed.to_host(correct)
+    correct = correct[:n_chips] if setting_batch_size is None else correct[:, :n_chips]
+    return correct.astype(np.float64) / data.n_images
 
 
 def _noise_off() -> dict[str, Any]:
@@ -663,6 +690,62 @@ def ci_halfwidth(per_chip: Sequence[float] | np.ndarray) -> float:
     if a.size < 2:
         return math.inf
     return float(scipy.stats.t.ppf(0.975, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size))
+
+
+def evaluate_many(model: Model, variables: Variables, images: Any, labels: Any,
+                  specs: Sequence[noise_lib.NoiseSpec], *, key: jax.Array | int, n_chips: int = 32,
+                  batch_size: int = 500, chip_batch_size: int | None = None, setting_batch_size: int = 1,
+                  preprocess: Callable[[jax.Array], jax.Array] | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> list[MCResult]:
+    """Monte Carlo accuracy under each of several noise specs, as one call of one compiled program.
+
+    The specs must share their static structure (kinds, weight paths, and the keys of ``act_ref``/masks); their
+    leaves (scales, references, masks) are stacked and the program maps over them (``jax.lax.map`` with
+    ``batch_size=setting_batch_size``: 1 runs the settings one after another, larger vmaps that many). This is
+    how a per-layer sensitivity map runs every (layer mask, scale) pair at once (:mod:`jaxnoise.sensitivity`).
+    **Common random numbers**: every spec uses the same chips ``fold_in(key, i)``, as in :func:`sweep`.
+
+    Args:
+      model, variables, images, labels, key, n_chips, batch_size, chip_batch_size, preprocess, mesh: as in
+        :func:`evaluate` (``mesh`` shards the chips of every setting).
+      specs: the settings (at least one).
+      setting_batch_size: settings evaluated at once (vmapped), >= 1.
+
+    Returns:
+      One :class:`MCResult` per spec, in order.
+
+    Raises:
+      ValueError: no specs, specs of different structure (naming the difference), or the errors of
+        :func:`evaluate`.
+
+    Examples:
+      >>> specs = [NoiseSpec(weight_eta=0.1, weight_mask={p: float(p == q) for p in paths}) for q in paths]
+      >>> results = evaluate_many(model, variables, x, y, specs, key=0, n_chips=8)
+    """
+    specs = list(specs)
+    if not specs:
+        raise ValueError("evaluate_many needs at least one NoiseSpec.")
+    if key is None:
+        raise ValueError("evaluate_many needs a key (the chips' base key).")
+    structure = jax.tree.structure(specs[0])
+    for i, sp in enumerate(specs):
+        if not isinstance(sp, noise_lib.NoiseSpec):
+            raise ValueError(f"specs[{i}] is a {type(sp).__name__}, not a NoiseSpec.")
+        if jax.tree.structure(sp) != structure:
+            raise ValueError(f"specs[{i}] differs in structure from specs[0] (kinds, weight_paths or the keys of "
+                             f"act_ref/weight_mask/act_mask): {jax.tree.structure(sp)} vs {structure}. Give every "
+                             f"spec the same kinds and the same mask/reference keys (missing keys as 1.0).")
+    for i, sp in enumerate(specs):
+        _check_chips(n_chips, chip_batch_size, sp, f"specs[{i}]")
+    n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, None, "specs")
+    setting_batch_size = _check_count("setting_batch_size", setting_batch_size)
+    if mesh is not None:
+        _check_mesh(mesh)
+    data = _prepare(model, images, labels, batch_size, preprocess)
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x, np.float32) for x in xs]), *specs)
+    acc = _run_chips(data, variables, stacked, _as_key(key), 0, n_chips, chip_batch_size, mesh,
+                     setting_batch_size=min(setting_batch_size, len(specs)))
+    return [MCResult.from_per_chip(acc[i], data.n_images, sp.describe()) for i, sp in enumerate(specs)]
 
 
 def _check_grid(name: str, etas: Sequence[float] | None) -> list[float] | None:
