@@ -1,4 +1,4 @@
-"""The ``jaxnoise`` command line: ``demo``, ``train``, ``denoise``, ``eval`` and ``sweep``.
+"""The ``jaxnoise`` command line: ``demo``, ``train``, ``denoise``, ``eval``, ``sweep`` and ``sensitivity``.
 
 The CLI imports the library; no library module imports the CLI. Every command that reports accuracy under noise
 writes a result file in the shared format (``../shared/RESULTS.md``) recording the exact command line.
@@ -16,6 +16,11 @@ Examples::
       --epochs 2 --lr 0.01 --workdir runs/r20_finetune
   jaxnoise denoise --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \
       --act-eta-train 0.3 --search-budget 0.025 --epochs 1 --workdir runs/r20_denoise
+  jaxnoise sensitivity --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \
+      --noise weight --scales 0.02,0.05,0.1 --n-chips 8 --out runs/sensitivity_r20
+  jaxnoise eval ... --n-chips 16 --target-ci-halfwidth 0.002 --max-chips 1024   # adaptive Monte Carlo
+  jaxnoise sweep ... --mesh auto                    # shard chips over every device (jax.sharding)
+  jaxnoise sweep ... --distributed --mesh auto      # multi-process: run in every process (TPU pod, GPU nodes)
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from jaxnoise import checkpoint, data, denoise, device, methods, models, noise, placement, report, robustness, train
+from jaxnoise import (checkpoint, data, denoise, device, distributed, methods, models, noise, placement, report,
+                      robustness, sensitivity, train)
 
 DEMO_WEIGHT_ETAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 
@@ -75,6 +81,29 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
                    help="chips evaluated at once (lax.map batch_size); default per backend (CPU 1)")
     p.add_argument("--n-images", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--out", default=None, help="output directory for JSON, markdown and plot")
+
+
+def _add_mesh_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices (jax.sharding)")
+    g.add_argument("--mesh", default=None,
+                   help="shard over devices: 'auto' (jaxnoise.distributed.mc_mesh: chips first, then data) or "
+                        "CHIPSxDATA, e.g. 4x2; default: one device")
+    g.add_argument("--distributed", action="store_true",
+                   help="multi-process launch: call jax.distributed.initialize() first (run the same command in "
+                        "every process; only process 0 writes files)")
+
+
+def build_mesh(args, n_chips: int) -> jax.sharding.Mesh | None:
+    """``--mesh``: None (one device), ``auto`` or ``CxD``."""
+    text = getattr(args, "mesh", None)
+    if text is None:
+        return None
+    if text == "auto":
+        return distributed.mc_mesh(n_chips)
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise SystemExit(f"error: --mesh {text!r}: give 'auto' or CHIPSxDATA such as 8x1 or 4x2.")
+    return distributed.make_mesh(int(m.group(1)), int(m.group(2)))
 
 
 def build_model(name: str, dataset: data.Dataset, config: dict[str, Any] | None = None) -> models.Model:
@@ -159,6 +188,8 @@ def _describe_extra(args, spec: noise.NoiseSpec) -> dict[str, Any]:
 
 
 def _write_outputs(record: dict, out: str, noise_axis: str) -> None:
+    if not distributed.is_main_process():  # multi-process runs: process 0 writes
+        return
     os.makedirs(out, exist_ok=True)
     report.write_json(os.path.join(out, "results.json"), record)
     table = report.markdown_table(record)
@@ -192,7 +223,7 @@ def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | 
     results = robustness.evaluate_device(model, variables, images, labels, dev, times=times,
                                          key=jax.random.key(args.seed), n_chips=args.n_chips, noise=spec,
                                          batch_size=args.batch_size, chip_batch_size=args.chip_batch_size,
-                                         preprocess=dataset.preprocess)
+                                         preprocess=dataset.preprocess, mesh=build_mesh(args, args.n_chips))
     for t, r in zip(times, results):
         lo, hi = r.ci95
         print(f"{model.name} on {dataset.name} test ({r.n_images} images), {dev.name}, t = {t:g} s, "
@@ -228,7 +259,7 @@ def cmd_sweep(args) -> dict:
     results = robustness.sweep(model, variables, images, labels, spec, weight_etas=args.weight_etas,
                                act_etas=args.act_etas, key=jax.random.key(args.seed), n_chips=args.n_chips,
                                batch_size=args.batch_size, chip_batch_size=args.chip_batch_size,
-                               preprocess=dataset.preprocess)
+                               preprocess=dataset.preprocess, mesh=build_mesh(args, args.n_chips))
     arm = report.arm(args.arm_name or model.name, model.name, args.method, model.param_count(variables), results,
                      train={**source, **_describe_extra(args, spec)})
     record = report.result_record(
@@ -251,23 +282,67 @@ def cmd_eval(args) -> dict:
     build_device(args)  # rejects --times without --device
     images, labels = test_arrays(dataset, args.n_images)
     noisy = weight or act
+    adaptive = args.target_ci_halfwidth is not None
+    if not noisy and (adaptive or args.max_chips is not None):
+        raise SystemExit("error: --target-ci-halfwidth/--max-chips need noise (--weight-eta or --act-eta > 0).")
     result = robustness.evaluate(model, variables, images, labels, spec if noisy else None,
                                  key=jax.random.key(args.seed) if noisy else None,
                                  n_chips=args.n_chips if noisy else 1, batch_size=args.batch_size,
-                                 chip_batch_size=args.chip_batch_size, preprocess=dataset.preprocess)
+                                 chip_batch_size=args.chip_batch_size, preprocess=dataset.preprocess,
+                                 mesh=build_mesh(args, args.n_chips) if noisy else None,
+                                 target_ci_halfwidth=args.target_ci_halfwidth if noisy else None,
+                                 max_chips=args.max_chips if noisy else None)
     lo, hi = result.ci95
     print(f"{model.name} on {dataset.name} test ({result.n_images} images), {result.n_chips} chips: "
           f"mean {100 * result.mean:.2f}%  95% CI [{100 * lo:.2f}, {100 * hi:.2f}]  std {100 * result.std:.2f}  "
           f"5th-percentile chip {100 * result.p5:.2f}%")
+    if result.stopping is not None:
+        st = result.stopping
+        print(f"adaptive: {st['rounds']} rounds of {st['round_chips']} chips; CI half-width "
+              f"{100 * st['ci_halfwidth']:.3f} points, target {100 * st['target_ci_halfwidth']:.3f} "
+              f"({'met' if st['met_target'] else 'NOT met: cap of ' + str(st['max_chips']) + ' chips reached'})")
     record = report.result_record(
         args.experiment or f"eval_{model.name}_{dataset.name}", _command_line(),
         [report.arm(args.arm_name or model.name, model.name, args.method, model.param_count(variables), [result],
                     train={**source, **_describe_extra(args, spec)})],
         {"name": dataset.name, "split": "test", "n_images": int(result.n_images)})
-    if args.out:
+    if args.out and distributed.is_main_process():
         os.makedirs(args.out, exist_ok=True)
         report.write_json(os.path.join(args.out, "results.json"), record)
         print(f"wrote {args.out}/results.json")
+    return record
+
+
+def cmd_sensitivity(args) -> dict:
+    """Per-layer sensitivity map: accuracy with noise at one layer alone, per scale (one compiled program)."""
+    model, variables, dataset, source = load_model(args)
+    weight = args.noise == "weight"
+    spec = build_spec(args, model, variables, dataset, weight=weight, act=not weight)
+    layers = None if args.layers is None else [n for n in args.layers.split(",") if n]
+    images, labels = test_arrays(dataset, args.n_images)
+    t0 = time.time()
+    smap = sensitivity.sensitivity_map(model, variables, images, labels, noise=args.noise, scales=args.scales,
+                                       key=jax.random.key(args.seed), spec=spec, layers=layers,
+                                       n_chips=args.n_chips, batch_size=args.batch_size,
+                                       chip_batch_size=args.chip_batch_size,
+                                       setting_batch_size=args.setting_batch_size, preprocess=dataset.preprocess,
+                                       mesh=build_mesh(args, args.n_chips))
+    record = smap.to_record(args.experiment or f"sensitivity_{model.name}_{dataset.name}_{args.noise}",
+                            _command_line(), {"name": dataset.name, "split": "test", "n_images": int(len(labels))},
+                            param_count=model.param_count(variables), train={**source, **_describe_extra(args, spec)})
+    record["wall_seconds"] = round(time.time() - t0, 1)
+    table = smap.to_markdown()
+    print(table)
+    most = ", ".join(f"{name} {100 * acc:.2f}%" for name, acc in smap.ranking()[:3])
+    print(f"most sensitive at eta {smap.scales[-1]:g}: {most}")
+    if distributed.is_main_process():
+        out = args.out or os.path.join("runs", record["experiment"])
+        os.makedirs(out, exist_ok=True)
+        report.write_json(os.path.join(out, "results.json"), record)
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write(table + "\n")
+        smap.plot(os.path.join(out, "sensitivity.png"))
+        print(f"wrote {out}/results.json, results.md, sensitivity.png")
     return record
 
 
@@ -498,13 +573,33 @@ def build_parser() -> argparse.ArgumentParser:
                             "(one compiled program for all; eval default 0)")
         g.add_argument("--no-drift-compensation", action="store_true", help="turn the preset's compensation off")
         g.add_argument("--digital-layers", default=None, help="layers kept digital, comma-separated (e.g. conv1,fc)")
+        _add_mesh_args(p)
         if name == "eval":
             p.add_argument("--weight-eta", type=float, default=0.0)
             p.add_argument("--act-eta", type=float, default=0.0)
+            g = p.add_argument_group("adaptive Monte Carlo")
+            g.add_argument("--target-ci-halfwidth", type=float, default=None,
+                           help="draw rounds of --n-chips chips until the 95%% CI half-width of the mean accuracy "
+                                "is at most this (a fraction: 0.002 = +/-0.2 points)")
+            g.add_argument("--max-chips", type=int, default=None, help="cap of the adaptive run (default 64 rounds)")
         else:
             p.add_argument("--weight-etas", type=_floats, default=None, help="e.g. 0,0.05,0.1,0.15,0.2")
             p.add_argument("--act-etas", type=_floats, default=None, help="e.g. 0,0.1,0.2,0.4")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("sensitivity", help="per-layer sensitivity map: noise at one layer alone, per scale")
+    _add_model_args(p)
+    _add_noise_args(p)
+    _add_mesh_args(p)
+    p.set_defaults(n_chips=8)
+    p.add_argument("--noise", default="weight", choices=sensitivity.NOISE_TYPES,
+                   help="weight noise (kind --weight-noise) or activation noise (kind --act-noise)")
+    p.add_argument("--scales", type=_floats, required=True, help="noise scales, e.g. 0.02,0.05,0.1")
+    p.add_argument("--layers", default=None, help="layers, comma-separated (default: every analog layer)")
+    p.add_argument("--setting-batch-size", type=int, default=1,
+                   help="(layer, scale) cells evaluated at once (vmap); 1 maps them one after another")
+    p.add_argument("--experiment", default=None, help="experiment name recorded in the result file")
+    p.set_defaults(func=cmd_sensitivity)
     return parser
 
 
@@ -512,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _ARGV[:] = argv
     args = build_parser().parse_args(argv)
+    if getattr(args, "distributed", False):
+        distributed.initialize()
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, NotImplementedError, checkpoint.CheckpointError,

@@ -190,3 +190,35 @@ def _tiny_mlp(tmp_path):
     workdir = tmp_path / "mlp"
     assert cli.main(["train", "--model", "mlp", "--dataset", "digits", "--epochs", "1", "--workdir", str(workdir)]) == 0
     return workdir
+
+
+def test_sensitivity_adaptive_eval_and_mesh(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--model", "mlp", "--dataset", "digits", "--epochs", "2", "--lr", "0.05",
+                     "--workdir", str(workdir)]) == 0
+    out = tmp_path / "sens"
+    assert cli.main(["sensitivity", "--checkpoint", str(workdir), "--noise", "weight", "--scales", "0.1,0.3",
+                     "--n-chips", "3", "--n-images", "200", "--mesh", "auto", "--out", str(out)]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert [a["name"] for a in record["arms"]] == ["fc1", "fc2", "head", "all_layers"]
+    assert record["sensitivity"]["scales"] == [0.1, 0.3] and record["command"].startswith("jaxnoise sensitivity")
+    assert (out / "sensitivity.png").stat().st_size > 1000 and "| fc1 |" in (out / "results.md").read_text()
+    _check_results(out / "results.json")
+    assert "most sensitive at eta 0.3" in capsys.readouterr().out
+    act = tmp_path / "sens_act"
+    assert cli.main(["sensitivity", "--checkpoint", str(workdir), "--noise", "activation", "--act-noise",
+                     "multiplicative", "--scales", "0.5", "--n-chips", "2", "--n-images", "100", "--layers",
+                     "fc2,head", "--out", str(act)]) == 0
+    assert [a["name"] for a in json.loads((act / "results.json").read_text())["arms"]] == ["fc2", "head",
+                                                                                          "all_layers"]
+    # Adaptive Monte Carlo from the command line.
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--weight-eta", "0.2", "--n-chips", "8",
+                     "--target-ci-halfwidth", "0.01", "--max-chips", "40", "--n-images", "200",
+                     "--out", str(tmp_path / "ad")]) == 0
+    entry = json.loads((tmp_path / "ad" / "results.json").read_text())["arms"][0]["eval"][0]
+    assert entry["stopping"]["round_chips"] == 8 and entry["n_chips"] <= 40
+    assert entry["n_chips"] == 40 or entry["stopping"]["met_target"]
+    assert "adaptive:" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="CHIPSxDATA"):
+        cli.main(["sensitivity", "--checkpoint", str(workdir), "--scales", "0.1", "--mesh", "3by1",
+                  "--out", str(tmp_path / "x")])
