@@ -22,7 +22,12 @@ Guarantees:
 
 Restored arrays take the structure, dtypes and (for ``jax.Array`` leaves) the sharding of the target pytree.
 Without a target, leaves come back as ``jax.Array`` on the default device in nested dicts/lists (tuples and
-namedtuples become lists and dicts), whatever device wrote them.
+namedtuples become lists and dicts), whatever device wrote them. ``restore(..., sharding=NamedSharding(mesh, P()))``
+restores every leaf straight into that sharding (e.g. replicated over a mesh), whatever devices wrote it.
+
+Multi-process: call :meth:`CheckpointManager.save` and :meth:`~CheckpointManager.restore` in every process, on a
+directory every process sees (orbax coordinates the processes and each writes the shards it owns); the plain
+``metadata.json`` copy is written by process 0 only (``jaxnoise.distributed.is_main_process``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.path import atomicity as ocp_atomicity
 
+from jaxnoise import distributed
 from jaxnoise.io import write_text_atomic
 
 _STATE = "state"
@@ -151,9 +157,15 @@ def _json_default(o: Any) -> Any:
                     f"use strings, numbers, bools, lists and dicts.")
 
 
-def _restore_item(target: Any) -> Any:
-    """The item orbax restores into: ``jax.Array`` leaves as they are (their sharding is kept), every other leaf
-    as a ``jax.ShapeDtypeStruct`` on the default device (so a checkpoint written on another device reads here)."""
+def _restore_item(target: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+    """The item orbax restores into.
+
+    With ``sharding``: every leaf as a ``jax.ShapeDtypeStruct`` with that sharding. Without: ``jax.Array`` leaves
+    as they are (their sharding is kept), ``jax.ShapeDtypeStruct`` leaves with their own sharding if they have
+    one, every other leaf on the default device (so a checkpoint written on another device reads here).
+    """
+    if sharding is not None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=sharding), target)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def leaf(x):
@@ -164,6 +176,11 @@ def _restore_item(target: Any) -> Any:
         arr = np.asarray(x)
         return jax.ShapeDtypeStruct(arr.shape, arr.dtype, sharding=sharding)
     return jax.tree.map(leaf, target)
+
+
+def _dtype(x: Any) -> Any:
+    """The dtype a jax array of ``x`` has (64-bit types narrowed unless ``jax_enable_x64``)."""
+    return jax.dtypes.canonicalize_dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
 
 
 def _cast_like(restored: Any, target: Any) -> Any:
@@ -276,6 +293,9 @@ class CheckpointManager:
     def save(self, step: int, state: Any, metadata: Mapping[str, Any] | None = None) -> str:
         """Writes ``state`` (and ``metadata``) as step ``step``, atomically.
 
+        Call it in every process of a multi-process run (orbax coordinates them; each writes the shards of its
+        devices); only process 0 writes ``DIR/metadata.json``.
+
         Args:
           step: a non-negative int, larger than every existing step.
           state: a pytree of arrays (dicts, lists, tuples, namedtuples, flax struct dataclasses).
@@ -300,7 +320,8 @@ class CheckpointManager:
         self._manager.save(step, args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(meta)}), force=True)
         self._manager.wait_until_finished()
-        _write_json_atomic(os.path.join(self.directory, METADATA_FILE), dict(meta, step=step))
+        if distributed.is_main_process():  # a plain file: one writer (orbax coordinated the step's own files)
+            _write_json_atomic(os.path.join(self.directory, METADATA_FILE), dict(meta, step=step))
         return self.step_path(step)
 
     # -- reading ------------------------------------------------------------------------------------------------
@@ -320,8 +341,11 @@ class CheckpointManager:
         except Exception as e:  # orbax/tensorstore raise many kinds; all mean "unreadable"
             raise self._corrupt(step, e) from e
 
-    def restore(self, target: Any = None, step: int | None = None) -> Any:
+    def restore(self, target: Any = None, step: int | None = None, *,
+                sharding: jax.sharding.Sharding | None = None) -> Any:
         """Reads step ``step`` (latest by default).
+
+        Call it in every process of a multi-process run when restoring global (multi-host) arrays.
 
         Args:
           target: a pytree like the saved one (e.g. the freshly initialised state, or its ``jax.eval_shape``).
@@ -329,6 +353,10 @@ class CheckpointManager:
             give ``jax.Array``, with the target's sharding if it has one; numpy/Python leaves give numpy/Python).
             None restores the stored structure as nested dicts/lists of ``jax.Array`` on the default device.
           step: the step, or None for the latest.
+          sharding: the sharding of every restored leaf, e.g. ``NamedSharding(mesh, PartitionSpec())`` to restore
+            the state replicated on every device of ``mesh`` (as data-parallel training does), whatever devices
+            wrote it. Every leaf then comes back as a ``jax.Array`` with this sharding (numpy/Python target leaves
+            included; the target's own shardings are ignored). None: as described for ``target``.
 
         Returns:
           The restored pytree.
@@ -347,13 +375,17 @@ class CheckpointManager:
                     f"checkpoint {self.step_path(step)!r} does not match the structure it is restored into:\n"
                     + "\n".join(lines) + "\nIt was probably written for another model or optimizer "
                     "configuration; use a matching model/config, or another directory.")
-        item = _restore_item(stored if target is None else target)
+        item = _restore_item(stored if target is None else target, sharding)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(
                 item)}))[_STATE]
         except Exception as e:  # orbax/tensorstore raise many kinds; all mean "unreadable"
             raise self._corrupt(step, e) from e
-        return restored if target is None else _cast_like(restored, target)
+        if target is None:
+            return restored
+        if sharding is not None:  # every leaf stays a jax.Array with the requested sharding
+            return jax.tree.map(lambda r, t: r if r.dtype == _dtype(t) else r.astype(_dtype(t)), restored, target)
+        return _cast_like(restored, target)
 
     def read_metadata(self, step: int | None = None) -> dict[str, Any]:
         """The JSON metadata saved with ``step`` (latest by default).
@@ -424,7 +456,8 @@ def latest_step(directory: str | os.PathLike) -> int | None:
         return mgr.latest_step()
 
 
-def restore(directory: str | os.PathLike, target: Any = None, step: int | None = None) -> Any:
+def restore(directory: str | os.PathLike, target: Any = None, step: int | None = None, *,
+            sharding: jax.sharding.Sharding | None = None) -> Any:
     """Restores step ``step`` (latest by default) of ``directory`` into the structure and dtypes of ``target``.
 
     Args:
@@ -432,6 +465,8 @@ def restore(directory: str | os.PathLike, target: Any = None, step: int | None =
       target: a pytree like the saved one; None restores the stored structure (nested dicts/lists of
         ``jax.Array``).
       step: the step, or None for the latest.
+      sharding: the sharding of every restored leaf (e.g. ``NamedSharding(mesh, PartitionSpec())``: replicated
+        over ``mesh``); see :meth:`CheckpointManager.restore`.
 
     Returns:
       The restored pytree.
@@ -442,7 +477,7 @@ def restore(directory: str | os.PathLike, target: Any = None, step: int | None =
       CheckpointError: the step is corrupt.
     """
     with CheckpointManager(directory, create=False) as mgr:
-        return mgr.restore(target, step)
+        return mgr.restore(target, step, sharding=sharding)
 
 
 def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:

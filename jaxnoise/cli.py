@@ -86,8 +86,9 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
 def _add_mesh_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("devices (jax.sharding)")
     g.add_argument("--mesh", default=None,
-                   help="shard over devices: 'auto' (jaxnoise.distributed.mc_mesh: chips first, then data) or "
-                        "CHIPSxDATA, e.g. 4x2; default: one device")
+                   help="shard over devices: 'auto' or CHIPSxDATA, e.g. 4x2 (Monte Carlo: chips over the first "
+                        "axis, data batches over the second; 'auto' = jaxnoise.distributed.mc_mesh. train: "
+                        "data parallel over every device of the mesh); default: one device")
     g.add_argument("--distributed", action="store_true",
                    help="multi-process launch: call jax.distributed.initialize() first (run the same command in "
                         "every process; only process 0 writes files)")
@@ -393,9 +394,12 @@ def cmd_train(args) -> Any:
     start = args.weights or args.checkpoint
     workdir = args.workdir or os.path.join("runs", f"train_{model.name}_{dataset.name}_{args.method}")
     loss_fn = build_loss(args, model, variables, dataset)
+    mesh = None
+    if args.mesh is not None:  # data parallel: the batch is split over every device of the mesh
+        mesh = distributed.make_mesh() if args.mesh == "auto" else build_mesh(args, 1)
     variables, history = train.train(model, dataset, _train_config(args), workdir=workdir, variables=variables,
                                      loss_fn=loss_fn, max_steps=args.max_steps,
-                                     metadata={"init": start, "method": args.method})
+                                     metadata={"init": start, "method": args.method}, mesh=mesh)
     acc = train.evaluate_clean(model, variables, dataset.test, dataset.preprocess)
     print(f"{model.name} on {dataset.name} ({args.method}): clean test accuracy {100 * acc:.2f}%  "
           f"(checkpoints in {workdir})")
@@ -501,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--workdir", default=None, help="checkpoints and metrics.jsonl; an existing one is resumed")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
+    _add_mesh_args(p)
     g = p.add_argument_group("noise-aware training (jaxnoise.methods)")
     g.add_argument("--method", default="clean", choices=methods.METHODS)
     g.add_argument("--eta-train", type=float, default=0.1, help="weight-noise scale during training")

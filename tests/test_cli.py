@@ -195,7 +195,7 @@ def _tiny_mlp(tmp_path):
 def test_sensitivity_adaptive_eval_and_mesh(tmp_path, capsys):
     workdir = tmp_path / "run"
     assert cli.main(["train", "--model", "mlp", "--dataset", "digits", "--epochs", "2", "--lr", "0.05",
-                     "--workdir", str(workdir)]) == 0
+                     "--train-batch-size", "64", "--mesh", "auto", "--workdir", str(workdir)]) == 0
     out = tmp_path / "sens"
     assert cli.main(["sensitivity", "--checkpoint", str(workdir), "--noise", "weight", "--scales", "0.1,0.3",
                      "--n-chips", "3", "--n-images", "200", "--mesh", "auto", "--out", str(out)]) == 0

@@ -324,26 +324,9 @@ def test_bad_input_raises_clear_errors(trained_mlp, data):
 
 
 def _threshold_model(n_images: int = 100):
-    """A synthetic model whose per-chip accuracy distribution is known.
-
-    One unit weight with multiplicative noise at eta=1 gives the chip ``w = 1 + Z``, Z ~ N(0, 1). Image ``j`` holds
-    ``c_j = Phi^-1(u_j)`` with ``u_j = ((j + 0.5) / N)^2`` and label 1; it is classified correctly iff ``Z > c_j``.
-    So ``P(correct_j) = 1 - u_j``, the mean accuracy over chips is exactly ``1 - mean(u_j)``, and a chip's accuracy
-    is ~ sqrt(U) for U uniform (skewed: std ~0.236).
-    """
-    from jaxnoise.models import Model
-
-    def forward(s, x):
-        z = s.dense("w", jnp.ones((x.shape[0], 1), x.dtype), 1, bias=False)[:, 0] - 1.0
-        logit1 = z - x.reshape(-1)
-        return jnp.stack([jnp.zeros_like(logit1), logit1], axis=-1), {}
-
-    model = Model("threshold", forward, (1, 1, 1), 2)
-    variables = {"params": {"w": {"kernel": jnp.ones((1, 1), jnp.float32)}}, "batch_stats": {}}
-    u = ((np.arange(n_images) + 0.5) / n_images) ** 2
-    images = scipy.stats.norm.ppf(u).astype(np.float32).reshape(-1, 1, 1, 1)
-    labels = np.ones(n_images, np.int32)
-    return model, variables, images, labels, float(1.0 - u.mean())
+    """The synthetic model with a known per-chip accuracy distribution (``jaxnoise.models.small``)."""
+    from jaxnoise.models.small import threshold_problem
+    return threshold_problem(n_images)
 
 
 THRESHOLD_SPEC = noise.NoiseSpec(weight_kind="multiplicative", weight_eta=1.0)
