@@ -17,11 +17,17 @@ Launching
 * **Several processes** (a TPU pod slice, several GPU nodes): start the same command in every process and call
   :func:`initialize` first (the CLI does so with ``--distributed``). On Cloud TPU and under SLURM/Open MPI
   ``jax.distributed.initialize()`` finds the coordinator itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``
-  (``host:port`` of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` in each process. For example, on a
-  TPU v4-32 slice::
+  (``host:port`` of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` in each process. For example::
 
-      gcloud compute tpus tpu-vm ssh NAME --worker=all --command \\
-        "cd jaxnoise && python -m jaxnoise sweep --distributed --mesh ... "
+      # TPU pod slice (every worker VM runs the same command; install jax[tpu] and jaxnoise on each first)
+      gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command \
+        "cd jaxnoise && jaxnoise sweep --distributed --mesh auto --model resnet20 --weights W.npz ..."
+      # two GPU nodes under SLURM, one process per node owning its 8 GPUs
+      srun --nodes 2 --ntasks-per-node 1 --gpus-per-task 8 jaxnoise sweep --distributed --mesh auto ...
+      # without a scheduler: on node i (0 and 1)
+      JAX_COORDINATOR_ADDRESS=node0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i jaxnoise sweep --distributed ...
+
+  One multi-GPU node needs no ``--distributed``: one process sees all its GPUs (``--mesh auto``).
 
   Every process must see the same data and arguments (jaxnoise builds each global array from the full host copy
   with ``jax.make_array_from_callback``, so no process needs to know which shards are its own) and only process 0
@@ -44,7 +50,6 @@ __all__ = ["CHIPS", "DATA", "P", "global_array", "initialize", "is_main_process"
 CHIPS = "chips"  # mesh axis over which Monte Carlo chips are sharded
 DATA = "data"  # mesh axis over which data (batches of images) are sharded
 
-_COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 _initialized = False
 
 

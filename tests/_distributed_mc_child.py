@@ -74,5 +74,30 @@ def main(variables_path: str, out_path: str) -> None:
         json.dump(out, f)
 
 
+def main_multiprocess(variables_path: str, out_path: str, process_id: int, port: int) -> None:
+    """One of 2 processes (2 CPU devices each, gloo collectives): Monte Carlo on a mesh over both processes'
+    4 devices vs this process alone; writes the per-chip values it sees to ``out_path``."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    distributed.initialize(f"localhost:{port}", 2, process_id)
+    ds = load_dataset("digits")
+    model = get_model("cnn", input_shape=ds.image_shape, num_classes=10)
+    flat = dict(np.load(variables_path))
+    variables = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    x, y = ds.test.images[:200], ds.test.labels[:200]
+    spec = NoiseSpec(weight_eta=0.15, act_kind="multiplicative", act_eta=0.1)
+    kw = dict(key=3, n_chips=5, batch_size=48, preprocess=ds.preprocess)
+    out = {"process_count": jax.process_count(), "device_count": jax.device_count(),
+           "main": distributed.is_main_process()}
+    for chips, data in ((4, 1), (2, 2)):
+        res = robustness.evaluate(model, variables, x, y, spec, mesh=distributed.make_mesh(chips, data), **kw)
+        out[f"{chips}x{data}"] = res.per_chip.tolist()
+    out["alone"] = robustness.evaluate(model, variables, x, y, spec, **kw).per_chip.tolist()
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "multiprocess":
+        main_multiprocess(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        main(sys.argv[1], sys.argv[2])

@@ -103,3 +103,31 @@ def test_sharded_mc_on_8_forced_host_devices(trained_digits_cnn, tmp_path):
     ad = out["adaptive"]
     assert ad["sharded"] == ad["single"]
     assert len(ad["sharded"]) == 23 and ad["stopping"]["rounds"] == 5 and not ad["stopping"]["met_target"]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow  # 2 processes x 2 devices over jax.distributed (gloo), ~40 s on 2 cores
+def test_sharded_mc_over_two_processes(trained_digits_cnn, tmp_path):
+    """Multi-host: a mesh over 2 processes' devices gives every process the single-device per-chip values."""
+    _, variables, _ = trained_digits_cnn
+    np.savez(tmp_path / "vars.npz", **traverse_util.flatten_dict(jax.device_get(variables), sep="/"))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "_distributed_mc_child.py"), "multiprocess",
+                               str(tmp_path / "vars.npz"), str(tmp_path / f"p{i}.json"), str(i), str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    outs = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in (0, 1)]
+    assert [o["main"] for o in outs] == [True, False]
+    for o in outs:
+        assert o["process_count"] == 2 and o["device_count"] == 4
+        assert o["4x1"] == o["alone"] and o["2x2"] == o["alone"]
+    assert outs[0]["alone"] == outs[1]["alone"]

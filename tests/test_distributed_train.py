@@ -108,9 +108,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("JAXNOISE_TEST_MULTIPROCESS"),
-                    reason="2-process jax.distributed run (~40 s on 2 cores): set JAXNOISE_TEST_MULTIPROCESS=1")
+@pytest.mark.slow  # 2-process jax.distributed run, ~40 s on 2 cores
 def test_two_processes(tmp_path, digits):
     """Multi-host: 2 processes x 2 devices, interrupted and resumed; same result as one device, one writer."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
