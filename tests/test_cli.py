@@ -159,6 +159,7 @@ def test_module_entry_point_help():
     assert out.returncode == 0 and "demo" in out.stdout and "sweep" in out.stdout
 
 
+@pytest.mark.slow  # ~30 s; jaxnoise.denoise's own tests cover the training, this the command line
 def test_denoise_train_and_eval_checkpoint(tmp_path, capsys):
     """`jaxnoise denoise` trains blocks at the given sites; `eval` rebuilds the denoised model from its checkpoint.
 

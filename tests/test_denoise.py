@@ -27,7 +27,8 @@ def _randomize_blocks(dmodel, dvars, key):
 
 
 @pytest.mark.parametrize("name,kind", [("cnn", "residual"), ("cnn", "probabilistic"), ("mlp", "residual"),
-                                       ("mlp", "probabilistic"), ("resnet20", "residual")])
+                                       ("mlp", "probabilistic"),
+                                       pytest.param("resnet20", "residual", marks=pytest.mark.slow)])
 def test_fresh_blocks_are_bitwise_identity(name, kind):
     model = get_model(name, **({"input_shape": (8, 8, 1)} if name != "resnet20" else {}))
     variables = model.init(jax.random.key(0))

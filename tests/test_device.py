@@ -413,6 +413,7 @@ def test_time_sweep_compiles_once_and_chips_are_fixed_across_times(trained_digit
     assert both[1].mean < both[0].mean   # 3 years of uncompensated drift costs accuracy
 
 
+@pytest.mark.slow  # ~40 s: the full I/O chain compiles slowly on CPU; cheaper device tests cover the parts
 def test_device_evaluation_with_full_preset_and_compensation(trained_digits_cnn, digits):
     model, variables, _ = trained_digits_cnn
     x, y = digits.test.images[:60], digits.test.labels[:60]

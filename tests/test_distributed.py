@@ -90,7 +90,7 @@ def test_sharded_mc_on_8_forced_host_devices(trained_digits_cnn, tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["n_devices"] == 8
     ev = out["evaluate"]
-    for mesh in ("8x1", "4x2", "1x8"):
+    for mesh in ("8x1", "4x2"):
         assert ev[f"{mesh}_devices"] == 8
         assert ev[mesh] == ev["single"], mesh
     assert len(set(ev["single"])) > 1  # the chips differ: the comparison is not vacuous
