@@ -57,6 +57,7 @@ def test_train_then_eval_from_checkpoint(tmp_path, capsys):
     assert set(dev["io"]["inp_ranges"]) == {"fc1", "fc2", "head"} and meta["hparams"] == {}
 
 
+@pytest.mark.slow  # ~36 s: trains a CNN, then activation and device sweeps from the command line
 def test_activation_sweep_digits(tmp_path):
     workdir = tmp_path / "run"
     assert cli.main(["train", "--model", "cnn", "--epochs", "1", "--lr", "0.05", "--workdir", str(workdir)]) == 0

@@ -429,6 +429,7 @@ def test_device_evaluation_with_full_preset_and_compensation(trained_digits_cnn,
     assert d["weight_noise"]["kind"] == "device:aihwkit_inference_default" and d["device"]["compensation"] == "global"
 
 
+@pytest.mark.slow  # ~17 s; tests/test_cli.py also trains under hwa_standard
 def test_hardware_aware_training_step_under_a_device(cnn, digits):
     model, variables = cnn
     x = digits.preprocess(digits.train.images[:16])

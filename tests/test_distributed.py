@@ -65,6 +65,7 @@ def test_bad_mesh_is_refused(trained_digits_cnn, digits):
                             NoiseSpec(weight_eta=0.1), key=0, n_chips=2, preprocess=digits.preprocess, mesh=bad)
 
 
+@pytest.mark.slow  # ~12 s; the 8-device subprocess test covers more meshes
 def test_one_device_mesh_equals_no_mesh(trained_digits_cnn, digits):
     model, variables, _ = trained_digits_cnn
     x, y = digits.test.images[:100], digits.test.labels[:100]

@@ -146,7 +146,8 @@ def test_eta_zero_is_clean(cnn_setup):
     assert_trees_close(clean[2], cr[2])
 
 
-@pytest.mark.parametrize("draw_batch_size", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("draw_batch_size", [1, pytest.param(2, marks=pytest.mark.slow),
+                                             pytest.param(3, marks=pytest.mark.slow)])
 def test_k_draws_are_the_mean_of_single_draws_and_batchnorm_averages(cnn_setup, draw_batch_size):
     model, variables, x, y = cnn_setup
     key, k = jax.random.key(7), 3

@@ -65,8 +65,16 @@ def test_committed_notebook_is_executed(name):
     assert "small mode: True" not in text, f"{name}: the committed copy is a small-mode run; commit the full run"
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.cifar) if n in CIFAR_NOTEBOOKS else n
-                                  for n in NOTEBOOKS])
+# The two notebooks that train or evaluate ResNets take 30-45 s each even in small mode: they run with the slow set
+# (which CI runs after the default suite); the methods notebook runs in the default suite.
+SLOW_NOTEBOOKS = ("01_quickstart_digits.ipynb", "02_cifar_resnet_robustness.ipynb")
+
+
+def _marks(n: str) -> list:
+    return ([pytest.mark.cifar] if n in CIFAR_NOTEBOOKS else []) + ([pytest.mark.slow] if n in SLOW_NOTEBOOKS else [])
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in NOTEBOOKS])
 def test_notebook_runs_in_small_mode(name, monkeypatch):
     if name in CIFAR_NOTEBOOKS:
         reason = _cifar_missing()

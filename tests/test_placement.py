@@ -60,6 +60,7 @@ def test_removal_sensitivity_finds_the_noisy_site(digits, setup):
     assert set(grads) == set(model.feature_names) and all(v > 0 for v in grads.values())
 
 
+@pytest.mark.slow  # ~16 s
 def test_train_candidates_vmapped_equals_one_by_one(digits, setup):
     model, variables, ref, dmodel, dvars = setup
     loss_fn = denoise.denoiser_loss(dmodel, act_eta_train=0.5, act_ref=ref)
@@ -82,6 +83,7 @@ def test_train_candidates_vmapped_equals_one_by_one(digits, setup):
     np.testing.assert_array_equal(np.asarray(together["block3"]["up"]["w"][0]), np.asarray(fresh["block3"]["up"]["w"]))
 
 
+@pytest.mark.slow  # ~23 s; test_removal_sensitivity_finds_the_noisy_site covers the ranking in the default set
 def test_search_finds_the_site_where_noise_was_injected(digits, setup):
     model, variables, ref, dmodel, dvars = setup
     # Noise only at conv1 (feature block1). A block upstream of the noise could also help under additive noise by
