@@ -33,6 +33,8 @@ from jaxnoise.distributed import make_mesh  # noqa: E402
 from jaxnoise.models import get_model  # noqa: E402
 from jaxnoise.train import TrainConfig, train  # noqa: E402
 
+from _helpers import he_variables  # noqa: E402  (tests/ is sys.path[0] of this script)
+
 N_TRAIN = 384  # 6 steps of 64: one epoch, so the epoch-end evaluation runs too
 BATCH = 64
 
@@ -43,16 +45,7 @@ def max_abs_diff(a, b) -> float:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def he_variables(model, seed=0):
-    """He-normal initial variables in numpy (as ``model.init``, without its slow eager compilations on CPU)."""
-    rng = np.random.default_rng(seed)
 
-    def init(path, s):
-        leaf = path[-1].key
-        if leaf == "kernel":
-            return (rng.standard_normal(s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))).astype(s.dtype)
-        return np.full(s.shape, leaf in ("scale", "var"), s.dtype)
-    return jax.tree_util.tree_map_with_path(init, jax.eval_shape(model.init, jax.random.key(0)))
 
 
 def sharding_info(tree, mesh) -> dict:

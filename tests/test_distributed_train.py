@@ -123,11 +123,7 @@ def test_two_processes(tmp_path, digits):
     from jaxnoise.data import Split
     data = dataclasses.replace(digits, train=Split(digits.train.images[:384], digits.train.labels[:384]))
     model = get_model("cnn", input_shape=data.image_shape, num_classes=10)
-    sys.path.insert(0, TESTS)
-    try:
-        from _distributed_train_child import he_variables
-    finally:
-        sys.path.remove(TESTS)
+    from _helpers import he_variables
     one, _ = train(model, data, TrainConfig(epochs=1, batch_size=64, learning_rate=0.05, log_every=2),
                    workdir=tmp_path / "one", variables=he_variables(model), progress=False)
     reports = [json.load(open(tmp_path / f"p{i}.json")) for i in (0, 1)]

@@ -17,6 +17,8 @@ from jaxnoise.data import load_dataset
 from jaxnoise.models import get_model
 from jaxnoise.train import TrainConfig, evaluate_clean, train
 
+from _helpers import he_variables
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -35,17 +37,7 @@ def fake_variables(model, seed=0):
     return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), abstract)
 
 
-def he_variables(model, seed=0):
-    """Variables initialised like ``model.init`` does (He-normal kernels, BatchNorm at identity, running mean 0
-    and var 1), in numpy: without ``model.init``'s eager compilations, which dominate small tests on CPU."""
-    rng = np.random.default_rng(seed)
 
-    def init(path, s):
-        leaf = path[-1].key
-        if leaf == "kernel":
-            return (rng.standard_normal(s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))).astype(s.dtype)
-        return np.full(s.shape, leaf in ("scale", "var"), s.dtype)
-    return jax.tree_util.tree_map_with_path(init, jax.eval_shape(model.init, jax.random.key(0)))
 
 
 def assert_trees_equal(a, b):
