@@ -164,6 +164,14 @@ def make_chip_eval(model: Model, *, batch_size: int,
 # Statistics and results
 
 
+def ci_halfwidth(per_chip: Sequence[float] | np.ndarray) -> float:
+    """Half-width of the Student-t 95% CI of the mean of ``per_chip`` (inf for fewer than two values)."""
+    a = np.asarray(per_chip, np.float64).ravel()
+    if a.size < 2:
+        return math.inf
+    return float(scipy.stats.t.ppf(0.975, a.size - 1)) * (float(a.std(ddof=1)) / math.sqrt(a.size))
+
+
 def summarize(per_chip: Sequence[float] | np.ndarray) -> dict[str, Any]:
     """Summary statistics of per-chip accuracies, as in the shared result format.
 
@@ -192,7 +200,7 @@ def summarize(per_chip: Sequence[float] | np.ndarray) -> dict[str, Any]:
     else:
         std = float(a.std(ddof=1))
         se = std / math.sqrt(n)
-        half = float(scipy.stats.t.ppf(0.975, n - 1)) * se
+        half = ci_halfwidth(a)
         ci = [mean - half, mean + half]
     return {"n_chips": int(n), "mean": mean, "std": std, "se": se, "ci95": ci,
             "p5": float(np.percentile(a, 5, method="linear"))}
@@ -393,7 +401,7 @@ def _sharded_program(static: _Static, variables, images_b, labels_b, valid_b, ba
         counts = chips(spec) if setting_batch_size is None else _map_settings(chips, spec, setting_batch_size)
         return jax.lax.psum(counts, DATA)
 
-    # check_vma=False: the per-chip scan carries start replicated and become device-varying.
+    # check_vma=False: the per-chip scan's carry starts replicated and becomes device-varying.
     return jax.shard_map(local, mesh=mesh, out_specs=P(CHIPS) if setting_batch_size is None else P(None, CHIPS),
                          check_vma=False,
                          in_specs=(P(), P(DATA), P(DATA), P(DATA), P(DATA), P(), P(), P(), P(), P(CHIPS)))(
@@ -684,14 +692,6 @@ def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
                                stopping=stopping)
 
 
-def ci_halfwidth(per_chip: Sequence[float] | np.ndarray) -> float:
-    """Half-width of the Student-t 95% CI of the mean of ``per_chip`` (inf for fewer than two values)."""
-    a = np.asarray(per_chip, np.float64).ravel()
-    if a.size < 2:
-        return math.inf
-    return float(scipy.stats.t.ppf(0.975, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size))
-
-
 def evaluate_many(model: Model, variables: Variables, images: Any, labels: Any,
                   specs: Sequence[noise_lib.NoiseSpec], *, key: jax.Array | int, n_chips: int = 32,
                   batch_size: int = 500, chip_batch_size: int | None = None, setting_batch_size: int = 1,
@@ -735,9 +735,8 @@ def evaluate_many(model: Model, variables: Variables, images: Any, labels: Any,
             raise ValueError(f"specs[{i}] differs in structure from specs[0] (kinds, weight_paths or the keys of "
                              f"act_ref/weight_mask/act_mask): {jax.tree.structure(sp)} vs {structure}. Give every "
                              f"spec the same kinds and the same mask/reference keys (missing keys as 1.0).")
-    for i, sp in enumerate(specs):
-        _check_chips(n_chips, chip_batch_size, sp, f"specs[{i}]")
-    n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, None, "specs")
+        checked = _check_chips(n_chips, chip_batch_size, sp, f"specs[{i}]")
+    n_chips, chip_batch_size = checked
     setting_batch_size = _check_count("setting_batch_size", setting_batch_size)
     if mesh is not None:
         _check_mesh(mesh)

@@ -263,14 +263,7 @@ def sensitivity_map(model: Model, variables: Variables, images: Any, labels: Any
     """
     if noise not in NOISE_TYPES:
         raise ValueError(f"noise={noise!r}; choose one of {NOISE_TYPES}.")
-    try:
-        grid = [float(s) for s in np.asarray(scales, np.float64).ravel()]
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"scales={scales!r} must be a sequence of numbers: {e}") from e
-    if not grid:
-        raise ValueError("scales is empty: give at least one noise scale, e.g. [0.05, 0.1].")
-    for i, s in enumerate(grid):
-        noise_lib.check_eta(s, f"scales[{i}]")
+    grid = robustness._check_grid("scales", [] if scales is None else scales)  # the sweep's scale-list checks
     spec = _default_spec(noise) if spec is None else spec
     if noise == "weight":
         if spec.weight_kind is None:
