@@ -74,6 +74,23 @@ def main(variables_path: str, out_path: str) -> None:
         json.dump(out, f)
 
 
+def main_full_device(variables_path: str, out_path: str) -> None:
+    """The full ``aihwkit_inference_default`` preset (DAC/ADC, bound management, PCM) on one device vs two meshes."""
+    ds = load_dataset("digits")
+    model = get_model("cnn", input_shape=ds.image_shape, num_classes=10)
+    flat = dict(np.load(variables_path))
+    variables = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    x, y = ds.test.images[:300], ds.test.labels[:300]
+    kw = dict(times=[1.0, 86400.0], key=5, n_chips=6, batch_size=50, preprocess=ds.preprocess)
+    dev = device_lib.preset("aihwkit_inference_default")
+    out = {"single": [r.per_chip.tolist() for r in robustness.evaluate_device(model, variables, x, y, dev, **kw)]}
+    for chips, data in ((8, 1), (2, 4)):
+        res = robustness.evaluate_device(model, variables, x, y, dev, mesh=distributed.make_mesh(chips, data), **kw)
+        out[f"{chips}x{data}"] = [r.per_chip.tolist() for r in res]
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
 def main_multiprocess(variables_path: str, out_path: str, process_id: int, port: int) -> None:
     """One of 2 processes (2 CPU devices each, gloo collectives): Monte Carlo on a mesh over both processes'
     4 devices vs this process alone; writes the per-chip values it sees to ``out_path``."""
@@ -99,5 +116,7 @@ def main_multiprocess(variables_path: str, out_path: str, process_id: int, port:
 if __name__ == "__main__":
     if sys.argv[1] == "multiprocess":
         main_multiprocess(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif sys.argv[1] == "full_device":
+        main_full_device(sys.argv[2], sys.argv[3])
     else:
         main(sys.argv[1], sys.argv[2])

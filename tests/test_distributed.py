@@ -106,6 +106,23 @@ def test_sharded_mc_on_8_forced_host_devices(trained_digits_cnn, tmp_path):
     assert len(ad["sharded"]) == 23 and ad["stopping"]["rounds"] == 5 and not ad["stopping"]["met_target"]
 
 
+@pytest.mark.slow  # the full I/O chain compiles slowly on CPU (~1 min)
+def test_sharded_full_device_preset_on_8_forced_host_devices(trained_digits_cnn, tmp_path):
+    """The full aihwkit_inference_default preset (DAC/ADC quantisation, bound management, PCM drift and read noise):
+    6 chips at 2 times give the single-device per-chip values on 8 x 1 and 2 x 4 meshes."""
+    _, variables, _ = trained_digits_cnn
+    np.savez(tmp_path / "vars.npz", **traverse_util.flatten_dict(jax.device_get(variables), sep="/"))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_distributed_mc_child.py"), "full_device",
+                           str(tmp_path / "vars.npz"), str(tmp_path / "out.json")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["8x1"] == out["single"] and out["2x4"] == out["single"]
+    assert len(set(out["single"][1])) > 1  # chips differ: the comparison is not vacuous
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as sock:
