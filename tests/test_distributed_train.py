@@ -218,3 +218,10 @@ def test_only_main_process_writes_plain_files(tmp_path, small, monkeypatch):
     # The same history: the file's records up to the resumed step, then this call's (kept in memory).
     assert _without_times(h_other) == _without_times(h_main)
     assert [r["step"] for r in h_other] == [2, 3, 4, 6, 6]
+
+
+def test_shard_batch_refuses_an_uneven_batch():
+    from jaxnoise.train import shard_batch
+    fake = jax.sharding.Mesh(np.asarray([object() for _ in range(8)]).reshape(8, 1), ("chips", "data"))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        shard_batch(np.zeros((12, 3)), fake)

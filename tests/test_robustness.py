@@ -395,3 +395,32 @@ def test_adaptive_bad_arguments(kw, match):
     model, variables, images, labels, _ = _threshold_model()
     with pytest.raises(ValueError, match=match):
         robustness.evaluate(model, variables, images, labels, THRESHOLD_SPEC, key=0, **kw)
+
+
+def test_evaluate_many_bad_inputs_name_the_problem():
+    model, variables, images, labels, _ = _threshold_model()
+    kw = dict(key=0, n_chips=2)
+    with pytest.raises(ValueError, match="at least one NoiseSpec"):
+        robustness.evaluate_many(model, variables, images, labels, [], **kw)
+    with pytest.raises(ValueError, match="not a NoiseSpec"):
+        robustness.evaluate_many(model, variables, images, labels, [THRESHOLD_SPEC, {"weight_eta": 1.0}], **kw)
+    with pytest.raises(ValueError, match="differs in structure"):
+        robustness.evaluate_many(model, variables, images, labels,
+                                 [THRESHOLD_SPEC, THRESHOLD_SPEC.replace(weight_mask={"w/kernel": 1.0})], **kw)
+    with pytest.raises(ValueError, match="setting_batch_size"):
+        robustness.evaluate_many(model, variables, images, labels, [THRESHOLD_SPEC], setting_batch_size=0, **kw)
+    with pytest.raises(ValueError, match="needs a key"):
+        robustness.evaluate_many(model, variables, images, labels, [THRESHOLD_SPEC], key=None, n_chips=2)
+
+
+def test_evaluate_many_equals_separate_evaluations_and_vmapped_settings():
+    model, variables, images, labels, _ = _threshold_model()
+    specs = [THRESHOLD_SPEC.replace(weight_eta=e) for e in (0.5, 1.0, 2.0)]
+    many = robustness.evaluate_many(model, variables, images, labels, specs, key=3, n_chips=4)
+    vmapped = robustness.evaluate_many(model, variables, images, labels, specs, key=3, n_chips=4,
+                                       setting_batch_size=3)
+    for sp, a, b in zip(specs, many, vmapped):
+        ref = robustness.evaluate(model, variables, images, labels, sp, key=3, n_chips=4)
+        np.testing.assert_array_equal(a.per_chip, ref.per_chip)
+        np.testing.assert_array_equal(b.per_chip, ref.per_chip)
+        assert a.weight_eta == sp.weight_eta
