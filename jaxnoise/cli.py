@@ -26,11 +26,15 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import difflib
+import hashlib
+import json
 import os
 import re
 import shlex
 import sys
 import time
+from importlib import metadata as importlib_metadata
 from typing import Any
 
 import jax
@@ -38,17 +42,98 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from jaxnoise import (checkpoint, data, denoise, device, distributed, methods, models, noise, placement, report,
+from jaxnoise import (checkpoint, data, denoise, device, distributed, io, methods, models, noise, placement, report,
                       robustness, sensitivity, train)
 
 DEMO_WEIGHT_ETAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 
 
+class UsageError(ValueError):
+    """A command line that cannot be run as written (exit status 2)."""
+
+
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.05,0.1; got {text!r}") from e
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.05,0.1; got {text!r}")
+    return values
+
+
+def _checked(check, parse=float):
+    """An argparse type: ``parse`` the text, then the library's own validator ``check(value)`` (the same rule as
+    the Python API; its ValueError becomes the usage error)."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from e
+        try:
+            check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(_bare(e)) from e
+        return value
+    return convert
+
+
+_VALUE = "_value_"  # the name given to the library's validators; dropped from their messages
+
+
+def _bare(e: ValueError) -> str:
+    """A validator's message about ``_value_=x`` as a message about ``x`` (argparse names the flag)."""
+    return str(e).replace(f"{_VALUE}=", "").rstrip(".")
+
+
+def _scale(text: str) -> float:
+    """A noise scale: finite and >= 0 (``jaxnoise.noise.check_eta``, as ``NoiseSpec`` and ``sweep`` check it)."""
+    return _checked(lambda v: noise.check_eta(v, _VALUE))(text)
+
+
+def _scales(text: str) -> list[float]:
+    values = _floats(text)
+    for v in values:
+        try:
+            noise.check_eta(v, _VALUE)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(_bare(e)) from e
+    return values
+
+
+def _times(text: str) -> list[float]:
+    values = _floats(text)
+    try:
+        for v in values:
+            device.check_times(v, _VALUE)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(_bare(e)) from e
+    return values
+
+
+def _nonnegative(text: str) -> float:
+    return _checked(lambda v: noise.check_nonnegative(v, _VALUE, "it is a magnitude", "use 0 for none"))(text)
+
+
+def _positive(text: str) -> float:
+    def check(v):
+        if not (np.isfinite(v) and v > 0):
+            raise ValueError(f"{v!r} must be a finite number > 0")
+    return _checked(check)(text)
+
+
+def _positive_int(text: str) -> int:
+    def check(v):
+        if v < 1:
+            raise ValueError(f"{v} must be an integer >= 1")
+    return _checked(check, parse=int)(text)
+
+
+def _int_at_least_2(text: str) -> int:
+    def check(v):
+        if v < 2:
+            raise ValueError(f"{v} must be an integer >= 2")
+    return _checked(check, parse=int)(text)
 
 
 _ARGV: list[str] = []  # the arguments of the running command, for the record
@@ -75,12 +160,15 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
                    help="activation-noise kind (default additive: sigma = eta * r_site, r_site calibrated)")
     p.add_argument("--act-statistic", default="std", choices=noise.ACTIVATION_STATISTICS,
                    help="r_site of additive activation noise: std (default) or absmax of the clean output")
-    p.add_argument("--n-chips", type=int, default=32, help="Monte Carlo chips (weight-noise draws)")
-    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
-    p.add_argument("--chip-batch-size", type=int, default=None,
+    p.add_argument("--n-chips", type=_positive_int, default=32, help="Monte Carlo chips (weight-noise draws)")
+    p.add_argument("--batch-size", type=_positive_int, default=500, help="images per forward pass")
+    p.add_argument("--chip-batch-size", type=_positive_int, default=None,
                    help="chips evaluated at once (lax.map batch_size); default per backend (CPU 1)")
-    p.add_argument("--n-images", type=int, default=None, help="evaluate on the first N test images only")
-    p.add_argument("--out", default=None, help="output directory for JSON, markdown and plot")
+    p.add_argument("--n-images", type=_positive_int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--out", default=None, help="output directory for JSON, markdown and plot (default: a "
+                                               "directory under runs/ named after the setting)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the result files in --out (an existing result set is never replaced otherwise)")
 
 
 def _add_mesh_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +191,7 @@ def build_mesh(args, n_chips: int) -> jax.sharding.Mesh | None:
         return distributed.mc_mesh(n_chips)
     m = re.fullmatch(r"(\d+)x(\d+)", text)
     if not m:
-        raise SystemExit(f"error: --mesh {text!r}: give 'auto' or CHIPSxDATA such as 8x1 or 4x2.")
+        raise UsageError(f"--mesh {text!r}: give 'auto' or CHIPSxDATA such as 8x1 or 4x2.")
     return distributed.make_mesh(int(m.group(1)), int(m.group(2)))
 
 
@@ -132,16 +220,30 @@ def load_model(args, *, default_model: str | None = None, weights_required: bool
     With ``weights_required=False`` (training from scratch) no ``--weights``/``--checkpoint`` gives variables None.
     """
     meta: dict[str, Any] = {}
+    # Cheap checks first, in the order of the command line: names, then files; then the dataset and weights.
+    if args.model:
+        models.get_model(args.model)  # an unknown name raises, listing the known ones
+    if args.dataset and args.dataset not in data.DATASETS:
+        raise UsageError(f"--dataset {args.dataset}: unknown dataset; choose one of {', '.join(data.DATASETS)}.")
+    if args.weights and args.checkpoint:
+        raise UsageError("give either --weights or --checkpoint, not both.")
+    if args.weights and not os.path.isfile(args.weights):
+        raise UsageError(f"--weights {args.weights} does not exist; give a .npz state dict (e.g. "
+                         f"../shared/pretrained/resnet20_cifar10.npz).")
     if args.checkpoint:
+        if not os.path.isdir(args.checkpoint):
+            raise UsageError(f"--checkpoint {args.checkpoint} does not exist; give the --workdir of a "
+                             f"`jaxnoise train` or `jaxnoise denoise` run.")
         meta = checkpoint.read_metadata(args.checkpoint)
+        if args.model and meta.get("model") and args.model != meta["model"]:
+            raise UsageError(f"--model {args.model} but --checkpoint {args.checkpoint} holds a {meta['model']}: "
+                             f"drop --model (the checkpoint records it) or give a checkpoint of {args.model}.")
     name = args.model or meta.get("model") or default_model
     if not name:
-        raise SystemExit("error: --model is required (or --checkpoint of a training run that recorded it).")
+        raise UsageError("--model is required (or --checkpoint of a training run that recorded it).")
     dataset_name = args.dataset or meta.get("dataset") or "digits"
     dataset = data.load_dataset(dataset_name, data_dir=args.data_dir)
     model = build_model(name, dataset, meta.get("model_config"))
-    if args.weights and args.checkpoint:
-        raise SystemExit("error: give either --weights or --checkpoint, not both.")
     if args.weights:
         variables = checkpoint.load_variables(args.weights, model)
         source = {"weights": args.weights}
@@ -149,7 +251,7 @@ def load_model(args, *, default_model: str | None = None, weights_required: bool
         variables = checkpoint.load_variables(args.checkpoint, model)
         source = {"checkpoint": args.checkpoint}
     elif weights_required:
-        raise SystemExit("error: --weights FILE.npz or --checkpoint DIR is required (train one with "
+        raise UsageError("--weights FILE.npz or --checkpoint DIR is required (train one with "
                          "`jaxnoise train` or use ../shared/pretrained/*.npz).")
     else:
         variables, source = None, {}
@@ -160,7 +262,7 @@ def test_arrays(dataset: data.Dataset, n_images: int | None):
     images, labels = dataset.test.images, dataset.test.labels
     if n_images is not None:
         if n_images < 1:
-            raise SystemExit(f"error: --n-images must be >= 1, got {n_images}.")
+            raise UsageError(f"--n-images must be >= 1, got {n_images}.")
         images, labels = images[:n_images], labels[:n_images]
     return images, labels
 
@@ -188,24 +290,69 @@ def _describe_extra(args, spec: noise.NoiseSpec) -> dict[str, Any]:
             "calibration": "1024 training images, data.calibration_images(seed=0)" if spec.act_ref else None}
 
 
-def _write_outputs(record: dict, out: str, noise_axis: str) -> None:
-    if not distributed.is_main_process():  # multi-process runs: process 0 writes
-        return
-    os.makedirs(out, exist_ok=True)
-    report.write_json(os.path.join(out, "results.json"), record)
-    table = report.markdown_table(record)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table + "\n")
-    report.plot_sweep(record, os.path.join(out, "accuracy_vs_eta.png"), noise=noise_axis)
+def result_set(args, setting: str | None) -> io.ResultSet | None:
+    """The output directory of a command, checked before any work (exists: refused unless --overwrite; a file,
+    not writable or holding other files: refused). ``--out``, or with ``setting`` a default that is unique per
+    setting: ``runs/<command>_<model>_<dataset>_<setting>_<hash of every flag>``; None: no output (eval without
+    --out). Only process 0 of a multi-process run writes (the others get None)."""
+    if not distributed.is_main_process():
+        return None
+    if args.out is None and setting is None:
+        return None
+    return io.ResultSet(args.out or default_out(args, setting), overwrite=args.overwrite)
+
+
+def default_out(args, setting: str) -> str:
+    """``runs/<command>_<model>_<dataset>_<setting>_<8 hex digits>``; the digits hash every parsed flag but
+    --out/--overwrite, so two settings never share a directory and the same command finds its own again."""
+    meta = checkpoint.read_metadata(args.checkpoint) if getattr(args, "checkpoint", None) else {}
+    model = getattr(args, "model", None) or meta.get("model") or "model"
+    dataset = getattr(args, "dataset", None) or meta.get("dataset") or "digits"
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "out", "overwrite")}
+    digest = hashlib.blake2b(json.dumps(flags, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
+    return os.path.join("runs", f"{args.command}_{model}_{dataset}_{setting}_{digest}")
+
+
+def _write_outputs(record: dict, out: io.ResultSet | None, noise_axis: str | None, *, plot=None,
+                   table: str | None = None, into: str | None = None) -> None:
+    """Prints the table and writes the result set (results.json, results.md and the plot) as one unit into
+    ``out``, or into the already open staging directory ``into``."""
+    table = report.markdown_table(record) if table is None else table
     print(table)
-    print(f"wrote {out}/results.json, results.md, accuracy_vs_eta.png")
+    if out is None:
+        return
+
+    def write(d: str) -> list[str]:
+        report.write_json(os.path.join(d, "results.json"), record)
+        io.write_text_atomic(os.path.join(d, "results.md"), table + "\n")
+        names = ["results.json", "results.md"]
+        if plot is not None:
+            names.append(plot(d))
+        elif noise_axis is not None:
+            report.plot_sweep(record, os.path.join(d, "accuracy_vs_eta.png"), noise=noise_axis)
+            names.append("accuracy_vs_eta.png")
+        return names
+
+    if into is not None:
+        names = write(into)
+    else:
+        with out.staging() as d:
+            names = write(d)
+    print(f"wrote {out.path}/{{{','.join(names)}}}")
+
+
+def _ci_text(r) -> str:
+    """``95% CI [a, b]`` in %, or ``no CI (1 chip)``."""
+    if r.ci95 is None:
+        return f"no CI ({r.n_chips} chip{'s' if r.n_chips != 1 else ''})"
+    return f"95% CI [{100 * r.ci95[0]:.2f}, {100 * r.ci95[1]:.2f}]"
 
 
 def build_device(args) -> device.DeviceSpec | None:
     """The ``--device`` preset with ``--no-drift-compensation`` / ``--digital-layers`` applied, or None."""
     if args.device is None:
         if args.times is not None:
-            raise SystemExit("error: --times needs --device (e.g. --device aihwkit_inference_default).")
+            raise UsageError("--times needs --device (e.g. --device aihwkit_inference_default).")
         return None
     spec = device.preset(args.device)
     if args.no_drift_compensation:
@@ -215,7 +362,8 @@ def build_device(args) -> device.DeviceSpec | None:
     return spec
 
 
-def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | None) -> dict:
+def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | None,
+               out: io.ResultSet | None) -> dict:
     """``--device``: Monte Carlo accuracy of programmed chips at every ``--times`` (one compiled program)."""
     dev = build_device(args)
     times = args.times if args.times is not None else [0.0]
@@ -225,10 +373,12 @@ def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | 
                                          key=jax.random.key(args.seed), n_chips=args.n_chips, noise=spec,
                                          batch_size=args.batch_size, chip_batch_size=args.chip_batch_size,
                                          preprocess=dataset.preprocess, mesh=build_mesh(args, args.n_chips))
+    applied = "" if spec is None else "".join(
+        f", {which} noise {d['kind']} eta {d['eta']:g}" for which, d in
+        (("weight", spec.describe()["weight_noise"]), ("activation", spec.describe()["activation_noise"])) if d)
     for t, r in zip(times, results):
-        lo, hi = r.ci95
-        print(f"{model.name} on {dataset.name} test ({r.n_images} images), {dev.name}, t = {t:g} s, "
-              f"{r.n_chips} chips: mean {100 * r.mean:.2f}%  95% CI [{100 * lo:.2f}, {100 * hi:.2f}]  "
+        print(f"{model.name} on {dataset.name} test ({r.n_images} images), {dev.name}, t = {t:g} s{applied}, "
+              f"{r.n_chips} chips: mean {100 * r.mean:.2f}%  {_ci_text(r)}  "
               f"5th-percentile chip {100 * r.p5:.2f}%")
     extra = _describe_extra(args, spec) if spec is not None else {}
     arm = report.arm(args.arm_name or model.name, model.name, args.method, model.param_count(variables), results,
@@ -237,23 +387,25 @@ def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | 
         args.experiment or f"device_{model.name}_{dataset.name}", _command_line(), [arm],
         {"name": dataset.name, "split": "test", "n_images": int(len(labels))})
     record["wall_seconds"] = round(time.time() - t0, 1)
-    out = args.out or os.path.join("runs", record["experiment"])
-    _write_outputs(record, out, "weight")
+    _write_outputs(record, out, "weight" if len(times) > 1 else None)
     return record
 
 
 def cmd_sweep(args) -> dict:
-    model, variables, dataset, source = load_model(args)
     if args.device is not None:
         if args.weight_etas is not None or args.act_etas is not None:
-            raise SystemExit("error: with --device the sweep is over --times; drop --weight-etas/--act-etas "
+            raise UsageError("with --device the sweep is over --times; drop --weight-etas/--act-etas "
                              "(compose fixed noise with `jaxnoise eval --device ... --weight-eta ...`).")
         if args.times is None:
-            raise SystemExit("error: --device needs --times, e.g. --times 1,3600,86400,2592000,31536000.")
-        return run_device(args, model, variables, dataset, source, None)
+            raise UsageError("--device needs --times, e.g. --times 1,3600,86400,2592000,31536000.")
+        out = result_set(args, f"device-{args.device}")
+        model, variables, dataset, source = load_model(args)
+        return run_device(args, model, variables, dataset, source, None, out)
     if (args.weight_etas is None) == (args.act_etas is None):
-        raise SystemExit("error: give exactly one of --weight-etas or --act-etas.")
+        raise UsageError("give exactly one of --weight-etas or --act-etas.")
     weight = args.weight_etas is not None
+    out = result_set(args, f"weight-{args.weight_noise}" if weight else f"act-{args.act_noise}")
+    model, variables, dataset, source = load_model(args)
     spec = build_spec(args, model, variables, dataset, weight=weight, act=not weight)
     images, labels = test_arrays(dataset, args.n_images)
     t0 = time.time()
@@ -267,25 +419,25 @@ def cmd_sweep(args) -> dict:
         args.experiment or f"sweep_{model.name}_{dataset.name}", _command_line(), [arm],
         {"name": dataset.name, "split": "test", "n_images": int(len(labels))})
     record["wall_seconds"] = round(time.time() - t0, 1)
-    out = args.out or os.path.join("runs", record["experiment"])
     _write_outputs(record, out, "weight" if weight else "activation")
     return record
 
 
 def cmd_eval(args) -> dict:
-    model, variables, dataset, source = load_model(args)
     weight = args.weight_eta > 0
     act = args.act_eta > 0
+    noisy = weight or act
+    if args.device is None:
+        build_device(args)  # rejects --times without --device
+        if not noisy and args.target_ci_halfwidth is not None:
+            raise UsageError("--target-ci-halfwidth needs noise: add --weight-eta or --act-eta > 0.")
+    out = result_set(args, None)
+    model, variables, dataset, source = load_model(args)
     spec = build_spec(args, model, variables, dataset, weight=weight, act=act)
     spec = spec.replace(weight_eta=args.weight_eta if weight else 0.0, act_eta=args.act_eta if act else 0.0)
     if args.device is not None:
-        return run_device(args, model, variables, dataset, source, spec if (weight or act) else None)
-    build_device(args)  # rejects --times without --device
+        return run_device(args, model, variables, dataset, source, spec if noisy else None, out)
     images, labels = test_arrays(dataset, args.n_images)
-    noisy = weight or act
-    adaptive = args.target_ci_halfwidth is not None
-    if not noisy and (adaptive or args.max_chips is not None):
-        raise SystemExit("error: --target-ci-halfwidth/--max-chips need noise (--weight-eta or --act-eta > 0).")
     result = robustness.evaluate(model, variables, images, labels, spec if noisy else None,
                                  key=jax.random.key(args.seed) if noisy else None,
                                  n_chips=args.n_chips if noisy else 1, batch_size=args.batch_size,
@@ -293,9 +445,9 @@ def cmd_eval(args) -> dict:
                                  mesh=build_mesh(args, args.n_chips) if noisy else None,
                                  target_ci_halfwidth=args.target_ci_halfwidth if noisy else None,
                                  max_chips=args.max_chips if noisy else None)
-    lo, hi = result.ci95
-    print(f"{model.name} on {dataset.name} test ({result.n_images} images), {result.n_chips} chips: "
-          f"mean {100 * result.mean:.2f}%  95% CI [{100 * lo:.2f}, {100 * hi:.2f}]  std {100 * result.std:.2f}  "
+    std = "" if result.std is None else f"  std {100 * result.std:.2f}"
+    print(f"{model.name} on {dataset.name} test ({result.n_images} images), {result.n_chips} chip"
+          f"{'s' if result.n_chips != 1 else ''}: mean {100 * result.mean:.2f}%  {_ci_text(result)}{std}  "
           f"5th-percentile chip {100 * result.p5:.2f}%")
     if result.stopping is not None:
         st = result.stopping
@@ -307,17 +459,16 @@ def cmd_eval(args) -> dict:
         [report.arm(args.arm_name or model.name, model.name, args.method, model.param_count(variables), [result],
                     train={**source, **_describe_extra(args, spec)})],
         {"name": dataset.name, "split": "test", "n_images": int(result.n_images)})
-    if args.out and distributed.is_main_process():
-        os.makedirs(args.out, exist_ok=True)
-        report.write_json(os.path.join(args.out, "results.json"), record)
-        print(f"wrote {args.out}/results.json")
+    if out is not None:
+        _write_outputs(record, out, None)
     return record
 
 
 def cmd_sensitivity(args) -> dict:
     """Per-layer sensitivity map: accuracy with noise at one layer alone, per scale (one compiled program)."""
-    model, variables, dataset, source = load_model(args)
     weight = args.noise == "weight"
+    out = result_set(args, f"{args.noise}-{args.weight_noise if weight else args.act_noise}")
+    model, variables, dataset, source = load_model(args)
     spec = build_spec(args, model, variables, dataset, weight=weight, act=not weight)
     layers = None if args.layers is None else [n for n in args.layers.split(",") if n]
     images, labels = test_arrays(dataset, args.n_images)
@@ -332,18 +483,13 @@ def cmd_sensitivity(args) -> dict:
                             _command_line(), {"name": dataset.name, "split": "test", "n_images": int(len(labels))},
                             param_count=model.param_count(variables), train={**source, **_describe_extra(args, spec)})
     record["wall_seconds"] = round(time.time() - t0, 1)
-    table = smap.to_markdown()
-    print(table)
     most = ", ".join(f"{name} {100 * acc:.2f}%" for name, acc in smap.ranking()[:3])
+
+    def plot(d: str) -> str:
+        smap.plot(os.path.join(d, "sensitivity.png"))
+        return "sensitivity.png"
+    _write_outputs(record, out, None, plot=plot, table=smap.to_markdown())
     print(f"most sensitive at eta {smap.scales[-1]:g}: {most}")
-    if distributed.is_main_process():
-        out = args.out or os.path.join("runs", record["experiment"])
-        os.makedirs(out, exist_ok=True)
-        report.write_json(os.path.join(out, "results.json"), record)
-        with open(os.path.join(out, "results.md"), "w") as f:
-            f.write(table + "\n")
-        smap.plot(os.path.join(out, "sensitivity.png"))
-        print(f"wrote {out}/results.json, results.md, sensitivity.png")
     return record
 
 
@@ -364,7 +510,7 @@ def build_loss(args, model, variables, dataset):
     ref = None
     if act and args.train_act_noise == "additive":
         if variables is None:
-            raise SystemExit("error: additive activation-noise training calibrates r_site on the starting weights: "
+            raise UsageError("additive activation-noise training calibrates r_site on the starting weights: "
                              "give --weights or --checkpoint.")
         ref = calibrate(model, variables, dataset, args.act_statistic)
     dev = None
@@ -373,7 +519,7 @@ def build_loss(args, model, variables, dataset):
         dev = device.preset(args.train_device).training()
         if dev.io is not None and dev.io.noise_management == "constant":
             if variables is None:
-                raise SystemExit("error: --train-device with constant input ranges calibrates them on the starting "
+                raise UsageError("--train-device with constant input ranges calibrates them on the starting "
                                  "weights: give --weights or --checkpoint.")
             images = jax.jit(dataset.preprocess)(jnp.asarray(data.calibration_images(dataset.train, n=1024, seed=0)))
             ranges = device.calibrate_input_ranges(model.apply, variables, np.asarray(images), statistic="absmax",
@@ -389,10 +535,31 @@ def build_loss(args, model, variables, dataset):
     return methods.make_loss(args.method, model, **kwargs)
 
 
+def run_workdir(args, setting: str) -> str:
+    """``--workdir``, checked before any work (a file, or under a file or read-only folder: refused), or a
+    default unique per setting (``default_out`` without --max-steps, so a longer --max-steps continues the run)."""
+    if args.workdir is None:
+        hashed = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("workdir", "max_steps")})
+        return default_out(hashed, setting)
+    path = os.path.abspath(os.path.expanduser(args.workdir))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"--workdir {path} is a file, not a directory: give a directory for checkpoints and "
+                         f"metrics.jsonl.")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--workdir {path}: {parent} is a file, so the directory cannot be created; choose "
+                         f"another --workdir.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--workdir {path}: {parent} is not writable; choose a writable --workdir.")
+    return path
+
+
 def cmd_train(args) -> Any:
+    workdir = run_workdir(args, args.method)
     model, variables, dataset, _ = load_model(args, default_model="mlp", weights_required=False)
     start = args.weights or args.checkpoint
-    workdir = args.workdir or os.path.join("runs", f"train_{model.name}_{dataset.name}_{args.method}")
     loss_fn = build_loss(args, model, variables, dataset)
     mesh = None
     if args.mesh is not None:  # data parallel: the batch is split over every device of the mesh
@@ -408,9 +575,10 @@ def cmd_train(args) -> Any:
 
 def cmd_denoise(args) -> Any:
     """Trains denoising blocks on a frozen model under activation noise; optionally searches the placement."""
+    workdir = run_workdir(args, args.kind)
     model, variables, dataset, source = load_model(args)
     if isinstance(model, denoise.DenoisedModel):
-        raise SystemExit("error: --checkpoint holds a denoised model; give the plain backbone's weights.")
+        raise UsageError("--checkpoint holds a denoised model; give the plain backbone's weights.")
     config = denoise.DenoiserConfig(kind=args.kind, reduction=args.reduction)
     dmodel = denoise.denoised(model, config=config)
     ref = calibrate(model, variables, dataset, args.act_statistic) if args.act_noise == "additive" else None
@@ -431,7 +599,7 @@ def cmd_denoise(args) -> Any:
         print(f"searched placement: {result.best['sites']} ({100 * result.best['param_overhead']:.2f}% params)")
     else:
         if not args.placement:
-            raise SystemExit("error: give --placement SITES (comma-separated, 'every-block' or 'all') or "
+            raise UsageError("give --placement SITES (comma-separated, 'every-block' or 'all') or "
                              "--search-budget FRACTION.")
         if args.placement == "all":
             gates = np.ones(len(dmodel.candidate_sites), np.float32)
@@ -440,7 +608,6 @@ def cmd_denoise(args) -> Any:
         else:
             gates = np.asarray(denoise.placement_array(dmodel, list(_sites(args.placement))))
     dvars = denoise.with_placement(dmodel, dvars, gates)
-    workdir = args.workdir or os.path.join("runs", f"denoise_{model.name}_{dataset.name}")
     cost = denoise.overhead(dmodel, gates)
     dvars, _ = denoise.train_denoisers(dmodel, dataset, _train_config(args), workdir=workdir, variables=dvars,
                                        loss_fn=loss_fn, max_steps=args.max_steps,
@@ -460,55 +627,102 @@ def cmd_denoise(args) -> Any:
 
 
 def cmd_demo(args) -> dict:
-    """Trains a small model on the embedded digits dataset, then sweeps weight noise over it."""
+    """Trains a small model on the embedded digits dataset, then sweeps weight noise over it.
+
+    ``--out`` is one unit: the training run (``train/``) and the result files appear together."""
+    out = io.ResultSet(args.out, overwrite=args.overwrite)
     dataset = data.load_dataset("digits")
     model = build_model(args.model, dataset)
-    out = args.out
-    workdir = os.path.join(out, "train")
     config = train.TrainConfig(epochs=args.epochs, batch_size=64, learning_rate=0.05, seed=args.seed)
     t0 = time.time()
-    variables, _ = train.train(model, dataset, config, workdir=workdir, progress=not args.quiet)
-    clean = train.evaluate_clean(model, variables, dataset.test, dataset.preprocess)
-    print(f"trained {model.name} on digits in {time.time() - t0:.0f} s: clean test accuracy {100 * clean:.2f}%")
-    spec = noise.NoiseSpec(weight_kind="additive_rel_max")
-    results = robustness.sweep(model, variables, dataset.test.images, dataset.test.labels, spec,
-                               weight_etas=list(DEMO_WEIGHT_ETAS), key=jax.random.key(args.seed),
-                               n_chips=args.n_chips, batch_size=512, preprocess=dataset.preprocess)
-    arm = report.arm(model.name, model.name, "clean", model.param_count(variables), results,
-                     train={"epochs": args.epochs, "seed": args.seed, "workdir": workdir})
-    record = report.result_record("demo_digits", _command_line(), [arm],
-                                  {"name": "digits", "split": "test", "n_images": int(len(dataset.test.labels))})
-    _write_outputs(record, out, "weight")
+    with out.staging() as d:
+        variables, _ = train.train(model, dataset, config, workdir=os.path.join(d, "train"),
+                                   progress=not args.quiet)
+        clean = train.evaluate_clean(model, variables, dataset.test, dataset.preprocess)
+        print(f"trained {model.name} on digits in {time.time() - t0:.0f} s: clean test accuracy "
+              f"{100 * clean:.2f}%")
+        spec = noise.NoiseSpec(weight_kind="additive_rel_max")
+        results = robustness.sweep(model, variables, dataset.test.images, dataset.test.labels, spec,
+                                   weight_etas=list(DEMO_WEIGHT_ETAS), key=jax.random.key(args.seed),
+                                   n_chips=args.n_chips, batch_size=512, preprocess=dataset.preprocess)
+        arm = report.arm(model.name, model.name, "clean", model.param_count(variables), results,
+                         train={"epochs": args.epochs, "seed": args.seed, "workdir": os.path.join(out.path, "train")})
+        record = report.result_record("demo_digits", _command_line(), [arm],
+                                      {"name": "digits", "split": "test", "n_images": int(len(dataset.test.labels))})
+        _write_outputs(record, out, "weight", into=d)
     print(f"demo finished in {time.time() - t0:.0f} s")
     return record
 
 
+def _version() -> str:
+    try:
+        return importlib_metadata.version("jaxnoise")
+    except importlib_metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and a "did you mean" for mistyped subcommands and flags."""
+
+    def error(self, message: str):
+        hint = ""
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'?([\w./-]+)'?", m.group(2))
+            hint = _suggest(m.group(1), choices)
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        if m:
+            options = self._all_options()
+            for token in m.group(1).split():
+                if token.startswith("-"):
+                    hint = _suggest(token.split("=")[0], options)
+                    if hint:
+                        break
+        prog = self.prog if not _ARGV or _ARGV[0] not in getattr(self, "commands", {}) else f"{self.prog} {_ARGV[0]}"
+        self.exit(2, f"{prog}: error: {message.rstrip('.')}{hint}; see `{prog} --help`.\n")
+
+    def _all_options(self) -> list[str]:
+        """The option strings of the command being parsed (the subcommand's when there is one)."""
+        parser = getattr(self, "commands", {}).get(_ARGV[0] if _ARGV else None, self)
+        return [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxnoise", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="jaxnoise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"jaxnoise {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, allow_abbrev=False, **k)  # no prefix matching: exact flags only
+    parser.commands = sub.choices
 
     p = sub.add_parser("demo", help="train a small model on digits and sweep weight noise (the main job)")
     p.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--n-chips", type=int, default=32)
+    p.add_argument("--epochs", type=_positive_int, default=30)
+    p.add_argument("--n-chips", type=_positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="jaxnoise_out/demo")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="training / fine-tuning (clean, forward_noise, consistency), resumable")
     _add_model_args(p)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--train-batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--train-batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=_nonnegative, default=0.1)
+    p.add_argument("--weight-decay", type=_nonnegative, default=5e-4)
     p.add_argument("--workdir", default=None, help="checkpoints and metrics.jsonl; an existing one is resumed")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps (schedule unchanged)")
     _add_mesh_args(p)
     g = p.add_argument_group("noise-aware training (jaxnoise.methods)")
     g.add_argument("--method", default="clean", choices=methods.METHODS)
-    g.add_argument("--eta-train", type=float, default=0.1, help="weight-noise scale during training")
+    g.add_argument("--eta-train", type=_scale, default=0.1, help="weight-noise scale during training")
     g.add_argument("--train-weight-noise", default="additive_rel_max", choices=sorted(noise.WEIGHT_KINDS) + ["none"],
                    help="weight-noise kind during training (default additive_rel_max: sigma = eta * max|W|)")
     g.add_argument("--train-device", default=None, choices=sorted(device.PRESETS),
@@ -516,11 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "straight-through quantisers; constant input ranges = max|x| of the starting weights)")
     g.add_argument("--train-act-noise", default=None, choices=sorted(noise.ACTIVATION_KINDS),
                    help="also inject activation noise of this kind (off by default)")
-    g.add_argument("--act-eta-train", type=float, default=0.0)
+    g.add_argument("--act-eta-train", type=_scale, default=0.0)
     g.add_argument("--act-statistic", default="std", choices=noise.ACTIVATION_STATISTICS)
-    g.add_argument("--num-draws", type=int, default=1, help="K, noise draws per step (averaged)")
-    g.add_argument("--draw-batch-size", type=int, default=None, help="draws run at once (vmap); default per backend")
-    g.add_argument("--lam", type=float, default=1.0, help="consistency weight lambda")
+    g.add_argument("--num-draws", type=_positive_int, default=1, help="K, noise draws per step (averaged)")
+    g.add_argument("--draw-batch-size", type=_positive_int, default=None, help="draws run at once (vmap); default per backend")
+    g.add_argument("--lam", type=_nonnegative, default=1.0, help="consistency weight lambda")
     g.add_argument("--sites", default=None, help="consistency feature sites, comma-separated (default: all "
                                                  "named features; 'logits' for the output)")
     g.add_argument("--distance", default="nmse", choices=sorted(methods.DISTANCES))
@@ -532,34 +746,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--placement", default=None, help="sites, comma-separated (e.g. layer3/0,layer2/2), "
                                                      "'every-block' or 'all'")
-    p.add_argument("--search-budget", type=float, default=None,
+    p.add_argument("--search-budget", type=_positive, default=None,
                    help="search the placement under this parameter budget (fraction, e.g. 0.025) first")
     p.add_argument("--strategy", default="greedy", choices=placement.STRATEGIES)
-    p.add_argument("--beam-width", type=int, default=2)
-    p.add_argument("--search-steps", type=int, default=50, help="brief training steps of each candidate")
-    p.add_argument("--search-chips", type=int, default=4)
-    p.add_argument("--search-holdout", type=int, default=1000,
+    p.add_argument("--beam-width", type=_positive_int, default=2)
+    p.add_argument("--search-steps", type=_positive_int, default=50, help="brief training steps of each candidate")
+    p.add_argument("--search-chips", type=_positive_int, default=4)
+    p.add_argument("--search-holdout", type=_positive_int, default=1000,
                    help="last N training images: the search's selection set (excluded from its training)")
     p.add_argument("--kind", default="residual", choices=denoise.KINDS)
-    p.add_argument("--reduction", type=int, default=4, help="bottleneck width = ceil(C / reduction), >= 4")
+    p.add_argument("--reduction", type=_positive_int, default=4, help="bottleneck width = ceil(C / reduction), >= 4")
     p.add_argument("--act-noise", default="additive", choices=sorted(noise.ACTIVATION_KINDS))
     p.add_argument("--act-statistic", default="std", choices=noise.ACTIVATION_STATISTICS)
-    p.add_argument("--act-eta-train", type=float, default=0.3, help="activation-noise scale of training")
-    p.add_argument("--act-eta", type=float, default=None, help="evaluation scale (default: --act-eta-train)")
+    p.add_argument("--act-eta-train", type=_scale, default=0.3, help="activation-noise scale of training")
+    p.add_argument("--act-eta", type=_scale, default=None, help="evaluation scale (default: --act-eta-train)")
     p.add_argument("--train-weight-noise", default=None, choices=sorted(noise.WEIGHT_KINDS),
                    help="also train under weight noise of this kind (off by default)")
-    p.add_argument("--eta-train", type=float, default=0.0)
-    p.add_argument("--feature-weight", type=float, default=0.0, help="feature matching to the clean backbone")
-    p.add_argument("--nll-weight", type=float, default=0.0, help="noise likelihood (probabilistic blocks)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--train-batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--eta-train", type=_scale, default=0.0)
+    p.add_argument("--feature-weight", type=_nonnegative, default=0.0, help="feature matching to the clean backbone")
+    p.add_argument("--nll-weight", type=_nonnegative, default=0.0, help="noise likelihood (probabilistic blocks)")
+    p.add_argument("--epochs", type=_positive_int, default=1)
+    p.add_argument("--train-batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=_nonnegative, default=0.02)
+    p.add_argument("--weight-decay", type=_nonnegative, default=0.0)
     p.add_argument("--workdir", default=None, help="checkpoints and metrics.jsonl; an existing one is resumed")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--n-chips", type=int, default=8, help="Monte Carlo chips of the final evaluation")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--n-images", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--max-steps", type=_positive_int, default=None)
+    p.add_argument("--n-chips", type=_positive_int, default=8, help="Monte Carlo chips of the final evaluation")
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--n-images", type=_positive_int, default=None, help="evaluate on the first N test images only")
     p.set_defaults(func=cmd_denoise)
 
     for name, func, help_ in (("eval", cmd_eval, "Monte Carlo accuracy under one noise setting"),
@@ -573,23 +787,23 @@ def build_parser() -> argparse.ArgumentParser:
         g = p.add_argument_group("analog device (jaxnoise.device)")
         g.add_argument("--device", default=None, choices=sorted(device.PRESETS),
                        help="device preset: PCM programming/drift/read noise and MVM I/O non-idealities")
-        g.add_argument("--times", type=_floats, default=None,
+        g.add_argument("--times", type=_times, default=None,
                        help="inference times in s after programming, e.g. 1,3600,86400,2592000,31536000 "
                             "(one compiled program for all; eval default 0)")
         g.add_argument("--no-drift-compensation", action="store_true", help="turn the preset's compensation off")
         g.add_argument("--digital-layers", default=None, help="layers kept digital, comma-separated (e.g. conv1,fc)")
         _add_mesh_args(p)
         if name == "eval":
-            p.add_argument("--weight-eta", type=float, default=0.0)
-            p.add_argument("--act-eta", type=float, default=0.0)
+            p.add_argument("--weight-eta", type=_scale, default=0.0)
+            p.add_argument("--act-eta", type=_scale, default=0.0)
             g = p.add_argument_group("adaptive Monte Carlo")
-            g.add_argument("--target-ci-halfwidth", type=float, default=None,
+            g.add_argument("--target-ci-halfwidth", type=_positive, default=None,
                            help="draw rounds of --n-chips chips until the 95%% CI half-width of the mean accuracy "
                                 "is at most this (a fraction: 0.002 = +/-0.2 points)")
-            g.add_argument("--max-chips", type=int, default=None, help="cap of the adaptive run (default 64 rounds)")
+            g.add_argument("--max-chips", type=_int_at_least_2, default=None, help="cap of the adaptive run (default 64 rounds)")
         else:
-            p.add_argument("--weight-etas", type=_floats, default=None, help="e.g. 0,0.05,0.1,0.15,0.2")
-            p.add_argument("--act-etas", type=_floats, default=None, help="e.g. 0,0.1,0.2,0.4")
+            p.add_argument("--weight-etas", type=_scales, default=None, help="e.g. 0,0.05,0.1,0.15,0.2")
+            p.add_argument("--act-etas", type=_scales, default=None, help="e.g. 0,0.1,0.2,0.4")
         p.set_defaults(func=func)
 
     p = sub.add_parser("sensitivity", help="per-layer sensitivity map: noise at one layer alone, per scale")
@@ -599,28 +813,151 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(n_chips=8)
     p.add_argument("--noise", default="weight", choices=sensitivity.NOISE_TYPES,
                    help="weight noise (kind --weight-noise) or activation noise (kind --act-noise)")
-    p.add_argument("--scales", type=_floats, required=True, help="noise scales, e.g. 0.02,0.05,0.1")
+    p.add_argument("--scales", type=_scales, required=True, help="noise scales, e.g. 0.02,0.05,0.1")
     p.add_argument("--layers", default=None, help="layers, comma-separated (default: every analog layer)")
-    p.add_argument("--setting-batch-size", type=int, default=1,
+    p.add_argument("--setting-batch-size", type=_positive_int, default=1,
                    help="(layer, scale) cells evaluated at once (vmap); 1 maps them one after another")
     p.add_argument("--experiment", default=None, help="experiment name recorded in the result file")
     p.set_defaults(func=cmd_sensitivity)
     return parser
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Flags that count only in some settings: given where they have no effect, they are refused (with the flag that
+# would make them count), never ignored.
+
+def _noisy_method(a) -> bool:
+    return a.method != "clean"
+
+
+_TRAIN_NOISE = "--method forward_noise or --method consistency"
+# command -> [(dest, counts(args), what makes it count)]
+_RULES: dict[str, list[tuple[str, Any, str]]] = {
+    "train": [
+        ("eta_train", lambda a: _noisy_method(a) and a.train_weight_noise != "none",
+         f"{_TRAIN_NOISE} (with a --train-weight-noise kind)"),
+        ("train_weight_noise", _noisy_method, _TRAIN_NOISE),
+        ("train_device", _noisy_method, _TRAIN_NOISE),
+        ("train_act_noise", _noisy_method, _TRAIN_NOISE),
+        ("num_draws", _noisy_method, _TRAIN_NOISE),
+        ("draw_batch_size", _noisy_method, _TRAIN_NOISE),
+        ("act_eta_train", lambda a: a.train_act_noise is not None, "--train-act-noise additive|multiplicative"),
+        ("act_statistic", lambda a: a.train_act_noise == "additive", "--train-act-noise additive"),
+        ("lam", lambda a: a.method == "consistency", "--method consistency"),
+        ("sites", lambda a: a.method == "consistency", "--method consistency"),
+        ("distance", lambda a: a.method == "consistency", "--method consistency"),
+        ("teacher", lambda a: a.method == "consistency", "--method consistency"),
+    ],
+    "eval": [
+        ("weight_noise", lambda a: a.weight_eta > 0, "--weight-eta > 0"),
+        ("act_noise", lambda a: a.act_eta > 0, "--act-eta > 0"),
+        ("act_statistic", lambda a: a.act_eta > 0 and a.act_noise == "additive", "--act-eta > 0 (additive)"),
+        ("n_chips", lambda a: a.weight_eta > 0 or a.act_eta > 0 or a.device is not None,
+         "--weight-eta, --act-eta > 0 or --device (a noise-free evaluation is one exact pass)"),
+        ("chip_batch_size", lambda a: a.weight_eta > 0 or a.act_eta > 0 or a.device is not None,
+         "--weight-eta, --act-eta > 0 or --device"),
+        ("max_chips", lambda a: a.target_ci_halfwidth is not None, "--target-ci-halfwidth"),
+        ("times", lambda a: a.device is not None, "--device PRESET"),
+        ("no_drift_compensation", lambda a: a.device is not None, "--device PRESET"),
+        ("digital_layers", lambda a: a.device is not None, "--device PRESET"),
+    ],
+    "sweep": [
+        ("weight_noise", lambda a: a.weight_etas is not None and a.device is None, "--weight-etas"),
+        ("act_noise", lambda a: a.act_etas is not None and a.device is None, "--act-etas"),
+        ("act_statistic", lambda a: a.act_etas is not None and a.act_noise == "additive" and a.device is None,
+         "--act-etas (additive)"),
+        ("times", lambda a: a.device is not None, "--device PRESET"),
+        ("no_drift_compensation", lambda a: a.device is not None, "--device PRESET"),
+        ("digital_layers", lambda a: a.device is not None, "--device PRESET"),
+    ],
+    "sensitivity": [
+        ("weight_noise", lambda a: a.noise == "weight", "--noise weight"),
+        ("act_noise", lambda a: a.noise == "activation", "--noise activation"),
+        ("act_statistic", lambda a: a.noise == "activation" and a.act_noise == "additive",
+         "--noise activation (additive)"),
+    ],
+    "denoise": [
+        ("eta_train", lambda a: a.train_weight_noise is not None, "--train-weight-noise KIND"),
+        ("act_statistic", lambda a: a.act_noise == "additive", "--act-noise additive"),
+        ("nll_weight", lambda a: a.kind == "probabilistic", "--kind probabilistic"),
+        ("strategy", lambda a: a.search_budget is not None, "--search-budget FRACTION"),
+        ("beam_width", lambda a: a.search_budget is not None and a.strategy == "beam",
+         "--search-budget FRACTION --strategy beam"),
+        ("search_steps", lambda a: a.search_budget is not None, "--search-budget FRACTION"),
+        ("search_chips", lambda a: a.search_budget is not None, "--search-budget FRACTION"),
+        ("search_holdout", lambda a: a.search_budget is not None, "--search-budget FRACTION"),
+        ("placement", lambda a: a.search_budget is None, "no --search-budget (the search chooses the placement)"),
+    ],
+}
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
+    """``{dest: flag}`` of the options written on the command line (``--flag value`` or ``--flag=value``)."""
+    command = parser.commands.get(argv[0]) if argv else None
+    table = (command or parser)._option_string_actions
+    given = {}
+    for token in argv[1:]:
+        if token == "--":
+            break
+        flag = token.split("=", 1)[0]
+        if flag in table:
+            given[table[flag].dest] = flag
+    return given
+
+
+def check_flags(args, given: dict[str, str]) -> None:
+    """Refuses flags that have no effect in the chosen setting (``_RULES``), naming what would make them count."""
+    for dest, counts, needs in _RULES.get(args.command, []):
+        if dest in given and not counts(args):
+            raise UsageError(f"{given[dest]} has no effect here: it counts with {needs}; add that, or drop "
+                             f"{given[dest]}.")
+
+
+def _xla_out_of_memory(e: BaseException) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. Exit status: 0 done, 2 a usage error (bad flag, value, input or output location; one
+    line on stderr naming the problem and the fix), 1 a failure while running (out of memory, I/O), 130
+    interrupted (Ctrl-C; what was saved and how to resume is said)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     _ARGV[:] = argv
-    args = build_parser().parse_args(argv)
-    if getattr(args, "distributed", False):
-        distributed.initialize()
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        check_flags(args, given_flags(parser, argv))
+        if getattr(args, "distributed", False):
+            distributed.initialize()
         args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, checkpoint.CheckpointError,
-            models.WeightsMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        detail = str(e) or "interrupted; no result files were written (existing results are unchanged)"
+        print(f"jaxnoise {args.command}: {detail}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, NotImplementedError,
+            checkpoint.CheckpointError, models.WeightsMismatchError) as e:
+        print(f"jaxnoise {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except MemoryError as e:
+        print(f"jaxnoise {args.command}: error: out of memory ({_one_line(e)}); lower --batch-size or "
+              f"--chip-batch-size.", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"jaxnoise {args.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "),
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - XLA's runtime errors have no public class on every version
+        if _xla_out_of_memory(e):
+            print(f"jaxnoise {args.command}: error: the accelerator ran out of memory; lower --batch-size or "
+                  f"--chip-batch-size.", file=sys.stderr)
+            return 1
+        raise
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of ``e``; multi-line messages (lists of mismatches) are kept, indented, after the first."""
+    return str(e).strip() or type(e).__name__
 
 
 if __name__ == "__main__":

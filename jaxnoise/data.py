@@ -43,6 +43,7 @@ import numpy as np
 __all__ = [
     "DATASETS",
     "Dataset",
+    "DatasetCorruptError",
     "DatasetNotFoundError",
     "Split",
     "batch_indices",
@@ -77,6 +78,10 @@ _SPLIT_CACHE: dict[tuple[str, str, str], Split] = {}
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not prepared in any of the TFDS data dirs that were searched."""
+
+
+class DatasetCorruptError(ValueError):
+    """A prepared dataset's files cannot be read (truncated or damaged records, undecodable images)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -558,9 +563,15 @@ def _read_split(builder, name: str, split: str, label_key: str, disk_cache: bool
     # Batched reads amortise per-call overhead; decoding (PIL) dominates either way.
     for start in range(0, n, _READ_CHUNK):
         stop = min(start + _READ_CHUNK, n)
-        for i, record in enumerate(source.__getitems__(list(range(start, stop))), start):
-            images[i] = record["image"]
-            labels[i] = record[label_key]
+        try:
+            for i, record in enumerate(source.__getitems__(list(range(start, stop))), start):
+                images[i] = record["image"]
+                labels[i] = record[label_key]
+        except (RuntimeError, OSError, ValueError, KeyError) as e:  # array_record/riegeli, PIL, shape errors
+            raise DatasetCorruptError(
+                f"{name} {split} split in {builder.data_dir} cannot be read at records {start}-{stop - 1} "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:200]}): the files are truncated or damaged; "
+                f"copy or prepare the dataset again (see --data-dir).") from e
 
     if cache_path is not None:
         _write_npz_atomic(cache_path, images=images, labels=labels)

@@ -201,11 +201,22 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def _applied_weight_noise(entry: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The weight noise an entry applied: for a device evaluation (whose ``weight_noise`` holds the device and
+    time, see ``jaxnoise.robustness.describe_device``) the composed ``weight_noise_spec``, else ``weight_noise``."""
+    if "device" in entry:
+        return entry.get("weight_noise_spec")
+    return entry.get("weight_noise")
+
+
 def markdown_table(record: Mapping[str, Any]) -> str:
     """A markdown table with one row per arm and noise setting (accuracies in %, 2 decimals).
 
     Columns: arm, method, weight eta (with its kind when the record has several), activation eta (``off`` when
-    that noise is off), n_chips, mean, 95% CI of the mean, 5th percentile over chips. A caption line names the experiment, dataset and noise kinds.
+    that noise is off), for device evaluations the device and the time after programming, n_chips, mean, 95% CI
+    of the mean (``n/a`` below two chips), 5th percentile over chips. Every column shows what was applied: a
+    device evaluation with extra weight noise shows that noise's eta, not the time. A caption line names the
+    experiment, dataset and noise kinds.
 
     Args:
       record: a record from :func:`result_record` (or a loaded result file).
@@ -214,24 +225,41 @@ def markdown_table(record: Mapping[str, Any]) -> str:
       The markdown text (ending with a newline).
     """
     ds = record.get("dataset", {})
-    wk, ak = _kinds(record, "weight"), _kinds(record, "activation")
+    entries = [e for a in record["arms"] for e in a["eval"]]
+    devices = any("device" in e for e in entries)
+    weight_kinds = sorted({w["kind"] for e in entries if (w := _applied_weight_noise(e))})
+    ak = _kinds(record, "activation")
+    device_names = sorted({e["device"].get("name", "?") for e in entries if "device" in e})
     caption = (f"**{record.get('experiment', '?')}**: {ds.get('name', '?')} {ds.get('split', '?')} split, "
-               f"{ds.get('n_images', '?')} images; weight noise: {', '.join(wk) or 'off'}; "
-               f"activation noise: {', '.join(ak) or 'off'}. Accuracy in %, mean over chips with Student-t 95% CI.")
+               f"{ds.get('n_images', '?')} images; weight noise: {', '.join(weight_kinds) or 'off'}; "
+               f"activation noise: {', '.join(ak) or 'off'}"
+               + (f"; device: {', '.join(device_names)}" if devices else "")
+               + ". Accuracy in %, mean over chips with Student-t 95% CI (clipped to [0, 100]).")
+    device_head = " device | t (s) |" if devices else ""
     lines = [caption, "",
-             "| arm | method | weight eta | act. eta | n_chips | mean (%) | 95% CI (%) | p5 (%) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"| arm | method | weight eta | act. eta |{device_head} n_chips | mean (%) | 95% CI (%) | p5 (%) |",
+             "|---|---|---:|---:|" + ("---|---:|" if devices else "") + "---:|---:|---:|---:|"]
     for a in record["arms"]:
         for e in a["eval"]:
-            w, act = _eta(e, "weight"), _eta(e, "activation")
-            lo, hi = e["ci95"]
+            w = _applied_weight_noise(e)
+            act = _eta(e, "activation")
+            w_text = "off" if w is None else f"{float(w['eta']):g}"
+            if w is not None and len(weight_kinds) > 1:  # several conventions in one record: say which
+                w_text += f" ({w['kind']})"
+            device_cells = ""
+            if devices:
+                if "device" in e:
+                    comp = e["weight_noise"].get("drift_compensation")
+                    name = e["device"].get("name", "?") + ("" if comp else ", no compensation")
+                    device_cells = f" {name} | {float(e['weight_noise']['t_inference_s']):g} |"
+                else:
+                    device_cells = " off | |"
+            ci = e.get("ci95")
+            ci_text = "n/a" if ci is None else f"[{_pct(ci[0])}, {_pct(ci[1])}]"
             p5 = e.get("p5")
-            w_text = "off" if w is None else f"{w:g}"
-            if w is not None and len(wk) > 1:  # several conventions in one record: say which
-                w_text += f" ({e['weight_noise']['kind']})"
             lines.append(f"| {a['name']} | {a.get('method', '')} | {w_text} | "
-                         f"{'off' if act is None else f'{act:g}'} | {e['n_chips']} | {_pct(e['mean'])} | "
-                         f"[{_pct(lo)}, {_pct(hi)}] | {'' if p5 is None else _pct(p5)} |")
+                         f"{'off' if act is None else f'{act:g}'} |{device_cells} {e['n_chips']} | "
+                         f"{_pct(e['mean'])} | {ci_text} | {'' if p5 is None else _pct(p5)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -277,8 +305,9 @@ def plot_sweep(record: Mapping[str, Any], path: str | os.PathLike, noise: str = 
             points.sort(key=lambda p: p[0])
             x = np.array([p[0] for p in points])
             mean = np.array([100 * p[1]["mean"] for p in points])
-            lo = np.array([100 * p[1]["ci95"][0] for p in points])
-            hi = np.array([100 * p[1]["ci95"][1] for p in points])
+            # a point without a CI (one chip, e.g. the noise-free one) has a band of zero width
+            lo = np.array([100 * (p[1]["ci95"] or [p[1]["mean"]] * 2)[0] for p in points])
+            hi = np.array([100 * (p[1]["ci95"] or [p[1]["mean"]] * 2)[1] for p in points])
             label = a["name"] if len(groups) == 1 or eta_other is None else f"{a['name']} ({other} eta={eta_other:g})"
             (line,) = ax.plot(x, mean, marker="o", ms=3, label=label)
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)

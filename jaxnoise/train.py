@@ -21,6 +21,11 @@ Data parallelism: ``train(..., mesh=...)`` replicates the state on every device 
 and shards each batch over all of them; ``jax.jit`` partitions the same step (XLA all-reduces the gradients and
 the BatchNorm batch statistics). Random draws do not depend on the sharding, so the result is the one-device
 result up to float summation order. See :func:`train` and :mod:`jaxnoise.distributed`.
+
+Workdirs (:mod:`jaxnoise.workdir`): a run holds the workdir's lock while it trains (a second run into it is
+refused), never deletes ``metrics.jsonl`` lines (lines a resume re-does move to ``metrics.superseded.jsonl``),
+refuses a resume that would change the learning-rate schedule or the step -> batch mapping, and on Ctrl-C
+checkpoints its last completed step before raising :class:`jaxnoise.workdir.TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -50,22 +54,32 @@ from tqdm import tqdm
 from jaxnoise import checkpoint as ckpt_lib
 from jaxnoise import data as data_lib
 from jaxnoise import distributed
+from jaxnoise import io
 from jaxnoise import methods
 from jaxnoise import noise as noise_lib
 from jaxnoise import robustness
+from jaxnoise import workdir as workdir_lib
+from jaxnoise.workdir import TrainingInterrupted, WorkdirError, WorkdirLockedError
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "constant")
 METRICS_FILE = "metrics.jsonl"
+# Where a resume moves the metrics.jsonl lines of the steps it re-does (written before an interruption).
+SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
 # Sub-keys of step s's key fold_in(base_key, s).
 AUGMENT_KEY = 0
 LOSS_KEY = 1
-# Config fields that may change when a run is resumed without breaking the step -> batch mapping; changing
-# any other field (but seed and batch_size, which are refused) gives a result that differs from an uninterrupted
-# run, and a warning.
-_RESUME_FREE_FIELDS = ("epochs", "checkpoint_every", "max_to_keep", "log_every", "eval_batch_size")
-_RESUME_FIXED_FIELDS = ("seed", "batch_size")
+# Config fields a resume may change: they do not change any step's result. The fixed ones define the run: the
+# keys and data order (seed), the step -> batch mapping (batch_size, and epochs through the schedule), the
+# learning-rate schedule (epochs, learning_rate, schedule, warmup_steps) and the optimizer (momentum, nesterov,
+# weight_decay); a resume that changes one is refused. Any other field (none today) would give a warning.
+_RESUME_FREE_FIELDS = ("checkpoint_every", "max_to_keep", "log_every", "eval_batch_size")
+_RESUME_FIXED_FIELDS = ("seed", "batch_size", "epochs", "learning_rate", "schedule", "warmup_steps", "momentum",
+                        "nesterov", "weight_decay")
+# The command-line flags of the fixed fields (``jaxnoise train`` / ``jaxnoise denoise``), for the fix of a refusal.
+_CLI_FLAGS = {"seed": "--seed", "batch_size": "--train-batch-size", "epochs": "--epochs", "learning_rate": "--lr",
+              "weight_decay": "--weight-decay"}
 
 LossFn = Callable[..., tuple[jax.Array, tuple[jax.Array, Any, dict[str, jax.Array]]]]
 
@@ -77,6 +91,10 @@ LossFn = Callable[..., tuple[jax.Array, tuple[jax.Array, Any, dict[str, jax.Arra
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters of a training run (saved in every checkpoint's metadata).
+
+    All fields but ``checkpoint_every``, ``max_to_keep``, ``log_every`` and ``eval_batch_size`` define the run
+    (its data order, learning-rate schedule and optimizer): :func:`train` refuses to resume a workdir with other
+    values of them.
 
     Attributes:
       epochs: passes over the training set (each drops its last incomplete batch).
@@ -471,26 +489,38 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Keeps the records of steps <= ``step`` (the ones a resume from ``step`` will not redo); atomic rewrite."""
+def _history_records(path: str) -> int:
+    """How many records (JSON objects) ``path`` holds (0 when it does not exist)."""
+    return sum(isinstance(r, dict) for r in read_metrics(path))
+
+
+def _supersede_metrics(path: str, step: int) -> int:
+    """Moves the lines of ``path`` for steps after ``step`` (the ones a resume from ``step`` re-does), and any
+    unreadable line (e.g. cut by a kill), to ``metrics.superseded.jsonl`` next to it; nothing is deleted.
+
+    The moved lines are appended there (fsynced) before ``path`` is rewritten atomically with the rest, so a crash
+    in between duplicates lines there at worst. Returns the number of lines moved.
+    """
     if not os.path.exists(path):
-        return
+        return 0
     with open(path) as f:
         lines = f.readlines()
-    keep = []
+    keep, moved = [], []
     for line in lines:
+        if not line.strip():
+            continue
+        line = line if line.endswith("\n") else line + "\n"
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-            keep.append(json.dumps(record) + "\n")
-    if keep == lines:
-        return
-    fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+            kept = isinstance(record, dict) and int(record.get("step", 0)) <= step
+        except (ValueError, TypeError):  # JSONDecodeError is a ValueError; so is a bad "step"
+            kept = False
+        (keep if kept else moved).append(line)
+    if moved:
+        io.append_lines(os.path.join(os.path.dirname(path), SUPERSEDED_METRICS_FILE), moved)
+    if keep != lines:
+        io.write_text_atomic(path, "".join(keep))
+    return len(moved)
 
 
 def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -526,24 +556,47 @@ def _run_metadata(model, dataset, config, loss_fn, total_steps, steps_per_epoch,
     return ckpt_lib._jsonable(meta)
 
 
-# Metadata entries a resume must not change: they define which run the checkpoints belong to.
-_RUN_IDENTITY = ("model", "model_config", "input_shape", "dataset")
+# Metadata entries a resume must not change: they define which run the checkpoints belong to (the model, and the
+# data, whose size sets the steps per epoch).
+_MODEL_IDENTITY = ("model", "model_config", "input_shape")
+_DATA_IDENTITY = ("dataset", "num_train")
 
 
-def _check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], directory: str) -> None:
-    """Refuses a resume that would change the run's identity; warns when it changes its outcome."""
-    fixed = [f"{k}: checkpoint {saved[k]!r}, now {current.get(k)!r}" for k in _RUN_IDENTITY
-             if k in saved and saved[k] != current.get(k)]
+def _check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], directory: str, workdir: str) -> None:
+    """Refuses a resume that would change the run's identity or schedule; warns when the loss changes.
+
+    Raises:
+      WorkdirError: listing each differing entry ("checkpoint X, now Y") and the fix.
+    """
+    def differs(k: str) -> bool:
+        return k in saved and saved[k] != current.get(k)
+
+    model_lines = [f"{k}: checkpoint {saved[k]!r}, now {current.get(k)!r}" for k in _MODEL_IDENTITY if differs(k)]
+    data_keys = [k for k in _DATA_IDENTITY if differs(k)]
     old_cfg, new_cfg = saved.get("train_config") or {}, current["train_config"]
-    fixed += [f"train_config.{f}: checkpoint {old_cfg[f]!r}, now {new_cfg[f]!r}"
-              for f in _RESUME_FIXED_FIELDS if f in old_cfg and old_cfg[f] != new_cfg[f]]
-    if fixed:
-        raise ValueError(f"the checkpoints in {directory!r} belong to a different run:\n  " + "\n  ".join(fixed)
-                         + "\nUse another workdir, or the original settings to resume.")
+    cfg_fields = [f for f in _RESUME_FIXED_FIELDS if f in old_cfg and old_cfg[f] != new_cfg.get(f)]
+    lines = (model_lines + [f"{k}: checkpoint {saved[k]!r}, now {current.get(k)!r}" for k in data_keys]
+             + [f"train_config.{f}: checkpoint {old_cfg[f]!r}, now {new_cfg.get(f)!r}" for f in cfg_fields])
+    if lines:
+        if model_lines:
+            fix = (f"Train this model into another --workdir, or resume {workdir} with the model it was "
+                   f"trained with.")
+        else:
+            original = [f"{_CLI_FLAGS[f]} {old_cfg[f]}" if f in _CLI_FLAGS else f"{f}={old_cfg[f]!r}"
+                        for f in cfg_fields]
+            if "dataset" in data_keys:
+                original.append(f"--dataset {saved['dataset']}")
+            elif "num_train" in data_keys:
+                original.append(f"a training set of {saved['num_train']} examples")
+            fix = (f"Resume with the original settings (e.g. {', '.join(original)}), or start a new run from these "
+                   f"weights in a new workdir (--checkpoint {workdir} --workdir NEW; from Python: "
+                   f"variables=jaxnoise.checkpoint.load_variables({workdir!r}), workdir=NEW).")
+        raise WorkdirError(f"the checkpoints in {directory!r} belong to a different run ({'; '.join(lines)}). "
+                           + fix)
     changed = [f"{f}: {old_cfg[f]!r} -> {new_cfg[f]!r}" for f in new_cfg
                if f in old_cfg and f not in _RESUME_FREE_FIELDS and old_cfg[f] != new_cfg[f]]
     for k in ("loss", "loss_config", "hparams"):
-        if k in saved and saved[k] != current.get(k):
+        if differs(k):
             changed.append(f"{k}: {saved[k]!r} -> {current.get(k)!r}")
     if changed:
         warnings.warn(f"resuming from {directory!r} with changed settings ({'; '.join(changed)}); the result "
@@ -574,14 +627,37 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
       (``train_*``: means over the epoch's steps run by this process). ``epoch`` counts from 1, ``step`` is the
       number of steps done, ``time`` is the Unix time and ``elapsed`` the seconds since this call started.
 
+    * ``metrics.superseded.jsonl``: lines a resume moved out of ``metrics.jsonl`` (see below), appended verbatim.
+    * ``.jaxnoise.lock``: present while a run trains into the workdir (:func:`jaxnoise.workdir.workdir_lock`).
+
+    Lock: process 0 holds the workdir's lock for the whole call (taken before ``metrics.jsonl`` is read or a
+    checkpoint restored), so a second run into the same workdir, from another process or this one, is refused
+    with :class:`jaxnoise.workdir.WorkdirLockedError` naming the first one; a lock left by a dead process is taken
+    over with a notice.
+
     Resume: when ``workdir/checkpoints`` holds a checkpoint, the state is restored from the latest one (``variables``
-    is then ignored) and training continues at its step: the batches of epoch ``e`` are a pure function of
-    ``(seed, e)`` and the keys of step ``s`` of ``(seed, s)``, so the result equals an uninterrupted run (bitwise
-    on the same machine). Lines of ``metrics.jsonl`` for steps after that checkpoint (written before the
-    interruption) are removed first, so no step is logged twice. A resume with another model, dataset, seed or
-    batch size is refused; other changed settings (except ``epochs``, ``checkpoint_every``, ``max_to_keep``,
-    ``log_every``, ``eval_batch_size``) give a warning. Raising ``epochs`` continues a finished run (with the
-    cosine schedule the decay then spans the new total, so it differs from a run started with that many epochs).
+    is then ignored) and training continues at its step, with the line ``resuming WORKDIR from step S of T (epoch
+    E)`` on stdout (E: the epoch of the next step, from 1), or ``WORKDIR: already complete at step S of T; nothing
+    to train`` when there is nothing left to do. The batches of epoch ``e`` are a pure function of ``(seed, e)``
+    and the keys of step ``s`` of ``(seed, s)``, so the result equals an uninterrupted run (bitwise on the same
+    machine). Lines of ``metrics.jsonl`` for steps after that checkpoint (written before the interruption, and
+    re-done now) are moved to ``metrics.superseded.jsonl`` first, with a notice, so no step is logged twice and no
+    line is lost. A resume that changes the run is refused with a :class:`jaxnoise.workdir.WorkdirError` listing
+    the differences and the fix: another model, dataset or training-set size, or any config field of the schedule,
+    data order or optimizer (``seed``, ``batch_size``, ``epochs``, ``learning_rate``, ``schedule``,
+    ``warmup_steps``, ``momentum``, ``nesterov``, ``weight_decay``); ``checkpoint_every``, ``max_to_keep``,
+    ``log_every``, ``eval_batch_size`` and ``max_steps`` may change. A changed loss, loss config or hparams gives a
+    warning. To train a finished run further, start a new run from its weights in a new workdir
+    (``variables=jaxnoise.checkpoint.load_variables(workdir)``). A workdir whose ``metrics.jsonl`` has records
+    but which holds no finished checkpoint is refused (:class:`jaxnoise.workdir.WorkdirError`) before anything is
+    trained: training it would start over at step 0 and mix a new history into the old one.
+
+    Interruption (Ctrl-C): a ``KeyboardInterrupt`` during training writes the metrics of the steps done since the
+    last ``metrics.jsonl`` line as a ``"train"`` line, checkpoints the last completed step (unless it is already
+    saved; single-process runs only: a multi-process run resumes from its last periodic checkpoint) and raises
+    :class:`jaxnoise.workdir.TrainingInterrupted` (a ``KeyboardInterrupt`` with ``.step`` and ``.workdir``). Running
+    the same call again resumes it to the result of an uninterrupted run (an epoch line whose evaluation was
+    interrupted is written on resume).
 
     Data parallelism (``mesh``): the state (parameters, BatchNorm statistics, optimizer state, step) is replicated
     on every device of the mesh (``NamedSharding(mesh, PartitionSpec())``) and every batch is split along its
@@ -628,7 +704,11 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
 
     Raises:
       ValueError: a bad config value (naming the field), a batch size that is not a multiple of the mesh's
-        device count, a dataset that does not fit the model, or a workdir that holds another run.
+        device count, or a dataset that does not fit the model.
+      jaxnoise.workdir.WorkdirError: (a ValueError) the workdir holds another run, or settings of this one the
+        resume would change, or a history without a checkpoint.
+      jaxnoise.workdir.WorkdirLockedError: (a WorkdirError) another run trains into the workdir.
+      jaxnoise.workdir.TrainingInterrupted: (a KeyboardInterrupt) Ctrl-C; the last completed step is checkpointed.
       jaxnoise.checkpoint.CheckpointError: the latest checkpoint is corrupt (the message says which step
         directory to delete).
     """
@@ -683,27 +763,61 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
             return shard_batch(x, mesh)
     started = time.time()
 
-    with ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=config.max_to_keep) as ckpt:
+    def epoch_eval(state: TrainState) -> float:
+        # With a mesh: on a host copy of the replicated variables, in every process (the same program as without
+        # a mesh; np.asarray of a fully replicated array is process-local).
+        eval_vars = state.variables if mesh is None else jax.tree.map(np.asarray, state.variables)
+        return evaluate_clean(model, eval_vars, dataset.test, dataset.preprocess, config.eval_batch_size)
+
+    # Process 0 holds the workdir's lock: the other processes of a multi-process run share the workdir with it.
+    with (workdir_lib.workdir_lock(workdir) if main else contextlib.nullcontext()), \
+            ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=config.max_to_keep) as ckpt:
         start = ckpt.latest_step()
+        saved_meta: Mapping[str, Any] = {}
         if start is None:
+            n_records = _history_records(metrics_path)
+            if n_records:
+                raise WorkdirError(
+                    f"workdir {workdir} has {n_records} line{'s' * (n_records != 1)} of training history in "
+                    f"{METRICS_FILE} but no "
+                    f"finished checkpoint in {ckpt_dir} covers them, so training would start over at step 0 and "
+                    f"mix a new history into them: use a new --workdir, or move {METRICS_FILE} away to start "
+                    f"over.")
             if variables is None:
                 variables = model.init(init_key)
             state = init_state(model, variables, optimizer)
             if mesh is not None:
                 state = distributed.replicate(state, mesh)
         else:
-            _check_resume(ckpt.read_metadata(start), run_meta, ckpt_dir)
+            saved_meta = ckpt.read_metadata(start)
+            _check_resume(saved_meta, run_meta, ckpt_dir, workdir)
             # Only the structure of the state is needed as the restore target: nothing is initialised.
             target = jax.eval_shape(lambda: _state_dict(init_state(model, model.init(init_key), optimizer)))
             # With a mesh, orbax reads the arrays straight into replicated global arrays on it.
             state = TrainState(**ckpt.restore(target, start, sharding=None if mesh is None else replicated))
-            logger.info("resuming from %s at step %d of %d", ckpt.step_path(start), start, total_steps)
         start = int(state.step)
         if main:
-            _truncate_metrics(metrics_path, start)
+            if start >= stop:
+                print(f"{workdir}: already complete at step {start} of {total_steps}; nothing to train", flush=True)
+            elif start > 0:
+                print(f"resuming {workdir} from step {start} of {total_steps} (epoch {start // steps_per_epoch + 1})",
+                      flush=True)
+            moved = _supersede_metrics(metrics_path, start)
+            if moved:
+                print(f"{workdir}: moved {moved} line{'s' * (moved != 1)} of {METRICS_FILE} past step {start} "
+                      f"(written before the interruption; those steps are re-done) to "
+                      f"{os.path.join(workdir, SUPERSEDED_METRICS_FILE)}", flush=True)
             history = None
+            known = read_metrics(metrics_path)
         else:  # the file belongs to process 0: keep what the resume keeps, then this call's records
             history = [r for r in read_metrics(metrics_path) if isinstance(r, dict) and int(r.get("step", 0)) <= start]
+            known = history
+        # An interrupt during the evaluation at an epoch end checkpoints that step with the epoch's means
+        # ("pending_epoch"); its epoch line is written now, unless an earlier resume already wrote it.
+        pending_epoch = saved_meta.get("pending_epoch") if start == saved_meta.get("step") else None
+        if not isinstance(pending_epoch, dict) or any(
+                isinstance(r, dict) and r.get("type") == "epoch" and r.get("step") == start for r in known):
+            pending_epoch = None
 
         def record(kind: str, step: int, values: dict[str, float]) -> None:
             now = time.time()
@@ -718,43 +832,98 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
         s = start
         window: list[dict[str, jax.Array]] = []
         epoch_window: list[dict[str, jax.Array]] = []
+        metrics = None  # of the last step: assigned with the state it belongs to
+        epoch_means = None  # the means of an epoch whose end-of-epoch evaluation is running
+        last_epoch_line = start if pending_epoch is None else None  # step of the last epoch line
         with (open(metrics_path, "a") if main else contextlib.nullcontext()) as log, \
                 tqdm(total=total_steps, initial=start, unit="step",
                      disable=not (main and _progress_enabled(progress))) as bar:
-            while s < stop:
-                epoch = s // steps_per_epoch
-                first = s - epoch * steps_per_epoch  # batches of this epoch already done before a resume
-                for b, (images, labels) in enumerate(data_lib.epoch_batches(data_key, dataset.train,
-                                                                            config.batch_size, epoch)):
-                    if b < first:
-                        continue
-                    state, metrics = train_step(state, place(images), place(labels), base_key, hparams_array)
-                    s += 1
-                    window.append(metrics)
-                    epoch_window.append(metrics)
-                    bar.update(1)
-                    epoch_end = s % steps_per_epoch == 0
-                    if s % config.log_every == 0 or epoch_end or s == stop:
-                        values = _mean_metrics(window)
-                        window = []
-                        record("train", s, values)
-                        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}")
-                    if epoch_end:
-                        # With a mesh: on a host copy of the replicated variables, in every process (the same
-                        # program as without a mesh; np.asarray of a fully replicated array is process-local).
-                        eval_vars = state.variables if mesh is None else jax.tree.map(np.asarray, state.variables)
-                        test_accuracy = evaluate_clean(model, eval_vars, dataset.test, dataset.preprocess,
-                                                       config.eval_batch_size)
-                        means = _mean_metrics(epoch_window)
-                        epoch_window = []
-                        record("epoch", s, {"test_accuracy": test_accuracy, "train_loss": means["loss"],
-                                            "train_accuracy": means["accuracy"], "lr": means["lr"]})
-                    # Logged before saved: a checkpoint's lines are always in the file.
-                    if s % checkpoint_every == 0 or s == stop:
-                        ckpt.save(s, _state_dict(state), dict(run_meta, epoch=s / steps_per_epoch))
-                    if s >= stop:
-                        break
+            try:
+                if pending_epoch is not None:
+                    record("epoch", start, {"test_accuracy": epoch_eval(state), **pending_epoch})
+                    last_epoch_line = start
+                while s < stop:
+                    epoch = s // steps_per_epoch
+                    first = s - epoch * steps_per_epoch  # batches of this epoch already done before a resume
+                    for b, (images, labels) in enumerate(data_lib.epoch_batches(data_key, dataset.train,
+                                                                                config.batch_size, epoch)):
+                        if b < first:
+                            continue
+                        state, metrics = train_step(state, place(images), place(labels), base_key, hparams_array)
+                        window.append(metrics)
+                        epoch_window.append(metrics)
+                        s += 1
+                        bar.update(1)
+                        epoch_end = s % steps_per_epoch == 0
+                        if s % config.log_every == 0 or epoch_end or s == stop:
+                            values = _mean_metrics(window)
+                            window = []
+                            record("train", s, values)
+                            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}")
+                        if epoch_end:
+                            means = _mean_metrics(epoch_window)
+                            epoch_means = {"train_loss": means["loss"], "train_accuracy": means["accuracy"],
+                                           "lr": means["lr"]}
+                            test_accuracy = epoch_eval(state)
+                            epoch_window = []
+                            record("epoch", s, {"test_accuracy": test_accuracy, **epoch_means})
+                            last_epoch_line, epoch_means = s, None
+                        # Logged before saved: a checkpoint's lines are always in the file.
+                        if s % checkpoint_every == 0 or s == stop:
+                            ckpt.save(s, _state_dict(state), dict(run_meta, epoch=s / steps_per_epoch))
+                        if s >= stop:
+                            break
+            except KeyboardInterrupt:
+                raise _interrupted(state, metrics, s, start, window, epoch_window, epoch_means, last_epoch_line,
+                                   steps_per_epoch, record, ckpt, run_meta, workdir, metrics_path) from None
     return state.variables, read_metrics(metrics_path) if main else history
+
+
+def _interrupted(state, metrics, s, start, window, epoch_window, epoch_means, last_epoch_line, steps_per_epoch,
+                 record, ckpt, run_meta, workdir, metrics_path) -> TrainingInterrupted:
+    """After a KeyboardInterrupt in :func:`train`'s loop: logs the unlogged steps and checkpoints the last completed
+    step (the state's own step, whatever the loop had counted), then returns the exception to raise."""
+    latest = ckpt.latest_step()
+
+    def not_saved(done: int | None, why: str) -> TrainingInterrupted:
+        if latest is not None:
+            then = f"re-run the same command to resume from step {latest}"
+        else:
+            then = (f"no checkpoint was written yet, so move {metrics_path} away (or use a new --workdir) and "
+                    f"re-run the same command")
+        return TrainingInterrupted((latest or 0) if done is None else done, workdir, saved=False,
+                                   message=f"interrupted at step {'?' if done is None else done}; {why}; {then}")
+
+    try:
+        done = int(state.step)
+    except Exception:  # the state was donated to a step the interrupt cut short: it is gone
+        return not_saved(None, "the training state was lost mid-step, so it was not checkpointed")
+    if jax.process_count() > 1:  # a save is collective, and the other processes are not stopping here
+        return not_saved(done, "a multi-process run is not checkpointed on interrupt")
+    if metrics is not None and done == s + 1:  # interrupted after the step, before the loop recorded it
+        if not (window and window[-1] is metrics):
+            window.append(metrics)
+        if not (epoch_window and epoch_window[-1] is metrics):
+            epoch_window.append(metrics)
+    if window:  # the steps since the last train line: their line comes before the checkpoint, as always
+        record("train", done, _mean_metrics(window))
+    if latest == done:
+        return TrainingInterrupted(done, workdir)
+    if done == 0:
+        return TrainingInterrupted(0, workdir, saved=False, message="interrupted at step 0, before the first "
+                                   "step was done; nothing to save; re-run the same command to start")
+    meta = dict(run_meta, epoch=done / steps_per_epoch)
+    if done % steps_per_epoch == 0 and last_epoch_line != done and done > start:
+        # The epoch line is missing (its evaluation was interrupted): the resume writes it from these means.
+        if epoch_means is None:
+            means = _mean_metrics(epoch_window)
+            epoch_means = {"train_loss": means["loss"], "train_accuracy": means["accuracy"], "lr": means["lr"]}
+        meta["pending_epoch"] = epoch_means
+    try:
+        ckpt.save(done, _state_dict(state), meta)
+    except Exception as e:  # noqa: BLE001 - reported in the message; the interrupt is what propagates
+        return not_saved(done, f"its checkpoint could not be saved ({type(e).__name__}: {e})")
+    return TrainingInterrupted(done, workdir)
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
@@ -763,7 +932,8 @@ def _state_dict(state: TrainState) -> dict[str, Any]:
             "opt_state": state.opt_state}
 
 
-__all__ = ["AUGMENT_KEY", "LOSS_KEY", "METRICS_FILE", "SCHEDULES", "TrainConfig", "TrainState", "batch_spec",
+__all__ = ["AUGMENT_KEY", "LOSS_KEY", "METRICS_FILE", "SCHEDULES", "SUPERSEDED_METRICS_FILE", "TrainConfig",
+           "TrainState", "TrainingInterrupted", "WorkdirError", "WorkdirLockedError", "batch_spec",
            "check_mesh_batch", "clean_loss", "current_learning_rate", "evaluate_clean", "init_state", "kernel_mask",
            "make_optimizer", "make_schedule", "make_train_step", "read_metrics", "shard_batch", "step_keys",
            "train", "trainable_mask"]

@@ -16,6 +16,7 @@ from jaxnoise import train as train_lib
 from jaxnoise.data import load_dataset
 from jaxnoise.models import get_model
 from jaxnoise.train import TrainConfig, evaluate_clean, train
+from jaxnoise.workdir import LOCK_FILE, TrainingInterrupted, WorkdirError
 
 from _helpers import he_variables
 
@@ -49,6 +50,17 @@ def assert_trees_equal(a, b):
 def records(workdir):
     with open(os.path.join(workdir, train_lib.METRICS_FILE)) as f:
         return [json.loads(line) for line in f]
+
+
+def without_time(rs, kind=None):
+    return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in rs if kind in (None, r["type"])]
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +208,7 @@ def test_same_seed_same_result_other_seed_differs(tmp_path, mlp_run, digits):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, on the corrupt read
-def test_interrupted_run_resumes_to_identical_parameters(tmp_path, mlp_run, digits):
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path, mlp_run, digits, capsys):
     model, full, full_history, _ = mlp_run
     run = tmp_path / "run"
     train(model, digits, MLP_CONFIG, workdir=run, progress=False, max_steps=17)
@@ -208,9 +220,25 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, mlp_run, digi
     with open(run / train_lib.METRICS_FILE, "a") as f:
         f.write('{"type": "train", "step": 18, "lo')
     assert max(r["step"] for r in train_lib.read_metrics(run / train_lib.METRICS_FILE)) == 17
+    before = (run / train_lib.METRICS_FILE).read_text().splitlines(keepends=True)
+    capsys.readouterr()
 
-    resumed, history = train(model, digits, MLP_CONFIG, workdir=run, progress=False)
+    old_umask = os.umask(0o027)  # the rewritten metrics.jsonl and the new superseded file follow the umask
+    try:
+        resumed, history = train(model, digits, MLP_CONFIG, workdir=run, progress=False)
+    finally:
+        os.umask(old_umask)
     assert_trees_equal(resumed, full)  # bitwise
+    # The lines of the steps after checkpoint 10 (re-done) and the cut line are moved, not deleted.
+    assert capsys.readouterr().out == (
+        f"resuming {run} from step 10 of 63 (epoch 1)\n"
+        f"{run}: moved 8 lines of metrics.jsonl past step 10 (written before the interruption; those steps are "
+        f"re-done) to {run / train_lib.SUPERSEDED_METRICS_FILE}\n")
+    superseded = (run / train_lib.SUPERSEDED_METRICS_FILE).read_text()
+    assert superseded == "".join(before[10:]) + "\n"  # verbatim (the cut line gets its newline)
+    assert [json.loads(line)["step"] for line in superseded.splitlines()[:-1]] == list(range(11, 18))
+    for name in (train_lib.METRICS_FILE, train_lib.SUPERSEDED_METRICS_FILE):
+        assert os.stat(run / name).st_mode & 0o777 == 0o640, name
     assert_trees_equal(ckpt.load_variables(run, model), full)
 
     # Every step logged exactly once; same numbers as the uninterrupted run.
@@ -218,33 +246,148 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, mlp_run, digi
     assert [r["step"] for r in history if r["type"] == "epoch"] == [21, 42, 63]
     assert history == records(run)
 
-    def without_time(rs, kind):
-        return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in rs if r["type"] == kind]
-
     assert without_time(history, "train") == without_time(full_history, "train")  # log_every=1: per-step values
     # (Epoch lines' train_* means cover the steps of this process only, so only the test accuracy is compared.)
     assert [r["test_accuracy"] for r in history if r["type"] == "epoch"] == [
         r["test_accuracy"] for r in full_history if r["type"] == "epoch"]
     assert sorted(os.listdir(run / "checkpoints")) == ["50", "60", "63", "metadata.json"]
 
-    # Finished: running again changes nothing and trains nothing.
+    # Finished: running again changes nothing and trains nothing; so does one with other free settings.
     again, history_again = train(model, digits, MLP_CONFIG, workdir=run, progress=False)
     assert_trees_equal(again, full)
     assert history_again == history
+    assert capsys.readouterr().out == f"{run}: already complete at step 63 of 63; nothing to train\n"
+    free = dataclasses.replace(MLP_CONFIG, checkpoint_every=7, max_to_keep=2, log_every=5, eval_batch_size=100)
+    again, history_again = train(model, digits, free, workdir=run, progress=False, max_steps=40)
+    assert_trees_equal(again, full)
+    assert history_again == history
 
-    # A different run in the same workdir is refused; a changed learning rate warns.
+    # A different run in the same workdir is refused, and so is any change of the schedule or optimizer (an
+    # uninterrupted run with either setting would differ): each field is listed, with the fix.
     with pytest.raises(ValueError, match=r"(?s)different run.*train_config.seed: checkpoint 0, now 1"):
         train(model, digits, dataclasses.replace(MLP_CONFIG, seed=1), workdir=run, progress=False)
     with pytest.raises(ValueError, match=r"model_config: checkpoint \{'hidden': \[128, 64\]"):
         train(get_model("mlp", hidden=(16,)), digits, MLP_CONFIG, workdir=run, progress=False)
-    with pytest.warns(UserWarning, match=r"learning_rate: 0.1 -> 0.2"):
-        train(model, digits, dataclasses.replace(MLP_CONFIG, learning_rate=0.2), workdir=run, progress=False)
+    with pytest.raises(WorkdirError) as info:
+        train(model, digits, dataclasses.replace(MLP_CONFIG, epochs=4, learning_rate=0.2, momentum=0.5),
+              workdir=run, progress=False)
+    assert str(info.value) == (
+        f"the checkpoints in {str(run / 'checkpoints')!r} belong to a different run ("
+        f"train_config.epochs: checkpoint 3, now 4; "
+        f"train_config.learning_rate: checkpoint 0.1, now 0.2; "
+        f"train_config.momentum: checkpoint 0.9, now 0.5). "
+        f"Resume with the original settings (e.g. --epochs 3, --lr 0.1, momentum=0.9), or start a new run from "
+        f"these weights in a new workdir (--checkpoint {run} --workdir NEW; from Python: "
+        f"variables=jaxnoise.checkpoint.load_variables({str(run)!r}), workdir=NEW).")
+    for change in ({"schedule": "constant"}, {"warmup_steps": 5}, {"nesterov": True}, {"weight_decay": 0.0}):
+        field = next(iter(change))
+        with pytest.raises(WorkdirError, match=rf"train_config.{field}: checkpoint .*, now "):
+            train(model, digits, dataclasses.replace(MLP_CONFIG, **change), workdir=run, progress=False)
+    # A changed loss only warns.
+    other_loss = train_lib.clean_loss(model)
+    other_loss.config = {"variant": 1}
+    with pytest.warns(UserWarning, match=r"loss_config: \{\} -> \{'variant': 1\}"):
+        train(model, digits, MLP_CONFIG, workdir=run, progress=False, loss_fn=other_loss)
+    assert not (run / LOCK_FILE).exists()
 
     # A corrupt latest checkpoint stops the resume with a message naming the step directory to delete.
     for f in glob.glob(str(run / "checkpoints" / "63" / "state" / "**" / "d" / "*"), recursive=True):
         os.truncate(f, 1)
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoints/63'.*delete .*step=60"):
         train(model, digits, MLP_CONFIG, workdir=run, progress=False)
+
+
+def test_history_without_a_checkpoint_is_refused_not_truncated(tmp_path, synthetic, monkeypatch):
+    # E.g. checkpoints deleted by hand, or a run killed before its first checkpoint.
+    lines = "".join(json.dumps({"type": "train", "step": s, "loss": 1.0}) + "\n" for s in range(1, 121))
+    (tmp_path / train_lib.METRICS_FILE).write_text(lines)
+    os.makedirs(tmp_path / "checkpoints" / "20.orbax-checkpoint-tmp-1")  # an unfinished save is no checkpoint
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_lib, "init_state", no_training)
+    with pytest.raises(WorkdirError) as info:
+        train(get_model("mlp"), synthetic, TrainConfig(epochs=1, batch_size=64), workdir=tmp_path, progress=False)
+    assert isinstance(info.value, ValueError)
+    assert str(info.value) == (
+        f"workdir {tmp_path} has 120 lines of training history in metrics.jsonl but no finished checkpoint in "
+        f"{tmp_path / 'checkpoints'} covers them, so training would start over at step 0 and mix a new history "
+        f"into them: use a new --workdir, or move metrics.jsonl away to start over.")
+    assert (tmp_path / train_lib.METRICS_FILE).read_text() == lines  # untouched
+    assert not (tmp_path / LOCK_FILE).exists() and not (tmp_path / train_lib.SUPERSEDED_METRICS_FILE).exists()
+
+
+def interrupt_steps_after(monkeypatch, n_steps, workdir, locks):
+    """Makes the train step raise KeyboardInterrupt (as a Ctrl-C would) once ``n_steps`` steps have run; ``locks``
+    gets the workdir's lock file contents at the first step."""
+    real = train_lib.make_train_step
+    calls = []
+
+    def make(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def interruptible(*a, **k):
+            if len(calls) == n_steps:
+                raise KeyboardInterrupt
+            if not calls:
+                lock = workdir / LOCK_FILE
+                locks.append(json.loads(lock.read_text()) if lock.exists() else None)
+            calls.append(1)
+            return step(*a, **k)
+        return interruptible
+
+    monkeypatch.setattr(train_lib, "make_train_step", make)
+
+
+@pytest.mark.parametrize("n_steps", [15, 20])  # 20: the periodic checkpoint of that step is already saved
+def test_ctrl_c_checkpoints_the_last_step_and_resumes_identically(tmp_path, mlp_run, digits, monkeypatch, capsys,
+                                                                   n_steps):
+    model, full, full_history, _ = mlp_run
+    config = dataclasses.replace(MLP_CONFIG, log_every=4)  # free on resume: same parameters as mlp_run
+    locks = []
+    with monkeypatch.context() as m:
+        interrupt_steps_after(m, n_steps, tmp_path, locks)
+        with pytest.raises(KeyboardInterrupt) as info:  # (a plain one would stop pytest)
+            train(model, digits, config, workdir=tmp_path, progress=False)
+    e = info.value
+    assert isinstance(e, TrainingInterrupted) and e.step == n_steps and e.workdir == str(tmp_path) and e.saved
+    assert locks[0]["pid"] == os.getpid()  # held while training ...
+    assert not (tmp_path / LOCK_FILE).exists()  # ... and released
+    assert str(e) == (f"interrupted at step {n_steps}; checkpoint saved in {tmp_path / 'checkpoints'}; re-run the "
+                      f"same command to resume")
+    assert ckpt.latest_step(tmp_path) == n_steps
+    # The steps after the last train line (13-15) get one: the checkpoint's lines are all in metrics.jsonl.
+    logged = [4, 8, 12, 15] if n_steps == 15 else [4, 8, 12, 16, 20]
+    assert [r["step"] for r in records(tmp_path)] == logged
+
+    capsys.readouterr()
+    resumed, history = train(model, digits, config, workdir=tmp_path, progress=False)
+    assert capsys.readouterr().out == f"resuming {tmp_path} from step {n_steps} of 63 (epoch 1)\n"
+    assert_trees_equal(resumed, full)  # bitwise
+    logged += [s for s in range(n_steps + 1, 64) if s % 4 == 0 or s % 21 == 0 or s == 63]
+    assert [r["step"] for r in history if r["type"] == "train"] == logged
+    assert [r["test_accuracy"] for r in history if r["type"] == "epoch"] == [
+        r["test_accuracy"] for r in full_history if r["type"] == "epoch"]
+    assert not (tmp_path / train_lib.SUPERSEDED_METRICS_FILE).exists()  # nothing to re-do
+
+
+def test_ctrl_c_during_the_epoch_evaluation(tmp_path, mlp_run, digits, monkeypatch):
+    model, full, full_history, _ = mlp_run
+    with monkeypatch.context() as m:
+        m.setattr(train_lib, "evaluate_clean", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt) as info:  # (a plain one would stop pytest)
+            train(model, digits, MLP_CONFIG, workdir=tmp_path, progress=False)
+    assert isinstance(info.value, TrainingInterrupted)
+    assert str(info.value).startswith("interrupted at step 21; checkpoint saved")
+    assert ckpt.latest_step(tmp_path) == 21
+    assert [(r["type"], r["step"]) for r in records(tmp_path)][-1] == ("train", 21)  # its epoch line is missing
+    # ... and written by the resume, from the epoch's means kept in the checkpoint: the same history as without
+    # the interruption.
+    resumed, history = train(model, digits, MLP_CONFIG, workdir=tmp_path, progress=False)
+    assert_trees_equal(resumed, full)
+    assert without_time(history) == without_time(full_history)
+    assert not (tmp_path / LOCK_FILE).exists()
 
 
 def test_cnn_batchnorm_stats_trained_used_and_resumed(tmp_path, digits):
