@@ -97,7 +97,7 @@ def bench(title, model, variables, images, labels, preprocess, *, n_chips, batch
     ratio_b = t_loop / t_mc
     agree = np.max(np.abs(loop - mc.per_chip))
     print(f"   accuracy: clean {100 * clean.mean:.2f}%, {n_chips} chips {100 * mc.mean:.2f}% "
-          f"[{100 * mc.ci95[0]:.2f}, {100 * mc.ci95[1]:.2f}]; loop vs map per-chip max |diff| {agree:.4f}")
+          f"{robustness.format_ci95(mc.ci95)}; loop vs map per-chip max |diff| {agree:.4f}")
     print(f"(a) MC / clean throughput: {ratio_a:.3f}  (goal >= 0.85: {'met' if ratio_a >= 0.85 else 'NOT met'})"
           f"   [clean {n / t_clean:.1f} img/s in {t_clean:.3f} s; MC {n_chips * n / t_mc:.1f} image-evals/s "
           f"in {t_mc:.3f} s]")

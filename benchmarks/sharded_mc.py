@@ -135,7 +135,7 @@ def forced(args) -> int:
 def real(args) -> int:
     import jax
 
-    from jaxnoise import distributed
+    from jaxnoise import distributed, robustness
     from jaxnoise.report import device_description
 
     n = jax.device_count()
@@ -148,7 +148,7 @@ def real(args) -> int:
         print(f"  {label:>10}: first call {first:.1f} s, run {best:.2f} s, traces {traces}, "
               f"{args.n_chips * n_images / best:,.0f} image-chips/s")
     print(f"  t(1)/t({n}) = {t1 / tn:.2f}; per-chip equal: {r1.per_chip.tolist() == rn.per_chip.tolist()}; "
-          f"mean {100 * r1.mean:.2f}% [{100 * r1.ci95[0]:.2f}, {100 * r1.ci95[1]:.2f}]")
+          f"mean {100 * r1.mean:.2f}% {robustness.format_ci95(r1.ci95)}")
     return 0
 
 

@@ -128,8 +128,7 @@ def short_run(args, model, dataset, name, loss_fn):
                               noise.NoiseSpec(weight_eta=args.target_eta), key=jax.random.key(1000 + args.seed),
                               n_chips=args.search_chips, batch_size=args.eval_batch_size,
                               preprocess=dataset.preprocess)
-    log(f"{name}: {100 * res.mean:.2f}% [{100 * res.ci95[0]:.2f}, {100 * res.ci95[1]:.2f}] "
-        f"({time.time() - t0:.0f} s)")
+    log(f"{name}: {100 * res.mean:.2f}% {robustness.format_ci95(res.ci95)} ({time.time() - t0:.0f} s)")
     return res.to_dict()
 
 
@@ -240,7 +239,7 @@ def stage_eval(args, model, dataset):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         report.write_json(path, res.to_dict())
         log(f"eval: {arm} {kind} eta={eta:g} ({n_chips} chips): {100 * res.mean:.2f}% "
-            f"[{100 * res.ci95[0]:.2f}, {100 * res.ci95[1]:.2f}] p5 {100 * res.p5:.2f}  ({time.time() - t0:.0f} s)")
+            f"{robustness.format_ci95(res.ci95)} p5 {100 * res.p5:.2f}  ({time.time() - t0:.0f} s)")
 
 
 def welch(a, b):
@@ -258,8 +257,8 @@ def welch(a, b):
 
 def paired(a, b):
     """Difference a - b over chips with the same key, with a Student-t 95% CI of the mean paired difference."""
-    s = robustness.summarize(np.asarray(a) - np.asarray(b))
-    return s["mean"], tuple(s["ci95"])
+    s = robustness.summarize(np.asarray(a) - np.asarray(b), bounds=(-1.0, 1.0))  # differences of accuracies
+    return s["mean"], None if s["ci95"] is None else tuple(s["ci95"])
 
 
 def eta_mapping(args, model):
@@ -315,7 +314,7 @@ def stage_report(args, model, dataset, eta_train):
             dp, cip = paired(a["per_chip"], b["per_chip"])
             comparisons.append({"weight_noise": {"kind": kind, "eta": eta}, "a": "consistency", "b": "forward_noise",
                                 "n_chips": a["n_chips"], "diff": d, "ci95_welch": list(ci), "diff_paired": dp,
-                                "ci95_paired": list(cip)})
+                                "ci95_paired": None if cip is None else list(cip)})
     record["comparisons"] = comparisons
     os.makedirs(args.out, exist_ok=True)
     per_kind = {}
@@ -337,8 +336,8 @@ def stage_report(args, model, dataset, eta_train):
             cells = []
             for eta in etas:
                 e = entries.get((arm, None if eta == 0 else kind, eta))
-                cells.append("" if e is None else f"{100 * e['mean']:.2f} [{100 * e['ci95'][0]:.2f}, "
-                             f"{100 * e['ci95'][1]:.2f}] ({100 * e['p5']:.2f}) n={e['n_chips']}")
+                cells.append("" if e is None else f"{100 * e['mean']:.2f} {robustness.format_ci95(e['ci95'], missing='')}"
+                             f" ({100 * e['p5']:.2f}) n={e['n_chips']}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"Convention mapping: over the {len(mapping['max_over_rms_per_kernel'])} pretrained kernels, "
@@ -354,7 +353,7 @@ def stage_report(args, model, dataset, eta_train):
     if short:
         lines += ["Short runs (eta_train search and ablation). Protocol: " + protocol(args) + ".", "",
                   "| run | accuracy (%) [95% CI] | p5 (%) |", "|---|---|---|"]
-        lines += [f"| {n} | {100 * r['mean']:.2f} [{100 * r['ci95'][0]:.2f}, {100 * r['ci95'][1]:.2f}] | "
+        lines += [f"| {n} | {100 * r['mean']:.2f} {robustness.format_ci95(r['ci95'])} | "
                   f"{100 * r['p5']:.2f} |" for n, r in short]
         lines.append("")
     lines += ["Every entry:", "", report.markdown_table(record), "",
@@ -362,8 +361,8 @@ def stage_report(args, model, dataset, eta_train):
              "| weight noise | eta | chips | diff | Welch 95% CI | paired 95% CI |", "|---|---|---|---|---|---|"]
     for c in comparisons:
         lines.append(f"| {c['weight_noise']['kind']} | {c['weight_noise']['eta']:g} | {c['n_chips']} | "
-                     f"{100 * c['diff']:+.2f} | [{100 * c['ci95_welch'][0]:+.2f}, {100 * c['ci95_welch'][1]:+.2f}] | "
-                     f"[{100 * c['ci95_paired'][0]:+.2f}, {100 * c['ci95_paired'][1]:+.2f}] |")
+                     f"{100 * c['diff']:+.2f} | {robustness.format_ci95(c['ci95_welch'], signed=True)} | "
+                     f"{robustness.format_ci95(c['ci95_paired'], signed=True)} |")
     io.write_text_atomic(os.path.join(args.out, "results.md"), "\n".join(lines) + "\n")
     for kind, sub in per_kind.items():
         report.plot_sweep(sub, os.path.join(args.out, f"accuracy_vs_eta_{kind}.png"), noise="weight")

@@ -247,7 +247,7 @@ def stage_eval(s: Setup, level, arms, trained, workdir):
                                 key=noise.name_key(s.key, "eval"), n_chips=n_chips,
                                 batch_size=s.args.eval_batch_size, preprocess=s.dataset.preprocess)
         report.write_json(path, r.to_dict())
-        print(f"eval: {name} at eta {eta}: {100 * r.mean:.2f}% [{100 * r.ci95[0]:.2f}, {100 * r.ci95[1]:.2f}] "
+        print(f"eval: {name} at eta {eta}: {100 * r.mean:.2f}% {robustness.format_ci95(r.ci95)} "
               f"({n_chips} chips, {time.time() - t0:.0f} s)", flush=True)
     clean_eval(s, workdir)
 
@@ -330,13 +330,13 @@ def stage_report(s: Setup, level, sens, search, arms, workdir, out_dir, command)
             sites = ", ".join(a["train"].get("sites", [])) if a["name"] != "plain" else "-"
             pct = f"{a['extra_param_count']} ({100 * a['extra_param_count'] / backbone_params:.2f}%)"
             lines.append(f"| {a['name']} | {sites} | {pct} | {eta} | {e['n_chips']} | {100 * e['mean']:.2f} | "
-                         f"[{100 * e['ci95'][0]:.2f}, {100 * e['ci95'][1]:.2f}] | {100 * e['p5']:.2f} | {rec} |")
+                         f"{robustness.format_ci95(e['ci95'])} | {100 * e['p5']:.2f} | {rec} |")
     lines += ["", "'drop recovered' = (arm - plain) / (clean - plain) at the same eta, Monte Carlo means.", "",
               "## Sensitivity (held-out training images, target eta)", "",
               "| site | accuracy gained when its MVMs are noise-free (pts) | 95% CI | gradient norm |",
               "|---|---:|---:|---:|"]
     for site, v in sens["removal"]["sites"].items():
-        lines.append(f"| {site} | {100 * v['gain']:.2f} | [{100 * v['ci95'][0]:.2f}, {100 * v['ci95'][1]:.2f}] | "
+        lines.append(f"| {site} | {100 * v['gain']:.2f} | {robustness.format_ci95(v['ci95'])} | "
                      f"{sens['gradient_norm'][site]:.4f} |")
     lines += ["", f"## Search ({search['config']['strategy']}, budget {100 * s.args.budget:.1f}%, "
               f"{search['config']['steps']} steps per candidate, {search['config']['n_chips']} chips on "
@@ -370,8 +370,9 @@ def stage_report(s: Setup, level, sens, search, arms, workdir, out_dir, command)
         for e in a["eval"]:
             if e["activation_noise"] and e["activation_noise"]["eta"] == target:
                 x = 100 * a["extra_param_count"] / backbone_params
-                ax.errorbar([x], [100 * e["mean"]], yerr=[[100 * (e["mean"] - e["ci95"][0])],
-                                                          [100 * (e["ci95"][1] - e["mean"])]],
+                ci = e["ci95"]  # None with one chip: no error bar
+                ax.errorbar([x], [100 * e["mean"]], yerr=None if ci is None else [[100 * (e["mean"] - ci[0])],
+                                                                                  [100 * (ci[1] - e["mean"])]],
                             fmt="o", c=f"C{i}", label=f"{a['name']} ({e['n_chips']} chips)", capsize=3)
     ax.axhline(100 * clean_acc, ls="--", c="k", lw=0.8, label="clean")
     ax.set_xlabel("denoiser parameters (% of backbone)")

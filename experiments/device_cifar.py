@@ -149,7 +149,7 @@ def stage_eval(args, model, dataset):
 
 
 def ci_text(e):
-    return f"{100 * e['mean']:.2f} [{100 * e['ci95'][0]:.2f}, {100 * e['ci95'][1]:.2f}]"
+    return f"{100 * e['mean']:.2f} {robustness.format_ci95(e['ci95'])}"
 
 
 def stage_report(args, model, dataset):
@@ -220,8 +220,9 @@ def plot(args, arms):
     for a in arms:
         t = np.array(args.times)
         m = np.array([e["mean"] for e in a["eval"]]) * 100
-        lo = np.array([e["ci95"][0] for e in a["eval"]]) * 100
-        hi = np.array([e["ci95"][1] for e in a["eval"]]) * 100
+        # ci95 is None (null) with one chip: no band there
+        lo = np.array([np.nan if e["ci95"] is None else e["ci95"][0] for e in a["eval"]]) * 100
+        hi = np.array([np.nan if e["ci95"] is None else e["ci95"][1] for e in a["eval"]]) * 100
         style = "-" if "nocomp" not in a["name"] else "--"
         color = {"pretrained": "C0", "clean_ft": "C2", "hwa": "C1"}[a["name"].replace("_nocomp", "")]
         line, = ax.plot(t, m, style, marker="o", color=color, label=a["name"])

@@ -223,8 +223,8 @@ def load_model(args, *, default_model: str | None = None, weights_required: bool
     # Cheap checks first, in the order of the command line: names, then files; then the dataset and weights.
     if args.model:
         models.get_model(args.model)  # an unknown name raises, listing the known ones
-    if args.dataset and args.dataset not in data.DATASETS:
-        raise UsageError(f"--dataset {args.dataset}: unknown dataset; choose one of {', '.join(data.DATASETS)}.")
+    if args.dataset:
+        data.check_supported(args.dataset)
     if args.weights and args.checkpoint:
         raise UsageError("give either --weights or --checkpoint, not both.")
     if args.weights and not os.path.isfile(args.weights):
@@ -366,6 +366,12 @@ def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | 
                out: io.ResultSet | None) -> dict:
     """``--device``: Monte Carlo accuracy of programmed chips at every ``--times`` (one compiled program)."""
     dev = build_device(args)
+    if args.digital_layers:
+        layers = device.layer_names(variables["params"])
+        unknown = [n for n in args.digital_layers.split(",") if n not in layers]
+        if unknown:
+            raise UsageError(f"--digital-layers {','.join(unknown)}: no such layer in {model.name}; its layers are "
+                             f"{', '.join(layers)}.")
     times = args.times if args.times is not None else [0.0]
     images, labels = test_arrays(dataset, args.n_images)
     t0 = time.time()
@@ -620,8 +626,7 @@ def cmd_denoise(args) -> Any:
                               batch_size=args.batch_size, preprocess=dataset.preprocess)
     print(f"{model.name} + denoisers at {[s for s, g in zip(dmodel.candidate_sites, gates) if g]} "
           f"({100 * cost['param_overhead']:.2f}% params): act eta {float(spec.act_eta)}, {args.n_chips} chips: "
-          f"plain {100 * plain.mean:.2f}% [{100 * plain.ci95[0]:.2f}, {100 * plain.ci95[1]:.2f}], "
-          f"denoised {100 * den.mean:.2f}% [{100 * den.ci95[0]:.2f}, {100 * den.ci95[1]:.2f}] "
+          f"plain {100 * plain.mean:.2f}% {_ci_text(plain)}, denoised {100 * den.mean:.2f}% {_ci_text(den)} "
           f"(checkpoints in {workdir})")
     return dmodel, dvars
 
@@ -924,12 +929,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _ARGV[:] = argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) and usage errors (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     try:
         check_flags(args, given_flags(parser, argv))
         if getattr(args, "distributed", False):
             distributed.initialize()
         args.func(args)
+    except robustness.InsufficientMemoryError as e:
+        print(f"jaxnoise {args.command}: error: this run needs an estimated {_gb(e.estimate)} of memory but "
+              f"{_gb(e.available)} is free: lower --chip-batch-size or --batch-size, or use fewer --n-chips "
+              f"(--target-ci-halfwidth draws chips in rounds of --n-chips).", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         detail = str(e) or "interrupted; no result files were written (existing results are unchanged)"
         print(f"jaxnoise {args.command}: {detail}", file=sys.stderr)
@@ -953,6 +966,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     return 0
+
+
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.3g} GB"
 
 
 def _one_line(e: BaseException) -> str:

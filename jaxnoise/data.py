@@ -44,6 +44,7 @@ __all__ = [
     "DATASETS",
     "Dataset",
     "DatasetCorruptError",
+    "check_supported",
     "DatasetNotFoundError",
     "Split",
     "batch_indices",
@@ -380,21 +381,31 @@ def load_dataset(name: str, *, data_dir: str | None = None, **kwargs: Any) -> Da
         DatasetNotFoundError: A TFDS dataset is not prepared in any searched directory.
         NotImplementedError: ``imagenet2012`` (too large for the in-memory pipeline).
     """
-    if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS}")
+    check_supported(name)
     if name == "digits":
         _check_kwargs(name, kwargs, ())
         return _load_digits()
     if name == "synthetic":
         return _load_synthetic(**kwargs)
+    _check_kwargs(name, kwargs, ("disk_cache",))
+    return _load_tfds(name, data_dir, disk_cache=kwargs.get("disk_cache", True))
+
+
+def check_supported(name: str) -> None:
+    """Raises (cheaply, before any data is read) for a dataset name :func:`load_dataset` cannot load.
+
+    Raises:
+        ValueError: an unknown name.
+        NotImplementedError: ``imagenet2012`` (too large for the in-memory pipeline).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS}")
     if name == "imagenet2012":
         raise NotImplementedError(
             "imagenet2012 is not supported: jaxnoise.data holds whole datasets in host memory, and "
             "ImageNet (about 1.3M variable-size images) does not fit. Use digits, cifar10, cifar100 "
             "or synthetic."
         )
-    _check_kwargs(name, kwargs, ("disk_cache",))
-    return _load_tfds(name, data_dir, disk_cache=kwargs.get("disk_cache", True))
 
 
 def clear_cache() -> None:

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxnoise import _checks
 from jaxnoise import engine
 from jaxnoise import methods
 from jaxnoise import noise as noise_lib
@@ -79,9 +80,7 @@ class DenoiserConfig:
         if self.kind not in KINDS:
             raise ValueError(f"unknown denoiser kind {self.kind!r}; choose one of {KINDS}.")
         for name in ("reduction", "min_width"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"DenoiserConfig.{name}={v!r} must be an integer >= 1.")
+            _checks.positive_int(getattr(self, name), f"DenoiserConfig.{name}")
 
     def width(self, channels: int) -> int:
         """Bottleneck width at a site with ``channels`` channels."""
@@ -196,7 +195,7 @@ def denoised(model: Model, sites: Sequence[str] | None = None,
     if isinstance(model, DenoisedModel):
         raise ValueError("model already has denoising blocks: pass its backbone (dmodel.backbone).")
     available = tuple(model.feature_names)
-    sites = available if sites is None else tuple(sites)
+    sites = available if sites is None else _checks.names(sites, "sites", example=available[0] if available else None)
     if not sites:
         raise ValueError(f"sites is empty: choose among {list(available)}.")
     unknown = [s for s in sites if s not in available]
@@ -270,6 +269,9 @@ def placement_array(dmodel: DenoisedModel, placement: Any) -> jax.Array:
         shape (n_sites,) (or (..., n_sites) for batches of placements).
     """
     sites = dmodel.candidate_sites
+    if isinstance(placement, str):
+        raise ValueError(f"placement={placement!r} is a bare string, which would be read per character: pass a tuple "
+                         f"of sites, placement=({placement!r},), or {{site: gate}}.")
     if isinstance(placement, Mapping):
         unknown = set(placement) - set(sites)
         if unknown:
@@ -442,14 +444,19 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
     if not isinstance(dmodel, DenoisedModel):
         raise ValueError("denoiser_loss needs a denoised model: build it with jaxnoise.denoise.denoised(model).")
     spec = noise_lib.NoiseSpec(act_kind=act_kind, act_ref=act_ref, act_mask=act_mask, weight_kind=weight_kind,
-                               **({"weight_paths": tuple(weight_paths)} if weight_paths else {}))
-    feature_sites = tuple(dmodel.candidate_sites if feature_sites is None else feature_sites)
+                               **({} if weight_paths is None else
+                                  {"weight_paths": _checks.names(weight_paths, "weight_paths", example="kernel")}))
+    feature_sites = (tuple(dmodel.candidate_sites) if feature_sites is None
+                     else _checks.names(feature_sites, "feature_sites", example=dmodel.candidate_sites[0]))
     unknown = [s for s in feature_sites if s not in dmodel.backbone.feature_names]
     if unknown:
         raise ValueError(f"unknown feature sites {unknown}; choose among {list(dmodel.backbone.feature_names)}.")
     if nll_weight and dmodel.denoiser.kind != "probabilistic":
         raise ValueError("nll_weight > 0 needs probabilistic blocks (DenoiserConfig(kind='probabilistic')): "
                          "residual blocks predict no noise distribution.")
+    # The selectors must name parts of the backbone (weight_paths, act_mask sites, act_ref of additive noise).
+    noise_lib.check_spec(spec, jax.eval_shape(dmodel.backbone.init, jax.random.key(0))["params"],
+                         dmodel.backbone.sites)
     defaults = {"feature_weight": methods._check_scalar(feature_weight, "feature_weight"),
                 "nll_weight": methods._check_scalar(nll_weight, "nll_weight")}
     if act_kind:

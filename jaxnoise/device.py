@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
+from jaxnoise import _checks
 from jaxnoise import noise as noise_lib
 
 NOISE_MANAGEMENT = ("abs_max", "constant")
@@ -66,24 +67,15 @@ COMPENSATION_FLOOR = 1e-4  # aihwkit's clamp of the readout (min=0.0001)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Validation helpers
+# Validation helpers (the shared rules of jaxnoise._checks; the private names stay for existing callers)
 
 
-def _concrete(x: Any) -> bool:
-    """A concrete number or array (not None, not a tracer, not a pytree placeholder)."""
-    return noise_lib._is_concrete_number(x)
-
-
-def _check_positive(value: Any, name: str, fix: str = "") -> None:
-    if not _concrete(value):
-        return
-    arr = np.asarray(value, dtype=np.float64)
-    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(f"{name}={value!r} must be a finite number > 0{': ' + fix if fix else '.'}")
+_concrete = _checks.is_concrete_number  # a concrete number or array (not None, not a tracer, not a placeholder)
+_check_positive = _checks.positive
 
 
 def _check_nonnegative(value: Any, name: str) -> None:
-    noise_lib.check_nonnegative(value, name, "it is a scale or conductance", "use 0 to turn it off")
+    _checks.nonnegative(value, name, "it is a scale or conductance", "use 0 to turn it off")
 
 
 def check_times(times: Any, name: str = "t_inference") -> None:
@@ -92,9 +84,7 @@ def check_times(times: Any, name: str = "t_inference") -> None:
                                 "0 = just programmed; 3600 = one hour later")
 
 
-def _choice(value: Any, options: tuple, name: str) -> None:
-    if value not in options:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {list(options)}.")
+_choice = _checks.choice
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,6 +292,7 @@ class IOParams:
         _check_nonnegative(self.w_noise, "IOParams.w_noise")
         _check_positive(self.nm_scale, "IOParams.nm_scale")
         _check_positive(self.max_bm_factor, "IOParams.max_bm_factor")
+        _checks.mapping(self.inp_ranges, "IOParams.inp_ranges", "site")
         for site, r in (self.inp_ranges or {}).items():
             _check_positive(r, f"IOParams.inp_ranges[{site!r}]")
 
@@ -593,6 +584,9 @@ class DeviceSpec:
                 np.min(self.g_max)):
             raise ValueError(f"g_min={self.g_min!r} must be smaller than g_max={self.g_max!r}.")
         check_times(self.t_inference)
+        # A bare string would be iterated per character; a list would not hash as static data.
+        for field in ("analog_layers", "digital_layers"):
+            object.__setattr__(self, field, _checks.names(getattr(self, field), field, example="^conv1$"))
         for pattern in tuple(self.analog_layers) + tuple(self.digital_layers):
             try:
                 re.compile(pattern)
@@ -629,16 +623,45 @@ class DeviceSpec:
         return plain(self)
 
 
-def analog_sites(params: Mapping[str, Any], spec: DeviceSpec) -> tuple[str, ...]:
-    """Layer names (``"layer1/0/conv1"``) whose ``kernel`` is analog under ``spec``, in tree order."""
+def layer_names(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """Names of the layers with a ``kernel`` (``"layer1/0/conv1"``), in tree order: the candidates for analog."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    sites = []
-    for path in flat:
-        if path == "kernel" or path.endswith("/kernel"):
-            site = path[: -len("/kernel")] if "/" in path else ""
-            if spec.is_analog(site):
-                sites.append(site)
-    return tuple(sites)
+    return tuple(path[: -len("/kernel")] if "/" in path else "" for path in flat
+                 if path == "kernel" or path.endswith("/kernel"))
+
+
+def check_selectors(params: Mapping[str, Any], spec: DeviceSpec) -> None:
+    """Raises ValueError when a layer selector of ``spec`` names nothing in this model.
+
+    Every ``analog_layers`` and ``digital_layers`` pattern must match at least one layer name, every
+    ``io.inp_ranges`` key must be a layer, and at least one layer must stay analog: a selector that matches nothing
+    would silently evaluate another chip than the one asked for (or the exact network under a device label).
+    """
+    layers = layer_names(params)
+    for field in ("analog_layers", "digital_layers"):
+        for pattern in getattr(spec, field):
+            if not any(re.search(pattern, layer) for layer in layers):
+                raise ValueError(f"DeviceSpec.{field} pattern {pattern!r} matches no layer of this model; layer "
+                                 f"names: {_checks.listing(layers)} (use e.g. ('^conv1$',)).")
+    if spec.io is not None and spec.io.inp_ranges is not None:
+        unknown = [k for k in spec.io.inp_ranges if k not in layers]
+        if unknown:
+            raise ValueError(f"IOParams.inp_ranges names layers that do not exist: {sorted(unknown)[:5]}; layer "
+                             f"names: {_checks.listing(layers)} (calibrate_input_ranges gives them all).")
+    if layers and not any(spec.is_analog(layer) for layer in layers):
+        raise ValueError(f"DeviceSpec(analog_layers={spec.analog_layers}, digital_layers={spec.digital_layers}) "
+                         f"leaves no analog layer, so the device would change nothing; layer names: "
+                         f"{_checks.listing(layers)}. For the exact network evaluate without a device.")
+
+
+def analog_sites(params: Mapping[str, Any], spec: DeviceSpec) -> tuple[str, ...]:
+    """Layer names (``"layer1/0/conv1"``) whose ``kernel`` is analog under ``spec``, in tree order.
+
+    Raises:
+      ValueError: a selector of ``spec`` that names no layer of ``params`` (:func:`check_selectors`).
+    """
+    check_selectors(params, spec)
+    return tuple(layer for layer in layer_names(params) if spec.is_analog(layer))
 
 
 def chip_key(key: jax.Array) -> jax.Array:
@@ -884,6 +907,7 @@ def calibrate_input_ranges(apply_fn, variables, images, *, statistic: str = "std
     """
     _choice(statistic, ("std", "absmax"), "input-range statistic")
     _check_positive(alpha, "alpha")
+    batch_size = _checks.positive_int(batch_size, "batch_size")
     if len(images) == 0:
         raise ValueError("calibrate_input_ranges needs at least one image.")
 

@@ -35,8 +35,6 @@ References:
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnoise import _checks
 from jaxnoise import device as device_lib
 from jaxnoise import noise as noise_lib
 
@@ -108,22 +107,17 @@ def feature_distance(noisy: jax.Array, clean: jax.Array, distance: str = "nmse")
 
 
 def _check_scalar(value: Any, name: str, *, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{name}={value!r}: must be a finite number >= {minimum:g}.")
-    return float(value)
+    """A finite plain number >= ``minimum`` (``jaxnoise._checks.number``)."""
+    return _checks.number(value, name, minimum=minimum)
 
 
 def _check_draws(num_draws: Any, draw_batch_size: Any) -> tuple[int, int]:
-    if isinstance(num_draws, bool) or not isinstance(num_draws, numbers.Integral) or num_draws < 1:
-        raise ValueError(f"num_draws={num_draws!r}: must be an integer >= 1 (noise draws per training step).")
-    num_draws = int(num_draws)
+    num_draws = _checks.positive_int(num_draws, "num_draws", "noise draws per training step")
     if draw_batch_size is None:
         draw_batch_size = default_draw_batch_size(num_draws)
-    if (isinstance(draw_batch_size, bool) or not isinstance(draw_batch_size, numbers.Integral)
-            or not 1 <= draw_batch_size):
-        raise ValueError(f"draw_batch_size={draw_batch_size!r}: must be an integer >= 1 (draws run at once), "
-                         f"or None for the backend default.")
-    return num_draws, min(int(draw_batch_size), num_draws)
+    draw_batch_size = _checks.positive_int(draw_batch_size, "draw_batch_size",
+                                           "draws run at once, or None for the backend default")
+    return num_draws, min(draw_batch_size, num_draws)
 
 
 def _train_spec(weight_kind: str | None, act_kind: str | None, act_ref: Mapping[str, Any] | None,
@@ -134,9 +128,21 @@ def _train_spec(weight_kind: str | None, act_kind: str | None, act_ref: Mapping[
     if device is not None and not isinstance(device, device_lib.DeviceSpec):
         raise ValueError(f"device must be a jaxnoise.device.DeviceSpec (e.g. jaxnoise.device.preset('hwa_standard')"
                          f".training()), got {type(device).__name__}.")
-    kwargs = {} if weight_paths is None else {"weight_paths": tuple(weight_paths)}
-    # Validates the kinds (and that additive activation noise gets its reference scales when it is used).
+    kwargs = {} if weight_paths is None else {"weight_paths": _checks.names(weight_paths, "weight_paths",
+                                                                             example="kernel")}
+    # Validates the kinds and scales.
     return noise_lib.NoiseSpec(weight_kind=weight_kind, act_kind=act_kind, act_ref=act_ref, **kwargs)
+
+
+def _check_against_model(model: Any, spec: noise_lib.NoiseSpec, device: Any) -> None:
+    """The training noise must select parts of ``model``: weight_paths patterns, the act_ref of additive noise and
+    the device's layer patterns (else a "noise-aware" run would silently train on the clean network)."""
+    if not (hasattr(model, "init") and hasattr(model, "sites")):
+        return  # not a jaxnoise model: nothing to check against
+    params = _checks.abstract_variables(model)["params"]
+    noise_lib.check_spec(spec, params, model.sites, what="NoiseSpec")
+    if device is not None:
+        device_lib.check_selectors(params, device)
 
 
 def check_hparams(hparams: Mapping[str, Any], expected: Sequence[str]) -> dict[str, jax.Array]:
@@ -266,6 +272,7 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
     spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths, device)
     num_draws, draw_batch_size = _check_draws(num_draws, draw_batch_size)
     defaults = _noise_hparams(spec, eta_train, act_eta_train)
+    _check_against_model(model, spec, device)
 
     def loss_fn(params, batch_stats, images, labels, key, hparams):
         noisy_spec = _noisy_spec(spec, hparams)
@@ -331,12 +338,13 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
     """
     spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths, device)
     num_draws, draw_batch_size = _check_draws(num_draws, draw_batch_size)
+    _check_against_model(model, spec, device)
     if distance not in DISTANCES:
         raise ValueError(f"unknown consistency distance {distance!r}; choose one of {sorted(DISTANCES)}.")
     available = tuple(model.feature_names) + (LOGITS_SITE,)
     if sites is None:
         sites = (LOGITS_SITE,) if distance == "logit_kl" else tuple(model.feature_names)
-    sites = tuple(sites)
+    sites = _checks.names(sites, "sites", example=available[0])
     if not sites:
         raise ValueError("sites is empty: choose at least one of " + ", ".join(available) + ".")
     unknown = [s for s in sites if s not in available]
@@ -349,6 +357,7 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
     if site_weights is None:
         weights = {s: 1.0 / len(sites) for s in sites}
     else:
+        _checks.mapping(site_weights, "site_weights", "site")
         extra = set(site_weights) - set(sites)
         if extra:
             raise ValueError(f"site_weights names sites that are not in sites: {sorted(extra)}.")

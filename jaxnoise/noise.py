@@ -17,7 +17,13 @@ Conventions
   (not Python's salted ``hash``). Inserting a layer elsewhere therefore leaves the noise at existing sites unchanged.
 * **Scales are data.** ``weight_eta``, ``act_eta``, the calibrated references and the per-site masks are pytree
   leaves (arrays under ``jit``): a sweep over scales or masks compiles once. Kinds and path filters are static.
-* ``key=None``, a spec of ``None``, a kind of ``None`` or a zero scale all mean exact (noise-free) computation.
+* In these pure functions ``key=None``, a spec of ``None``, a kind of ``None`` or a zero scale all mean exact
+  (noise-free) computation. The Monte Carlo entry points (:mod:`jaxnoise.robustness` and those built on it) reject a
+  spec without a key: a clean evaluation there is ``spec=None``.
+* **Selectors must select.** ``weight_paths`` patterns, ``weight_mask``/``act_mask`` keys and ``act_ref`` are
+  checked against the model (:func:`check_spec`; :func:`perturb_weights` checks the weight selectors itself): noise
+  that selects nothing would pass for the clean network under a noisy label. Sequences of names are tuples, never a
+  bare string (``weight_paths=("kernel",)``).
 * Gradients: weight noise is straight-through (``W + stop_gradient(W_noisy - W)``): the gradient computed at the
   noisy weights is applied to the clean ones, as in forward-noise training (Joshi et al. 2020; aihwkit weight
   modifiers). Activation noise is part of the forward function and is differentiated as such.
@@ -39,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
+
+from jaxnoise import _checks
 
 # kind -> what eta means (the relative sigma of the kind).
 WEIGHT_KINDS: dict[str, str] = {
@@ -82,14 +90,12 @@ def activation_key(key: jax.Array) -> jax.Array:
     return name_key(key, "jaxnoise/activation")
 
 
-def _is_concrete_number(x: Any) -> bool:
-    if isinstance(x, jax.core.Tracer) or x is None:
-        return False
-    return isinstance(x, (int, float, np.ndarray, np.number, jax.Array)) and not isinstance(x, bool)
+_is_concrete_number = _checks.is_concrete_number  # kept for modules that import it from here
 
 
 def check_nonnegative(value: Any, name: str, meaning: str, fix: str) -> None:
-    """Raises ValueError when a concrete number (or array) is negative, NaN or infinite; tracers pass unchecked.
+    """Raises ValueError when a concrete value is not a number (a string, bool, list, ...) or is negative, NaN or
+    infinite; tracers pass unchecked. (The shared rule of ``jaxnoise._checks.nonnegative``.)
 
     Args:
       value: the number or array.
@@ -97,22 +103,24 @@ def check_nonnegative(value: Any, name: str, meaning: str, fix: str) -> None:
       meaning: what it is (``"noise scales are standard deviations"``), said when it is not finite or negative.
       fix: what to pass instead, said when it is negative.
     """
-    if not _is_concrete_number(value):
-        return
-    arr = np.asarray(value, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}={value!r} is not finite: {meaning}, finite numbers >= 0.")
-    if np.any(arr < 0):
-        raise ValueError(f"{name}={value!r} is negative: {meaning} and must be >= 0 ({fix}).")
+    _checks.nonnegative(value, name, meaning, fix)
 
 
 def check_eta(value: Any, name: str = "eta") -> None:
-    """Raises ValueError when a concrete noise scale is negative, NaN or infinite (tracers pass unchecked)."""
-    check_nonnegative(value, name, "noise scales are standard deviations", "use 0 for no noise")
+    """Raises ValueError unless a concrete noise scale is a finite number (or numeric array) >= 0.
+
+    Strings, bools, lists and tuples are errors (a list given to one scale names ``robustness.sweep``, the way to
+    evaluate several scales); arrays are scale data and allowed; tracers pass unchecked.
+    """
+    field = name.rsplit(".", 1)[-1]
+    grid = {"weight_eta": "weight_etas", "act_eta": "act_etas"}.get(field)
+    hint = (f"use robustness.sweep(..., {grid}=[...]) for several scales" if grid else
+            "use robustness.sweep(...) for several scales")
+    _checks.scale(value, name, hint=hint)
 
 
 def _check_kind(kind: str | None, kinds: Mapping[str, str], what: str) -> None:
-    if kind is not None and kind not in kinds:
+    if kind is not None and (not isinstance(kind, str) or kind not in kinds):
         raise ValueError(f"unknown {what} noise kind {kind!r}; choose one of {sorted(kinds)} (or None for off).")
 
 
@@ -152,6 +160,18 @@ class NoiseSpec:
         _check_kind(self.act_kind, ACTIVATION_KINDS, "activation")
         check_eta(self.weight_eta, "weight_eta")
         check_eta(self.act_eta, "act_eta")
+        # A bare string would be iterated per character; a list would not hash as static data.
+        object.__setattr__(self, "weight_paths", _checks.names(self.weight_paths, "weight_paths",
+                                                               example="kernel"))
+        for field, what, meaning, fix in (
+                ("act_ref", "site", "reference scales are standard deviations of clean outputs",
+                 "calibrate them with noise.calibrate_activations"),
+                ("weight_mask", "parameter path", "mask values multiply weight_eta", "0 switches a layer off"),
+                ("act_mask", "site", "mask values multiply act_eta", "0 switches a site off")):
+            table = getattr(self, field)
+            _checks.mapping(table, field, what)
+            for k, v in (table or {}).items():
+                _checks.scale(v, f"{field}[{k!r}]", meaning=meaning, fix=fix)
         for pattern in self.weight_paths:
             try:
                 re.compile(pattern)
@@ -194,6 +214,55 @@ class NoiseSpec:
 
 def _selected(path: str, patterns: Iterable[str]) -> bool:
     return any(re.search(p, path) for p in patterns)
+
+
+def check_spec(spec: NoiseSpec | None, params: Mapping[str, Any], sites: Iterable[str] | None = None, *,
+               what: str = "spec") -> None:
+    """Raises ValueError when the selectors of ``spec`` name nothing (or something absent) in this model.
+
+    Noise that selects nothing would silently give the clean accuracy under a noisy label, so every selector must
+    match: each ``weight_paths`` pattern at least one parameter path, each ``weight_mask`` key a parameter that
+    ``weight_paths`` selects, and (when ``sites`` is given) each ``act_mask`` key an activation site; additive
+    activation noise needs an ``act_ref`` entry for every site. Only the noise that is on is checked.
+
+    Args:
+      spec: the noise spec (None: nothing to check).
+      params: the model's parameter tree (``variables["params"]``).
+      sites: the model's activation-site names (``model.sites``), or None when unknown.
+      what: the spec's name in the messages.
+    """
+    if spec is None:
+        return
+    flat = traverse_util.flatten_dict(params, sep="/") if params else {}
+    paths = list(flat)
+    if spec.weight_kind is not None:
+        for pattern in spec.weight_paths:
+            if not any(re.search(pattern, p) for p in paths):
+                raise ValueError(f"{what}.weight_paths pattern {pattern!r} matches no parameter, so the weight noise "
+                                 f"would perturb nothing; parameter paths: {_checks.listing(paths)}.")
+        mask = spec.weight_mask or {}
+        unknown = [k for k in mask if k not in flat]
+        if unknown:
+            raise ValueError(f"{what}.weight_mask names parameters that do not exist: {sorted(unknown)[:5]}; "
+                             f"parameter paths: {_checks.listing(paths)}.")
+        unselected = [k for k in mask if not _selected(k, spec.weight_paths)]
+        if unselected:
+            raise ValueError(f"{what}.weight_mask names parameters that weight_paths={spec.weight_paths} does not "
+                             f"select, so their mask does nothing: {sorted(unselected)[:5]}; noisy paths: "
+                             f"{_checks.listing(p for p in paths if _selected(p, spec.weight_paths))}.")
+    if sites is not None and spec.act_kind is not None:
+        sites = list(sites)
+        unknown = [k for k in (spec.act_mask or {}) if k not in sites]
+        if unknown:
+            raise ValueError(f"{what}.act_mask names activation sites that do not exist: {sorted(unknown)[:5]}; "
+                             f"the model's sites: {_checks.listing(sites)}.")
+        if spec.act_kind == "additive":
+            missing = [s for s in sites if s not in (spec.act_ref or {})]
+            if missing:
+                raise ValueError(f"additive activation noise needs the calibrated reference scale of every site, but "
+                                 f"{what}.act_ref {'is None' if spec.act_ref is None else 'lacks ' + str(missing[:5])}"
+                                 f": compute it for this model with jaxnoise.noise.calibrate_activations(...) and "
+                                 f"pass NoiseSpec(act_ref=...).")
 
 
 def weight_noise_sites(params: Mapping[str, Any], spec: NoiseSpec | None = None) -> tuple[str, ...]:
@@ -243,17 +312,20 @@ def perturb_weights(key: jax.Array | None, params: Mapping[str, Any], spec: Nois
       A tree like ``params``. Leaves not matched by ``spec.weight_paths`` are returned unchanged (same object).
       Straight-through gradient: ``d(out)/d(params)`` is the identity.
 
+    Raises:
+      ValueError: a ``weight_paths`` pattern or a ``weight_mask`` key that names no parameter of ``params``
+        (:func:`check_spec`): noise that selects nothing would pass for the clean network.
+
     Examples:
       >>> noisy = perturb_weights(weight_key(jax.random.key(0)), variables["params"], NoiseSpec(weight_eta=0.1))
     """
+    if spec is not None and not isinstance(spec, NoiseSpec):
+        raise ValueError(f"spec must be a jaxnoise.noise.NoiseSpec or None, got a {type(spec).__name__}.")
     if key is None or spec is None or spec.weight_kind is None:
         return params
+    check_spec(spec, params)  # every weight_paths pattern and weight_mask key must name a parameter
     flat = traverse_util.flatten_dict(params, sep="/")
     mask = spec.weight_mask or {}
-    unknown = set(mask) - set(flat)
-    if unknown:
-        raise ValueError(f"weight_mask names parameters that do not exist: {sorted(unknown)[:5]}; "
-                         f"valid paths look like {list(flat)[:3]}.")
     out = {}
     for path, w in flat.items():
         if not _selected(path, spec.weight_paths):
@@ -378,6 +450,7 @@ def calibrate_activations(apply_fn: Callable[..., Any], variables: Any, images: 
     """
     if statistic not in ACTIVATION_STATISTICS:
         raise ValueError(f"unknown calibration statistic {statistic!r}; choose one of {ACTIVATION_STATISTICS}.")
+    batch_size = _checks.positive_int(batch_size, "batch_size")
     n = len(images)
     if n == 0:
         raise ValueError("calibrate_activations needs at least one image.")

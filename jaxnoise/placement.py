@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnoise import _checks
 from jaxnoise import data as data_lib
 from jaxnoise import denoise
 from jaxnoise import methods
@@ -141,11 +142,30 @@ def evaluate_variants(model: Model, variables: Mapping[str, Any], images: Any, l
 
     Returns:
       float64 array (V, n_chips).
+
+    Raises:
+      ValueError: the input errors of :func:`jaxnoise.robustness.evaluate`, raised before anything is traced (no
+        key, a spec that is not a ``NoiseSpec`` or whose selectors name nothing, incomplete variables, counts that
+        are not integers >= 1); ``InsufficientMemoryError`` when the V x chip chunk would not fit.
     """
-    chip_batch_size = noise_lib.default_chip_batch_size() if chip_batch_size is None else int(chip_batch_size)
+    where = "evaluate_variants"
+    robustness._check_spec_type(spec, "spec", where)
+    key = robustness._check_key(spec, key, where)
+    if key is None:
+        raise ValueError(f"{where} needs key=... (a PRNG key or an int seed, the chips' base key).")
+    n_chips, chip_batch_size = robustness._check_chips(n_chips, chip_batch_size, spec, "spec")
+    batch_size = _checks.positive_int(batch_size, "batch_size")
+    if variant_batch_size is not None:
+        variant_batch_size = _checks.positive_int(variant_batch_size, "variant_batch_size",
+                                                  "or None to vmap every variant at once")
+    robustness.check_inputs(model, variables, [spec], where=where)
+    n_variants = int(jax.tree.leaves(variant_data)[0].shape[0]) if jax.tree.leaves(variant_data) else 1
+    robustness._check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
+                             n_chips=n_chips, n_settings=n_variants,
+                             setting_batch_size=n_variants if variant_batch_size is None else variant_batch_size)
     images_b, labels_b, valid_b, n = robustness.batch_data(model, images, labels, batch_size, preprocess)
     prog = _Program.get(model, variant_fn, preprocess, int(images_b.shape[1]), chip_batch_size, variant_batch_size)
-    keys = robustness.chip_keys(robustness._as_key(key), int(n_chips))
+    keys = robustness.chip_keys(key, n_chips)
     correct = prog.run(variables, images_b, labels_b, valid_b, robustness.spec_as_arrays(spec), keys,
                        jax.tree.map(jnp.asarray, variant_data))
     return np.asarray(correct, np.float64).T / n
@@ -221,12 +241,15 @@ def removal_sensitivity(model: Model, variables: Mapping[str, Any], images: Any,
 
     Returns:
       ``{"noisy": summary, "sites": {site: {"gain": mean, "ci95": paired 95% CI, "per_chip": [...],
-      "noise_sites": [...]}}}`` (accuracies as fractions).
+      "noise_sites": [...]}}}`` (accuracies as fractions; the CI of a gain is clipped to [-1, 1]; every
+      ``ci95`` is None with one chip).
     """
-    if not spec.has_activation_noise:
+    robustness._check_spec_type(spec, "spec", "removal_sensitivity")
+    if spec is None or not spec.has_activation_noise:
         raise ValueError("removal_sensitivity removes activation noise: give a spec with act_kind set.")
     groups = site_groups(model)
-    sites = tuple(s for s in groups if groups[s]) if sites is None else tuple(sites)
+    sites = (tuple(s for s in groups if groups[s]) if sites is None
+             else _checks.names(sites, "sites", example=next(iter(groups), "stem"), allow_empty=False))
     unknown = [s for s in sites if s not in groups]
     if unknown:
         raise ValueError(f"unknown sites {unknown}; choose among {list(groups)}.")
@@ -241,7 +264,7 @@ def removal_sensitivity(model: Model, variables: Mapping[str, Any], images: Any,
     out = {"noisy": robustness.summarize(acc[0]), "noisy_per_chip": acc[0].tolist(), "sites": {}}
     for j, s in enumerate(sites):
         diff = acc[1 + j] - acc[0]
-        summ = robustness.summarize(diff)
+        summ = robustness.summarize(diff, bounds=(-1.0, 1.0))  # a paired difference of accuracies
         out["sites"][s] = {"gain": summ["mean"], "ci95": summ["ci95"], "per_chip": acc[1 + j].tolist(),
                            "noise_sites": list(groups[s])}
     return out
@@ -260,7 +283,20 @@ def gradient_sensitivity(model: Model, variables: Mapping[str, Any], images: Any
     Returns:
       ``{site: mean gradient norm}`` in forward order.
     """
-    sites = tuple(model.feature_names) if sites is None else tuple(sites)
+    where = "gradient_sensitivity"
+    robustness._check_spec_type(spec, "spec", where)
+    key = robustness._check_key(spec, key, where)
+    if key is None:
+        key = robustness._as_key(0)  # a clean model draws nothing: the key is unused
+    n_draws = _checks.positive_int(n_draws, "n_draws")
+    batch_size = _checks.positive_int(batch_size, "batch_size")
+    robustness.check_inputs(model, variables, [spec], where=where)
+    available = tuple(model.feature_names)
+    sites = available if sites is None else _checks.names(sites, "sites", example=available[0] if available else None,
+                                                          allow_empty=False)
+    unknown = [s for s in sites if s not in available]
+    if unknown:
+        raise ValueError(f"unknown sites {unknown}; choose among {list(available)}.")
     x = np.asarray(images[:batch_size])
     y = jnp.asarray(np.asarray(labels[:batch_size]), jnp.int32)
     x = jnp.asarray(x) if preprocess is None else preprocess(jnp.asarray(x))
@@ -322,7 +358,11 @@ def train_candidates(dmodel: denoise.DenoisedModel, variables: Mapping[str, Any]
     """
     placements = denoise.placement_array(dmodel, placements)
     v = int(placements.shape[0])
+    if key is None:
+        raise ValueError("train_candidates needs key=... (a PRNG key or an int seed: batches and noise draws).")
     key = robustness._as_key(key)
+    steps = _checks.positive_int(steps, "steps")
+    batch_size = _checks.positive_int(batch_size, "batch_size")
     backbone_params, fresh = denoise.split_params(variables["params"])
     if block_params is None:
         block_params = jax.tree.map(lambda a: jnp.broadcast_to(a, (v,) + a.shape), fresh)
@@ -468,14 +508,21 @@ def search(dmodel: denoise.DenoisedModel, variables: Mapping[str, Any], dataset:
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown search strategy {strategy!r}; choose one of {STRATEGIES}.")
-    if not (isinstance(budget, (int, float)) and budget > 0):
+    if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget={budget!r} must be a positive fraction of the backbone's parameters (0.025).")
-    width = 1 if strategy == "greedy" else int(beam_width)
-    if width < 1:
-        raise ValueError(f"beam_width={beam_width} must be >= 1.")
+    width = 1 if strategy == "greedy" else _checks.positive_int(beam_width, "beam_width")
+    if key is None:
+        raise ValueError("search needs key=... (a PRNG key or an int seed: training and evaluation draws).")
     key = robustness._as_key(key)
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("n_chips", n_chips),
+                        ("eval_batch_size", eval_batch_size)):
+        _checks.positive_int(value, name)
+    if max_rounds is not None:
+        _checks.positive_int(max_rounds, "max_rounds", "or None: until the budget or no gain")
+    robustness._check_spec_type(spec, "spec", "search")
     sites = dmodel.candidate_sites
-    candidates = tuple(sites if candidates is None else candidates)
+    candidates = (tuple(sites) if candidates is None
+                  else _checks.names(candidates, "candidates", example=sites[0] if sites else None, allow_empty=False))
     unknown = [c for c in candidates if c not in sites]
     if unknown:
         raise ValueError(f"candidates {unknown} have no block in dmodel; choose among {list(sites)}.")
@@ -562,7 +609,10 @@ def random_placement(dmodel: denoise.DenoisedModel, budget: float, seed: int = 0
                      candidates: Sequence[str] | None = None) -> np.ndarray:
     """Sites in a seeded random order, each added while the budget allows (a random budget-filling placement)."""
     sites = dmodel.candidate_sites
-    candidates = tuple(sites if candidates is None else candidates)
+    candidates = tuple(sites) if candidates is None else _checks.names(candidates, "candidates")
+    unknown = [c for c in candidates if c not in sites]
+    if unknown:
+        raise ValueError(f"candidates {unknown} have no block in dmodel; choose among {list(sites)}.")
     costs = site_params(dmodel)
     limit = budget * dmodel.backbone.param_count()
     gates = np.zeros(len(sites), np.float32)

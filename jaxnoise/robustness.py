@@ -21,6 +21,15 @@ Everything runs as one jitted program per (model, data shape, chip count): data 
 by one data batch times one chip chunk. Scales, references and masks of the spec are array data, so a sweep over
 scales compiles once (:func:`trace_count` counts the traces).
 
+**Checked before anything is traced** (a ``ValueError`` naming the fix; :func:`check_inputs`): a spec needs a key
+(a clean evaluation is ``spec=None``), specs are ``NoiseSpec`` objects whose selectors name parts of the model,
+variables hold every leaf of the model (BatchNorm statistics included), counts are integers >= 1, and the call's
+estimated memory (:func:`estimate_memory_bytes`) fits the free memory (:func:`available_memory_bytes`), else
+:class:`InsufficientMemoryError`.
+
+**Statistics** (:func:`summarize`): ``ci95`` is the Student-t 95% interval of the mean over chips, clipped to
+[0, 1]; with one chip ``std``, ``se`` and ``ci95`` are None (JSON null), never a zero-width interval.
+
 Examples:
   >>> model = get_model("cnn")
   >>> ds = load_dataset("digits")
@@ -35,21 +44,24 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.stats
+from flax import traverse_util
 
+from jaxnoise import _checks
 from jaxnoise import device as device_lib
 from jaxnoise import distributed
 from jaxnoise import noise as noise_lib
 from jaxnoise.models.base import Model, Variables
 
-__all__ = ["MCResult", "batch_data", "chip_keys", "ci_halfwidth", "evaluate", "evaluate_device", "evaluate_many", "make_chip_eval", "spec_as_arrays", "summarize", "sweep",
-           "trace_count"]
+__all__ = ["InsufficientMemoryError", "MCResult", "MEMORY_SAFETY_FACTOR", "available_memory_bytes", "batch_data",
+           "check_inputs", "chip_keys", "ci_halfwidth", "estimate_memory_bytes", "evaluate", "evaluate_device",
+           "evaluate_many", "format_ci95", "make_chip_eval", "spec_as_arrays", "summarize", "sweep", "trace_count"]
 
 _TRACE_COUNT = 0  # traces of the jitted evaluation programs (see trace_count)
 
@@ -63,10 +75,25 @@ def trace_count() -> int:
 
 
 def _as_key(key: Any) -> jax.Array:
-    """A PRNG key from a key or an int seed."""
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    """A PRNG key from a key (typed, or raw uint32 as from ``jax.random.PRNGKey``) or an int seed.
+
+    Raises:
+      ValueError: anything else (None, a float, a string, a bool, a batch of keys), naming the fix.
+    """
+    if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
         return jax.random.key(int(key))
-    return key
+    if _checks.is_tracer(key):
+        return key
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.ndim == 0:
+                return key
+            raise ValueError(f"key is an array of {key.shape} keys: pass one PRNG key (jax.random.key(0)) or an int "
+                             f"seed; the chips' keys are derived from it (chip_keys).")
+        if key.dtype == np.uint32 and key.ndim == 1:
+            return key  # a raw key (jax.random.PRNGKey)
+    raise ValueError(f"key={key!r:.80} is neither a PRNG key nor an int seed: pass jax.random.key(0) or an int "
+                     f"(e.g. key=0).")
 
 
 def chip_keys(key: jax.Array | int, n_chips: int, start: int = 0) -> jax.Array:
@@ -83,8 +110,11 @@ def chip_keys(key: jax.Array | int, n_chips: int, start: int = 0) -> jax.Array:
     Examples:
       >>> keys = chip_keys(jax.random.key(0), 4)        # keys[2] == fold_in(key(0), 2)
     """
-    if n_chips < 0 or start < 0:
-        raise ValueError(f"n_chips={n_chips} and start={start} must be >= 0.")
+    n_chips = _checks.integer(n_chips, "n_chips", minimum=0)
+    start = _checks.integer(start, "start", minimum=0)
+    if start + n_chips > 2 ** 32:
+        raise ValueError(f"chips {start}..{start + n_chips - 1} pass the 2**32 chip indices of fold_in (uint32): "
+                         f"chip i and i + 2**32 would be the same chip; use fewer chips or another base key.")
     key = _as_key(key)
     idx = jnp.arange(start, start + n_chips, dtype=jnp.uint32)
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
@@ -100,7 +130,8 @@ def make_chip_eval(model: Model, *, batch_size: int,
     * ``labels_b``: (n_batches, batch_size) int labels,
     * ``valid_b``: (n_batches, batch_size) bool, False on the padding of the last batch,
     * ``spec``: a :class:`~jaxnoise.noise.NoiseSpec`, or None for exact computation,
-    * ``chip_key``: the chip's key (``fold_in(K, i)``), or None for exact computation,
+    * ``chip_key``: the chip's key (``fold_in(K, i)``); None only for exact computation (``spec`` and ``device``
+      None: a spec without a key is an error, never a silent clean count),
     * ``device`` (optional): a programmed and read chip (``jaxnoise.device.ChipRead``); pass ``k`` then draws its
       I/O noise from ``fold_in(chip_key, b)`` too,
     * ``batch_ids`` (optional): the global index ``b`` of each batch (default ``arange(n_batches)``), so a device
@@ -125,8 +156,7 @@ def make_chip_eval(model: Model, *, batch_size: int,
       >>> per_chip = jax.jit(jax.vmap(chip_correct, in_axes=(None,) * 5 + (0,)))(
       ...     variables, images_b, labels_b, valid_b, spec, chip_keys(key, 8))
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    batch_size = _checks.positive_int(batch_size, "batch_size")
 
     def chip_correct(variables: Variables, images_b, labels_b, valid_b, spec: noise_lib.NoiseSpec | None,
                      chip_key: jax.Array | None, device: device_lib.ChipRead | None = None,
@@ -134,6 +164,9 @@ def make_chip_eval(model: Model, *, batch_size: int,
         if images_b.shape[1] != batch_size:
             raise ValueError(f"images_b has batches of {images_b.shape[1]} images, make_chip_eval was built for "
                              f"batch_size={batch_size}: pre-batch the data as (n_batches, batch_size, ...).")
+        if chip_key is None and (spec is not None or device is not None):
+            raise ValueError("chip_correct: a noise spec or device needs a chip_key (fold_in(key, i)); a clean "
+                             "evaluation is spec=None, device=None, chip_key=None.")
         noisy = chip_key is not None and spec is not None
         if noisy:
             # One weight draw per chip, shared by every batch.
@@ -165,27 +198,38 @@ def make_chip_eval(model: Model, *, batch_size: int,
 
 
 def ci_halfwidth(per_chip: Sequence[float] | np.ndarray) -> float:
-    """Half-width of the Student-t 95% CI of the mean of ``per_chip`` (inf for fewer than two values)."""
+    """Half-width of the Student-t 95% CI of the mean of ``per_chip`` (inf for fewer than two values), before the
+    interval is clipped to [0, 1] (:func:`summarize`); the adaptive stopping rule uses it."""
     a = np.asarray(per_chip, np.float64).ravel()
     if a.size < 2:
         return math.inf
     return float(scipy.stats.t.ppf(0.975, a.size - 1)) * (float(a.std(ddof=1)) / math.sqrt(a.size))
 
 
-def summarize(per_chip: Sequence[float] | np.ndarray) -> dict[str, Any]:
+def summarize(per_chip: Sequence[float] | np.ndarray, *,
+              bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, Any]:
     """Summary statistics of per-chip accuracies, as in the shared result format.
 
     Args:
-      per_chip: one accuracy per chip (at least one).
+      per_chip: one accuracy per chip (at least one), inside ``bounds``.
+      bounds: the range of the values, to which the interval is clipped: ``(0, 1)`` for accuracies (default),
+        ``(-1, 1)`` for paired differences of accuracies, None for no clipping.
 
     Returns:
-      ``{"n_chips", "mean", "std", "se", "ci95", "p5"}``: ``std`` with ddof=1 (0 for one chip),
+      ``{"n_chips", "mean", "std", "se", "ci95", "p5"}``, plain Python floats: ``std`` with ddof=1,
       ``se = std / sqrt(n)``, ``ci95`` the Student-t 95% interval of the mean ``mean -/+ t_{0.975, n-1} * se``
-      (``[mean, mean]`` for one chip), ``p5`` the 5th percentile (linear interpolation). Plain Python floats.
+      **clipped to** ``bounds`` (an accuracy interval never leaves [0, 1]), ``p5`` the 5th percentile (linear
+      interpolation). With one chip ``std``, ``se`` and ``ci95`` are **None** (JSON null): a spread and an interval
+      are undefined from one value (ddof=1), never a zero-width interval.
+
+    Raises:
+      ValueError: no values, a value that is not finite, or a value outside ``bounds``.
 
     Examples:
       >>> summarize([0.70, 0.72, 0.68])["ci95"]
       [0.650..., 0.749...]
+      >>> summarize([0.5])["ci95"] is None
+      True
     """
     a = np.asarray(per_chip, dtype=np.float64).ravel()
     n = a.size
@@ -193,17 +237,40 @@ def summarize(per_chip: Sequence[float] | np.ndarray) -> dict[str, Any]:
         raise ValueError("summarize needs at least one per-chip value.")
     if not np.all(np.isfinite(a)):
         raise ValueError(f"per-chip values must be finite, got {a.tolist()[:5]}...")
+    if bounds is not None:
+        lo_b, hi_b = (float(b) for b in bounds)
+        if np.any(a < lo_b) or np.any(a > hi_b):
+            raise ValueError(f"per-chip values must lie in [{lo_b:g}, {hi_b:g}], got range [{a.min():g}, {a.max():g}]:"
+                             f" accuracies are fractions in [0, 1]; for paired differences pass bounds=(-1, 1).")
     mean = float(a.mean())
     if n == 1:
-        std = se = 0.0
-        ci = [mean, mean]
+        std = se = ci = None
     else:
         std = float(a.std(ddof=1))
         se = std / math.sqrt(n)
         half = ci_halfwidth(a)
-        ci = [mean - half, mean + half]
+        lo, hi = mean - half, mean + half
+        if bounds is not None:
+            lo, hi = max(lo, lo_b), min(hi, hi_b)
+        ci = [lo, hi]
     return {"n_chips": int(n), "mean": mean, "std": std, "se": se, "ci95": ci,
             "p5": float(np.percentile(a, 5, method="linear"))}
+
+
+def format_ci95(ci95: Sequence[float] | None, *, scale: float = 100.0, digits: int = 2, signed: bool = False,
+                missing: str = "n/a (1 chip)") -> str:
+    """``"[lo, hi]"`` of a 95% CI in percent (``scale=100``), or ``missing`` when it is None (fewer than 2 chips).
+
+    Examples:
+      >>> format_ci95([0.65, 0.75])
+      '[65.00, 75.00]'
+      >>> format_ci95(None)
+      'n/a (1 chip)'
+    """
+    if ci95 is None:
+        return missing
+    sign = "+" if signed else ""
+    return f"[{scale * ci95[0]:{sign}.{digits}f}, {scale * ci95[1]:{sign}.{digits}f}]"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -215,9 +282,10 @@ class MCResult:
       n_chips: number of chips (1 for a noise-free evaluation).
       n_images: images each chip was evaluated on.
       mean: mean of ``per_chip``.
-      std: standard deviation of ``per_chip`` (ddof=1; 0 for one chip).
-      se: standard error of the mean, ``std / sqrt(n_chips)``.
-      ci95: Student-t 95% confidence interval of the mean (``(mean, mean)`` for one chip).
+      std: standard deviation of ``per_chip`` (ddof=1); None for one chip (undefined).
+      se: standard error of the mean, ``std / sqrt(n_chips)``; None for one chip.
+      ci95: Student-t 95% confidence interval of the mean, clipped to [0, 1]; None for one chip (no interval
+        from one value, e.g. a noise-free evaluation). Format it with :func:`format_ci95`.
       p5: 5th percentile of ``per_chip`` (linear interpolation).
       noise: ``{"weight_noise": ..., "activation_noise": ...}`` from ``NoiseSpec.describe()``; both None when
         the evaluation was noise-free.
@@ -230,9 +298,9 @@ class MCResult:
     n_chips: int
     n_images: int
     mean: float
-    std: float
-    se: float
-    ci95: tuple[float, float]
+    std: float | None
+    se: float | None
+    ci95: tuple[float, float] | None
     p5: float
     noise: dict[str, Any]
     stopping: dict[str, Any] | None = None
@@ -240,12 +308,12 @@ class MCResult:
     @classmethod
     def from_per_chip(cls, per_chip: Sequence[float] | np.ndarray, n_images: int,
                       noise: dict[str, Any] | None = None) -> "MCResult":
-        """Builds a result (with its statistics) from per-chip accuracies."""
+        """Builds a result (with its statistics, :func:`summarize`) from per-chip accuracies in [0, 1]."""
         a = np.asarray(per_chip, dtype=np.float64).ravel()
         s = summarize(a)
         noise = dict(noise) if noise is not None else {"weight_noise": None, "activation_noise": None}
         return cls(per_chip=a, n_chips=s["n_chips"], n_images=int(n_images), mean=s["mean"], std=s["std"],
-                   se=s["se"], ci95=tuple(s["ci95"]), p5=s["p5"], noise=noise)
+                   se=s["se"], ci95=None if s["ci95"] is None else tuple(s["ci95"]), p5=s["p5"], noise=noise)
 
     @property
     def weight_eta(self) -> float | None:
@@ -260,7 +328,8 @@ class MCResult:
         return None if a is None else a["eta"]
 
     def to_dict(self) -> dict[str, Any]:
-        """One ``eval`` entry of the shared result format (``../shared/RESULTS.md``), JSON-ready."""
+        """One ``eval`` entry of the shared result format (``../shared/RESULTS.md``), JSON-ready; ``std``, ``se``
+        and ``ci95`` are None (null) for one chip."""
         extra = {k: v for k, v in self.noise.items() if k not in ("weight_noise", "activation_noise")}
         return {
             "weight_noise": self.noise.get("weight_noise"),
@@ -272,7 +341,7 @@ class MCResult:
             "mean": self.mean,
             "std": self.std,
             "se": self.se,
-            "ci95": [float(self.ci95[0]), float(self.ci95[1])],
+            "ci95": None if self.ci95 is None else [float(self.ci95[0]), float(self.ci95[1])],
             "p5": self.p5,
             **({} if self.stopping is None else {"stopping": dict(self.stopping)}),
         }
@@ -431,9 +500,8 @@ class _Batched:
 
 
 def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer >= 1.")
-    return int(value)
+    """An integer count >= 1 (not a bool, not a float): ``jaxnoise._checks.positive_int``."""
+    return _checks.positive_int(value, name)
 
 
 def _check_chips(n_chips: Any, chip_batch_size: Any, spec: noise_lib.NoiseSpec | None,
@@ -442,10 +510,242 @@ def _check_chips(n_chips: Any, chip_batch_size: Any, spec: noise_lib.NoiseSpec |
     n_chips = _check_count("n_chips", n_chips)
     chip_batch_size = _check_count("chip_batch_size", noise_lib.default_chip_batch_size()
                                    if chip_batch_size is None else chip_batch_size)
-    if spec is not None:
+    if isinstance(spec, noise_lib.NoiseSpec):
         noise_lib.check_eta(spec.weight_eta, f"{spec_name}.weight_eta")
         noise_lib.check_eta(spec.act_eta, f"{spec_name}.act_eta")
     return n_chips, chip_batch_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks shared by the entry points (raised before anything is traced)
+
+_MODEL_INFO: dict[int, tuple[Model, dict[str, Any]]] = {}  # id(model) -> (model, abstract shapes)
+
+
+def _model_info(model: Model) -> dict[str, Any]:
+    """The model's abstract variables (``jax.eval_shape(model.init)``) and the bytes of one image's activations
+    (every captured MVM input and output and every named feature, from ``jax.eval_shape``), cached per model."""
+    entry = _MODEL_INFO.get(id(model))
+    if entry is not None and entry[0] is model:
+        return entry[1]
+    abstract = _checks.abstract_variables(model)
+    x = jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32)
+    _, feats = jax.eval_shape(lambda v, x: model.apply(v, x, capture_mvm=True), abstract, x)
+    info = {"variables": abstract, "activation_bytes": _tree_bytes(feats), "input_bytes": _tree_bytes(x)}
+    _MODEL_INFO[id(model)] = (model, info)
+    return info
+
+
+def _tree_bytes(tree: Any) -> int:
+    return int(sum(math.prod(np.shape(leaf)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
+                   if hasattr(leaf, "dtype")))
+
+
+def _check_model(model: Any, where: str) -> None:
+    if not isinstance(model, Model):
+        raise ValueError(f"{where}: model must be a jaxnoise model (jaxnoise.models.get_model(...)), got a "
+                         f"{type(model).__name__}.")
+
+
+def _check_variables(model: Model, variables: Any, where: str) -> None:
+    """Raises ValueError unless ``variables`` hold every leaf of ``model`` (params and BatchNorm statistics).
+
+    Catches the common misuse of passing ``variables["params"]`` (or ``{"params": ...}``) to a model with
+    BatchNorm before anything is traced, instead of a ``KeyError`` from inside the traced forward pass.
+    """
+    expected = _model_info(model)["variables"]
+    full = "pass the full variables {'params': ..., 'batch_stats': ...} (from model.init, train.train or a checkpoint)"
+    if not isinstance(variables, Mapping):
+        raise ValueError(f"{where}: variables must be a dict {{'params': ..., 'batch_stats': ...}}, got a "
+                         f"{type(variables).__name__}: {full}.")
+    if "params" not in variables:
+        looks = ": it looks like variables['params']" if set(variables) & set(expected.get("params", {})) else ""
+        raise ValueError(f"{where}: variables has no 'params' entry (keys {_checks.listing(sorted(variables), 5)})"
+                         f"{looks}; {full}.")
+    expected_stats = traverse_util.flatten_dict(dict(expected.get("batch_stats") or {}), sep="/")
+    if expected_stats and not variables.get("batch_stats"):
+        raise ValueError(f"{where}: {model.name} has BatchNorm layers but variables has no 'batch_stats' (their "
+                         f"running statistics), so it cannot run in inference mode: {full}, not only the params.")
+    for coll in ("params", "batch_stats"):
+        want = traverse_util.flatten_dict(dict(expected.get(coll) or {}), sep="/")
+        if not want:
+            continue
+        given = variables.get(coll)
+        if not isinstance(given, Mapping):
+            raise ValueError(f"{where}: variables[{coll!r}] must be a nested dict of arrays, got a "
+                             f"{type(given).__name__}.")
+        have = traverse_util.flatten_dict(dict(given), sep="/")
+        missing = [p for p in want if p not in have]
+        if missing:
+            raise ValueError(f"{where}: variables[{coll!r}] lacks {len(missing)} leaves of {model.name} "
+                             f"({_checks.listing(missing, 5)}): the variables belong to another model; initialise "
+                             f"with model.init or load weights of this architecture.")
+        for p, leaf in want.items():
+            if tuple(np.shape(have[p])) != tuple(leaf.shape):
+                raise ValueError(f"{where}: variables[{coll!r}][{p!r}] has shape {tuple(np.shape(have[p]))}, "
+                                 f"{model.name} expects {tuple(leaf.shape)}: the weights belong to a different "
+                                 f"architecture.")
+
+
+def _check_spec_type(spec: Any, name: str, where: str) -> None:
+    if spec is not None and not isinstance(spec, noise_lib.NoiseSpec):
+        how = " (build it with jaxnoise.noise.NoiseSpec(**...))" if isinstance(spec, Mapping) else ""
+        raise ValueError(f"{where}: {name} must be a jaxnoise.noise.NoiseSpec, or None for a clean evaluation; got "
+                         f"a {type(spec).__name__}{how}.")
+
+
+def _check_key(spec: Any, key: Any, where: str, name: str = "spec") -> jax.Array | None:
+    """The checked key (None when absent); a noise spec without a key is an error, never a clean evaluation."""
+    if key is None:
+        if spec is not None:
+            raise ValueError(f"{where}: a noise spec needs key=... (a PRNG key or an int seed, the chips' base key); "
+                             f"a clean evaluation is {name}=None.")
+        return None
+    return _as_key(key)
+
+
+def check_inputs(model: Model, variables: Variables, specs: Sequence[noise_lib.NoiseSpec | None], *,
+                 where: str = "evaluate", spec_name: str = "spec") -> None:
+    """The checks every Monte Carlo entry point runs before tracing: the model, its variables (every leaf,
+    BatchNorm statistics included) and each spec's type and selectors (:func:`jaxnoise.noise.check_spec` against
+    ``variables["params"]`` and ``model.sites``).
+
+    Raises:
+      ValueError: naming the problem and the fix.
+    """
+    _check_model(model, where)
+    _check_variables(model, variables, where)
+    for i, sp in enumerate(specs):
+        name = spec_name if len(specs) == 1 else f"{spec_name}[{i}]"
+        _check_spec_type(sp, name, where)
+        noise_lib.check_spec(sp, variables["params"], model.sites, what=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory guard
+
+MEMORY_SAFETY_FACTOR = 1.5  # estimate = MEMORY_SAFETY_FACTOR * analytic bytes (XLA temporaries, fragmentation)
+
+
+class InsufficientMemoryError(ValueError):
+    """A Monte Carlo call would need more memory than the device has free (raised before anything is allocated).
+
+    Attributes:
+      estimate: the estimated bytes (:func:`estimate_memory_bytes`).
+      available: the free bytes (:func:`available_memory_bytes`).
+    """
+
+    def __init__(self, message: str, estimate: int, available: int):
+        super().__init__(message)
+        self.estimate = int(estimate)
+        self.available = int(available)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def estimate_memory_bytes(model: Model, variables: Variables, batch_size: int, chip_batch_size: int, n_chips: int,
+                          *, images: Any = None, n_settings: int = 1, setting_batch_size: int = 1,
+                          n_times: int = 1, device: device_lib.DeviceSpec | None = None,
+                          mesh: jax.sharding.Mesh | None = None) -> int:
+    """An analytic estimate of the device memory of one Monte Carlo call (cheap: shapes only, nothing allocated).
+
+    ``MEMORY_SAFETY_FACTOR`` times the sum of
+
+    * the variables and the data (``images`` padded to whole batches, labels, masks);
+    * per chip chunk (``chip_batch_size`` chips, times ``setting_batch_size`` settings mapped at once): a copy of
+      the parameters per chip (plus the delta), ~8 more with a ``device`` (conductances, drift exponents, reads),
+      and the activations of one forward pass (every MVM input and output and every feature, from
+      ``jax.eval_shape`` on one image) times ``batch_size`` (x3 with device I/O);
+    * per chip: its key, its index and its counts (``n_times`` x ``n_settings`` int32).
+
+    With a ``mesh`` the estimate is per device (chips split over ``"chips"``, batches over ``"data"``).
+
+    Args:
+      model, variables: the model and its variables.
+      batch_size: images per forward pass (capped at the number of images when ``images`` is given).
+      chip_batch_size: chips evaluated at once (capped at ``n_chips``).
+      n_chips: chips of the call (one round of an adaptive evaluation).
+      images: the (raw) images, for the data bytes; None leaves them out.
+      n_settings, setting_batch_size: stacked specs of :func:`evaluate_many` (and how many are mapped at once).
+      n_times: read times of :func:`evaluate_device`.
+      device: the device spec of :func:`evaluate_device`, or None.
+      mesh: the device mesh, or None.
+
+    Returns:
+      The estimate in bytes (an int).
+    """
+    info = _model_info(model)
+    param_bytes = _tree_bytes(variables)
+    n_images = None
+    data_bytes = 0
+    if images is not None:
+        shape = np.shape(images)
+        n_images = int(shape[0]) if shape else 0
+        itemsize = np.dtype(getattr(images, "dtype", np.float32)).itemsize
+        per_image = math.prod(shape[1:]) * itemsize + 4 + 1  # image, int32 label, bool mask
+        b = max(1, min(int(batch_size), n_images or 1))
+        data_bytes = -(-max(n_images, 1) // b) * b * per_image
+    b = int(batch_size) if n_images is None else max(1, min(int(batch_size), n_images))
+    chips = int(n_chips)
+    if mesh is not None:
+        chips = -(-chips // mesh.shape[distributed.CHIPS])
+        data_bytes = data_bytes // mesh.shape[distributed.DATA] + 1
+        b = max(1, b)
+    cb = max(1, min(int(chip_batch_size), chips))
+    settings = max(1, min(int(setting_batch_size), int(n_settings)))
+    copies = 2 + (8 if device is not None else 0)
+    act_factor = 3 if (device is not None and device.io is not None) else 1
+    chunk = cb * settings * (copies * param_bytes + b * info["activation_bytes"] * act_factor)
+    per_chip = chips * (8 + 4 + 4 * int(n_times) * int(n_settings))
+    return int(MEMORY_SAFETY_FACTOR * (param_bytes + data_bytes + chunk + per_chip))
+
+
+def available_memory_bytes(device: Any = None) -> int | None:
+    """Free memory of ``device`` (default ``jax.devices()[0]``) in bytes, or None when unknown.
+
+    Accelerators: ``memory_stats()["bytes_limit"] - memory_stats()["bytes_in_use"]``. CPU: ``MemAvailable`` of
+    ``/proc/meminfo`` (host memory).
+    """
+    dev = jax.devices()[0] if device is None else device
+    if dev.platform != "cpu":
+        try:
+            stats = dev.memory_stats()
+        except Exception:  # noqa: BLE001 - backends without memory statistics
+            stats = None
+        if stats and "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_memory(where: str, model: Model, variables: Variables, images: Any, *, batch_size: int,
+                  chip_batch_size: int, n_chips: int, mesh: jax.sharding.Mesh | None = None, **kw: Any) -> None:
+    """Raises :class:`InsufficientMemoryError` when the estimate exceeds the free memory (skipped when unknown)."""
+    estimate = estimate_memory_bytes(model, variables, batch_size, chip_batch_size, n_chips, images=images,
+                                     mesh=mesh, **kw)
+    dev = None if mesh is None else mesh.devices.flat[0]
+    available = available_memory_bytes(dev)
+    if available is None or estimate <= available:
+        return
+    platform = (dev or jax.devices()[0]).platform
+    raise InsufficientMemoryError(
+        f"{where}: this call needs an estimated {_fmt_bytes(estimate)} (n_chips={n_chips}, chip_batch_size="
+        f"{min(chip_batch_size, n_chips)}, batch_size={batch_size}) but only {_fmt_bytes(available)} is free on "
+        f"{platform}: lower chip_batch_size or batch_size, or evaluate fewer chips per call (e.g. the adaptive mode "
+        f"evaluate(..., n_chips=32, target_ci_halfwidth=..., max_chips=...) draws them in rounds).",
+        estimate, available)
 
 
 def _prepare(model: Model, images: Any, labels: Any, batch_size: int, preprocess: Callable | None) -> _Batched:
@@ -618,8 +918,10 @@ def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
       variables: ``{"params": ..., "batch_stats": ...}``.
       images: (N, ...) raw images (with ``preprocess``) or model inputs (float), host or device array.
       labels: (N,) integer labels in ``[0, model.num_classes)``.
-      spec: the noise; None means noise-free (one "chip").
-      key: base key of the chips (typed/raw PRNG key or int seed); None means noise-free (one "chip").
+      spec: the noise (a :class:`~jaxnoise.noise.NoiseSpec`); None means noise-free (one "chip"). Its selectors
+        must name parts of this model (:func:`jaxnoise.noise.check_spec`).
+      key: base key of the chips (typed/raw PRNG key or int seed); required with a spec (a spec without a key is
+        an error, never a silent clean evaluation); ignored when ``spec`` is None.
       n_chips: number of chips (>= 1), or the chips per round (>= 2) with ``target_ci_halfwidth``; ignored when
         noise-free.
       batch_size: images per forward pass (the last batch is padded and masked). With activation noise, each
@@ -636,23 +938,36 @@ def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
       max_chips: the cap on chips with ``target_ci_halfwidth`` (default ``64 * n_chips``).
 
     Returns:
-      An :class:`MCResult`.
+      An :class:`MCResult`: ``ci95`` is the Student-t 95% interval of the mean clipped to [0, 1]; with one chip (a
+      noise-free evaluation, or ``n_chips=1``) ``ci95``, ``std`` and ``se`` are None.
 
     Raises:
-      ValueError: ``n_chips``/``batch_size``/``chip_batch_size`` < 1, images and labels of different lengths,
-        labels out of range, non-float images without ``preprocess``, an invalid noise scale, a target that is
-        not positive, ``max_chips < n_chips`` or a mesh without ``("chips", "data")`` axes.
+      ValueError: before anything is traced: ``n_chips``/``batch_size``/``chip_batch_size`` not an integer >= 1,
+        a spec that is not a ``NoiseSpec`` or has no key, a key that is neither a PRNG key nor an int, variables
+        without a leaf of the model (e.g. ``variables["params"]`` alone for a model with BatchNorm), a spec
+        selector that names nothing in the model, images and labels of different lengths, labels out of range,
+        non-float images without ``preprocess``, an invalid noise scale, a target that is not positive,
+        ``max_chips < n_chips`` or a mesh without ``("chips", "data")`` axes.
+      InsufficientMemoryError: (a ValueError) the call's estimated memory (:func:`estimate_memory_bytes`)
+        exceeds the free memory (:func:`available_memory_bytes`).
 
     Examples:
       >>> res = evaluate(model, variables, ds.test.images, ds.test.labels, NoiseSpec(weight_eta=0.1),
       ...                key=jax.random.key(0), n_chips=32, preprocess=ds.preprocess)
-      >>> print(f"{100 * res.mean:.2f}% [{100 * res.ci95[0]:.2f}, {100 * res.ci95[1]:.2f}]")
+      >>> print(f"{100 * res.mean:.2f}% {format_ci95(res.ci95)}")
       >>> res = evaluate(..., n_chips=16, target_ci_halfwidth=0.002, max_chips=1024)   # adaptive
       >>> res.n_chips, res.stopping["met_target"]
     """
+    where = "evaluate"
+    batch_size = _check_count("batch_size", batch_size)
+    _check_spec_type(spec, "spec", where)
+    key = _check_key(spec, key, where)
     n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, spec, "spec")
     if target_ci_halfwidth is not None:
-        target = float(target_ci_halfwidth)
+        try:
+            target = _checks.number(target_ci_halfwidth, "target_ci_halfwidth", minimum=None)
+        except ValueError:
+            target = math.nan
         if not (math.isfinite(target) and target > 0):
             raise ValueError(f"target_ci_halfwidth={target_ci_halfwidth!r} must be a positive number (a fraction "
                              f"of accuracy: 0.002 means +/-0.2 points), or None for a fixed number of chips.")
@@ -663,15 +978,21 @@ def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
         if max_chips < n_chips:
             raise ValueError(f"max_chips={max_chips} is below the first round of n_chips={n_chips}: raise "
                              f"max_chips or lower n_chips.")
+        if max_chips > 2 ** 32:
+            raise ValueError(f"max_chips={max_chips} passes the 2**32 chip indices of fold_in (uint32).")
     elif max_chips is not None:
         raise ValueError("max_chips is the cap of an adaptive evaluation: give target_ci_halfwidth too.")
     if mesh is not None:
         _check_mesh(mesh)
-    data = _prepare(model, images, labels, batch_size, preprocess)
-    if spec is None or key is None:
+    check_inputs(model, variables, [spec], where=where)
+    if spec is None:
+        _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=1, n_chips=1)
+        data = _prepare(model, images, labels, batch_size, preprocess)
         correct = _clean_program(data.static, variables, data.images_b, data.labels_b, data.valid_b)
         return MCResult.from_per_chip([int(correct) / data.n_images], data.n_images, _noise_off())
-    key = _as_key(key)
+    _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
+                  n_chips=n_chips, mesh=mesh)
+    data = _prepare(model, images, labels, batch_size, preprocess)
     if target_ci_halfwidth is None:
         per_chip = _run_chips(data, variables, spec, key, 0, n_chips, chip_batch_size, mesh)
         return MCResult.from_per_chip(per_chip, data.n_images, spec.describe())
@@ -715,22 +1036,27 @@ def evaluate_many(model: Model, variables: Variables, images: Any, labels: Any,
       One :class:`MCResult` per spec, in order.
 
     Raises:
-      ValueError: no specs, specs of different structure (naming the difference), or the errors of
-        :func:`evaluate`.
+      ValueError: no specs, specs of different structure (naming the difference), no key, or the errors of
+        :func:`evaluate` (InsufficientMemoryError included).
 
     Examples:
       >>> specs = [NoiseSpec(weight_eta=0.1, weight_mask={p: float(p == q) for p in paths}) for q in paths]
       >>> results = evaluate_many(model, variables, x, y, specs, key=0, n_chips=8)
     """
+    where = "evaluate_many"
+    if isinstance(specs, (noise_lib.NoiseSpec, Mapping, str)):
+        raise ValueError(f"{where}: specs must be a list of NoiseSpecs, got one {type(specs).__name__}: pass [spec] "
+                         f"(or use evaluate for one spec).")
     specs = list(specs)
     if not specs:
         raise ValueError("evaluate_many needs at least one NoiseSpec.")
-    if key is None:
-        raise ValueError("evaluate_many needs a key (the chips' base key).")
-    structure = jax.tree.structure(specs[0])
     for i, sp in enumerate(specs):
         if not isinstance(sp, noise_lib.NoiseSpec):
             raise ValueError(f"specs[{i}] is a {type(sp).__name__}, not a NoiseSpec.")
+    key = _check_key(specs[0], key, where, "specs")
+    batch_size = _check_count("batch_size", batch_size)
+    structure = jax.tree.structure(specs[0])
+    for i, sp in enumerate(specs):
         if jax.tree.structure(sp) != structure:
             raise ValueError(f"specs[{i}] differs in structure from specs[0] (kinds, weight_paths or the keys of "
                              f"act_ref/weight_mask/act_mask): {jax.tree.structure(sp)} vs {structure}. Give every "
@@ -740,9 +1066,12 @@ def evaluate_many(model: Model, variables: Variables, images: Any, labels: Any,
     setting_batch_size = _check_count("setting_batch_size", setting_batch_size)
     if mesh is not None:
         _check_mesh(mesh)
+    check_inputs(model, variables, specs, where=where, spec_name="specs")
+    _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
+                  n_chips=n_chips, mesh=mesh, n_settings=len(specs), setting_batch_size=setting_batch_size)
     data = _prepare(model, images, labels, batch_size, preprocess)
     stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x, np.float32) for x in xs]), *specs)
-    acc = _run_chips(data, variables, stacked, _as_key(key), 0, n_chips, chip_batch_size, mesh,
+    acc = _run_chips(data, variables, stacked, key, 0, n_chips, chip_batch_size, mesh,
                      setting_batch_size=min(setting_batch_size, len(specs)))
     return [MCResult.from_per_chip(acc[i], data.n_images, sp.describe()) for i, sp in enumerate(specs)]
 
@@ -750,15 +1079,24 @@ def evaluate_many(model: Model, variables: Variables, images: Any, labels: Any,
 def _check_grid(name: str, etas: Sequence[float] | None) -> list[float] | None:
     if etas is None:
         return None
-    try:
-        values = np.asarray(etas, dtype=np.float64).ravel().tolist()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name}={etas!r} must be a sequence of numbers: {e}") from e
-    if not values:
+    if isinstance(etas, (np.ndarray, jax.Array)):
+        items = np.asarray(etas).ravel().tolist()
+    elif isinstance(etas, (str, bytes, Mapping)) or not isinstance(etas, Iterable):
+        raise ValueError(f"{name}={etas!r} must be a list of numbers, e.g. {name}=[0.0, 0.05, 0.1].")
+    else:
+        items = list(etas)
+    if not items:
         raise ValueError(f"{name} is empty: give at least one scale.")
-    for i, eta in enumerate(values):
-        noise_lib.check_eta(eta, f"{name}[{i}]")
-    return [float(e) for e in values]
+    values = []
+    for i, eta in enumerate(items):
+        if isinstance(eta, (np.ndarray, jax.Array)) and np.ndim(eta) == 0:
+            eta = np.asarray(eta).item()
+        if isinstance(eta, (bool, np.bool_)) or not isinstance(eta, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{name}[{i}]={eta!r} is a {type(eta).__name__}, not a number: {name} is a list of "
+                             f"floats, e.g. [0.0, 0.05, 0.1].")
+        noise_lib.check_eta(float(eta), f"{name}[{i}]")
+        values.append(float(eta))
+    return values
 
 
 def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: noise_lib.NoiseSpec, *,
@@ -794,16 +1132,19 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
       One :class:`MCResult` per setting, in grid order.
 
     Raises:
-      ValueError: no scales, a negative/NaN/infinite scale (checked before anything runs), a swept noise whose
-        kind is None, an unknown ``grid``, or the input errors of :func:`evaluate`.
+      ValueError: no scales, a scale that is not a number or is negative/NaN/infinite (checked before anything
+        runs), a swept noise whose kind is None, an unknown ``grid``, no key, or the input errors of
+        :func:`evaluate` (InsufficientMemoryError included).
 
     Examples:
       >>> results = sweep(model, variables, x, y, NoiseSpec(), weight_etas=[0.0, 0.05, 0.1, 0.2],
       ...                 key=jax.random.key(0), n_chips=32)
       >>> [round(r.mean, 3) for r in results]
     """
+    where = "sweep"
     if spec is None:
         raise ValueError("sweep needs a NoiseSpec (the kinds of the swept noise).")
+    _check_spec_type(spec, "spec", where)
     w = _check_grid("weight_etas", weight_etas)
     a = _check_grid("act_etas", act_etas)
     if w is None and a is None:
@@ -823,11 +1164,15 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
         pairs = [(e, None) for e in w]
     else:
         pairs = [(None, e) for e in a]
-    if key is None:
-        raise ValueError("sweep needs a key (the chips' base key).")
+    key = _check_key(spec, key, where)  # the same chips at every scale (common random numbers)
     n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, spec, "spec")
+    batch_size = _check_count("batch_size", batch_size)
+    if mesh is not None:
+        _check_mesh(mesh)
+    check_inputs(model, variables, [spec], where=where)
+    _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
+                  n_chips=n_chips, mesh=mesh)
     data = _prepare(model, images, labels, batch_size, preprocess)
-    key = _as_key(key)  # the same chips at every scale (common random numbers)
     results = []
     for we, ae in pairs:
         exact = spec  # Python floats: exact numbers in the description
@@ -890,6 +1235,11 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
       One :class:`MCResult` per time; its ``noise`` holds ``weight_noise`` = :func:`describe_device`, the
       ``activation_noise`` of ``noise`` and ``device`` = ``device.describe()``.
 
+    Raises:
+      ValueError: the errors of :func:`evaluate`, no key, empty or negative times, and a ``device`` whose
+        ``analog_layers``/``digital_layers`` pattern matches no layer of the model
+        (:func:`jaxnoise.device.check_selectors`).
+
     Examples:
       >>> res = evaluate_device(model, variables, x, y, jaxnoise.device.preset("aihwkit_inference_default"),
       ...                       times=[1, 3600, 86400], key=0, n_chips=32, preprocess=ds.preprocess)
@@ -904,11 +1254,22 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
     if t.size == 0:
         raise ValueError("times is empty: give at least one inference time in seconds (e.g. [1, 3600]).")
     device_lib.check_times(t, "times")
+    where = "evaluate_device"
+    _check_spec_type(noise, "noise", where)
     if key is None:
-        raise ValueError("evaluate_device needs a key (the chips' base key).")
+        raise ValueError(f"{where}: a device evaluation needs key=... (a PRNG key or an int seed, the chips' base "
+                         f"key): every chip is a programming draw.")
+    key = _as_key(key)
     n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, noise, "noise")
+    batch_size = _check_count("batch_size", batch_size)
+    if mesh is not None:
+        _check_mesh(mesh)
+    check_inputs(model, variables, [noise], where=where, spec_name="noise")
+    device_lib.check_selectors(variables["params"], device)  # analog/digital layer patterns must match layers
+    _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
+                  n_chips=n_chips, mesh=mesh, n_times=int(t.size), device=device)
     data = _prepare(model, images, labels, batch_size, preprocess)
-    acc = _run_chips(data, variables, noise, _as_key(key), 0, n_chips, chip_batch_size, mesh, device, t)
+    acc = _run_chips(data, variables, noise, key, 0, n_chips, chip_batch_size, mesh, device, t)
     act = None if noise is None else noise.describe()["activation_noise"]
     results = []
     for k, tk in enumerate(t):

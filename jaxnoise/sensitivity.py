@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxnoise import _checks
 from jaxnoise import noise as noise_lib
 from jaxnoise import report, robustness
 from jaxnoise.models.base import Model, Variables
@@ -58,10 +59,12 @@ def layer_masks(model: Model, variables: Variables, spec: noise_lib.NoiseSpec, n
       ``(layers, masks)``: masks[i] maps every maskable name to 1.0 (in layer i) or 0.0.
 
     Raises:
-      ValueError: unknown ``noise`` or layer names (the message lists the valid ones).
+      ValueError: unknown ``noise`` or layer names (the message lists the valid ones), or ``layers`` given as a
+        bare string (``layers=("conv1",)``, not ``"conv1"``).
     """
-    if noise not in NOISE_TYPES:
-        raise ValueError(f"noise={noise!r}; choose one of {NOISE_TYPES}.")
+    _checks.choice(noise, NOISE_TYPES, "noise type (noise=)")
+    if layers is not None:
+        layers = _checks.names(layers, "layers", example=(tuple(model.sites) or ("layer",))[0])
     if noise == "weight":
         names = noise_lib.weight_noise_sites(variables["params"], spec)
         if not names:
@@ -82,7 +85,7 @@ def layer_masks(model: Model, variables: Variables, spec: noise_lib.NoiseSpec, n
         unknown = [layer for layer in chosen if layer not in by_layer]
         if unknown or not chosen:
             raise ValueError(f"unknown {noise} layers {unknown or '(none given)'} for {model.name}; choose from "
-                             f"{', '.join(available)}.")
+                             f"{_checks.listing(available, 40)}.")
     masks = [{n: float(n in by_layer[layer]) for n in names} for layer in chosen]
     return chosen, masks
 
@@ -122,8 +125,9 @@ class SensitivityMap:
 
     @property
     def ci95(self) -> np.ndarray:
-        """(L, S, 2) 95% confidence intervals of the mean."""
-        return np.array([[r.ci95 for r in row] for row in self.results])
+        """(L, S, 2) 95% confidence intervals of the mean (clipped to [0, 1]); NaN where undefined (one chip)."""
+        return np.array([[(np.nan, np.nan) if r.ci95 is None else r.ci95 for r in row] for row in self.results],
+                        dtype=np.float64).reshape(len(self.results), len(self.scales), 2)
 
     @property
     def drop(self) -> np.ndarray:
@@ -172,7 +176,7 @@ class SensitivityMap:
         lines = [head, "|---|" + "---:|" * len(self.scales)]
 
         def cell(r: MCResult) -> str:
-            return f"{100 * r.mean:.2f} [{100 * r.ci95[0]:.2f}, {100 * r.ci95[1]:.2f}]"
+            return f"{100 * r.mean:.2f} {robustness.format_ci95(r.ci95, missing='(1 chip: no CI)')}"
 
         for layer, row in zip(self.layers, self.results):
             lines.append(f"| {layer} | " + " | ".join(cell(r) for r in row) + " |")
@@ -261,10 +265,13 @@ def sensitivity_map(model: Model, variables: Variables, images: Any, labels: Any
       ...                        preprocess=ds.preprocess)
       >>> smap.ranking()[:3]       # the three most sensitive sites at the largest scale
     """
-    if noise not in NOISE_TYPES:
-        raise ValueError(f"noise={noise!r}; choose one of {NOISE_TYPES}.")
+    where = "sensitivity_map"
+    _checks.choice(noise, NOISE_TYPES, "noise type (noise=)")
     grid = robustness._check_grid("scales", [] if scales is None else scales)  # the sweep's scale-list checks
+    robustness._check_spec_type(spec, "spec", where)
     spec = _default_spec(noise) if spec is None else spec
+    key = robustness._check_key(spec, key, where)  # every cell is noisy: a key is required
+    robustness.check_inputs(model, variables, [spec], where=where)
     if noise == "weight":
         if spec.weight_kind is None:
             raise ValueError("noise='weight' but spec.weight_kind is None: set a weight-noise kind.")
@@ -284,6 +291,10 @@ def sensitivity_map(model: Model, variables: Variables, images: Any, labels: Any
     all_mask = {n: 1.0 for n in masks[0]}
     field_eta, field_mask = ("weight_eta", "weight_mask") if noise == "weight" else ("act_eta", "act_mask")
     cells = [spec.replace(**{field_eta: s, field_mask: m}) for m in [*masks, all_mask] for s in grid]
+    n_chips, cbs = robustness._check_chips(n_chips, chip_batch_size, spec, "spec")
+    robustness._check_memory(where, model, variables, images, batch_size=_checks.positive_int(batch_size, "batch_size"),
+                             chip_batch_size=cbs, n_chips=n_chips, mesh=mesh, n_settings=len(cells),
+                             setting_batch_size=_checks.positive_int(setting_batch_size, "setting_batch_size"))
     results = robustness.evaluate_many(model, variables, images, labels, cells, key=key, n_chips=n_chips,
                                        batch_size=batch_size, chip_batch_size=chip_batch_size,
                                        setting_batch_size=setting_batch_size, preprocess=preprocess, mesh=mesh)

@@ -292,6 +292,25 @@ def test_device_table_shows_the_weight_noise_applied(mlp_workdir, tmp_path, caps
     assert entry["weight_noise_spec"] == {"kind": "additive_rel_max", "eta": 0.1}
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--device", "ideal", "--digital-layers", "fc1,nosuch", "--weight-eta", "0.1", "--n-chips", "2"],
+     "--digital-layers nosuch: no such layer in mlp; its layers are fc1, fc2, head"),
+    (["sensitivity", "--scales", "0.1", "--layers", "nosuch", "--n-chips", "2"], "choose from fc1, fc2, head"),
+    (["train", "--method", "consistency", "--sites", "nosuch"], "unknown consistency sites ['nosuch']"),
+])
+def test_selectors_that_match_nothing_are_refused(argv, message, mlp_workdir, tmp_path, capsys):
+    extra = ["--workdir", str(tmp_path / "w")] if argv[0] == "train" else []
+    rc, _, err = run([argv[0], "--checkpoint", mlp_workdir, *argv[1:], *extra], capsys)
+    assert rc == 2 and message in err
+
+
+@pytest.mark.parametrize("flags", [["--n-chips", str(10 ** 12)], ["--n-chips", "1000000", "--chip-batch-size", "1000000",
+                                                                  "--batch-size", "450"]])
+def test_monte_carlo_that_cannot_fit_in_memory_is_refused_at_once(flags, mlp_workdir, capsys):
+    rc, _, err = run(["eval", "--checkpoint", mlp_workdir, "--weight-eta", "0.1", *flags], capsys)
+    assert rc == 2 and "needs an estimated" in err and "--chip-batch-size" in err and "--n-chips" in err
+
+
 def test_checkpoint_of_another_model_is_one_line(mlp_workdir, capsys):
     rc, _, err = run(["eval", "--model", "cnn", "--checkpoint", mlp_workdir, "--weight-eta", "0.1"], capsys)
     assert rc == 2 and "holds a mlp" in err and "drop --model" in err
@@ -327,9 +346,9 @@ def test_corrupt_dataset_file_is_one_line(tmp_path, capsys):
 
 
 def test_version(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["--version"])
-    assert e.value.code == 0 and capsys.readouterr().out.startswith("jaxnoise ")
+    assert cli.main(["--version"]) == 0 and capsys.readouterr().out.startswith("jaxnoise ")
+    out = subprocess.run([sys.executable, "-m", "jaxnoise", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"jaxnoise {cli._version()}"
 
 
 @pytest.mark.parametrize("argv, suggestion", [
@@ -408,3 +427,19 @@ def test_train_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, capsys, monke
     monkeypatch.setattr(data_lib, "epoch_batches", real)
     rc, out, _ = run(_train(workdir), capsys)
     assert rc == 0 and "from step 7 of 20" in out
+
+
+def test_same_seed_same_numbers_in_separate_processes(mlp_workdir, tmp_path, capsys):
+    """Two fresh Python processes running one command give identical per-chip results, equal to this process's."""
+    env = dict(os.environ, CI="true")
+    per_chip = []
+    for name in ("a", "b"):
+        argv = ["eval", "--checkpoint", mlp_workdir, "--weight-eta", "0.2", "--act-eta", "0.3", "--n-chips", "3",
+                "--out", str(tmp_path / name)]
+        subprocess.run([sys.executable, "-m", "jaxnoise", *argv], check=True, capture_output=True, env=env)
+        per_chip.append(json.loads((tmp_path / name / "results.json").read_text())["arms"][0]["eval"][0]["per_chip"])
+    here = tmp_path / "here"
+    assert run(argv[:-1] + [str(here)], capsys)[0] == 0
+    assert per_chip[0] == per_chip[1] == json.loads((here / "results.json").read_text())["arms"][0]["eval"][0][
+        "per_chip"]
+    assert len(set(per_chip[0])) > 1  # the chips differ from each other

@@ -125,3 +125,20 @@ def test_pareto_front():
            {"param_overhead": 0.02, "mean": 0.6}, {"param_overhead": 0.03, "mean": 0.8}]
     front = placement.pareto_front(pts)
     assert [p["mean"] for p in front] == [0.5, 0.7, 0.8]
+
+
+def test_removal_sensitivity_with_one_chip_and_negative_gains(digits):
+    """Gains are paired differences (they can be negative: the CI is clipped to [-1, 1], not [0, 1]); with one chip
+    every ``ci95`` is None instead of a zero-width interval."""
+    from _helpers import he_variables
+    model = get_model("mlp")
+    variables = he_variables(model)
+    spec = noise.NoiseSpec(weight_kind=None, act_kind="multiplicative", act_eta=2.0)
+    kw = dict(key=0, batch_size=60, preprocess=digits.preprocess)
+    x, y = digits.test.images[:60], digits.test.labels[:60]
+    one = placement.removal_sensitivity(model, variables, x, y, spec, n_chips=1, **kw)
+    assert one["noisy"]["ci95"] is None and all(v["ci95"] is None for v in one["sites"].values())
+    many = placement.removal_sensitivity(model, variables, x, y, spec, n_chips=3, **kw)
+    for v in many["sites"].values():
+        lo, hi = v["ci95"]
+        assert -1.0 <= lo <= v["gain"] <= hi <= 1.0

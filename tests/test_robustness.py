@@ -189,13 +189,14 @@ def test_padded_last_batch_is_masked(trained_mlp, data):
     assert _eval(trained_mlp, data, spec=None).mean == pytest.approx(clean)
 
 
-def test_zero_scale_and_no_key_are_clean(trained_mlp, data):
+def test_zero_scale_is_clean_and_a_spec_without_key_is_an_error(trained_mlp, data):
     clean = _eval(trained_mlp, data, spec=None)
-    assert clean.n_chips == 1 and clean.per_chip.shape == (1,) and clean.std == 0.0
+    assert clean.n_chips == 1 and clean.per_chip.shape == (1,)
+    assert clean.std is None and clean.se is None and clean.ci95 is None  # undefined from one chip
     assert clean.noise == {"weight_noise": None, "activation_noise": None}
     assert clean.mean > 0.8  # trained
-    no_key = _eval(trained_mlp, data, key=None)
-    assert no_key.n_chips == 1 and no_key.mean == clean.mean
+    with pytest.raises(ValueError, match=r"a noise spec needs key=.*a clean evaluation is spec=None"):
+        _eval(trained_mlp, data, key=None)  # used to return the clean accuracy silently
     zero = _eval(trained_mlp, data, spec=W_SPEC.replace(weight_eta=0.0))
     assert zero.n_chips == N_CHIPS
     np.testing.assert_array_equal(zero.per_chip, np.full(N_CHIPS, clean.mean))
@@ -267,7 +268,7 @@ def test_summarize_against_numpy_scipy():
     r = 0.05 * (n - 1)
     assert s["p5"] == pytest.approx(sorted_a[0] + (r - 0) * (sorted_a[1] - sorted_a[0]))
     one = robustness.summarize([0.5])
-    assert one == {"n_chips": 1, "mean": 0.5, "std": 0.0, "se": 0.0, "ci95": [0.5, 0.5], "p5": 0.5}
+    assert one == {"n_chips": 1, "mean": 0.5, "std": None, "se": None, "ci95": None, "p5": 0.5}
     with pytest.raises(ValueError, match="at least one"):
         robustness.summarize([])
 
@@ -409,7 +410,7 @@ def test_evaluate_many_bad_inputs_name_the_problem():
                                  [THRESHOLD_SPEC, THRESHOLD_SPEC.replace(weight_mask={"w/kernel": 1.0})], **kw)
     with pytest.raises(ValueError, match="setting_batch_size"):
         robustness.evaluate_many(model, variables, images, labels, [THRESHOLD_SPEC], setting_batch_size=0, **kw)
-    with pytest.raises(ValueError, match="needs a key"):
+    with pytest.raises(ValueError, match="needs key="):
         robustness.evaluate_many(model, variables, images, labels, [THRESHOLD_SPEC], key=None, n_chips=2)
 
 

@@ -99,3 +99,18 @@ def test_record_markdown_and_heatmap(setup, tmp_path):
     assert len(fig.axes[0].texts) == 4 * 2
     assert json.loads(path.read_text())["sensitivity"]["layers"] == list(smap.layers)
     assert smap.ranking()[0][1] == smap.mean[:, -1].min()
+
+
+def test_one_chip_maps_have_no_interval_and_render(tmp_path):
+    """With one chip per cell ``ci95`` is None: the table says so, ``ci95`` is NaN, the heatmap still draws."""
+    one = robustness.MCResult.from_per_chip
+    weight = noise.NoiseSpec(weight_eta=0.1).describe()
+    smap = sensitivity.SensitivityMap(
+        noise="weight", kind="additive_rel_max", layers=("conv1", "head"), scales=np.array([0.1]),
+        results=[[one([0.8], 50, weight)], [one([0.6], 50, weight)]], all_layers=[one([0.5], 50, weight)],
+        clean=one([0.9], 50), model="cnn")
+    assert np.isnan(smap.ci95).all() and smap.ci95.shape == (2, 1, 2)
+    md = smap.to_markdown()
+    assert "80.00 (1 chip: no CI)" in md and "None" not in md
+    smap.plot(str(tmp_path / "heat.png"))
+    assert (tmp_path / "heat.png").stat().st_size > 1000
