@@ -160,6 +160,9 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
                    help="activation-noise kind (default additive: sigma = eta * r_site, r_site calibrated)")
     p.add_argument("--act-statistic", default="std", choices=noise.ACTIVATION_STATISTICS,
                    help="r_site of additive activation noise: std (default) or absmax of the clean output")
+    p.add_argument("--sampler", default=None, choices=sorted(noise.SAMPLERS),
+                   help="random bits / normal transform of the noise (default per backend and noise: "
+                        "jaxnoise.noise.default_sampler; recorded as 'prng' in the result file)")
     p.add_argument("--n-chips", type=_positive_int, default=32, help="Monte Carlo chips (weight-noise draws)")
     p.add_argument("--batch-size", type=_positive_int, default=500, help="images per forward pass")
     p.add_argument("--chip-batch-size", type=_positive_int, default=None,
@@ -282,7 +285,7 @@ def build_spec(args, model, variables, dataset, *, weight: bool, act: bool) -> n
         backbone = model.backbone if isinstance(model, denoise.DenoisedModel) else model
         ref = calibrate(backbone, variables, dataset, args.act_statistic)
     return noise.NoiseSpec(weight_kind=args.weight_noise if weight else None,
-                           act_kind=args.act_noise if act else None, act_ref=ref)
+                           act_kind=args.act_noise if act else None, act_ref=ref, sampler=args.sampler)
 
 
 def _describe_extra(args, spec: noise.NoiseSpec) -> dict[str, Any]:
@@ -861,6 +864,7 @@ _RULES: dict[str, list[tuple[str, Any, str]]] = {
          "--weight-eta, --act-eta > 0 or --device (a noise-free evaluation is one exact pass)"),
         ("chip_batch_size", lambda a: a.weight_eta > 0 or a.act_eta > 0 or a.device is not None,
          "--weight-eta, --act-eta > 0 or --device"),
+        ("sampler", lambda a: a.weight_eta > 0 or a.act_eta > 0, "--weight-eta or --act-eta > 0"),
         ("max_chips", lambda a: a.target_ci_halfwidth is not None, "--target-ci-halfwidth"),
         ("times", lambda a: a.device is not None, "--device PRESET"),
         ("no_drift_compensation", lambda a: a.device is not None, "--device PRESET"),
@@ -871,6 +875,8 @@ _RULES: dict[str, list[tuple[str, Any, str]]] = {
         ("act_noise", lambda a: a.act_etas is not None and a.device is None, "--act-etas"),
         ("act_statistic", lambda a: a.act_etas is not None and a.act_noise == "additive" and a.device is None,
          "--act-etas (additive)"),
+        ("sampler", lambda a: a.device is None, "--weight-etas or --act-etas (a --device sweep draws its own "
+                                                "I/O noise)"),
         ("times", lambda a: a.device is not None, "--device PRESET"),
         ("no_drift_compensation", lambda a: a.device is not None, "--device PRESET"),
         ("digital_layers", lambda a: a.device is not None, "--device PRESET"),

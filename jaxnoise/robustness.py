@@ -10,7 +10,9 @@ Semantics (fixed by :mod:`jaxnoise.noise`):
   ``model.apply(noisy_variables, x, key=fold_in(chip_key, b), noise=spec.activation_only())``;
   ``activation_only`` statically switches weight noise off, so the chip's weights are not re-drawn.
   Consequently, with activation noise the per-chip accuracy depends on the data batch size (each batch is one
-  draw); with weight noise only it does not.
+  draw); with weight noise only it does not. The normals come from the spec's sampler
+  (``NoiseSpec.sampler``, resolved per backend by ``noise.default_sampler``), recorded as ``"prng"`` in each
+  result's noise description.
 * **Common random numbers**: a :func:`sweep` uses the same chip keys at every scale, so chip ``i`` at scale
   ``eta`` has noise ``eta * z_i`` with the same ``z_i`` for every ``eta``. Differences between scales (and between
   models evaluated with the same key and architecture) then have less variance than with independent draws; the
@@ -288,7 +290,9 @@ class MCResult:
         from one value, e.g. a noise-free evaluation). Format it with :func:`format_ci95`.
       p5: 5th percentile of ``per_chip`` (linear interpolation).
       noise: ``{"weight_noise": ..., "activation_noise": ...}`` from ``NoiseSpec.describe()``; both None when
-        the evaluation was noise-free.
+        the evaluation was noise-free. Each carries the normal sampler it used as ``"prng"`` (always for
+        activation noise; for weight noise when it is not ``"threefry/erfinv"``); an entry without ``"prng"``
+        used ``"threefry/erfinv"`` (``jaxnoise.noise.default_sampler``).
       stopping: for an adaptive evaluation (``evaluate(..., target_ci_halfwidth=...)``), the stopping rule and
         outcome: ``{"rule", "target_ci_halfwidth", "max_chips", "round_chips", "rounds", "ci_halfwidth",
         "met_target"}``; None otherwise.
@@ -1058,9 +1062,9 @@ def evaluate_many(model: Model, variables: Variables, images: Any, labels: Any,
     structure = jax.tree.structure(specs[0])
     for i, sp in enumerate(specs):
         if jax.tree.structure(sp) != structure:
-            raise ValueError(f"specs[{i}] differs in structure from specs[0] (kinds, weight_paths or the keys of "
-                             f"act_ref/weight_mask/act_mask): {jax.tree.structure(sp)} vs {structure}. Give every "
-                             f"spec the same kinds and the same mask/reference keys (missing keys as 1.0).")
+            raise ValueError(f"specs[{i}] differs in structure from specs[0] (kinds, weight_paths, sampler or the "
+                             f"keys of act_ref/weight_mask/act_mask): {jax.tree.structure(sp)} vs {structure}. Give "
+                             f"every spec the same kinds, sampler and mask/reference keys (missing keys as 1.0).")
         checked = _check_chips(n_chips, chip_batch_size, sp, f"specs[{i}]")
     n_chips, chip_batch_size = checked
     setting_batch_size = _check_count("setting_batch_size", setting_batch_size)

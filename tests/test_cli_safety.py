@@ -272,6 +272,17 @@ def test_flags_without_effect_are_refused_before_any_work(argv, flag, needs, cap
     assert rc == 2 and f"{flag} has no effect" in err and needs in err
 
 
+def test_sampler_flag_is_recorded(mlp_workdir, tmp_path, capsys):
+    out = tmp_path / "s"
+    rc, _, _ = run(["eval", "--checkpoint", mlp_workdir, "--act-eta", "0.3", "--n-chips", "2", "--sampler",
+                    "rbg/icdf16", "--out", str(out)], capsys)
+    assert rc == 0
+    entry = json.loads((out / "results.json").read_text())["arms"][0]["eval"][0]
+    assert entry["activation_noise"]["prng"] == "rbg/icdf16"
+    rc, _, err = run(["eval", "--checkpoint", mlp_workdir, "--sampler", "rbg/icdf16"], capsys)
+    assert rc == 2 and "--sampler has no effect" in err
+
+
 def test_flags_that_count_are_accepted(mlp_workdir, tmp_path, capsys):
     rc, out, _ = run(["train", "--checkpoint", mlp_workdir, "--method", "forward_noise", "--eta-train", "0.1",
                       "--train-act-noise", "multiplicative", "--act-eta-train", "0.1", "--max-steps", "2",
