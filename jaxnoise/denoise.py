@@ -501,7 +501,8 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
 
     loss_fn.name = "denoiser"
     loss_fn.config = {"noise": {"act_kind": act_kind, "weight_kind": weight_kind,
-                                "weight_paths": list(spec.weight_paths)},
+                                "weight_paths": list(spec.weight_paths),
+                                "prng": methods._prng(spec)},
                       "feature_sites": list(feature_sites), "denoiser": dmodel.denoiser.to_dict()}
     loss_fn.hparams = defaults
     return loss_fn

@@ -120,6 +120,12 @@ def _check_draws(num_draws: Any, draw_batch_size: Any) -> tuple[int, int]:
     return num_draws, min(draw_batch_size, num_draws)
 
 
+def _prng(spec: noise_lib.NoiseSpec) -> dict[str, str | None]:
+    """The samplers the training noise draws with on this backend (recorded in the loss config)."""
+    return {"weight": spec.resolved_sampler("weight") if spec.weight_kind else None,
+            "activation": spec.resolved_sampler("activation") if spec.act_kind else None}
+
+
 def _train_spec(weight_kind: str | None, act_kind: str | None, act_ref: Mapping[str, Any] | None,
                 weight_paths: Sequence[str] | None, device: Any = None) -> noise_lib.NoiseSpec:
     if weight_kind is None and act_kind is None and device is None:
@@ -289,7 +295,8 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
 
     loss_fn.name = "forward_noise"
     loss_fn.config = {"noise": {"weight_kind": weight_kind, "act_kind": act_kind,
-                                "weight_paths": list(spec.weight_paths)},
+                                "weight_paths": list(spec.weight_paths),
+                                "prng": _prng(spec)},
                       "num_draws": num_draws, "draw_batch_size": draw_batch_size,
                       "device": None if device is None else device.describe()}
     loss_fn.hparams = defaults
@@ -393,7 +400,8 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
 
     loss_fn.name = "consistency"
     loss_fn.config = {"noise": {"weight_kind": weight_kind, "act_kind": act_kind,
-                                "weight_paths": list(spec.weight_paths)},
+                                "weight_paths": list(spec.weight_paths),
+                                "prng": _prng(spec)},
                       "num_draws": num_draws, "draw_batch_size": draw_batch_size, "sites": list(sites),
                       "site_weights": weights, "distance": distance,
                       "target": "teacher" if teacher is not None else "same weights, noise off",
