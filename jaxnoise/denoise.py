@@ -230,7 +230,7 @@ def denoised(model: Model, sites: Sequence[str] | None = None,
     return DenoisedModel(f"{model.name}+denoise", forward, tuple(model.input_shape), model.num_classes,
                          {**dict(model.config), "backbone": model.name, "denoiser": config.to_dict(),
                           "denoiser_sites": list(ordered)},
-                         backbone=model, candidate_sites=ordered, denoiser=config)
+                         quant=model.quant, backbone=model, candidate_sites=ordered, denoiser=config)
 
 
 def is_denoiser_param(path: str) -> bool:

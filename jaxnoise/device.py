@@ -27,6 +27,13 @@ compiles once.
 ``name_key(name_key(K, "jaxnoise/device/program"), path)`` and drift exponents from ``".../drift"``; a read key
 gives read noise per path; a pass key gives output noise per site (and per bound-management round).
 
+**Random streams and float order.** PCM programming, drift-exponent and read noise are ``jax.random.normal`` of
+their keys (computed for all layers at once, bit for bit). The I/O noise uses :attr:`IOParams.sampler` (on CPU by
+default the cheaper ``"threefry/icdf16"`` normals of the activation noise) and a per-patch conv MVM sums each patch
+in one dot product (:attr:`IOParams.conv_sum`); ``IOParams(sampler="threefry/erfinv", conv_sum="taps")`` gives the
+results of the code before these two defaults (2026-12) bit for bit (``tests/test_device.py`` keeps that code and
+checks it).
+
 **Gradients.** The analog MVM is straight-through: its value is the analog output, its gradient that of the exact
 linear map at the (noisy) tile weights; weight noise (programming noise, modifiers) is straight-through to the clean
 weights, as in aihwkit's hardware-aware training. The mapping scale ``A`` is treated as a constant.
@@ -55,6 +62,7 @@ from jaxnoise import noise as noise_lib
 
 NOISE_MANAGEMENT = ("abs_max", "constant")
 BOUND_MANAGEMENT = ("none", "iterative")
+CONV_SUMS = ("patch", "taps")
 MAPPINGS = ("tensor", "column")
 COMPENSATIONS = (None, "global", "column")
 MODIFIER_KINDS: dict[str, str] = {
@@ -185,7 +193,10 @@ def programming_noise_std(g_target: jax.Array, pcm: PCMModel, g_max: Any = 25.0)
 
 def program_conductances(key: jax.Array, g_target: jax.Array, pcm: PCMModel, g_max: Any = 25.0) -> jax.Array:
     """One programming draw: ``g_prog = max(g_T + sigma_prog(g_T) N(0,1), 0)``."""
-    z = jax.random.normal(key, g_target.shape, g_target.dtype)
+    return _programmed(g_target, jax.random.normal(key, g_target.shape, g_target.dtype), pcm, g_max)
+
+
+def _programmed(g_target: jax.Array, z: jax.Array, pcm: PCMModel, g_max: Any) -> jax.Array:
     return jnp.maximum(g_target + programming_noise_std(g_target, pcm, g_max) * z, 0.0)
 
 
@@ -204,8 +215,11 @@ def drift_exponent_stats(g_target: jax.Array, pcm: PCMModel, g_max: Any = 25.0) 
 
 def drift_exponents(key: jax.Array, g_target: jax.Array, pcm: PCMModel, g_max: Any = 25.0) -> jax.Array:
     """Per-device drift exponents ``nu = |mu_nu + sigma_nu N(0,1)| * drift_scale`` (fixed per chip)."""
+    return _exponents(g_target, jax.random.normal(key, g_target.shape, g_target.dtype), pcm, g_max)
+
+
+def _exponents(g_target: jax.Array, z: jax.Array, pcm: PCMModel, g_max: Any) -> jax.Array:
     mu, sigma = drift_exponent_stats(g_target, pcm, g_max)
-    z = jax.random.normal(key, g_target.shape, g_target.dtype)
     return jnp.abs(mu + sigma * z) * pcm.drift_scale
 
 
@@ -233,9 +247,87 @@ def read_conductances(key: jax.Array, g_prog: jax.Array, nu: jax.Array, t_infere
     """One read at ``t_inference`` s after programming: ``g_d = drift(g_prog)``, then
     ``max(g_d + |g_d| sigma_rd N(0,1), 0)`` with fresh noise (aihwkit ``apply_drift_noise_to_conductance``)."""
     check_times(t_inference)
+    return _read(g_prog, nu, t_inference, jax.random.normal(key, g_prog.shape, g_prog.dtype), pcm, g_max)
+
+
+def _read(g_prog: jax.Array, nu: jax.Array, t_inference: Any, z: jax.Array, pcm: PCMModel, g_max: Any) -> jax.Array:
     g_d = drift(g_prog, nu, t_inference, pcm)
-    z = jax.random.normal(key, g_prog.shape, g_prog.dtype)
     return jnp.maximum(g_d + jnp.abs(g_d) * read_noise_std(g_prog, t_inference, pcm, g_max) * z, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Many normal draws at once
+
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k1: jax.Array, k2: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The Threefry-2x32 (20 rounds) block function of JAX (``jax._src.random.threefry2x32``), written out with
+    jnp ops on uint32 arrays (broadcasting keys against counters), so XLA fuses it like any elementwise code."""
+    def rotl(v, d):
+        return (v << np.uint32(d)) | (v >> np.uint32(32 - d))
+
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ rotl(x1, r)
+        x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+def _fast_normals(keys: list[jax.Array], dtype) -> bool:
+    """Whether :func:`_normals` may compute the draws itself: float32 normals of threefry2x32 keys with JAX's
+    partitionable bit stream (the defaults), each of fewer than 2**32 numbers."""
+    if np.dtype(dtype) != np.float32 or not jax.config.jax_threefry_partitionable:
+        return False
+    for k in keys:
+        if jnp.issubdtype(k.dtype, jax.dtypes.prng_key):   # a typed key: one scalar key of its implementation
+            ok = k.shape == () and "threefry2x32" in str(jax.random.key_impl(k))
+        else:   # a raw uint32[2] key: the default implementation's
+            ok = k.shape == (2,) and "threefry2x32" in str(jax.config.jax_default_prng_impl)
+        if not ok:
+            return False
+    return True
+
+
+def _normals(draws: list[tuple[jax.Array, tuple[int, ...]]], dtype) -> list[jax.Array]:
+    """``[jax.random.normal(key, shape, dtype) for key, shape in draws]``, bit for bit, as one computation.
+
+    A program with one draw per layer (several per layer: programming, drift exponents, reads) compiled a few
+    tenths of a second per draw on CPU; computing JAX's Threefry stream (counter ``(0, j)`` for number ``j``, the
+    partitionable stream) and its float32 transform (``sqrt(2) erfinv(u)``) for all draws at once compiles once.
+    Falls back to ``jax.random.normal`` for anything else (another key implementation, dtype or bit stream).
+    ``tests/test_device.py`` checks the equality.
+    """
+    keys = [k for k, _ in draws]
+    if not _fast_normals(keys, dtype):
+        return [jax.random.normal(k, shape, dtype) for k, shape in draws]
+    sizes = [math.prod(shape) for _, shape in draws]
+    if max(sizes) >= 2 ** 32:
+        return [jax.random.normal(k, shape, dtype) for k, shape in draws]
+    data = [jax.random.key_data(k) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else k for k in keys]
+    k1 = jnp.concatenate([jnp.broadcast_to(d[0], (n,)) for d, n in zip(data, sizes)])
+    k2 = jnp.concatenate([jnp.broadcast_to(d[1], (n,)) for d, n in zip(data, sizes)])
+    count = jnp.concatenate([jax.lax.iota(jnp.uint32, n) for n in sizes])
+    b1, b2 = _threefry2x32(k1, k2, jnp.zeros_like(count), count)
+    z = _erfinv_normals(b1 ^ b2)
+    out, start = [], 0
+    for (_, shape), n in zip(draws, sizes):
+        out.append(z[start:start + n].reshape(shape))
+        start += n
+    return out
+
+
+def _erfinv_normals(words: jax.Array) -> jax.Array:
+    """jax.random.normal's float32 transform of uint32 words: uniform on (-1, 1), then ``sqrt(2) erfinv``."""
+    floats = jax.lax.bitcast_convert_type((words >> np.uint32(9)) | np.uint32(0x3F800000),
+                                          jnp.float32) - np.float32(1.0)
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0), dtype=np.float32)
+    u = jax.lax.max(jnp.float32(lo), floats * (np.float32(1.0) - lo) + lo)
+    return np.float32(np.sqrt(2)) * jax.lax.erf_inv(u)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,6 +354,17 @@ class IOParams:
       noise_management: ``"abs_max"`` (scale = max|x| per input vector; aihwkit default) or ``"constant"`` (static).
       bound_management: ``"iterative"`` (aihwkit default: a vector whose output clipped is re-run with the input
         scale doubled, up to ``max_bm_factor``) or ``"none"`` (static).
+      sampler: how the output-noise and w_noise normals (fresh at every MVM of every pass, like activation noise)
+        are drawn from their keys: a name of ``jaxnoise.noise.SAMPLERS``, or None (default) for the backend's
+        activation-noise default, ``noise.default_sampler()``: ``"threefry/icdf16"`` on CPU (about 4x cheaper
+        normals; 65536 levels, no mass beyond 4.3 sigma, which does not matter for ADC noise), ``"threefry/erfinv"``
+        (exactly ``jax.random.normal``) elsewhere. ``sampler="threefry/erfinv"`` reproduces I/O noise drawn before
+        this field existed bit for bit. Static. PCM programming and read noise always use ``jax.random.normal``.
+      conv_sum: the float summation order of a conv MVM with a scale per patch (``abs_max``, or bound-management
+        re-runs): ``"patch"`` (default) one dot product over each patch's kh * kw * cin quantised inputs, as
+        aihwkit's im2col MVM; ``"taps"`` one dot per kernel tap summed in tap order, the order before this field
+        existed (with ``sampler="threefry/erfinv"`` it reproduces those results bit for bit; about 1.4x slower on
+        CPU). The two differ by float rounding only, which the ADC can turn into one-step differences. Static.
     """
 
     inp_bound: Any = 1.0
@@ -275,9 +378,13 @@ class IOParams:
     max_bm_factor: Any = 1000.0
     noise_management: str = struct.field(pytree_node=False, default="abs_max")
     bound_management: str = struct.field(pytree_node=False, default="iterative")
+    sampler: str | None = struct.field(pytree_node=False, default=None)
+    conv_sum: str = struct.field(pytree_node=False, default="patch")
 
     def __post_init__(self):
+        noise_lib.check_sampler(self.sampler, "IOParams.sampler")
         _choice(self.noise_management, NOISE_MANAGEMENT, "noise_management")
+        _choice(self.conv_sum, CONV_SUMS, "conv_sum")
         _choice(self.bound_management, BOUND_MANAGEMENT, "bound_management")
         _check_positive(self.inp_bound, "IOParams.inp_bound")
         if self.out_bound is not None:
@@ -295,6 +402,11 @@ class IOParams:
         _checks.mapping(self.inp_ranges, "IOParams.inp_ranges", "site")
         for site, r in (self.inp_ranges or {}).items():
             _check_positive(r, f"IOParams.inp_ranges[{site!r}]")
+
+    def resolved_sampler(self, backend: str | None = None) -> str:
+        """The sampler of the I/O noise on ``backend`` (default: JAX's default backend): ``sampler``, or the
+        activation-noise default there (``noise.default_sampler``)."""
+        return noise_lib.default_sampler(backend) if self.sampler is None else self.sampler
 
 
 def quantize(x: jax.Array, res: Any, bound: Any) -> jax.Array:
@@ -351,27 +463,74 @@ def _noise_flags(key, io: IOParams) -> tuple[bool, bool]:
     return on(io.w_noise), on(io.out_noise)
 
 
-def _conv_views(x: jax.Array, kernel_shape: tuple[int, ...], stride: int, padding: int) -> list[jax.Array]:
-    """The ``kh * kw`` shifted views of a conv input: view ``(i, j)`` holds, at every output position, the input
-    pixel that kernel tap ``(i, j)`` sees there. ``sum_ij view_ij @ kernel[i, j]`` is the convolution, and
-    ``concatenate(views, -1)`` the im2col patches, without materialising them."""
+# Work unit of the per-patch conv MVM (performance only: results do not depend on it).
+_CHUNK_BYTES = 1 << 22   # quantised conv patches per chunk of images (a few MiB: in the L2/L3 caches)
+
+
+def _out_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
+
+
+def _tap_views(xp: jax.Array, kernel_shape: tuple[int, ...], stride: int, out_hw: tuple[int, int]) -> list[jax.Array]:
+    """The ``kh * kw`` shifted views of a padded conv input (``(..., Hp, Wp, C)``): view ``(i, j)`` holds, at every
+    output position, the input pixel that kernel tap ``(i, j)`` sees there, so ``sum_ij view_ij @ kernel[i, j]`` is
+    the convolution and ``concatenate(views, -1)`` the im2col patches (:func:`conv_patches`)."""
     kh, kw = kernel_shape[0], kernel_shape[1]
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    h = (x.shape[1] + 2 * padding - kh) // stride + 1
-    w = (x.shape[2] + 2 * padding - kw) // stride + 1
-    return [xp[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride, :]
+    h, w = out_hw
+    return [xp[..., i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride, :]
             for i in range(kh) for j in range(kw)]
 
 
-def _patch_absmax(x: jax.Array, kernel_shape: tuple[int, ...], stride: int, padding: int) -> jax.Array:
-    """max |x| over each conv patch (kh * kw * cin values), (N, H', W', 1)."""
-    kh, kw = kernel_shape[0], kernel_shape[1]
-    m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    return jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, kh, kw, 1), (1, stride, stride, 1),
-                                 ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+def _patch_absmax(xp: jax.Array, kernel_shape: tuple[int, ...], stride: int, out_hw: tuple[int, int]) -> jax.Array:
+    """max |x| over each conv patch (kh * kw * cin values) of a zero-padded input, ``(..., H', W', 1)``: the max over
+    the kernel taps (:func:`_tap_views`) of the channel max, one fused elementwise max (exact, like any max)."""
+    m = jnp.max(jnp.abs(xp), axis=-1, keepdims=True)
+    return functools.reduce(jnp.maximum, _tap_views(m, kernel_shape, stride, out_hw))
 
 
-def analog_mvm(key: jax.Array | None, x: jax.Array, w_tile: jax.Array, io: IOParams, *,
+def _when(on: Any, fn, shape: tuple[int, ...], dtype) -> jax.Array | None:
+    """``fn()`` when ``on`` is True, None when False, and for a traced ``on`` ``fn()`` or zeros, decided at run time
+    (a noise scale that is array data, as in ``robustness.evaluate_device``, costs nothing when it is 0)."""
+    if on is True or on is False:
+        return fn() if on else None
+    return jax.lax.cond(on, fn, lambda: jnp.zeros(shape, dtype))
+
+
+def _scale_on(value: Any, static_on: bool) -> Any:
+    """Whether a noise scale is on: False / True when known at trace time, else a traced ``value != 0``."""
+    if not static_on:
+        return False
+    return True if _concrete(value) else jnp.any(jnp.asarray(value) != 0)
+
+
+def _patch_products(views: list[jax.Array], scale: jax.Array, w_tile: jax.Array, w_abs: jax.Array, w_on: Any,
+                    dac, conv_sum: str):
+    """Products ``x' W`` (and ``x'^2 |W|`` for w_noise) of the quantised patches ``x' = dac(patch, scale)`` given as
+    the tap views of a chunk of images: one dot over each patch's kh * kw * cin inputs (``"patch"``), or one dot per
+    tap summed in tap order (``"taps"``)."""
+    n_out = w_tile.shape[-1]
+    if conv_sum == "patch":
+        q = dac(jnp.concatenate(views, axis=-1), scale)
+        y = q @ w_tile.reshape(-1, n_out)
+        return y, _when(w_on, lambda: (q * q) @ w_abs.reshape(-1, n_out), y.shape, y.dtype)
+    # Each view divided by the scale on its own, as before: XLA may rewrite a division by a broadcast value as a
+    # product with its reciprocal (not bit-exact), depending on the shapes, so the shapes must stay the old ones.
+    q = jnp.stack([dac(v, scale) for v in views])   # (kh * kw, ..., cin)
+
+    def tap_sum(v, ws):
+        ws = ws.reshape((-1,) + ws.shape[2:])
+        terms = jax.lax.dot_general(v, ws, (((v.ndim - 1,), (1,)), ((0,), (0,))))
+        return functools.reduce(jnp.add, [terms[t] for t in range(terms.shape[0])])
+
+    y = tap_sum(q, w_tile)
+    return y, _when(w_on, lambda: tap_sum(q * q, w_abs), y.shape, y.dtype)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
+
+
+def analog_mvm(key: jax.Array | None, x: jax.Array | None, w_tile: jax.Array, io: IOParams, *,
                geometry: Mapping[str, int] | None = None, inp_scale: Any = None,
                noise_flags: tuple[bool, bool] | None = None) -> jax.Array:
     """One analog MVM ``y ~ x @ w_tile`` with aihwkit's I/O non-idealities, in the units of ``x``.
@@ -380,90 +539,173 @@ def analog_mvm(key: jax.Array | None, x: jax.Array, w_tile: jax.Array, io: IOPar
     vector (``abs_max``) or a constant; (2) DAC: ``x' = quantize(x / s, inp_res, inp_bound)``; (3) ``y = x' W``,
     plus output-referred PCM read noise ``w_noise sqrt(sum_j |w_ij| x'_j^2) N``; (4) ADC: ``y += out_noise N``,
     ``quantize(y, out_res, out_bound)``; (5) ``y * s``. With iterative bound management, a vector with any output
-    at ``|y| >= out_bound`` is re-run with ``s`` doubled (fresh noise), until none clips or the factor would pass
-    ``max_bm_factor``.
+    at ``|y| >= out_bound`` is re-run with ``s`` doubled (fresh noise: round ``r`` draws from ``fold_in(key, r)``),
+    until none clips or the factor would pass ``max_bm_factor``; a round computes nothing when nothing clipped.
 
     An input vector is a row of a dense input, or one conv patch (kh * kw * cin values, as aihwkit's im2col) when
-    ``geometry`` is given: ``abs_max`` scales each patch by its own max, computed on shifted views of the input
-    (:func:`_conv_views`) instead of materialised patches; ``constant`` scaling quantises elementwise, so the conv
-    stays one convolution.
+    ``geometry`` is given. ``abs_max`` scales each patch by its own max and quantises the patches one chunk of
+    images at a time (built from shifted views of the input, :func:`_tap_views`, so the 9x larger quantised patches
+    stay in the cache); a bound-management round re-runs only the chunks holding a vector that clipped.
+    ``constant`` scaling quantises elementwise, so the conv stays one convolution (its re-runs, a factor per patch,
+    go chunk by chunk). The noise of a round is drawn for the whole output at once, so a vector's noise does not
+    depend on what else clipped.
 
     Args:
       key: the pass key of this site (output noise), or None for no noise (quantisation still applies).
-      x: inputs, (..., n_in) for dense, NHWC for a conv.
+      x: inputs, (..., n_in) for dense, NHWC for a conv; None for the identity (one one-hot vector per input, the
+        drift-compensation readout), computed without forming it: one-hot products are exact, so ``y_i = x'_i w_i``.
       w_tile: tile weights in normalised units (|w| <= 1 noise-free), (n_in, n_out) or HWIO.
       io: the I/O parameters.
       geometry: ``{"stride", "padding"}`` of a conv layer, None for dense.
       inp_scale: the constant input scale (``noise_management="constant"``); default ``io.nm_scale``.
-      noise_flags: internal: (w_noise on, out_noise on) decided where ``io`` is concrete (a zero scale is skipped).
+      noise_flags: internal: (w_noise on, out_noise on) decided where ``io`` is concrete (a zero scale is skipped;
+        a traced scale that is 0 skips its draw at run time).
 
     Returns:
       The output, same shape as the exact ``x @ w_tile`` / convolution. Not differentiable by itself (call it on
       ``stop_gradient`` inputs; :class:`AnalogContext` adds the straight-through gradient).
     """
-    dt = x.dtype
+    dt = w_tile.dtype if x is None else x.dtype
     w_tile = w_tile.astype(dt)
     w_abs = jnp.abs(w_tile)
     use_w_noise, use_out_noise = _noise_flags(key, io) if noise_flags is None else noise_flags
-    views = None
-    if io.noise_management == "abs_max":
-        if geometry is not None:
-            s = _patch_absmax(x, w_tile.shape, geometry["stride"], geometry["padding"])
-            views = _conv_views(x, w_tile.shape, geometry["stride"], geometry["padding"])
-            taps = [(i, j) for i in range(w_tile.shape[0]) for j in range(w_tile.shape[1])]
-        else:
-            s = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-        s = jnp.where(s > 0, s, jnp.ones_like(s))
-    else:
-        s = jnp.asarray(io.nm_scale if inp_scale is None else inp_scale, dt)
-
-    def dac(v, factor):
-        return quantize(v / (s * factor), io.inp_res, io.inp_bound)
-
-    def products(factor):
-        """(y, sum_j |w_ij| x'_j^2 or None) of the quantised inputs."""
-        if views is None:
-            xq = dac(x, factor)
-            return _linear(xq, w_tile, geometry), (_linear(xq * xq, w_abs, geometry) if use_w_noise else None)
-        y = spread = None
-        for (i, j), v in zip(taps, views):
-            q = dac(v, factor)
-            y = q @ w_tile[i, j] if y is None else y + q @ w_tile[i, j]
-            if use_w_noise:
-                spread = (q * q) @ w_abs[i, j] if spread is None else spread + (q * q) @ w_abs[i, j]
-        return y, spread
-
-    def one_round(factor, round_key):
-        y, spread = products(factor)
-        if use_w_noise:
-            y = y + jnp.asarray(io.w_noise, dt) * jnp.sqrt(jnp.maximum(spread, 0.0)) * jax.random.normal(
-                noise_lib.name_key(round_key, "w_noise"), y.shape, dt)
-        if use_out_noise:
-            y = y + jnp.asarray(io.out_noise, dt) * jax.random.normal(
-                noise_lib.name_key(round_key, "out_noise"), y.shape, dt)
-        clipped = (jnp.any(jnp.abs(y) >= io.out_bound, axis=-1, keepdims=True) if io.out_bound is not None
-                   else jnp.zeros(y.shape[:-1] + (1,), bool))
-        return quantize(y, io.out_res, io.out_bound), clipped
-
-    y0, clipped0 = one_round(jnp.asarray(1.0, dt), None if key is None else jax.random.fold_in(key, 0))
-    if io.bound_management == "none" or io.out_bound is None:
-        return y0 * s
-
+    w_on, o_on = _scale_on(io.w_noise, use_w_noise), _scale_on(io.out_noise, use_out_noise)
+    abs_max = io.noise_management == "abs_max"
+    bm = io.bound_management == "iterative" and io.out_bound is not None
+    sampler = io.resolved_sampler()
+    one = jnp.asarray(1.0, dt)
     max_factor = jnp.asarray(io.max_bm_factor, dt)
+    if geometry is not None:
+        stride, padding = geometry["stride"], geometry["padding"]
+        out_hw = (_out_size(x.shape[1], w_tile.shape[0], stride, padding),
+                  _out_size(x.shape[2], w_tile.shape[1], stride, padding))
+        vec_shape = (x.shape[0],) + out_hw   # one input vector (patch) per output position
+    else:
+        vec_shape = w_tile.shape[:1] if x is None else x.shape[:-1]
+    y_shape = vec_shape + (w_tile.shape[-1],)
+    if not abs_max:
+        s = jnp.asarray(io.nm_scale if inp_scale is None else inp_scale, dt)
+    elif x is None:
+        s = jnp.ones(vec_shape + (1,), dt)   # max|x| of a one-hot vector
+    elif geometry is None:
+        s = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+        s = jnp.where(s > 0, s, jnp.ones_like(s))
 
-    def body(carry):
-        r, out, done, factor = carry
-        y, clipped = one_round(factor, None if key is None else jax.random.fold_in(key, r))
-        accept = ~done & (~clipped | (factor * 2 > max_factor))
-        out = jnp.where(accept, y * factor, out)
-        done = done | accept
-        factor = jnp.where(done, factor, factor * 2)
-        return r + 1, out, done, factor
+    def dac(v, scale):
+        return quantize(v / scale, io.inp_res, io.inp_bound)
 
-    done0 = ~clipped0 | (2 > max_factor)
-    factor0 = jnp.where(done0, 1.0, 2.0).astype(dt)
-    _, out, _, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[2]), body, (jnp.uint32(1), y0, done0, factor0))
-    return out * s
+    def draws(r, w_flag=w_on):
+        """Round ``r``'s w_noise and out_noise normals over the whole output (None when off)."""
+        round_key = None if key is None else jax.random.fold_in(key, r)
+
+        def normal(name):
+            return noise_lib.standard_normal(noise_lib.name_key(round_key, name), y_shape, dt, sampler)
+        return (_when(w_flag, lambda: normal("w_noise"), y_shape, dt),
+                _when(o_on, lambda: normal("out_noise"), y_shape, dt))
+
+    def adc(y, spread, z_w, z_o, done, factor, w_flag=w_on):
+        """Read noise, output noise and ADC of products ``y``: ``(ADC(y), accepted)``; with bound management a
+        vector not ``done`` is accepted when no output clipped or its ``factor`` cannot double (else None)."""
+        if w_flag is not False:
+            y = y + jnp.asarray(io.w_noise, dt) * jnp.sqrt(jnp.maximum(spread, 0.0)) * z_w
+        if o_on is not False:
+            y = y + jnp.asarray(io.out_noise, dt) * z_o
+        if not bm:
+            return quantize(y, io.out_res, io.out_bound), None
+        clipped = jnp.any(jnp.abs(y) >= io.out_bound, axis=-1, keepdims=True)
+        return quantize(y, io.out_res, io.out_bound), ~done & (~clipped | (factor * 2 > max_factor))
+
+    def elementwise(factor):
+        """Products of the whole input, quantised elementwise at scale ``s * factor``."""
+        if x is None:   # the identity: row i has the one input dac(1) at position i (and dac(0) = 0 elsewhere)
+            xq = dac(jnp.ones(vec_shape + (1,), dt), s * factor)
+            return xq * w_tile, _when(w_on, lambda: (xq * xq) * w_abs, y_shape, dt)
+        xq = dac(x, s * factor)
+        y = _linear(xq, w_tile, geometry)
+        return y, _when(w_on, lambda: _linear(xq * xq, w_abs, geometry), y.shape, dt)
+
+    def bound_management(rounds, start):
+        """Rounds ``r, r + 1, ...`` (``rounds(r, out, done, factor) -> (out, done)``) until every vector is done."""
+        def next_round(carry):
+            r, out, done, factor = carry
+            out, done = rounds(r, out, done, factor)
+            return r + 1, out, done, jnp.where(done, factor, factor * 2)
+        return jax.lax.while_loop(lambda carry: ~jnp.all(carry[2]), next_round, start)[1]
+
+    def first_state(r):
+        return r, jnp.zeros(y_shape, dt), jnp.zeros(vec_shape + (1,), bool), jnp.ones(vec_shape + (1,), dt)
+
+    if geometry is None or not (abs_max or bm):
+        # Dense, or a conv at one constant scale: the DAC is elementwise and one product serves every vector.
+        if not bm:
+            return adc(*elementwise(one), *draws(0), None, None)[0] * s
+
+        def rounds(r, out, done, factor):
+            q, accept = adc(*elementwise(factor), *draws(r), done, factor)
+            return jnp.where(accept, q * factor, out), done | accept
+
+        return bound_management(rounds, first_state(jnp.uint32(0))) * s
+
+    # A scale per patch (abs_max, or the re-runs of a constant scale): the patches of one chunk of images at a time,
+    # from the shifted views of the padded input; the output is kept already multiplied by the scale.
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    n = x.shape[0]
+    per_image = math.prod(out_hw) * math.prod(w_tile.shape[:-1]) * np.dtype(dt).itemsize
+    c = _largest_divisor(n, _CHUNK_BYTES // max(per_image, 1))
+
+    def chunk_scale(xc):
+        if not abs_max:
+            return s
+        sc = _patch_absmax(xc, w_tile.shape, stride, out_hw)
+        return jnp.where(sc > 0, sc, jnp.ones_like(sc))
+
+    def chunk_round(r, out, done, factor):
+        """Round ``r`` over the chunks (those without a vector left to do are skipped)."""
+        def over_chunks(w_flag, carry):
+            z_w, z_o = draws(r, w_flag)
+
+            def chunk(i, carry):
+                def part(a):
+                    return None if a is None else jax.lax.dynamic_slice_in_dim(a, i * c, c)
+
+                def compute(cur):
+                    out_c, done_c = cur
+                    xc = part(xp)
+                    sc = chunk_scale(xc)
+                    f = one if factor is None else part(factor)
+                    y, spread = _patch_products(_tap_views(xc, w_tile.shape, stride, out_hw), sc * f, w_tile,
+                                                w_abs, w_flag, dac, io.conv_sum)
+                    q, accept = adc(y, spread, part(z_w), part(z_o), done_c, f, w_flag)
+                    if accept is None:
+                        return q * sc
+                    return jnp.where(accept, q * f * sc, out_c), done_c | accept
+
+                if not bm:
+                    return jax.lax.dynamic_update_slice_in_dim(carry, compute((None, None)), i * c, 0)
+                cur = (part(carry[0]), part(carry[1]))
+                new = compute(cur) if n == c else jax.lax.cond(jnp.any(~cur[1]), compute, lambda cur: cur, cur)
+                return tuple(jax.lax.dynamic_update_slice_in_dim(a, b, i * c, 0) for a, b in zip(carry, new))
+
+            return jax.lax.fori_loop(0, n // c, chunk, carry) if n > c else chunk(0, carry)
+
+        carry = jnp.zeros(y_shape, dt) if not bm else (out, done)
+        if w_on is True or w_on is False:
+            return over_chunks(w_on, carry)
+        # A traced w_noise (evaluate_device passes the spec as data): one loop with it, one without, chosen at run
+        # time; a w_noise draw and products per chunk that are all zeros would cost ~15% of the pass.
+        return jax.lax.cond(w_on, lambda carry: over_chunks(True, carry), lambda carry: over_chunks(False, carry),
+                            carry)
+
+    if not bm:
+        return chunk_round(0, None, None, None)
+
+    if abs_max:
+        return bound_management(chunk_round, first_state(jnp.uint32(0)))
+    # A constant scale with re-runs: the first round is one convolution, as without bound management.
+    r, out, done, factor = first_state(jnp.uint32(1))
+    q, accept = adc(*elementwise(one), *draws(0), done, factor)
+    return bound_management(chunk_round, (r, jnp.where(accept, q * factor, out) * s, done | accept,
+                                          jnp.where(accept, factor, factor * 2)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -607,8 +849,10 @@ class DeviceSpec:
         inference-only (``InferenceRPUConfig``)."""
         return self.replace(pcm=None, compensation=None)
 
-    def describe(self) -> dict[str, Any]:
-        """JSON-ready description (every field; numbers as floats)."""
+    def describe(self, backend: str | None = None) -> dict[str, Any]:
+        """JSON-ready description (every field; numbers as floats). ``io["sampler"]`` is the I/O-noise sampler
+        resolved for ``backend`` (default: JAX's default backend, where the evaluation runs); descriptions written
+        before the field existed mean ``"threefry/erfinv"``."""
         def plain(x):
             if x is None or isinstance(x, (str, bool)):
                 return x
@@ -620,7 +864,10 @@ class DeviceSpec:
                 return {f: plain(getattr(x, f)) for f in x.__dataclass_fields__}
             arr = np.asarray(x)
             return float(arr) if arr.ndim == 0 else arr.tolist()
-        return plain(self)
+        out = plain(self)
+        if self.io is not None:
+            out["io"]["sampler"] = self.io.resolved_sampler(backend)
+        return out
 
 
 def layer_names(params: Mapping[str, Any]) -> tuple[str, ...]:
@@ -679,18 +926,29 @@ def _tile(g_plus, g_minus, spec: DeviceSpec):
     return (g_plus - g_minus) / (jnp.asarray(spec.g_max, g_plus.dtype) - jnp.asarray(spec.g_min, g_plus.dtype))
 
 
+def _inp_scale(spec: DeviceSpec, site: str) -> Any:
+    return None if spec.io is None or spec.io.inp_ranges is None else spec.io.inp_ranges.get(site)
+
+
+def _readout_outputs(key: jax.Array | None, w_tile: jax.Array, spec: DeviceSpec, inp_scale: Any) -> jax.Array:
+    """The outputs of the drift-compensation readout: the identity (one one-hot vector per input) through the tile
+    with its I/O non-idealities."""
+    w = w_tile.reshape(-1, w_tile.shape[-1])
+    if spec.io is None:
+        return w   # eye @ w
+    return analog_mvm(key, None, w, spec.io, inp_scale=inp_scale)
+
+
+def _readout_value(y: jax.Array, spec: DeviceSpec) -> jax.Array:
+    """``max(mean|y|, 1e-4)`` of readout outputs (global) or per output column (column)."""
+    axis = 0 if spec.compensation == "column" else None
+    return jnp.maximum(jnp.mean(jnp.abs(y), axis=axis), COMPENSATION_FLOOR)
+
+
 def _readout(key: jax.Array | None, w_tile: jax.Array, spec: DeviceSpec, site: str) -> jax.Array:
     """aihwkit's drift-compensation readout of one layer: the identity (one one-hot vector per input) through the
     tile with its I/O non-idealities; ``max(mean|y|, 1e-4)`` (global) or per output column (column)."""
-    w = w_tile.reshape(-1, w_tile.shape[-1])
-    eye = jnp.eye(w.shape[0], dtype=w.dtype)
-    if spec.io is None:
-        y = eye @ w
-    else:
-        scale = None if spec.io.inp_ranges is None else spec.io.inp_ranges.get(site)
-        y = analog_mvm(key, eye, w, spec.io, inp_scale=scale)
-    axis = 0 if spec.compensation == "column" else None
-    return jnp.maximum(jnp.mean(jnp.abs(y), axis=axis), COMPENSATION_FLOOR)
+    return _readout_value(_readout_outputs(key, w_tile, spec, _inp_scale(spec, site)), spec)
 
 
 def compensation_readout(key: jax.Array | None, w_tile: jax.Array, spec: DeviceSpec, site: str = "") -> jax.Array:
@@ -703,12 +961,26 @@ def drift_compensation_factor(r_reference: jax.Array, r_now: jax.Array) -> jax.A
     return r_reference / r_now
 
 
+def _site_keys(key: jax.Array, base: str, sites: tuple[str, ...], *suffixes: str) -> dict[str, jax.Array]:
+    """``{suffix: keys}``, ``keys[i] = name_key(name_key(name_key(key, base), sites[i]), suffix)`` (no suffix for
+    ``""``): the keys of every layer derived in one batched computation, the same keys as one layer at a time (a
+    program with one key derivation per layer and name compiles noticeably slower)."""
+    hashes = jnp.asarray(np.array([noise_lib.stable_hash(site) for site in sites], np.uint32))
+    root = noise_lib.name_key(key, base)
+
+    def one(h):
+        k = jax.random.fold_in(root, h)
+        return tuple(k if s == "" else noise_lib.name_key(k, s) for s in suffixes)
+
+    return dict(zip(suffixes, jax.vmap(one)(hashes)))
+
+
 def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) -> dict[str, dict[str, jax.Array]]:
     """Programs one chip: target conductances, programming noise and drift exponents of every analog layer.
 
     Args:
-      key: the chip key; programming noise of layer ``site`` uses ``name_key(name_key(key,
-        "jaxnoise/device/program"), site + "/g_plus")`` (and ``/g_minus``), drift exponents ``".../drift"``.
+      key: the chip key; programming noise of layer ``site`` uses ``name_key(name_key(name_key(key,
+        "jaxnoise/device/program"), site), "g_plus")`` (and ``"g_minus"``), drift exponents ``".../drift"``.
       params: the model parameters (the clean weights; any weight noise of a ``NoiseSpec`` applied before).
       spec: the device spec.
 
@@ -718,27 +990,44 @@ def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) ->
       drift-compensation reference ``r0`` (1 without compensation).
     """
     flat = traverse_util.flatten_dict(params, sep="/")
-    chip = {}
-    for site in analog_sites(params, spec):
+    sites = analog_sites(params, spec)
+    if not sites:
+        return {}
+    if spec.modifier is not None:
+        k_mod = _site_keys(key, "jaxnoise/device/modifier", sites, "")[""]
+    if spec.pcm is not None:
+        k_prog = _site_keys(key, "jaxnoise/device/program", sites, "g_plus", "g_minus")
+        k_drift = _site_keys(key, "jaxnoise/device/drift", sites, "g_plus", "g_minus")
+    if spec.compensation is not None:
+        k_comp = _site_keys(key, "jaxnoise/device/compensation", sites, "")[""]
+    layers = {}
+    for i, site in enumerate(sites):
         w = jax.lax.stop_gradient(flat[f"{site}/kernel" if site else "kernel"])
         if spec.modifier is not None:
-            w = modify_weights(_key(key, "jaxnoise/device/modifier", site), w, spec.modifier)
+            w = modify_weights(k_mod[i], w, spec.modifier)
         g_plus, g_minus, scale = weights_to_conductances(w, spec.g_max, spec.g_min,
                                                          per_column=spec.mapping == "column")
-        target = _tile(g_plus, g_minus, spec)
+        layers[site] = (g_plus, g_minus, scale, _tile(g_plus, g_minus, spec))
+    if spec.pcm is not None:   # every layer's drift exponents and programming noise: one draw computation each
+        dt = layers[sites[0]][0].dtype
+        z_drift = iter(_normals([(k_drift[name][i], layers[site][j].shape) for i, site in enumerate(sites)
+                                 for j, name in ((0, "g_plus"), (1, "g_minus"))], dt))
+        z_prog = iter(_normals([(k_prog[name][i], layers[site][j].shape) for i, site in enumerate(sites)
+                                for j, name in ((0, "g_plus"), (1, "g_minus"))], dt))
+    chip = {}
+    for i, site in enumerate(sites):
+        g_plus, g_minus, scale, target = layers[site]
         if spec.pcm is not None:
-            kp = _key(key, "jaxnoise/device/program", site)
-            kd = _key(key, "jaxnoise/device/drift", site)
-            nu_plus = drift_exponents(noise_lib.name_key(kd, "g_plus"), g_plus, spec.pcm, spec.g_max)
-            nu_minus = drift_exponents(noise_lib.name_key(kd, "g_minus"), g_minus, spec.pcm, spec.g_max)
-            g_plus = program_conductances(noise_lib.name_key(kp, "g_plus"), g_plus, spec.pcm, spec.g_max)
-            g_minus = program_conductances(noise_lib.name_key(kp, "g_minus"), g_minus, spec.pcm, spec.g_max)
+            nu_plus = _exponents(g_plus, next(z_drift), spec.pcm, spec.g_max)
+            nu_minus = _exponents(g_minus, next(z_drift), spec.pcm, spec.g_max)
+            g_plus = _programmed(g_plus, next(z_prog), spec.pcm, spec.g_max)
+            g_minus = _programmed(g_minus, next(z_prog), spec.pcm, spec.g_max)
         else:
             nu_plus = nu_minus = jnp.zeros_like(g_plus)
         if spec.compensation is not None:
-            r0 = _readout(_key(key, "jaxnoise/device/compensation", site), _tile(g_plus, g_minus, spec), spec, site)
+            r0 = _readout(k_comp[i], _tile(g_plus, g_minus, spec), spec, site)
         else:
-            r0 = jnp.ones((), w.dtype)
+            r0 = jnp.ones((), g_plus.dtype)
         chip[site] = {"g_plus": g_plus, "g_minus": g_minus, "nu_plus": nu_plus, "nu_minus": nu_minus,
                       "scale": scale, "w_target": target, "r0": r0}
     return chip
@@ -759,19 +1048,23 @@ def read_chip(key: jax.Array, chip: Mapping[str, Mapping[str, jax.Array]], t_inf
       weight of a unit tile weight) and the drift-compensation factor (1 without compensation).
     """
     check_times(t_inference)
+    sites = tuple(chip)
+    if spec.pcm is not None and sites:
+        k_read = _site_keys(key, "jaxnoise/device/read", sites, "g_plus", "g_minus")
+    if spec.compensation is not None and sites:
+        k_comp = _site_keys(key, "jaxnoise/device/compensation", sites, "")[""]
+    if spec.pcm is not None and sites:   # every layer's read noise: one draw computation
+        z_read = iter(_normals([(k_read[name][i], chip[site][name].shape) for i, site in enumerate(sites)
+                                for name in ("g_plus", "g_minus")], chip[sites[0]]["g_plus"].dtype))
     out = {}
-    for site, c in chip.items():
+    for i, (site, c) in enumerate(chip.items()):
         g_plus, g_minus = c["g_plus"], c["g_minus"]
         if spec.pcm is not None:
-            kr = _key(key, "jaxnoise/device/read", site)
-            g_plus = read_conductances(noise_lib.name_key(kr, "g_plus"), g_plus, c["nu_plus"], t_inference, spec.pcm,
-                                       spec.g_max)
-            g_minus = read_conductances(noise_lib.name_key(kr, "g_minus"), g_minus, c["nu_minus"], t_inference,
-                                        spec.pcm, spec.g_max)
+            g_plus = _read(g_plus, c["nu_plus"], t_inference, next(z_read), spec.pcm, spec.g_max)
+            g_minus = _read(g_minus, c["nu_minus"], t_inference, next(z_read), spec.pcm, spec.g_max)
         w_tile = _tile(g_plus, g_minus, spec)
         if spec.compensation is not None:
-            r_t = _readout(_key(key, "jaxnoise/device/compensation", site), w_tile, spec, site)
-            alpha = drift_compensation_factor(c["r0"], r_t)
+            alpha = drift_compensation_factor(c["r0"], _readout(k_comp[i], w_tile, spec, site))
         else:
             alpha = jnp.ones((), w_tile.dtype)
         dt = w_tile.dtype
@@ -817,6 +1110,10 @@ class AnalogContext:
     def __init__(self, chip: ChipRead, key: jax.Array | None):
         self.chip = chip
         self.key = None if key is None else noise_lib.name_key(key, "jaxnoise/device/io")
+        sites = tuple(chip.layers)
+        # Every site's key at once (the same keys as one name_key per site; fewer ops to compile).
+        self._site_keys = ({} if key is None or chip.spec.io is None or not sites else
+                           dict(zip(sites, _site_keys(key, "jaxnoise/device/io", sites, "")[""])))
 
     def handles(self, site: str) -> bool:
         return site in self.chip.layers
@@ -833,7 +1130,7 @@ class AnalogContext:
             y = _linear(x, w, geometry)
         else:
             scale = None if spec.io.inp_ranges is None else spec.io.inp_ranges.get(site)
-            key = None if self.key is None else noise_lib.name_key(self.key, site)
+            key = self._site_keys.get(site)
             y = _analog_mvm_ste(key, x, w, spec.io, scale, None if geometry is None else tuple(geometry.items()))
         return y * a * jax.lax.stop_gradient(layer["alpha"]).astype(x.dtype)
 

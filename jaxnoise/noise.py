@@ -318,6 +318,9 @@ class NoiseSpec:
         activation noise ``"threefry/icdf16"`` on CPU and ``"threefry/erfinv"`` elsewhere). Static.
         ``describe()`` records the sampler used; results made before this field existed used
         ``"threefry/erfinv"``, so ``sampler="threefry/erfinv"`` reproduces them bit for bit.
+      weight_truncate: clip the weight noise's standard normal at +-k (``k`` > 0) before scaling, as the authors'
+        group does with k = 3 (its std is then :func:`clipped_normal_std` (k), 0.9975 at 3, not 1); None
+        (default): no truncation. Static.
 
     Examples:
       >>> spec = NoiseSpec(weight_eta=0.1)                     # aihwkit-style additive, 10% of max|W|
@@ -334,9 +337,16 @@ class NoiseSpec:
     act_kind: str | None = struct.field(pytree_node=False, default=None)
     weight_paths: tuple[str, ...] = struct.field(pytree_node=False, default=DEFAULT_WEIGHT_PATHS)
     sampler: str | None = struct.field(pytree_node=False, default=None)
+    weight_truncate: float | None = struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
         check_sampler(self.sampler)
+        if self.weight_truncate is not None:
+            k = self.weight_truncate
+            if isinstance(k, bool) or not _is_concrete_number(k) or not np.isfinite(k) or float(k) <= 0:
+                raise ValueError(f"weight_truncate={k!r}: the clip of the standard normal at +-k is a finite "
+                                 f"number > 0 (the authors' group uses 3), or None for no truncation.")
+            object.__setattr__(self, "weight_truncate", float(k))
         _check_kind(self.weight_kind, WEIGHT_KINDS, "weight")
         _check_kind(self.act_kind, ACTIVATION_KINDS, "activation")
         check_eta(self.weight_eta, "weight_eta")
@@ -400,6 +410,8 @@ class NoiseSpec:
         weight = None
         if self.weight_kind is not None:
             weight = {"kind": self.weight_kind, "eta": num(self.weight_eta)}
+            if self.weight_truncate is not None:
+                weight["truncate"] = self.weight_truncate
             sampler = self.resolved_sampler("weight", backend)
             if sampler != LEGACY_SAMPLER:
                 weight["prng"] = sampler
@@ -470,7 +482,15 @@ def weight_noise_sites(params: Mapping[str, Any], spec: NoiseSpec | None = None)
     return tuple(p for p in flat if _selected(p, patterns))
 
 
-def weight_delta(key: jax.Array, w: jax.Array, eta: jax.Array, kind: str, sampler: str | None = None) -> jax.Array:
+def clipped_normal_std(k: float) -> float:
+    """Standard deviation of a standard normal clipped (not resampled) at +-k."""
+    import scipy.stats
+    tail = scipy.stats.norm.sf(k)
+    return float(np.sqrt(1 - 2 * tail - 2 * k * scipy.stats.norm.pdf(k) + 2 * k * k * tail))
+
+
+def weight_delta(key: jax.Array, w: jax.Array, eta: jax.Array, kind: str, sampler: str | None = None,
+                 truncate: float | None = None) -> jax.Array:
     """The noise added to one weight tensor: ``W_noisy - W`` for one draw.
 
     Args:
@@ -481,6 +501,7 @@ def weight_delta(key: jax.Array, w: jax.Array, eta: jax.Array, kind: str, sample
       kind: a key of ``WEIGHT_KINDS``.
       sampler: a name of :data:`SAMPLERS`; None: ``default_sampler(noise="weight")`` (``"threefry/erfinv"``,
         i.e. ``jax.random.normal``).
+      truncate: clip the standard normal at +-truncate (None: no clip).
 
     Returns:
       An array like ``w``; exactly zero where ``eta == 0``.
@@ -488,6 +509,8 @@ def weight_delta(key: jax.Array, w: jax.Array, eta: jax.Array, kind: str, sample
     _check_kind(kind, WEIGHT_KINDS, "weight")
     check_sampler(sampler)
     z = standard_normal(key, w.shape, w.dtype, default_sampler(noise="weight") if sampler is None else sampler)
+    if truncate is not None:
+        z = jnp.clip(z, -truncate, truncate)
     eta = jnp.asarray(eta, w.dtype)
     if kind == "additive_rel_max":
         return eta * jnp.max(jnp.abs(w)) * z
@@ -534,7 +557,7 @@ def perturb_weights(key: jax.Array | None, params: Mapping[str, Any], spec: Nois
             out[path] = w
             continue
         eta = spec.weight_eta * mask[path] if path in mask else spec.weight_eta
-        delta = weight_delta(name_key(key, path), w, eta, spec.weight_kind, sampler)
+        delta = weight_delta(name_key(key, path), w, eta, spec.weight_kind, sampler, spec.weight_truncate)
         out[path] = w + jax.lax.stop_gradient(delta)
     return traverse_util.unflatten_dict(out, sep="/")
 

@@ -895,6 +895,20 @@ def _noise_off() -> dict[str, Any]:
     return {"weight_noise": None, "activation_noise": None}
 
 
+def described(spec: noise_lib.NoiseSpec | None, model: Any) -> dict[str, Any]:
+    """The result files' noise record of ``spec`` on ``model``: ``spec.describe()``, with the model's quantization
+    (``model.quant.describe()``) inside ``weight_noise`` (noise on quantized weights is another condition than on
+    float weights), or as ``"quant"`` beside it when there is no weight noise."""
+    desc = _noise_off() if spec is None else spec.describe()
+    quant = getattr(model, "quant", None)
+    if quant is not None:
+        if desc.get("weight_noise"):
+            desc["weight_noise"] = dict(desc["weight_noise"], quant=quant.describe())
+        else:
+            desc["quant"] = quant.describe()
+    return desc
+
+
 def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
              spec: noise_lib.NoiseSpec | None = None, *, key: jax.Array | int | None = None, n_chips: int = 32,
              batch_size: int = 500, chip_batch_size: int | None = None,
@@ -993,13 +1007,13 @@ def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
         _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=1, n_chips=1)
         data = _prepare(model, images, labels, batch_size, preprocess)
         correct = _clean_program(data.static, variables, data.images_b, data.labels_b, data.valid_b)
-        return MCResult.from_per_chip([int(correct) / data.n_images], data.n_images, _noise_off())
+        return MCResult.from_per_chip([int(correct) / data.n_images], data.n_images, described(None, model))
     _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
                   n_chips=n_chips, mesh=mesh)
     data = _prepare(model, images, labels, batch_size, preprocess)
     if target_ci_halfwidth is None:
         per_chip = _run_chips(data, variables, spec, key, 0, n_chips, chip_batch_size, mesh)
-        return MCResult.from_per_chip(per_chip, data.n_images, spec.describe())
+        return MCResult.from_per_chip(per_chip, data.n_images, described(spec, model))
     values: list[np.ndarray] = []
     drawn, rounds = 0, 0
     while True:
@@ -1013,7 +1027,7 @@ def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
             break
     stopping = {"rule": "t95_halfwidth", "target_ci_halfwidth": target, "max_chips": max_chips,
                 "round_chips": n_chips, "rounds": rounds, "ci_halfwidth": halfwidth, "met_target": halfwidth <= target}
-    return dataclasses.replace(MCResult.from_per_chip(np.concatenate(values), data.n_images, spec.describe()),
+    return dataclasses.replace(MCResult.from_per_chip(np.concatenate(values), data.n_images, described(spec, model)),
                                stopping=stopping)
 
 
@@ -1077,7 +1091,7 @@ def evaluate_many(model: Model, variables: Variables, images: Any, labels: Any,
     stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x, np.float32) for x in xs]), *specs)
     acc = _run_chips(data, variables, stacked, key, 0, n_chips, chip_batch_size, mesh,
                      setting_batch_size=min(setting_batch_size, len(specs)))
-    return [MCResult.from_per_chip(acc[i], data.n_images, sp.describe()) for i, sp in enumerate(specs)]
+    return [MCResult.from_per_chip(acc[i], data.n_images, described(sp, model)) for i, sp in enumerate(specs)]
 
 
 def _check_grid(name: str, etas: Sequence[float] | None) -> list[float] | None:
@@ -1185,7 +1199,7 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
         if ae is not None:
             exact = exact.replace(act_eta=ae)
         per_chip = _run_chips(data, variables, exact, key, 0, n_chips, chip_batch_size, mesh)
-        results.append(MCResult.from_per_chip(per_chip, data.n_images, exact.describe()))
+        results.append(MCResult.from_per_chip(per_chip, data.n_images, described(exact, model)))
     return results
 
 
@@ -1281,5 +1295,7 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
                 "device": device.replace(t_inference=float(tk)).describe()}
         if noise is not None and noise.has_weight_noise:
             desc["weight_noise_spec"] = noise.describe()["weight_noise"]
+        if getattr(model, "quant", None) is not None:
+            desc["weight_noise"] = dict(desc["weight_noise"], quant=model.quant.describe())
         results.append(MCResult.from_per_chip(acc[:, k], data.n_images, desc))
     return results

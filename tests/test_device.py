@@ -5,6 +5,7 @@ a sample std within 5 * sigma / sqrt(2 (n - 1)) (its normal-approximation standa
 have probability below 1e-6 per check, and a wrong constant (e.g. a 5% error in a coefficient) fails.
 """
 
+import contextlib
 import math
 
 import jax
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.integrate
 
-from jaxnoise import device, methods, robustness
+from jaxnoise import device, methods, noise, robustness
 from jaxnoise.models import get_model
 
 PCM = device.PCMModel()
@@ -492,3 +493,322 @@ def test_evaluate_device_rejects_bad_times(trained_digits_cnn, digits):
         with pytest.raises(ValueError, match=match):
             robustness.evaluate_device(model, variables, digits.test.images[:10], digits.test.labels[:10], spec,
                                        times=times, key=0, preprocess=digits.preprocess)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Before/after equality with the device code before the speed-up (chunked per-patch MVM, bound management that
+# re-runs only what clipped, batched chip draws). The functions below are that code, frozen (jaxnoise/device.py as
+# of 2026-12-02, docstrings dropped): the analog MVM, the drift-compensation readout, program_chip and read_chip.
+# Unchanged helpers (quantize, _linear, _noise_flags, _tile, the PCM formulas) are taken from the library.
+# With IOParams(sampler="threefry/erfinv", conv_sum="taps") the new code must give the same bits.
+
+LEGACY_IO = dict(sampler="threefry/erfinv", conv_sum="taps")
+
+
+def _ref_conv_views(x, kernel_shape, stride, padding):
+    kh, kw = kernel_shape[0], kernel_shape[1]
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    h = (x.shape[1] + 2 * padding - kh) // stride + 1
+    w = (x.shape[2] + 2 * padding - kw) // stride + 1
+    return [xp[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride, :]
+            for i in range(kh) for j in range(kw)]
+
+
+def _ref_patch_absmax(x, kernel_shape, stride, padding):
+    kh, kw = kernel_shape[0], kernel_shape[1]
+    m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    return jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, kh, kw, 1), (1, stride, stride, 1),
+                                 ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+def _ref_analog_mvm(key, x, w_tile, io, *, geometry=None, inp_scale=None, noise_flags=None):
+    dt = x.dtype
+    w_tile = w_tile.astype(dt)
+    w_abs = jnp.abs(w_tile)
+    use_w_noise, use_out_noise = device._noise_flags(key, io) if noise_flags is None else noise_flags
+    views = None
+    if io.noise_management == "abs_max":
+        if geometry is not None:
+            s = _ref_patch_absmax(x, w_tile.shape, geometry["stride"], geometry["padding"])
+            views = _ref_conv_views(x, w_tile.shape, geometry["stride"], geometry["padding"])
+            taps = [(i, j) for i in range(w_tile.shape[0]) for j in range(w_tile.shape[1])]
+        else:
+            s = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+        s = jnp.where(s > 0, s, jnp.ones_like(s))
+    else:
+        s = jnp.asarray(io.nm_scale if inp_scale is None else inp_scale, dt)
+
+    def dac(v, factor):
+        return device.quantize(v / (s * factor), io.inp_res, io.inp_bound)
+
+    def products(factor):
+        if views is None:
+            xq = dac(x, factor)
+            return (device._linear(xq, w_tile, geometry),
+                    (device._linear(xq * xq, w_abs, geometry) if use_w_noise else None))
+        y = spread = None
+        for (i, j), v in zip(taps, views):
+            q = dac(v, factor)
+            y = q @ w_tile[i, j] if y is None else y + q @ w_tile[i, j]
+            if use_w_noise:
+                spread = (q * q) @ w_abs[i, j] if spread is None else spread + (q * q) @ w_abs[i, j]
+        return y, spread
+
+    def one_round(factor, round_key):
+        y, spread = products(factor)
+        if use_w_noise:
+            y = y + jnp.asarray(io.w_noise, dt) * jnp.sqrt(jnp.maximum(spread, 0.0)) * jax.random.normal(
+                noise.name_key(round_key, "w_noise"), y.shape, dt)
+        if use_out_noise:
+            y = y + jnp.asarray(io.out_noise, dt) * jax.random.normal(
+                noise.name_key(round_key, "out_noise"), y.shape, dt)
+        clipped = (jnp.any(jnp.abs(y) >= io.out_bound, axis=-1, keepdims=True) if io.out_bound is not None
+                   else jnp.zeros(y.shape[:-1] + (1,), bool))
+        return device.quantize(y, io.out_res, io.out_bound), clipped
+
+    y0, clipped0 = one_round(jnp.asarray(1.0, dt), None if key is None else jax.random.fold_in(key, 0))
+    if io.bound_management == "none" or io.out_bound is None:
+        return y0 * s
+    max_factor = jnp.asarray(io.max_bm_factor, dt)
+
+    def body(carry):
+        r, out, done, factor = carry
+        y, clipped = one_round(factor, None if key is None else jax.random.fold_in(key, r))
+        accept = ~done & (~clipped | (factor * 2 > max_factor))
+        out = jnp.where(accept, y * factor, out)
+        done = done | accept
+        factor = jnp.where(done, factor, factor * 2)
+        return r + 1, out, done, factor
+
+    done0 = ~clipped0 | (2 > max_factor)
+    factor0 = jnp.where(done0, 1.0, 2.0).astype(dt)
+    _, out, _, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[2]), body, (jnp.uint32(1), y0, done0, factor0))
+    return out * s
+
+
+def _ref_key(key, *names):
+    for n in names:
+        key = noise.name_key(key, n)
+    return key
+
+
+def _ref_readout(key, w_tile, spec, site):
+    w = w_tile.reshape(-1, w_tile.shape[-1])
+    eye = jnp.eye(w.shape[0], dtype=w.dtype)
+    if spec.io is None:
+        y = eye @ w
+    else:
+        scale = None if spec.io.inp_ranges is None else spec.io.inp_ranges.get(site)
+        y = _ref_analog_mvm(key, eye, w, spec.io, inp_scale=scale)
+    axis = 0 if spec.compensation == "column" else None
+    return jnp.maximum(jnp.mean(jnp.abs(y), axis=axis), device.COMPENSATION_FLOOR)
+
+
+def _ref_program_chip(key, params, spec):
+    from flax import traverse_util
+    flat = traverse_util.flatten_dict(params, sep="/")
+    chip = {}
+    for site in device.analog_sites(params, spec):
+        w = jax.lax.stop_gradient(flat[f"{site}/kernel" if site else "kernel"])
+        if spec.modifier is not None:
+            w = device.modify_weights(_ref_key(key, "jaxnoise/device/modifier", site), w, spec.modifier)
+        g_plus, g_minus, scale = device.weights_to_conductances(w, spec.g_max, spec.g_min,
+                                                                per_column=spec.mapping == "column")
+        target = device._tile(g_plus, g_minus, spec)
+        if spec.pcm is not None:
+            kp = _ref_key(key, "jaxnoise/device/program", site)
+            kd = _ref_key(key, "jaxnoise/device/drift", site)
+            nu_plus = device.drift_exponents(noise.name_key(kd, "g_plus"), g_plus, spec.pcm, spec.g_max)
+            nu_minus = device.drift_exponents(noise.name_key(kd, "g_minus"), g_minus, spec.pcm, spec.g_max)
+            g_plus = device.program_conductances(noise.name_key(kp, "g_plus"), g_plus, spec.pcm, spec.g_max)
+            g_minus = device.program_conductances(noise.name_key(kp, "g_minus"), g_minus, spec.pcm, spec.g_max)
+        else:
+            nu_plus = nu_minus = jnp.zeros_like(g_plus)
+        if spec.compensation is not None:
+            r0 = _ref_readout(_ref_key(key, "jaxnoise/device/compensation", site),
+                              device._tile(g_plus, g_minus, spec), spec, site)
+        else:
+            r0 = jnp.ones((), w.dtype)
+        chip[site] = {"g_plus": g_plus, "g_minus": g_minus, "nu_plus": nu_plus, "nu_minus": nu_minus,
+                      "scale": scale, "w_target": target, "r0": r0}
+    return chip
+
+
+def _ref_read_chip(key, chip, t_inference, spec):
+    device.check_times(t_inference)
+    out = {}
+    for site, c in chip.items():
+        g_plus, g_minus = c["g_plus"], c["g_minus"]
+        if spec.pcm is not None:
+            kr = _ref_key(key, "jaxnoise/device/read", site)
+            g_plus = device.read_conductances(noise.name_key(kr, "g_plus"), g_plus, c["nu_plus"], t_inference,
+                                              spec.pcm, spec.g_max)
+            g_minus = device.read_conductances(noise.name_key(kr, "g_minus"), g_minus, c["nu_minus"], t_inference,
+                                               spec.pcm, spec.g_max)
+        w_tile = device._tile(g_plus, g_minus, spec)
+        if spec.compensation is not None:
+            r_t = _ref_readout(_ref_key(key, "jaxnoise/device/compensation", site), w_tile, spec, site)
+            alpha = device.drift_compensation_factor(c["r0"], r_t)
+        else:
+            alpha = jnp.ones((), w_tile.dtype)
+        dt = w_tile.dtype
+        w_scale = (jnp.asarray(spec.g_max, dt) - jnp.asarray(spec.g_min, dt)) / c["scale"]
+        out[site] = {"w_tile": w_tile, "w_scale": w_scale, "alpha": alpha}
+    return out
+
+
+@contextlib.contextmanager
+def _reference_device():
+    """Every device computation (evaluate_device, Model.apply(device=...)) runs the frozen code above. Traces are
+    cached per function, so the caches are cleared on the way in and out."""
+    saved = device.analog_mvm, device.program_chip, device.read_chip
+    device.analog_mvm, device.program_chip, device.read_chip = _ref_analog_mvm, _ref_program_chip, _ref_read_chip
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        device.analog_mvm, device.program_chip, device.read_chip = saved
+        jax.clear_caches()
+
+
+def _legacy(spec):
+    return spec.replace(io=None if spec.io is None else spec.io.replace(**LEGACY_IO))
+
+
+@pytest.fixture(scope="module")
+def digits_ranges(trained_digits_cnn, digits):
+    model, variables, _ = trained_digits_cnn
+    return device.calibrate_input_ranges(model.apply, variables, digits.preprocess(digits.train.images[:128]))
+
+
+EQUALITY_SPECS = {
+    "aihwkit_inference_default": lambda ranges: device.preset("aihwkit_inference_default"),
+    "hwa_standard": lambda ranges: device.preset("hwa_standard").replace(
+        io=device.preset("hwa_standard").io.replace(inp_ranges=ranges)),
+    "no_compensation": lambda ranges: device.preset("aihwkit_inference_default").replace(compensation=None),
+    "digital_layers": lambda ranges: device.preset("aihwkit_inference_default").replace(
+        digital_layers=("^conv1$", "^head$")),
+}
+
+
+@pytest.mark.slow  # ~25-45 s each: the old code's device program compiles slowly (the reason for the change)
+@pytest.mark.parametrize("name", sorted(EQUALITY_SPECS))
+def test_per_chip_results_and_logits_equal_the_code_before_the_speedup(name, trained_digits_cnn, digits,
+                                                                        digits_ranges):
+    """Per-chip accuracies (2 chips x 2 times), one chip's read and one forward pass: bit for bit."""
+    model, variables, _ = trained_digits_cnn
+    spec = _legacy(EQUALITY_SPECS[name](digits_ranges))
+    x, y = digits.test.images[:40], digits.test.labels[:40]
+    kw = dict(times=[60.0, 31536000.0], key=3, n_chips=2, batch_size=20, preprocess=digits.preprocess)
+    xb = digits.preprocess(x[:20])
+    k = jax.random.key(4)
+
+    def run():
+        per_chip = [r.per_chip for r in robustness.evaluate_device(model, variables, x, y, spec, **kw)]
+        layers = jax.jit(lambda v: device.read(k, v["params"], spec, 86400.0).layers)(variables)
+        logits = jax.jit(lambda v, xb: model.apply(v, xb, key=k, device=spec)[0])(variables, xb)
+        return per_chip, layers, logits
+
+    new = run()
+    with _reference_device():
+        old = run()
+    for a, b in zip(new[0], old[0]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(new[1]), jax.tree.leaves(old[1])):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(new[2], old[2])
+
+
+def _mvm_case(nm, bm, w_noise, gain, stride, cin=6):
+    # Inputs on a grid of 1/16 (like the digits' pixels): many DAC inputs fall exactly on a rounding tie, so a
+    # division computed any other way (e.g. as a product with a reciprocal) shows up as a one-step difference.
+    x = jnp.round(jnp.maximum(jax.random.normal(jax.random.key(30), (5, 9, 9, cin)), -0.5) * 8) / 16
+    w = jax.random.uniform(jax.random.key(31), (3, 3, cin, 5), minval=-1, maxval=1) * gain
+    io = device.IOParams(noise_management=nm, bound_management=bm, w_noise=w_noise, nm_scale=2.0,
+                         max_bm_factor=64.0, **LEGACY_IO)
+    return x, w, io, {"stride": stride, "padding": 1}
+
+
+@pytest.mark.parametrize("nm, bm", [("abs_max", "iterative"), ("abs_max", "none"), ("constant", "none")])
+@pytest.mark.parametrize("w_noise, gain", [(0.0, 0.3), (0.02, 3.0)])
+@pytest.mark.parametrize("stride, cin", [(1, 1), (2, 6)])
+def test_analog_mvm_equals_the_code_before_the_speedup(nm, bm, w_noise, gain, stride, cin):
+    """Conv and dense (its im2col patches) MVMs, with and without clipping (gain 3: many re-runs), noise on and
+    off, the I/O parameters as constants and as traced arrays (as evaluate_device passes them): bit for bit."""
+    x, w, io, geo = _mvm_case(nm, bm, w_noise, gain, stride, cin)
+    patches = device.conv_patches(x, w.shape, stride, 1)
+    w2 = w.reshape(-1, w.shape[-1])
+    traced = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), io)
+    for key in (jax.random.key(32), None):
+        new = [jax.jit(lambda x, w, io: device.analog_mvm(key, x, w, io, geometry=geo))(x, w, io),
+               jax.jit(lambda p, w, io: device.analog_mvm(key, p, w, io))(patches, w2, io),
+               jax.jit(lambda x, w, io: device.analog_mvm(key, x, w, io, geometry=geo))(x, w, traced)]
+        old = [jax.jit(lambda x, w, io: _ref_analog_mvm(key, x, w, io, geometry=geo))(x, w, io),
+               jax.jit(lambda p, w, io: _ref_analog_mvm(key, p, w, io))(patches, w2, io),
+               jax.jit(lambda x, w, io: _ref_analog_mvm(key, x, w, io, geometry=geo))(x, w, traced)]
+        for a, b in zip(new, old):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_constant_scale_conv_bound_management_rescales_each_patch(stride):
+    """noise_management="constant" with iterative bound management re-runs each clipped *patch* at its own factor
+    (the code before scaled input pixels by the factor of the output position at the same index, and failed at
+    stride 2): the conv equals the dense MVM of its im2col patches."""
+    x = jnp.maximum(jax.random.normal(jax.random.key(33), (3, 9, 9, 5)), 0.0)
+    w = jax.random.uniform(jax.random.key(34), (3, 3, 5, 4), minval=-1, maxval=1) * 3
+    io = device.IOParams(noise_management="constant", nm_scale=0.5, inp_res=None, out_res=None, out_noise=0.0)
+    conv = device.analog_mvm(None, x, w, io, geometry={"stride": stride, "padding": 1})
+    dense = device.analog_mvm(None, device.conv_patches(x, w.shape, stride, 1), w.reshape(-1, 4), io)
+    assert float(jnp.max(jnp.abs(dense))) > 2 * 12.0 * 0.5   # outputs beyond the bound: re-runs happened
+    np.testing.assert_allclose(conv, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nm", ["abs_max", "constant"])
+def test_conv_sum_orders_agree_to_float_rounding(nm):
+    """"patch" (one dot per patch) and "taps" (one dot per tap, summed) differ only by float rounding: without
+    quantisers and noise they agree to float precision."""
+    x, w, io, geo = _mvm_case(nm, "iterative", 0.02, 3.0, 1)
+    io = io.replace(inp_res=None, out_res=None, out_noise=0.0, w_noise=0.0)
+    a = device.analog_mvm(None, x, w, io.replace(conv_sum="patch"), geometry=geo)
+    b = device.analog_mvm(None, x, w, io.replace(conv_sum="taps"), geometry=geo)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_normals_equal_jax_random_normal():
+    keys = [jax.random.fold_in(jax.random.key(35), i) for i in range(4)] + [jax.random.PRNGKey(36)]
+    shapes = [(3, 3, 16, 16), (7,), (), (64, 10), (5, 3)]
+    z = jax.jit(lambda ks: device._normals(list(zip(ks, shapes)), jnp.float32))(keys)
+    for got, k, s in zip(z, keys, shapes):
+        np.testing.assert_array_equal(got, jax.random.normal(k, s, jnp.float32))
+    assert device._fast_normals(keys, jnp.float32) and not device._fast_normals(keys, jnp.float16)
+    k16 = jax.random.key(38)   # float16: jax.random.normal itself
+    np.testing.assert_array_equal(device._normals([(jax.random.clone(k16), (4,))], jnp.float16)[0],
+                                  jax.random.normal(k16, (4,), jnp.float16))
+
+
+def test_io_sampler_default_and_record():
+    io = device.IOParams()
+    assert io.resolved_sampler() == noise.default_sampler()
+    assert io.resolved_sampler("gpu") == "threefry/erfinv"
+    assert device.preset("aihwkit_inference_default").describe()["io"]["sampler"] == noise.default_sampler()
+    legacy = device.IOParams(**LEGACY_IO)
+    assert legacy.resolved_sampler() == "threefry/erfinv"
+    for bad, match in ((dict(sampler="philox"), "sampler"), (dict(conv_sum="tap"), "conv_sum")):
+        with pytest.raises(ValueError, match=match):
+            device.IOParams(**bad)
+
+
+def test_traced_zero_noise_scale_draws_nothing_and_changes_nothing():
+    """A noise scale passed as array data (robustness.evaluate_device does) that is 0 is skipped at run time: the
+    result equals the one with that noise statically off."""
+    x, w, io, geo = _mvm_case("abs_max", "iterative", 0.0, 3.0, 1)
+    traced = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), io)
+    k = jax.random.key(37)
+    f = jax.jit(lambda io, flags: device.analog_mvm(k, x, w, io, geometry=geo, noise_flags=flags),
+                static_argnums=1)
+    np.testing.assert_array_equal(f(traced, (True, True)), f(traced, (False, True)))
+    np.testing.assert_array_equal(f(traced.replace(out_noise=jnp.float32(0.0)), (True, True)),
+                                  f(traced, (False, False)))
+
+

@@ -17,17 +17,24 @@ from jaxnoise.models.torch_import import WeightsMismatchError, convert_torch_sta
 MODELS = ("mlp", "cnn", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18")
 
 
-def get_model(name: str, **kwargs) -> Model:
+def get_model(name: str, *, quant=None, **kwargs) -> Model:
     """Builds a model by name.
 
     Args:
       name: ``mlp``, ``cnn`` (digits-sized, 8x8x1 by default), ``resnet{6n+2}`` (CIFAR, 32x32x3) or
         ``resnet18`` (ImageNet, 224x224x3).
+      quant: a :class:`jaxnoise.quant.QuantSpec` (or its ``to_config()`` dict, as checkpoints record it) to
+        quantize weights and activations; None: float.
       **kwargs: ``num_classes``, ``input_shape`` and model-specific options.
 
     Raises:
       ValueError: for an unknown name, listing the known ones.
     """
+    model = _build(name, **kwargs)
+    return model if quant is None else model.with_quant(quant)
+
+
+def _build(name: str, **kwargs) -> Model:
     if name == "mlp":
         return mlp(**kwargs)
     if name == "cnn":

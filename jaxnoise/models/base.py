@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxnoise import device as device_lib
 from jaxnoise import noise as noise_lib
+from jaxnoise import quant as quant_lib
 from jaxnoise.models.layers import Scope
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
@@ -27,7 +28,10 @@ class Model:
       forward: ``forward(scope, x) -> (logits, features)``, features a dict of named intermediate outputs.
       input_shape: shape of one input example, (H, W, C).
       num_classes: number of logits.
-      config: the constructor arguments, for records.
+      config: the constructor arguments, for records (with ``"quant"``: the quantization's config).
+      quant: weight/activation quantization (:class:`~jaxnoise.quant.QuantSpec`), or None for float. The
+        kernels are quantized before any weight noise, so noise acts on the quantized weights; learned steps are
+        parameters (``w_step``/``a_step``, see :func:`jaxnoise.quant.init_steps`). Use :meth:`with_quant`.
     """
 
     name: str
@@ -35,15 +39,28 @@ class Model:
     input_shape: tuple[int, ...]
     num_classes: int
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quant: quant_lib.QuantSpec | None = None
+
+    def with_quant(self, quant: "quant_lib.QuantSpec | Mapping[str, Any] | None") -> "Model":
+        """The same model with ``quant`` (a QuantSpec, its ``to_config()`` dict, or None for float), recorded in
+        ``config["quant"]`` so checkpoints and result files rebuild it."""
+        quant = quant_lib.QuantSpec.from_config(quant)
+        config = {k: v for k, v in self.config.items() if k != "quant"}
+        if quant is not None:
+            config["quant"] = quant.to_config()
+        return dataclasses.replace(self, config=config, quant=quant)
 
     def init(self, key: jax.Array, batch_size: int = 2) -> Variables:
         """Fresh variables; every leaf's initialisation key is derived from its path."""
         return self._jitted_init(key, batch_size=batch_size)
 
     def _init(self, key: jax.Array, batch_size: int) -> Variables:
-        scope = Scope(init_key=key)
+        scope = Scope(init_key=key, quant=self.quant)
         self.forward(scope, jnp.zeros((batch_size,) + tuple(self.input_shape), jnp.float32))
-        return {"params": scope.created_params, "batch_stats": scope.created_stats}
+        params = scope.created_params
+        if self.quant is not None:
+            params = quant_lib.init_weight_steps(params, self.quant)
+        return {"params": params, "batch_stats": scope.created_stats}
 
     @functools.cached_property
     def _jitted_init(self):
@@ -79,7 +96,7 @@ class Model:
           ``self.feature_names`` to its array (plus ``"batch_stats"``/``"mvm"`` when asked for).
         """
         self.check_input(x)
-        params = variables["params"]
+        params = quant_lib.quantize_params(variables["params"], self.quant)
         if key is not None and noise is not None:
             params = noise_lib.perturb_weights(noise_lib.weight_key(key), params, noise)
         analog = None
@@ -91,7 +108,7 @@ class Model:
                 raise TypeError(f"device must be a jaxnoise.device.DeviceSpec or ChipRead, got {type(device).__name__}.")
             analog = None if chip is None else device_lib.AnalogContext(chip, key)
         sites = noise_lib.SiteContext(key, noise, capture=capture_mvm, analog=analog)
-        scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap)
+        scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap, quant=self.quant)
         logits, features = self.forward(scope, x)
         features = dict(features)
         if train:
@@ -121,7 +138,7 @@ class Model:
         order: list[str] = []  # dict pytrees come back key-sorted; keep forward order
 
         def run(v, x):
-            logits, feats = self.forward(Scope(v["params"], v["batch_stats"], sites=ctx), x)
+            logits, feats = self.forward(Scope(v["params"], v["batch_stats"], sites=ctx, quant=self.quant), x)
             order.extend(k for k, v in feats.items() if not isinstance(v, dict))
             return logits
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnoise import noise as noise_lib
+from jaxnoise import quant as quant_lib
 
 
 class Scope:
@@ -33,11 +34,14 @@ class Scope:
       bn_momentum: weight of the new batch statistic in the running average (PyTorch's 0.1).
       tap: ``tap(scope, name, x) -> x``, called by :meth:`feature` at every named feature (block outputs, stem):
         the hook where denoising blocks are inserted or gradient probes attached. None: identity.
+      quant: the model's quantization; a selected layer's input goes through its LSQ quantizer (learned step
+        ``a_step`` beside the kernel) before the MVM. Kernels arrive already quantized (``Model.apply``).
     """
 
     def __init__(self, params=None, batch_stats=None, *, sites: noise_lib.SiteContext | None = None,
                  train: bool = False, init_key: jax.Array | None = None, bn_momentum: float = 0.1,
-                 tap=None, _path: tuple[str, ...] = (), _root: "Scope | None" = None):
+                 tap=None, quant: quant_lib.QuantSpec | None = None, _path: tuple[str, ...] = (),
+                 _root: "Scope | None" = None):
         self.params = {} if params is None else params
         self.batch_stats = {} if batch_stats is None else batch_stats
         self.sites = sites or noise_lib.SiteContext()
@@ -48,6 +52,7 @@ class Scope:
         self.root = _root or self
         if _root is None:
             self.tap = tap
+            self.quant = quant
             self.new_stats: dict[str, Any] = {}
             self.created_params: dict[str, Any] = {}
             self.created_stats: dict[str, Any] = {}
@@ -68,6 +73,15 @@ class Scope:
     def param(self, name: str, shape, init_fn):
         """The parameter leaf ``name`` directly under this scope's path (created at init)."""
         return self._get("params", None, name, shape, init_fn)
+
+    def quantized_input(self, name: str, x):
+        """``x``, the input of layer ``name``, through the layer's activation quantizer when ``quant`` selects it."""
+        quant = self.root.quant
+        site = self.name(name)
+        if quant is None or not quant.quantizes_input(site):
+            return x
+        step = self._get("params", name, quant_lib.ACT_STEP, (), ones)
+        return quant_lib.quantize_input(x, step, quant.act_bits, quant.input_signed(site))
 
     def name(self, *parts: str) -> str:
         return "/".join(self.path + tuple(str(p) for p in parts))
@@ -100,6 +114,7 @@ class Scope:
         padding = kernel_size // 2 if padding is None else padding
         cin = x.shape[-1]
         kernel = self._get("params", name, "kernel", (kernel_size, kernel_size, cin, features), he_normal)
+        x = self.quantized_input(name, x)
         def exact(x, kernel):
             return jax.lax.conv_general_dilated(
                 x, kernel.astype(x.dtype), window_strides=(stride, stride),
@@ -114,6 +129,7 @@ class Scope:
     def dense(self, name: str, x, features: int, bias: bool = True):
         """Fully connected layer, an analog MVM: noise site ``self.name(name)``; bias added digitally after."""
         kernel = self._get("params", name, "kernel", (x.shape[-1], features), lecun_normal)
+        x = self.quantized_input(name, x)
         y = self.sites.mvm(self.name(name), x, kernel, lambda x, k: x @ k.astype(x.dtype))
         if bias:
             y = y + self._get("params", name, "bias", (features,), zeros).astype(y.dtype)
