@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,7 +44,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.path import atomicity as ocp_atomicity
 
 from jaxnoise import distributed
-from jaxnoise.io import write_text_atomic
+from jaxnoise.io import default_file_mode, write_text_atomic
 
 _STATE = "state"
 _METADATA = "metadata"
@@ -524,6 +525,64 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
     return save(path, 0, state, metadata, max_to_keep=None)
 
 
+NPZ_FORMAT = "jaxnoise.variables/1"
+
+
+def save_npz(path: str | os.PathLike, variables: Mapping[str, Any], metadata: Mapping[str, Any] | None = None, *,
+             overwrite: bool = False) -> str:
+    """Saves model variables as one ``.npz`` file (small trained weights to commit beside results): arrays under
+    ``params/<path>`` and ``batch_stats/<path>``, and ``metadata`` (model name and config, ...) as JSON in
+    ``__jaxnoise__``. Written atomically; an existing file is refused unless ``overwrite``. Read it back with
+    :func:`load_variables`."""
+    from flax import traverse_util  # noqa: PLC0415
+    path = _abs(path)
+    if not path.endswith(".npz"):
+        raise ValueError(f"save_npz writes a .npz file; {path!r} does not end with .npz.")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path!r} exists; save_npz never overwrites unless overwrite=True.")
+    arrays = {}
+    for collection in ("params", "batch_stats"):
+        for k, v in traverse_util.flatten_dict(dict(variables.get(collection, {}) or {}), sep="/").items():
+            arrays[f"{collection}/{k}"] = np.asarray(v)
+    arrays["__jaxnoise__"] = np.asarray(json.dumps({"format": NPZ_FORMAT, **dict(metadata or {})}))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_npz_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The metadata of a :func:`save_npz` file, or None for another ``.npz`` (a PyTorch state dict)."""
+    with np.load(_abs(path), allow_pickle=False) as z:
+        return json.loads(str(z["__jaxnoise__"])) if "__jaxnoise__" in z.files else None
+
+
+def _load_jaxnoise_npz(path: str, model: Any) -> dict[str, Any]:
+    from flax import traverse_util  # noqa: PLC0415
+    with np.load(path, allow_pickle=False) as z:
+        flat = {k: z[k] for k in z.files if k != "__jaxnoise__"}
+    out = {}
+    for collection in ("params", "batch_stats"):
+        sub = {k[len(collection) + 1:]: v for k, v in flat.items() if k.startswith(collection + "/")}
+        out[collection] = traverse_util.unflatten_dict(sub, sep="/") if sub else {}
+    if model is not None:
+        abstract = jax.eval_shape(model.init, jax.random.key(0))
+        wanted = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+        lines = _describe_mismatch(_flat_shapes(out), _flat_shapes(wanted))
+        if lines:
+            raise CheckpointMismatchError(f"{path!r} does not match model {model.name} ({model.config}):\n"
+                                          + "\n".join(lines) + "\nCheck read_npz_metadata(path)['model'].")
+    return out
+
+
 def load_variables(path: str | os.PathLike, model: Any = None, step: int | None = None) -> dict[str, Any]:
     """Loads model variables from a checkpoint directory or a PyTorch ``.npz`` state dict.
 
@@ -532,7 +591,8 @@ def load_variables(path: str | os.PathLike, model: Any = None, step: int | None 
         * a directory written by :func:`jaxnoise.train.train` (``WORKDIR`` or ``WORKDIR/checkpoints``) or by
           :func:`save_variables`: the latest step (or ``step``) is read and its ``params``/``batch_stats``
           returned;
-        * a ``.npz`` file with a PyTorch-named state dict (``jaxnoise.models.load_torch_npz``; needs ``model``).
+        * a ``.npz`` file written by :func:`save_npz` (``model`` optional: checked when given), or with a
+          PyTorch-named state dict (``jaxnoise.models.load_torch_npz``; needs ``model``).
       model: the :class:`~jaxnoise.models.Model`. Required for ``.npz``; for directories it is optional and, when
         given, the checkpoint is checked against it.
       step: checkpoint step (directories only); None for the latest.
@@ -552,6 +612,8 @@ def load_variables(path: str | os.PathLike, model: Any = None, step: int | None 
         if not fspath.endswith(".npz"):
             raise ValueError(f"{fspath!r} is a file but not a .npz state dict; pass a .npz file or a checkpoint "
                              f"directory.")
+        if os.path.isfile(fspath) and read_npz_metadata(fspath) is not None:   # written by save_npz
+            return _load_jaxnoise_npz(fspath, model)
         if model is None:
             raise ValueError(f"loading the PyTorch state dict {fspath!r} needs the model: "
                              f"load_variables(path, model=get_model(name)).")
@@ -580,4 +642,5 @@ def load_variables(path: str | os.PathLike, model: Any = None, step: int | None 
 
 
 __all__ = ["CHECKPOINT_SUBDIR", "METADATA_FILE", "CheckpointError", "CheckpointManager", "CheckpointMismatchError",
-           "latest_step", "load_variables", "read_metadata", "restore", "save", "save_variables"]
+           "latest_step", "load_variables", "read_metadata", "read_npz_metadata", "restore", "save", "save_npz",
+           "save_variables"]

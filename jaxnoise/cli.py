@@ -42,8 +42,8 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from jaxnoise import (checkpoint, data, denoise, device, distributed, io, methods, models, noise, placement, report,
-                      robustness, sensitivity, train)
+from jaxnoise import (checkpoint, data, denoise, device, distributed, experiment, io, methods, models, noise,
+                      placement, report, robustness, sensitivity, train)
 
 DEMO_WEIGHT_ETAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 
@@ -634,6 +634,17 @@ def cmd_denoise(args) -> Any:
     return dmodel, dvars
 
 
+def cmd_run(args) -> dict:
+    config = experiment.apply_overrides(experiment.load_config(args.config), args.overrides)
+    split = (lambda v: [x for x in v.split(",") if x] if v else [])
+    stages = experiment.stages_of(config)
+    if args.list:
+        for stage, action in experiment.plan(config, stages, experiment.results_dir_of(config), split(args.rerun)):
+            print(f"{stage.name:20s} {action}")
+        return {}
+    return experiment.run(config, stages, only=split(args.only) or None, rerun=split(args.rerun))
+
+
 def cmd_demo(args) -> dict:
     """Trains a small model on the embedded digits dataset, then sweeps weight noise over it.
 
@@ -813,6 +824,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--weight-etas", type=_scales, default=None, help="e.g. 0,0.05,0.1,0.15,0.2")
             p.add_argument("--act-etas", type=_scales, default=None, help="e.g. 0,0.1,0.2,0.4")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("run", help="an experiment config (experiments/configs/NAME.py): its stages, cached and "
+                                   "resumable")
+    p.add_argument("config", help="a config file with get_config(), e.g. experiments/configs/"
+                                  "consistency_resnet32_q4.py")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (dotted key, Python literal), e.g. --set qat.epochs=3; repeatable")
+    p.add_argument("--only", default=None, help="run only these stages (comma-separated); earlier ones must be done")
+    p.add_argument("--rerun", default=None, help="run these stages (and every later one) again, comma-separated")
+    p.add_argument("--list", action="store_true", help="list the stages and whether each is cached, run nothing")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sensitivity", help="per-layer sensitivity map: noise at one layer alone, per scale")
     _add_model_args(p)

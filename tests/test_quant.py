@@ -1,6 +1,9 @@
 """Weight/activation quantization (jaxnoise.quant) and noise on quantized weights."""
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -230,3 +233,7 @@ def test_learned_steps_train_save_and_restore_and_eval_loads_them(trained_digits
         assert cli.main(["eval", "--checkpoint", wd, "--weight-eta", "0.1", "--n-chips", "2", "--out", str(out)]) == 0
         entry = json.loads((out / "results.json").read_text())["arms"][0]["eval"][0]
         assert entry["weight_noise"]["quant"]["weight_bits"] == 4 and entry["weight_noise"]["eta"] == 0.1
+        if os.path.exists("../shared/check_results.py"):   # the shared result format still validates
+            checked = subprocess.run([sys.executable, "../shared/check_results.py", str(out / "results.json")],
+                                     capture_output=True, text=True)
+            assert checked.returncode == 0, checked.stdout + checked.stderr

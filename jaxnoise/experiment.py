@@ -1,0 +1,309 @@
+"""Experiments as configs run by named, cached stages that resume where they stopped.
+
+An experiment is a config file ``experiments/configs/<name>.py`` whose ``get_config()`` returns an
+``ml_collections.ConfigDict`` (its docstring gives the command and the expected result) with a ``protocol``: the
+name of a stage list in :data:`PROTOCOLS` (``jaxnoise.protocols``). ``jaxnoise run CONFIG [--set key=value ...]``
+(or :func:`run`) runs the stages in order:
+
+* a stage that finished before with the same settings is **cached**: its record
+  ``<results>/stages/<stage>.json`` (the settings it used, its summary, when it finished) is read, nothing runs;
+* a stage whose record holds other settings is **refused** before anything runs, naming the settings that differ
+  (a result is never silently replaced: ``--rerun STAGE`` runs it again, and every stage after it);
+* a stage that stopped half-way resumes from its own state (training stages from their checkpoints in the
+  work dir; evaluation stages from the per-setting files they write as they go).
+
+Each stage writes its outputs into the results dir (``experiments/results/<name>/``, committed: JSON, tables,
+plots and the trained weights of each arm as ``.npz``) as soon as it finishes; checkpoints and other bulky state
+go to the work dir (``runs/<name>/``, not committed). A later run on another machine continues from the committed
+files: a stage whose record and outputs are there is not run again.
+
+Tiny mode (``--set tiny=True``, what the tests run): every protocol maps itself to digits or synthetic data and a
+handful of steps, so each config runs end to end in seconds; its files go under ``runs/tiny/<name>/``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from jaxnoise import io as io_lib
+
+RECORD_FORMAT = "jaxnoise.stage/1"
+
+
+class ExperimentError(ValueError):
+    """A config, an override or a stage record that cannot be used; the message names the fix."""
+
+
+class Stage(NamedTuple):
+    """One named step of an experiment.
+
+    Attributes:
+      name: the stage's name (its record is ``stages/<name>.json``).
+      run: ``run(ctx) -> summary``: does the work, writes its outputs under ``ctx.results_dir``, returns a
+        JSON-ready summary that later stages read as ``ctx.summaries[name]``.
+      settings: the config keys (dotted) whose values the stage depends on; a change of one of them makes the
+        cached record stale. None: the whole config.
+      outputs: files (relative to the results dir) the stage must leave; a record without them is not a cache hit.
+    """
+
+    name: str
+    run: Callable[["Context"], Any]
+    settings: tuple[str, ...] | None = None
+    outputs: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Context:
+    """What a running stage sees."""
+
+    config: Any
+    results_dir: str
+    work_dir: str
+    summaries: dict[str, Any]
+    log: Callable[[str], None]
+    stage_work_dir: str = ""
+
+    def result_path(self, *parts: str) -> str:
+        path = os.path.join(self.results_dir, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def work_path(self, *parts: str) -> str:
+        """A path in the running stage's own work dir, ``<work_dir>/<stage>-<settings digest>``: a resume with the
+        same settings finds its checkpoints there, a run with other settings (``--rerun``) starts afresh beside
+        them (nothing is deleted)."""
+        path = os.path.join(self.stage_work_dir or self.work_dir, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+
+PROTOCOLS: dict[str, Callable[[Any], list[Stage]]] = {}
+
+
+def protocol(name: str):
+    """Registers ``fn(config) -> [Stage, ...]`` as the protocol ``name``."""
+    def register(fn):
+        PROTOCOLS[name] = fn
+        return fn
+    return register
+
+
+def _protocols() -> dict[str, Callable[[Any], list[Stage]]]:
+    import jaxnoise.protocols  # noqa: F401  (registers the library's protocols)
+    return PROTOCOLS
+
+
+def load_config(path: str | os.PathLike) -> Any:
+    """``get_config()`` of the config file ``path`` (a ``.py`` file), as an ``ml_collections.ConfigDict``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ExperimentError(f"config {path!r} does not exist; configs are experiments/configs/<name>.py files "
+                              f"with a get_config() function.")
+    spec = importlib.util.spec_from_file_location(f"jaxnoise_config_{_digest(path)[:8]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ExperimentError(f"config {path!r} has no get_config() function.")
+    config = module.get_config()
+    for field in ("name", "protocol"):
+        if field not in config:
+            raise ExperimentError(f"config {path!r}: get_config() must set {field!r}.")
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text   # a bare word is a string
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    """``config`` with ``key=value`` overrides (dotted keys; values as Python literals, bare words as strings).
+    An unknown key or a value of another type is refused with the key's current value."""
+    config = config.copy_and_resolve_references()
+    for item in overrides:
+        if "=" not in item:
+            raise ExperimentError(f"--set {item!r}: write key=value (e.g. --set train.epochs=3).")
+        key, text = item.split("=", 1)
+        *parents, leaf = key.strip().split(".")
+        node = config
+        for p in parents:
+            if p not in node:
+                raise ExperimentError(f"--set {key}: the config has no {p!r}; keys: {sorted(node.keys())}.")
+            node = node[p]
+        if leaf not in node:
+            raise ExperimentError(f"--set {key}: the config has no {leaf!r}; keys here: {sorted(node.keys())}.")
+        value = _parse_value(text)
+        old = node[leaf]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ExperimentError(f"--set {key}={text}: {e} (now {old!r}).") from e
+    return config
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _lookup(config: Any, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def stage_settings(config: Any, stage: Stage) -> dict[str, Any]:
+    """The settings a stage's record keeps (and a cache hit must match)."""
+    if stage.settings is None:
+        return _plain(config)
+    return {k: _plain(_lookup(config, k)) for k in stage.settings}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def record_path(results_dir: str, stage: str) -> str:
+    return os.path.join(results_dir, "stages", f"{stage}.json")
+
+
+def read_record(results_dir: str, stage: str) -> dict[str, Any] | None:
+    path = record_path(results_dir, stage)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def plan(config: Any, stages: Sequence[Stage], results_dir: str, rerun: Sequence[str] = ()) -> list[tuple[Stage, str]]:
+    """``[(stage, "cached" | "run"), ...]``, checking every record first: a stale record (other settings) that is
+    not to be rerun raises :class:`ExperimentError` before anything runs."""
+    names = [s.name for s in stages]
+    unknown = [r for r in rerun if r not in names]
+    if unknown:
+        raise ExperimentError(f"--rerun {unknown}: no such stage; stages: {names}.")
+    first_rerun = min((names.index(r) for r in rerun), default=len(names))
+    out = []
+    for i, stage in enumerate(stages):
+        record = read_record(results_dir, stage.name)
+        settings = stage_settings(config, stage)
+        if i >= first_rerun or record is None:
+            out.append((stage, "run"))
+            continue
+        if record.get("settings_digest") != _digest(settings):
+            diff = _differences(record.get("settings", {}), settings)
+            raise ExperimentError(
+                f"stage {stage.name!r} of {config.name} finished before with other settings "
+                f"({'; '.join(diff[:6]) or 'settings differ'}); its results are kept. Use another config name "
+                f"(--set name=...), undo the change, or --rerun {stage.name} to run it (and the stages after it) "
+                f"again.")
+        missing = [o for o in stage.outputs if not os.path.exists(os.path.join(results_dir, o))]
+        out.append((stage, "run" if missing else "cached"))
+    return out
+
+
+def stages_of(config: Any) -> list[Stage]:
+    """``PROTOCOLS[config.protocol](config)``, or an error listing the known protocols."""
+    protocols = _protocols()
+    if config.protocol not in protocols:
+        raise ExperimentError(f"config {config.name}: unknown protocol {config.protocol!r}; known: "
+                              f"{sorted(protocols)}.")
+    return protocols[config.protocol](config)
+
+
+def results_dir_of(config: Any) -> str:
+    """``experiments/results/<name>`` (committed); in tiny mode ``runs/tiny/<name>/results`` (never committed)."""
+    if config.get("tiny"):
+        return os.path.join("runs", "tiny", config.name, "results")
+    return os.path.join("experiments", "results", config.name)
+
+
+def work_dir_of(config: Any) -> str:
+    """``runs/<name>`` (checkpoints; not committed); in tiny mode ``runs/tiny/<name>/work``."""
+    if config.get("tiny"):
+        return os.path.join("runs", "tiny", config.name, "work")
+    return os.path.join("runs", config.name)
+
+
+def run(config: Any, stages: Sequence[Stage] | None = None, *, results_dir: str | None = None,
+        work_dir: str | None = None, only: Sequence[str] | None = None, rerun: Sequence[str] = (),
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs (or reads from cache) every stage of the experiment ``config``; returns ``{stage: summary}``.
+
+    Args:
+      config: the experiment's ConfigDict (``load_config`` + ``apply_overrides``).
+      stages: the stage list (default: ``PROTOCOLS[config.protocol](config)``).
+      results_dir: default :func:`results_dir_of` (``experiments/results/<name>``; tiny mode under ``runs/tiny``).
+      work_dir: default :func:`work_dir_of` (``runs/<name>``).
+      only: run only these stages (and read the records of the others that came before).
+      rerun: stages to run again even when cached (with every stage after them).
+    """
+    log = log or (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True))
+    if stages is None:
+        stages = stages_of(config)
+    results_dir = results_dir or results_dir_of(config)
+    work_dir = work_dir or work_dir_of(config)
+    steps = plan(config, stages, results_dir, rerun)
+    if only:
+        unknown = [o for o in only if o not in [s.name for s in stages]]
+        if unknown:
+            raise ExperimentError(f"--only {unknown}: no such stage; stages: {[s.name for s in stages]}.")
+    os.makedirs(results_dir, exist_ok=True)
+    ctx = Context(config, results_dir, work_dir, {}, log)
+    for stage, action in steps:
+        if action == "cached" or (only and stage.name not in only):
+            record = read_record(results_dir, stage.name)
+            if record is not None:
+                ctx.summaries[stage.name] = record.get("summary")
+                log(f"{stage.name}: cached ({record.get('finished', '?')})")
+                continue
+            if only:
+                raise ExperimentError(f"--only {list(only)} needs the result of stage {stage.name!r}, which has not "
+                                      f"run: run it first (or drop --only).")
+        settings = stage_settings(config, stage)
+        ctx.stage_work_dir = os.path.join(work_dir, f"{stage.name}-{_digest(settings)[:8]}")
+        log(f"{stage.name}: running (work dir {ctx.stage_work_dir})")
+        t0 = time.time()
+        summary = stage.run(ctx)
+        missing = [o for o in stage.outputs if not os.path.exists(os.path.join(results_dir, o))]
+        if missing:
+            raise RuntimeError(f"stage {stage.name} finished without writing {missing}.")
+        record = {"format": RECORD_FORMAT, "stage": stage.name, "experiment": config.name,
+                  "settings": settings, "settings_digest": _digest(settings), "summary": _plain(summary),
+                  "seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.makedirs(os.path.dirname(record_path(results_dir, stage.name)), exist_ok=True)
+        io_lib.write_text_atomic(record_path(results_dir, stage.name), json.dumps(record, indent=1) + "\n")
+        ctx.summaries[stage.name] = record["summary"]
+        log(f"{stage.name}: done in {record['seconds']:.0f} s")
+    return ctx.summaries

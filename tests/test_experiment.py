@@ -1,0 +1,125 @@
+"""The experiment runner: configs, overrides, cached and resumable stages, and every config end to end (tiny)."""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxnoise import checkpoint, cli, experiment
+
+CONFIGS = sorted(glob.glob(os.path.join("experiments", "configs", "*.py")))
+
+
+def _dirs(tmp_path):
+    return {"results_dir": str(tmp_path / "results"), "work_dir": str(tmp_path / "work")}
+
+
+def test_there_are_configs():
+    assert CONFIGS, "experiments/configs/*.py: no config found"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_runs_end_to_end_in_tiny_mode_then_is_cached(path, tmp_path):
+    config = experiment.apply_overrides(experiment.load_config(path), ["tiny=True"])
+    doc = open(path).read()
+    assert "jaxnoise run " + path.replace(os.sep, "/") in doc, "the docstring gives the command"
+    assert "Expected" in doc, "the docstring gives the expected result"
+    logs = []
+    summaries = experiment.run(config, **_dirs(tmp_path), log=logs.append)
+    stages = experiment.stages_of(config)
+    assert list(summaries) == [s.name for s in stages]
+    for stage in stages:
+        record = experiment.read_record(str(tmp_path / "results"), stage.name)
+        assert record["format"] == experiment.RECORD_FORMAT and record["stage"] == stage.name
+        for out in stage.outputs:
+            assert (tmp_path / "results" / out).exists()
+    # a second run reads every stage from its record and runs nothing
+    logs2 = []
+    again = experiment.run(config, **_dirs(tmp_path), log=logs2.append)
+    assert again == summaries
+    assert all("cached" in line for line in logs2), logs2
+
+
+def _tiny(path=None):
+    path = path or os.path.join("experiments", "configs", "consistency_resnet32_q4.py")
+    return experiment.apply_overrides(experiment.load_config(path), ["tiny=True", "qat.epochs=1"])
+
+
+def test_changed_settings_are_refused_and_rerun_replaces(tmp_path):
+    config = _tiny()
+    experiment.run(config, **_dirs(tmp_path), log=lambda m: None)
+    record = (tmp_path / "results" / "stages" / "qat.json").read_text()
+    changed = experiment.apply_overrides(config, ["qat.lr=0.05"])
+    with pytest.raises(experiment.ExperimentError, match=r"stage .qat.*qat\.lr: 0\.01 -> 0\.05.*--rerun qat"):
+        experiment.run(changed, **_dirs(tmp_path), log=lambda m: None)
+    assert (tmp_path / "results" / "stages" / "qat.json").read_text() == record   # untouched
+    # a setting only a later stage uses leaves the earlier one cached
+    logs = []
+    experiment.run(experiment.apply_overrides(config, ["eval.n_chips=4"]), **_dirs(tmp_path), log=logs.append,
+                   rerun=["eval_qat"])
+    assert any("qat: cached" in m for m in logs) and any("eval_qat: running" in m for m in logs)
+    logs = []
+    experiment.run(changed, **_dirs(tmp_path), log=logs.append, rerun=["qat"])
+    assert any("qat: running" in m for m in logs)
+    assert json.loads((tmp_path / "results" / "stages" / "qat.json").read_text())["settings"]["qat"]["lr"] == 0.05
+
+
+def test_a_stage_whose_outputs_are_gone_runs_again(tmp_path):
+    config = _tiny()
+    experiment.run(config, **_dirs(tmp_path), log=lambda m: None)
+    os.remove(tmp_path / "results" / "eval_qat.json")
+    logs = []
+    experiment.run(config, **_dirs(tmp_path), log=logs.append)
+    assert any("eval_qat: running" in m for m in logs) and any("qat: cached" in m for m in logs)
+
+
+@pytest.mark.parametrize("override, match", [("qat.epochs", "key=value"), ("nope=1", "has no 'nope'"),
+                                             ("qat.nope=1", "has no 'nope'"), ("qat.epochs='x'", "qat.epochs")])
+def test_bad_overrides(override, match):
+    with pytest.raises(experiment.ExperimentError, match=match):
+        experiment.apply_overrides(experiment.load_config(CONFIGS[0]), [override])
+
+
+def test_overrides_parse_literals():
+    c = experiment.apply_overrides(experiment.load_config(CONFIGS[0]),
+                                   ["qat.epochs=3", "qat.lr=1", "tiny=True", "quant.act_signed_paths=['^x$']"])
+    assert c.qat.epochs == 3 and c.qat.lr == 1.0 and isinstance(c.qat.lr, float) and c.tiny is True
+    assert tuple(c.quant.act_signed_paths) == ("^x$",)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(experiment.ExperimentError, match="does not exist"):
+        experiment.load_config(tmp_path / "none.py")
+    (tmp_path / "c.py").write_text("x = 1\n")
+    with pytest.raises(experiment.ExperimentError, match="get_config"):
+        experiment.load_config(tmp_path / "c.py")
+    (tmp_path / "d.py").write_text("import ml_collections\ndef get_config():\n"
+                                   "    return ml_collections.ConfigDict(dict(name='d', protocol='nope'))\n")
+    with pytest.raises(experiment.ExperimentError, match="unknown protocol 'nope'"):
+        experiment.stages_of(experiment.load_config(tmp_path / "d.py"))
+
+
+def test_cli_run_lists_and_runs(tmp_path, capsys, monkeypatch):
+    path = os.path.abspath(CONFIGS[0])
+    monkeypatch.chdir(tmp_path)   # tiny mode writes under runs/tiny of the working directory
+    assert cli.main(["run", path, "--set", "tiny=True", "--set", "qat.epochs=1", "--list"]) == 0
+    assert "qat" in capsys.readouterr().out
+    assert cli.main(["run", path, "--set", "tiny=True", "--set", "qat.epochs=1"]) == 0
+    assert (tmp_path / "runs" / "tiny").exists()
+    assert cli.main(["run", path, "--set", "tiny=True", "--set", "qat.epochs=2"]) == 2   # stale: refused
+    assert "--rerun qat" in capsys.readouterr().err
+    assert cli.main(["run", path, "--set", "nope=1"]) == 2
+
+
+def test_npz_weights_round_trip(tmp_path, trained_digits_cnn):
+    model, variables, _ = trained_digits_cnn
+    path = checkpoint.save_npz(tmp_path / "w.npz", variables, {"model": model.name})
+    assert checkpoint.read_npz_metadata(path)["model"] == "cnn"
+    loaded = checkpoint.load_variables(path, model)
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, variables))
+    with pytest.raises(FileExistsError):
+        checkpoint.save_npz(path, variables)
+    assert checkpoint.read_npz_metadata(path)["model"] == "cnn"
