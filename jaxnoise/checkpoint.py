@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -560,9 +561,13 @@ def save_npz(path: str | os.PathLike, variables: Mapping[str, Any], metadata: Ma
 
 
 def read_npz_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The metadata of a :func:`save_npz` file, or None for another ``.npz`` (a PyTorch state dict)."""
-    with np.load(_abs(path), allow_pickle=False) as z:
-        return json.loads(str(z["__jaxnoise__"])) if "__jaxnoise__" in z.files else None
+    """The metadata of a :func:`save_npz` file, or None for anything else (a PyTorch state dict, or a file that is
+    not a readable ``.npz``: its loader then says what is wrong with it)."""
+    try:
+        with np.load(_abs(path), allow_pickle=False) as z:
+            return json.loads(str(z["__jaxnoise__"])) if "__jaxnoise__" in z.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
 
 
 def _load_jaxnoise_npz(path: str, model: Any) -> dict[str, Any]:

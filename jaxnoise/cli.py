@@ -145,7 +145,8 @@ def _command_line() -> str:
 
 def _add_model_args(p: argparse.ArgumentParser, *, default_model: str | None = None) -> None:
     p.add_argument("--model", default=default_model, help=f"one of {', '.join(models.MODELS)}")
-    p.add_argument("--weights", help="PyTorch-named .npz state dict (e.g. ../shared/pretrained/resnet20_cifar10.npz)")
+    p.add_argument("--weights", help="a .npz of weights: a PyTorch-named state dict (e.g. ../shared/pretrained/"
+                                     "resnet20_cifar10.npz) or an experiment's saved arm (records its model)")
     p.add_argument("--checkpoint", help="a training workdir or checkpoint directory written by `jaxnoise train`")
     p.add_argument("--dataset", default=None, help=f"one of {', '.join(data.DATASETS)} (default: digits, or the "
                                                     f"checkpoint's dataset)")
@@ -241,6 +242,13 @@ def load_model(args, *, default_model: str | None = None, weights_required: bool
         if args.model and meta.get("model") and args.model != meta["model"]:
             raise UsageError(f"--model {args.model} but --checkpoint {args.checkpoint} holds a {meta['model']}: "
                              f"drop --model (the checkpoint records it) or give a checkpoint of {args.model}.")
+    if args.weights:
+        saved = checkpoint.read_npz_metadata(args.weights)   # weights an experiment stage saved (save_npz)
+        if saved:
+            if args.model and saved.get("model") and args.model != saved["model"]:
+                raise UsageError(f"--model {args.model} but --weights {args.weights} holds a {saved['model']}: "
+                                 f"drop --model (the file records it).")
+            meta = {"model": saved.get("model"), "model_config": saved.get("model_config")}
     name = args.model or meta.get("model") or default_model
     if not name:
         raise UsageError("--model is required (or --checkpoint of a training run that recorded it).")

@@ -281,7 +281,10 @@ def run(config: Any, stages: Sequence[Stage] | None = None, *, results_dir: str 
             raise ExperimentError(f"--only {unknown}: no such stage; stages: {[s.name for s in stages]}.")
     os.makedirs(results_dir, exist_ok=True)
     ctx = Context(config, results_dir, work_dir, {}, log)
-    for stage, action in steps:
+    last = max((i for i, (s, _) in enumerate(steps) if s.name in only), default=-1) if only else len(steps)
+    for i, (stage, action) in enumerate(steps):
+        if i > last:
+            break   # after the last --only stage: nothing more to do
         if action == "cached" or (only and stage.name not in only):
             record = read_record(results_dir, stage.name)
             if record is not None:

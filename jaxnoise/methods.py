@@ -126,8 +126,18 @@ def _prng(spec: noise_lib.NoiseSpec) -> dict[str, str | None]:
             "activation": spec.resolved_sampler("activation") if spec.act_kind else None}
 
 
+def _noise_config(spec: noise_lib.NoiseSpec) -> dict[str, Any]:
+    """The training noise as the loss config records it (``weight_truncate`` only when set)."""
+    out = {"weight_kind": spec.weight_kind, "act_kind": spec.act_kind, "weight_paths": list(spec.weight_paths),
+           "prng": _prng(spec)}
+    if spec.weight_truncate is not None:
+        out["weight_truncate"] = spec.weight_truncate
+    return out
+
+
 def _train_spec(weight_kind: str | None, act_kind: str | None, act_ref: Mapping[str, Any] | None,
-                weight_paths: Sequence[str] | None, device: Any = None) -> noise_lib.NoiseSpec:
+                weight_paths: Sequence[str] | None, device: Any = None,
+                weight_truncate: float | None = None) -> noise_lib.NoiseSpec:
     if weight_kind is None and act_kind is None and device is None:
         raise ValueError("a noise-aware method needs weight_kind, act_kind or a device spec; for noise-free "
                          "training use method 'clean'.")
@@ -137,7 +147,8 @@ def _train_spec(weight_kind: str | None, act_kind: str | None, act_ref: Mapping[
     kwargs = {} if weight_paths is None else {"weight_paths": _checks.names(weight_paths, "weight_paths",
                                                                              example="kernel")}
     # Validates the kinds and scales.
-    return noise_lib.NoiseSpec(weight_kind=weight_kind, act_kind=act_kind, act_ref=act_ref, **kwargs)
+    return noise_lib.NoiseSpec(weight_kind=weight_kind, act_kind=act_kind, act_ref=act_ref,
+                               weight_truncate=weight_truncate, **kwargs)
 
 
 def _check_against_model(model: Any, spec: noise_lib.NoiseSpec, device: Any) -> None:
@@ -243,7 +254,7 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
                   act_eta_train: float = 0.0, act_kind: str | None = None,
                   act_ref: Mapping[str, Any] | None = None, weight_paths: Sequence[str] | None = None,
                   num_draws: int = 1, draw_batch_size: int | None = None,
-                  device: device_lib.DeviceSpec | None = None) -> LossFn:
+                  device: device_lib.DeviceSpec | None = None, weight_truncate: float | None = None) -> LossFn:
     """Forward-noise (noise-injection) training: the cross-entropy of freshly drawn noisy chips.
 
     Every step draws ``num_draws`` chips (weight noise of ``weight_kind`` at ``eta_train``, and optionally
@@ -266,6 +277,8 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
         (PCM programming noise and/or a weight modifier) and runs every analog MVM with its I/O non-idealities
         (DAC/ADC straight-through, output noise). aihwkit trains with ``preset(...).training()`` (PCM off).
         Composes with ``weight_kind``/``act_kind``; both may be None when a device is given.
+      weight_truncate: clip the weight noise's standard normal at +-k (``NoiseSpec.weight_truncate``; the
+        authors' group trains with 3); None: no clip. On a quantized model the noise acts on W_q.
 
     Returns:
       ``loss_fn(params, batch_stats, images, labels, key, hparams)``; its logits are those of draw 0, its
@@ -275,7 +288,7 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
       >>> loss_fn = forward_noise(model, eta_train=0.1, num_draws=4)
       >>> loss, aux = loss_fn(params, stats, x, y, key, {"eta_train": jnp.float32(0.2)})   # no recompilation
     """
-    spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths, device)
+    spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths, device, weight_truncate)
     num_draws, draw_batch_size = _check_draws(num_draws, draw_batch_size)
     defaults = _noise_hparams(spec, eta_train, act_eta_train)
     _check_against_model(model, spec, device)
@@ -294,9 +307,7 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
         return loss, (logits[0], _mean_over_draws(stats), {"ce": loss})
 
     loss_fn.name = "forward_noise"
-    loss_fn.config = {"noise": {"weight_kind": weight_kind, "act_kind": act_kind,
-                                "weight_paths": list(spec.weight_paths),
-                                "prng": _prng(spec)},
+    loss_fn.config = {"noise": _noise_config(spec),
                       "num_draws": num_draws, "draw_batch_size": draw_batch_size,
                       "device": None if device is None else device.describe()}
     loss_fn.hparams = defaults
@@ -309,7 +320,7 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
                 act_kind: str | None = None, act_ref: Mapping[str, Any] | None = None,
                 weight_paths: Sequence[str] | None = None, num_draws: int = 1, draw_batch_size: int | None = None,
                 teacher: Mapping[str, Any] | None = None, teacher_model: Any = None,
-                device: device_lib.DeviceSpec | None = None) -> LossFn:
+                device: device_lib.DeviceSpec | None = None, weight_truncate: float | None = None) -> LossFn:
     """Consistency regularisation (Hou et al. 2024): noisy cross-entropy plus a pull toward clean features.
 
     ``loss = mean over K draws of [CE(noisy logits, y) + lambda * sum_s w_s * d(f_s(noisy), stop_gradient(f_s(clean)))]``
@@ -335,6 +346,7 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
       teacher_model: the teacher's architecture when it differs from ``model`` (it must have the same sites).
       device: train the noisy network under a device spec, as in :func:`forward_noise`; the clean target is the
         exact network.
+      weight_truncate: as in :func:`forward_noise`.
 
     Returns:
       ``loss_fn(params, batch_stats, images, labels, key, hparams)`` with metrics ``{"ce", "consistency"}``
@@ -343,7 +355,7 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
     References:
       Hou et al., Machine Learning: Science and Technology 5, 035065 (2024).
     """
-    spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths, device)
+    spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths, device, weight_truncate)
     num_draws, draw_batch_size = _check_draws(num_draws, draw_batch_size)
     _check_against_model(model, spec, device)
     if distance not in DISTANCES:
@@ -399,9 +411,7 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
         return loss, (logits[0], _mean_over_draws(stats), {"ce": ce, "consistency": reg})
 
     loss_fn.name = "consistency"
-    loss_fn.config = {"noise": {"weight_kind": weight_kind, "act_kind": act_kind,
-                                "weight_paths": list(spec.weight_paths),
-                                "prng": _prng(spec)},
+    loss_fn.config = {"noise": _noise_config(spec),
                       "num_draws": num_draws, "draw_batch_size": draw_batch_size, "sites": list(sites),
                       "site_weights": weights, "distance": distance,
                       "target": "teacher" if teacher is not None else "same weights, noise off",

@@ -45,7 +45,10 @@ def test_every_config_runs_end_to_end_in_tiny_mode_then_is_cached(path, tmp_path
 
 def _tiny(path=None):
     path = path or os.path.join("experiments", "configs", "consistency_resnet32_q4.py")
-    return experiment.apply_overrides(experiment.load_config(path), ["tiny=True", "qat.epochs=1"])
+    # one arm, one seed: the runner's behaviour, not the protocol's (which the end-to-end test covers)
+    return experiment.apply_overrides(experiment.load_config(path), ["tiny=True", "qat.epochs=1",
+                                                                     "arms.methods=('forward_noise',)",
+                                                                     "arms.seeds=(0,)"])
 
 
 def test_changed_settings_are_refused_and_rerun_replaces(tmp_path):
@@ -102,14 +105,32 @@ def test_bad_config_files(tmp_path):
         experiment.stages_of(experiment.load_config(tmp_path / "d.py"))
 
 
+def test_eval_reads_a_saved_arm_with_its_quantized_model(tmp_path, capsys, monkeypatch):
+    """`jaxnoise eval --weights ARM.npz` rebuilds the model (with its quantization) from the file's metadata."""
+    path = os.path.abspath(CONFIGS[0])
+    monkeypatch.chdir(tmp_path)
+    small = ["--set", "tiny=True", "--set", "qat.epochs=1", "--set", "arms.methods=('forward_noise',)",
+             "--set", "arms.seeds=(0,)", "--only", "qat"]
+    assert cli.main(["run", path, *small]) == 0
+    weights = tmp_path / "runs" / "tiny" / "consistency_resnet32_q4" / "results" / "weights" / "qat.npz"
+    assert checkpoint.read_npz_metadata(weights)["model_config"]["quant"]["weight_bits"] == 4
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--weights", str(weights), "--dataset", "digits", "--weight-eta", "0.2",
+                     "--n-chips", "2", "--out", str(out)]) == 0
+    entry = json.loads((out / "results.json").read_text())["arms"][0]["eval"][0]
+    assert entry["weight_noise"]["quant"]["weight_bits"] == 4
+
+
 def test_cli_run_lists_and_runs(tmp_path, capsys, monkeypatch):
     path = os.path.abspath(CONFIGS[0])
     monkeypatch.chdir(tmp_path)   # tiny mode writes under runs/tiny of the working directory
-    assert cli.main(["run", path, "--set", "tiny=True", "--set", "qat.epochs=1", "--list"]) == 0
+    small = ["--set", "tiny=True", "--set", "qat.epochs=1", "--set", "arms.methods=('forward_noise',)",
+             "--set", "arms.seeds=(0,)"]
+    assert cli.main(["run", path, *small, "--list"]) == 0
     assert "qat" in capsys.readouterr().out
-    assert cli.main(["run", path, "--set", "tiny=True", "--set", "qat.epochs=1"]) == 0
+    assert cli.main(["run", path, *small]) == 0
     assert (tmp_path / "runs" / "tiny").exists()
-    assert cli.main(["run", path, "--set", "tiny=True", "--set", "qat.epochs=2"]) == 2   # stale: refused
+    assert cli.main(["run", path, *small, "--set", "qat.epochs=2"]) == 2   # stale: refused
     assert "--rerun qat" in capsys.readouterr().err
     assert cli.main(["run", path, "--set", "nope=1"]) == 2
 
@@ -122,4 +143,6 @@ def test_npz_weights_round_trip(tmp_path, trained_digits_cnn):
     jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, variables))
     with pytest.raises(FileExistsError):
         checkpoint.save_npz(path, variables)
+    with pytest.raises(ValueError, match=".npz"):
+        checkpoint.save_npz(tmp_path / "w.bin", variables)
     assert checkpoint.read_npz_metadata(path)["model"] == "cnn"

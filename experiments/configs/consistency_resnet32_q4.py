@@ -36,5 +36,14 @@ def get_config():
     c.qat = ml_collections.ConfigDict(dict(epochs=5, lr=0.01, batch_size=128, weight_decay=1e-4,
                                            schedule="cosine"))
     c.noise = ml_collections.ConfigDict(dict(eta=0.2, truncate=3.0))
-    c.eval = ml_collections.ConfigDict(dict(n_chips=32, batch_size=500, key=0))
+    c.eval = ml_collections.ConfigDict(dict(n_chips=32, batch_size=500, key=0,
+                                            grid=(0.0, 0.05, 0.1, 0.15, 0.25, 0.3), grid_chips=8))
+    # The noise-aware arms, from the QAT weights, equal budgets; seed = data order and noise keys.
+    c.arms = ml_collections.ConfigDict(dict(methods=("forward_noise", "consistency"), seeds=(0, 1, 2), epochs=3,
+                                            lr=0.005, batch_size=128, weight_decay=1e-4, schedule="cosine"))
+    # Consistency's lambda / sites / distance: a short proxy on the held-out training images.
+    c.search = ml_collections.ConfigDict(dict(steps=150, n_chips=8, candidates=(
+        dict(lam=1.0, sites="all", distance="nmse"), dict(lam=0.3, sites="all", distance="nmse"),
+        dict(lam=3.0, sites="all", distance="nmse"), dict(lam=1.0, sites="stages", distance="nmse"),
+        dict(lam=1.0, sites="all", distance="cosine"))))
     return c

@@ -5,7 +5,7 @@ clean n-bit quantization-aware fine-tune (LSQ weights and activations: the refer
 from that checkpoint under additive noise sigma = eta * max|W_q| of each layer's quantized weights, the standard
 normal clipped at +-``noise.truncate``.
 
-Stages (so far):
+Stages:
 
 * ``qat``: the clean QAT fine-tune from the pretrained weights on the training images except the last
   ``held_out`` (kept for searches, never the test split); steps initialised by :func:`jaxnoise.quant.init_steps`
@@ -13,6 +13,20 @@ Stages (so far):
   in its metadata), ``qat_metrics.jsonl`` (the training curve).
 * ``eval_qat``: the reference on the full test split: noise-free accuracy, and Monte Carlo over ``eval.n_chips``
   chips at ``noise.eta`` (``eval_qat.json``, one MCResult each, with the quantization inside ``weight_noise``).
+* ``search``: lambda, sites and distance of consistency by a short proxy on the held-out training images: each
+  candidate of ``search.candidates`` (and forward-noise, lambda 0) fine-tunes ``search.steps`` steps from the QAT
+  weights at ``noise.eta`` and is scored by its Monte Carlo mean over ``search.n_chips`` chips at ``noise.eta`` on
+  the last ``held_out`` training images (never the test split); ``search.json`` holds every candidate (written as
+  each finishes, so a stopped search resumes) and the winner.
+* ``train_<arm>_s<seed>`` for each arm of ``arms.methods`` and seed of ``arms.seeds`` (seed = data order and
+  noise keys): ``arms.epochs`` from the QAT weights at ``noise.eta``, the same schedule and budget for every arm;
+  consistency with the searched settings. Writes ``weights/<arm>_s<seed>.npz`` and ``metrics/<arm>_s<seed>.jsonl``.
+* ``eval_<arm>_s<seed>``: ``eval.n_chips`` chips at ``noise.eta`` on the full test split (chip i has the same key
+  in every arm, so arms pair by chip), noise-free accuracy, and for seed ``arms.seeds[0]`` ``eval.grid_chips``
+  chips at every scale of ``eval.grid`` (``eval/<arm>_s<seed>.json``).
+* ``report``: ``results.json`` (shared format; every arm and seed), ``results.md`` (per seed: means, 95% CIs, 5th
+  percentile chips, the paired per-chip difference consistency - forward-noise; over seeds: the mean difference
+  with its 95% t interval), ``accuracy_vs_eta.png``.
 
 ``tiny=True`` runs the same stages on the digits CNN from random weights with a few steps (the tests).
 """
@@ -20,13 +34,14 @@ Stages (so far):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 
 import jax
 import numpy as np
 
-from jaxnoise import checkpoint, data, methods, noise, quant, report, robustness, train
+from jaxnoise import checkpoint, data, methods, noise, quant, report, robustness, stats, train
 from jaxnoise.experiment import Stage, protocol
 from jaxnoise.models import get_model
 
@@ -76,7 +91,14 @@ def train_config(config, section) -> train.TrainConfig:
 
 
 def _max_steps(config):
-    return int(config.max_steps) if config.max_steps else None
+    """The step limit of every training stage: ``max_steps`` (0: none); in tiny mode at most 12."""
+    limit = int(config.max_steps) if config.max_steps else None
+    return min(limit or 12, 12) if config.tiny else limit
+
+
+def _chips(config, n):
+    """Chips of a Monte Carlo evaluation; in tiny mode at most 4 (the tests)."""
+    return min(int(n), 4) if config.tiny else int(n)
 
 
 def stage_qat(ctx):
@@ -113,7 +135,7 @@ def stage_eval_qat(ctx):
     kw = dict(batch_size=int(config.eval.batch_size), preprocess=ds.preprocess)
     clean = robustness.evaluate(model, variables, ds.test.images, ds.test.labels, **kw)
     mc = robustness.evaluate(model, variables, ds.test.images, ds.test.labels, noise_spec(config, config.noise.eta),
-                             key=jax.random.key(int(config.eval.key)), n_chips=int(config.eval.n_chips), **kw)
+                             key=jax.random.key(int(config.eval.key)), n_chips=_chips(config, config.eval.n_chips), **kw)
     record = {"experiment": config.name, "arm": "qat (clean quantization-aware fine-tune)",
               "n_test": int(len(ds.test.labels)), "clean": clean.to_dict(), "noisy": mc.to_dict()}
     report.write_json(ctx.result_path("eval_qat.json"), record)
@@ -122,11 +144,228 @@ def stage_eval_qat(ctx):
     return {"clean": clean.mean, "noisy_mean": mc.mean, "noisy_ci95": mc.ci95, "n_chips": mc.n_chips}
 
 
+def _qat_variables(ctx, model):
+    return checkpoint.load_variables(ctx.result_path("weights", "qat.npz"), model)
+
+
+def _sites(text: str, model) -> tuple[str, ...] | None:
+    """A consistency site set by name: ``""``/``"all"`` every named feature, ``"stages"`` the last block of each
+    stage, or a comma-separated list."""
+    if text in ("", "all"):
+        return None
+    if text == "stages":   # CIFAR ResNets: layer1/N, layer2/N, layer3/N; other models: their block features
+        names = [f for f in model.feature_names if f.startswith("layer")]
+        if not names:
+            return tuple(f for f in model.feature_names if f not in ("stem", "pre_logits"))
+        last = {}
+        for f in names:
+            last[f.split("/")[0]] = f
+        return tuple(last.values())
+    return tuple(t for t in text.split(",") if t)
+
+
+def make_arm_loss(config, model, method: str, chosen: dict | None):
+    common = dict(eta_train=float(config.noise.eta), weight_truncate=float(config.noise.truncate) or None)
+    if method == "forward_noise":
+        return methods.forward_noise(model, **common)
+    if method == "consistency":
+        chosen = chosen or {}
+        return methods.consistency(model, lam=float(chosen.get("lam", 1.0)), sites=_sites(chosen.get("sites", ""),
+                                                                                            model),
+                                   distance=chosen.get("distance", "nmse"), **common)
+    raise ValueError(f"unknown arm method {method!r}; choose forward_noise or consistency.")
+
+
+def _held_out(config, ds):
+    n = len(ds.train.labels)
+    held = min(int(config.held_out), n // 5) if config.tiny else int(config.held_out)
+    return ds.train.images[n - held:], ds.train.labels[n - held:]
+
+
+def stage_search(ctx):
+    config = ctx.config
+    ds = dataset(config)
+    model = model_of(config, ds)
+    start = _qat_variables(ctx, model)
+    x_h, y_h = _held_out(config, ds)
+    path = ctx.result_path("search.json")
+    done = json.load(open(path)) if os.path.exists(path) else {"candidates": {}}
+    candidates = [("forward_noise", {"lam": 0.0})] + [("consistency", dict(c)) for c in config.search.candidates]
+    section = config.search
+    for method, cand in candidates:
+        label = method if method == "forward_noise" else ", ".join(f"{k}={v}" for k, v in sorted(cand.items()))
+        if label in done["candidates"]:
+            continue
+        workdir = ctx.work_path("".join(ch if ch.isalnum() else "_" for ch in label), "")
+        tcfg = train.TrainConfig(epochs=1, batch_size=int(config.arms.batch_size), learning_rate=float(config.arms.lr),
+                                 weight_decay=float(config.arms.weight_decay), schedule="constant",
+                                 seed=int(config.seed))
+        out, _ = train.train(model, train_split(config, ds), tcfg, workdir=workdir, variables=start,
+                             loss_fn=make_arm_loss(config, model, method, cand), progress=False,
+                             max_steps=min(int(section.steps), 5) if config.tiny else int(section.steps))
+        res = robustness.evaluate(model, out, x_h, y_h, noise_spec(config, config.noise.eta),
+                                  key=jax.random.key(1000 + int(config.seed)), n_chips=_chips(config, section.n_chips),
+                                  batch_size=int(config.eval.batch_size), preprocess=ds.preprocess)
+        done["candidates"][label] = {"method": method, "settings": cand, **res.to_dict()}
+        report.write_json(path, done)
+        ctx.log(f"search: {label}: {100 * res.mean:.2f}% {robustness.format_ci95(res.ci95)}")
+    cons = {k: v for k, v in done["candidates"].items() if v["method"] == "consistency"}
+    best = max(cons, key=lambda k: cons[k]["mean"])
+    done.update(chosen=cons[best]["settings"], chosen_label=best,
+                protocol=(f"{section.steps} steps (constant lr {config.arms.lr}) from the QAT weights at eta "
+                          f"{config.noise.eta}; Monte Carlo over {section.n_chips} chips at eta {config.noise.eta} "
+                          f"on the last {len(y_h)} training images (held out; never the test split)"))
+    report.write_json(path, done)
+    return {"chosen": cons[best]["settings"], "chosen_label": best, "chosen_mean": cons[best]["mean"],
+            "forward_noise_mean": done["candidates"]["forward_noise"]["mean"]}
+
+
+def _arm_name(method, seed):
+    return f"{method}_s{seed}"
+
+
+def stage_train_arm(method, seed):
+    def run(ctx):
+        config = ctx.config
+        ds = dataset(config)
+        model = model_of(config, ds)
+        chosen = ctx.summaries.get("search", {}).get("chosen") if method == "consistency" else None
+        tcfg = train.TrainConfig(epochs=int(config.arms.epochs), batch_size=int(config.arms.batch_size),
+                                 learning_rate=float(config.arms.lr), weight_decay=float(config.arms.weight_decay),
+                                 schedule=config.arms.schedule, seed=int(seed))
+        workdir = ctx.work_path("train", "")
+        out, _ = train.train(model, train_split(config, ds), tcfg, workdir=workdir, variables=_qat_variables(ctx, model),
+                             loss_fn=make_arm_loss(config, model, method, chosen), progress=False,
+                             max_steps=_max_steps(config),
+                             metadata={"init": "weights/qat.npz", "method": method, "seed": int(seed),
+                                       "consistency": chosen})
+        name = _arm_name(method, seed)
+        meta = {"model": model.name, "model_config": dict(model.config), "stage": f"train_{name}",
+                "experiment": config.name, "method": method, "seed": int(seed), "consistency": chosen}
+        checkpoint.save_npz(ctx.result_path("weights", f"{name}.npz"), out, meta, overwrite=True)
+        shutil.copyfile(os.path.join(workdir, "metrics.jsonl"), ctx.result_path("metrics", f"{name}.jsonl"))
+        metrics = train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+        return {"steps": metrics[-1].get("step") if metrics else None, "consistency": chosen}
+    return run
+
+
+def stage_eval_arm(method, seed):
+    def run(ctx):
+        config = ctx.config
+        ds = dataset(config)
+        model = model_of(config, ds)
+        name = _arm_name(method, seed)
+        variables = checkpoint.load_variables(ctx.result_path("weights", f"{name}.npz"), model)
+        kw = dict(batch_size=int(config.eval.batch_size), preprocess=ds.preprocess)
+        key = jax.random.key(int(config.eval.key))   # the same chips in every arm: arms pair by chip
+        clean = robustness.evaluate(model, variables, ds.test.images, ds.test.labels, **kw)
+        target = robustness.evaluate(model, variables, ds.test.images, ds.test.labels,
+                                     noise_spec(config, config.noise.eta), key=key,
+                                     n_chips=_chips(config, config.eval.n_chips), **kw)
+        grid = []
+        if int(seed) == int(config.arms.seeds[0]):
+            etas = [float(e) for e in config.eval.grid if float(e) != float(config.noise.eta)]
+            spec = noise_spec(config, 0.0)
+            grid = robustness.sweep(model, variables, ds.test.images, ds.test.labels, spec, weight_etas=etas,
+                                    key=key, n_chips=_chips(config, config.eval.grid_chips), **kw) if etas else []
+        record = {"arm": name, "method": method, "seed": int(seed), "clean": clean.to_dict(),
+                  "target": target.to_dict(), "grid": [g.to_dict() for g in grid]}
+        report.write_json(ctx.result_path("eval", f"{name}.json"), record)
+        ctx.log(f"eval {name}: clean {100 * clean.mean:.2f}%, eta {config.noise.eta}: {100 * target.mean:.2f}% "
+                f"{robustness.format_ci95(target.ci95)}")
+        return {"clean": clean.mean, "target_mean": target.mean, "target_ci95": target.ci95}
+    return run
+
+
+def stage_report(ctx):
+    config = ctx.config
+    ds = dataset(config)
+    model = model_of(config, ds)
+    qat = json.load(open(ctx.result_path("eval_qat.json")))
+    evals = {}
+    for method in config.arms.methods:
+        for seed in config.arms.seeds:
+            evals[(method, int(seed))] = json.load(open(ctx.result_path("eval", f"{_arm_name(method, seed)}.json")))
+    arms = [report.arm("qat", model, "clean QAT", model.param_count(), [qat["clean"], qat["noisy"]],
+                       train={"epochs": int(config.qat.epochs), "lr": float(config.qat.lr)})]
+    for (method, seed), e in evals.items():
+        arms.append(report.arm(_arm_name(method, seed), model, method, model.param_count(),
+                               [e["clean"], e["target"], *e["grid"]],
+                               train={"epochs": int(config.arms.epochs), "lr": float(config.arms.lr), "seed": seed,
+                                      "eta_train": float(config.noise.eta),
+                                      "consistency": ctx.summaries.get("search", {}).get("chosen")
+                                      if method == "consistency" else None}))
+    n_test = int(len(ds.test.labels))
+    record = report.result_record(config.name, f"jaxnoise run experiments/configs/{config.name}.py", arms,
+                                  {"name": "digits" if config.tiny else config.dataset, "split": "test",
+                                   "n_images": n_test})
+    seeds = [int(s) for s in config.arms.seeds]
+    comparison = {}
+    if {"forward_noise", "consistency"} <= set(config.arms.methods):
+        per_seed = []
+        for seed in seeds:
+            c, f = evals[("consistency", seed)]["target"], evals[("forward_noise", seed)]["target"]
+            d = stats.paired(c["per_chip"], f["per_chip"])
+            per_seed.append({"seed": seed, "consistency": c["mean"], "forward_noise": f["mean"], **d.to_dict()})
+        over = stats.over_seeds([p["mean"] for p in per_seed])
+        comparison = {"per_seed": per_seed, "over_seeds": over.to_dict(),
+                      "what": f"consistency - forward_noise at eta {config.noise.eta} (accuracy, fraction); per seed "
+                              f"the paired per-chip difference, over seeds the t interval of the per-seed means"}
+    record["comparison"] = comparison
+    record["reference"] = {"qat_clean": qat["clean"]["mean"], "qat_noisy": qat["noisy"]["mean"]}
+    report.write_json(ctx.result_path("results.json"), record)
+    lines = [f"# {config.name}", "", f"Test split, {n_test} images; noise sigma = {config.noise.eta} max|W_q| "
+             f"(normal clipped at +-{config.noise.truncate}); {_chips(config, config.eval.n_chips)} chips per arm and seed.",
+             "",
+             "| arm | noise-free | at eta (mean) | 95% CI | p5 chip |", "|---|---:|---:|---|---:|",
+             f"| qat | {100 * qat['clean']['mean']:.2f} | {100 * qat['noisy']['mean']:.2f} | "
+             f"{robustness.format_ci95(qat['noisy']['ci95'])} | {100 * qat['noisy']['p5']:.2f} |"]
+    for (method, seed), e in evals.items():
+        t = e["target"]
+        lines.append(f"| {_arm_name(method, seed)} | {100 * e['clean']['mean']:.2f} | {100 * t['mean']:.2f} | "
+                     f"{robustness.format_ci95(t['ci95'])} | {100 * t['p5']:.2f} |")
+    if comparison:
+        lines += ["", "consistency - forward_noise (points):", "", "| seed | difference | paired 95% CI (chips) |",
+                  "|---|---:|---|"]
+        for p in comparison["per_seed"]:
+            lines.append(f"| {p['seed']} | {100 * p['mean']:+.2f} | "
+                         f"{robustness.format_ci95(p['ci95'], signed=True)} |")
+        o = comparison["over_seeds"]
+        lines.append(f"| mean over {o['n']} seeds | {100 * o['mean']:+.2f} | "
+                     f"{robustness.format_ci95(o['ci95'], signed=True)} (over seeds) |")
+    text = "\n".join(lines) + "\n"
+    io_lib_write(ctx.result_path("results.md"), text)
+    report.plot_sweep(record, ctx.result_path("accuracy_vs_eta.png"))
+    return {"comparison": comparison.get("over_seeds"), "qat_clean": qat["clean"]["mean"]}
+
+
+def io_lib_write(path, text):
+    from jaxnoise import io as io_lib
+    io_lib.write_text_atomic(path, text)
+
+
 @protocol("consistency_quantized")
 def stages(config) -> list[Stage]:
-    return [
-        Stage("qat", stage_qat, settings=_DATA + _MODEL + ("seed", "qat", "max_steps"),
-              outputs=("weights/qat.npz", "qat_metrics.jsonl")),
-        Stage("eval_qat", stage_eval_qat, settings=_DATA + _MODEL + ("seed", "qat", "max_steps", "noise", "eval"),
+    base = _DATA + _MODEL + ("seed", "qat", "max_steps")
+    arms = base + ("noise", "arms", "search")
+    out = [
+        Stage("qat", stage_qat, settings=base, outputs=("weights/qat.npz", "qat_metrics.jsonl")),
+        Stage("eval_qat", stage_eval_qat, settings=base + ("noise", "eval.n_chips", "eval.batch_size", "eval.key"),
               outputs=("eval_qat.json",)),
     ]
+    if "consistency" in config.arms.methods:
+        out.append(Stage("search", stage_search, settings=base + ("noise", "search", "arms.lr", "arms.batch_size",
+                                                                   "arms.weight_decay", "eval.batch_size"),
+                         outputs=("search.json",)))
+    for seed in config.arms.seeds:
+        for method in config.arms.methods:
+            name = _arm_name(method, seed)
+            out.append(Stage(f"train_{name}", stage_train_arm(method, seed), settings=arms,
+                             outputs=(f"weights/{name}.npz",)))
+    for seed in config.arms.seeds:
+        for method in config.arms.methods:
+            name = _arm_name(method, seed)
+            out.append(Stage(f"eval_{name}", stage_eval_arm(method, seed), settings=arms + ("eval",),
+                             outputs=(f"eval/{name}.json",)))
+    out.append(Stage("report", stage_report, settings=None, outputs=("results.json", "results.md")))
+    return out
