@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -45,7 +44,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.path import atomicity as ocp_atomicity
 
 from jaxnoise import distributed
-from jaxnoise.io import default_file_mode, write_text_atomic
+from jaxnoise.io import write_atomic, write_text_atomic
 
 _STATE = "state"
 _METADATA = "metadata"
@@ -546,17 +545,7 @@ def save_npz(path: str | os.PathLike, variables: Mapping[str, Any], metadata: Ma
         for k, v in traverse_util.flatten_dict(dict(variables.get(collection, {}) or {}), sep="/").items():
             arrays[f"{collection}/{k}"] = np.asarray(v)
     arrays["__jaxnoise__"] = np.asarray(json.dumps({"format": NPZ_FORMAT, **dict(metadata or {})}))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: np.savez_compressed(f, **arrays), binary=True)
     return path
 
 

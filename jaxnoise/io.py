@@ -28,10 +28,11 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 __all__ = ["OutputError", "OutputExistsError", "OutputConflictError", "RESULT_FILES", "ResultSet", "append_lines",
-           "default_file_mode", "umask", "write_text_atomic"]
+           "default_file_mode", "umask", "write_atomic", "write_text_atomic"]
 
 # The files jaxnoise writes into a result directory; a directory holding only these (and hidden files) is a
 # result set that --overwrite may replace.
@@ -86,8 +87,8 @@ def append_lines(path: str | os.PathLike, lines: Iterable[str]) -> None:
         os.fsync(f.fileno())
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> str:
-    """Writes ``text`` to a temporary file in the same folder, fsyncs it, then renames it over ``path``.
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = False) -> str:
+    """Calls ``write(f)`` on a temporary file in ``path``'s folder, fsyncs it, then renames it over ``path``.
 
     Creates missing folders. A crash leaves either the old file or the new one, never a mixture. The file gets
     the user's umask (not the private mode of a temporary file).
@@ -100,8 +101,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         _chmod_default(tmp)
@@ -111,6 +112,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+    """:func:`write_atomic` of ``text``."""
+    return write_atomic(path, lambda f: f.write(text))
 
 
 # ----------------------------------------------------------------------------------------------------------------
