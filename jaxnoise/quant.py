@@ -356,3 +356,32 @@ def init_steps(model: Any, variables: Mapping[str, Any], images: Any = None, *, 
                                                   percentile=spec.percentile, k_std=spec.k_std).astype(jnp.float32)
     out["params"] = traverse_util.unflatten_dict(flat, sep="/")
     return out
+
+
+def noise_ratios(params: Mapping[str, Any], spec: QuantSpec, eta: float) -> dict[str, dict[str, float]]:
+    """Per quantized kernel: how big additive noise ``eta * max|W_q|`` is against the quantized weights.
+
+    Returns ``{path: {"sigma_over_rms": eta max|W_q| / rms(W_q), "max_over_rms": max|W_q| / rms(W_q),
+    "clip_over_percentile": Q_p s / percentile(|w|, spec.percentile), "clipped_fraction": share of |w| > Q_p s}}``
+    (the last two describe where the step put the clip). For reading noise scales across conventions: on float
+    weights ``max|W| / rms(W)`` is ~6, so 0.2 max|W| is more noise than signal."""
+    q = quantize_params(params, spec)
+    flat, qflat = (traverse_util.flatten_dict(t, sep="/") for t in (params, q))
+    qp = levels(spec.weight_bits)[1]
+    out = {}
+    for path, wq in qflat.items():
+        if path.endswith(WEIGHT_STEP) or path.endswith(ACT_STEP) or not _selected(path, spec.weight_paths):
+            continue
+        w, wq = np.asarray(flat[path], np.float64), np.asarray(wq, np.float64)
+        rms = float(np.sqrt(np.mean(wq ** 2))) or 1.0
+        top = float(np.max(np.abs(wq)))
+        clip = (np.max(np.abs(wq), axis=tuple(range(w.ndim - 1))) if spec.per_channel else top)
+        step_clip = np.asarray(clip)   # the largest used level; the clip itself when some weight reaches it
+        if spec.learned_weight_step:
+            step_clip = np.asarray(flat[_join(_parent(path), WEIGHT_STEP)], np.float64) * qp
+        pct = np.percentile(np.abs(w), spec.percentile, axis=_reduce_axes(w, spec.per_channel))
+        out[path] = {"sigma_over_rms": eta * top / rms, "max_over_rms": top / rms,
+                     "clip_over_percentile": float(np.median(step_clip / np.where(pct > 0, pct, 1.0))),
+                     "clipped_fraction": float(np.mean(np.abs(w) > np.broadcast_to(step_clip, w.shape[-1:]
+                                                                                   if spec.per_channel else ())))}
+    return out

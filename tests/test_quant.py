@@ -237,3 +237,16 @@ def test_learned_steps_train_save_and_restore_and_eval_loads_them(trained_digits
             checked = subprocess.run([sys.executable, "../shared/check_results.py", str(out / "results.json")],
                                      capture_output=True, text=True)
             assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_noise_ratios_describe_the_clip_and_the_noise_against_the_quantized_weights():
+    params = _dense_params((256, 192))
+    spec = quant.QuantSpec(weight_bits=4, weight_step="percentile", percentile=80)
+    r = quant.noise_ratios(params, spec, 0.2)["fc/kernel"]
+    wq = np.asarray(quant.quantize_params(params, spec)["fc"]["kernel"])
+    assert r["clip_over_percentile"] == pytest.approx(1.0, abs=1e-5)       # the rule clips at the 80th percentile
+    assert r["clipped_fraction"] == pytest.approx(0.2, abs=0.002)
+    assert r["sigma_over_rms"] == pytest.approx(0.2 * np.abs(wq).max() / np.sqrt(np.mean(wq ** 2)), rel=1e-6)
+    learned = quant.QuantSpec(weight_bits=4)
+    p2 = quant.init_weight_steps(params, learned)
+    assert quant.noise_ratios(p2, learned, 0.2)["fc/kernel"]["clip_over_percentile"] == pytest.approx(1.0, abs=1e-5)
