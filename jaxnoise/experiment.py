@@ -6,7 +6,7 @@ name of a stage list in :data:`PROTOCOLS` (``jaxnoise.protocols``). ``jaxnoise r
 (or :func:`run`) runs the stages in order:
 
 * a stage that finished before with the same settings is **cached**: its record
-  ``<results>/stages/<stage>.json`` (the settings it used, its summary, when it finished) is read, nothing runs;
+  ``<results>/stages/<stage>.jsonl`` (the settings it used, its summary, when it finished) is read, nothing runs;
 * a stage whose record holds other settings is **refused** before anything runs, naming the settings that differ
   (a result is never silently replaced: ``--rerun STAGE`` runs it again, and every stage after it);
 * a stage that stopped half-way resumes from its own state (training stages from their checkpoints in the
@@ -46,7 +46,7 @@ class Stage(NamedTuple):
     """One named step of an experiment.
 
     Attributes:
-      name: the stage's name (its record is ``stages/<name>.json``).
+      name: the stage's name (its record is ``stages/<name>.jsonl``).
       run: ``run(ctx) -> summary``: does the work, writes its outputs under ``ctx.results_dir``, returns a
         JSON-ready summary that later stages read as ``ctx.summaries[name]``.
       settings: the config keys (dotted) whose values the stage depends on; a change of one of them makes the
@@ -195,15 +195,19 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "
 
 
 def record_path(results_dir: str, stage: str) -> str:
-    return os.path.join(results_dir, "stages", f"{stage}.json")
+    """``stages/<stage>.jsonl``: one JSON line per finished run of the stage, the last one current (a rerun appends;
+    nothing is overwritten). Not ``.json``: result files in the shared format are the only ``.json`` there."""
+    return os.path.join(results_dir, "stages", f"{stage}.jsonl")
 
 
 def read_record(results_dir: str, stage: str) -> dict[str, Any] | None:
+    """The stage's current record (the last line of :func:`record_path`), or None when it never finished."""
     path = record_path(results_dir, stage)
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        lines = [line for line in f if line.strip()]
+    return json.loads(lines[-1]) if lines else None
 
 
 def plan(config: Any, stages: Sequence[Stage], results_dir: str, rerun: Sequence[str] = ()) -> list[tuple[Stage, str]]:
@@ -306,7 +310,7 @@ def run(config: Any, stages: Sequence[Stage] | None = None, *, results_dir: str 
                   "settings": settings, "settings_digest": _digest(settings), "summary": _plain(summary),
                   "seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.makedirs(os.path.dirname(record_path(results_dir, stage.name)), exist_ok=True)
-        io_lib.write_text_atomic(record_path(results_dir, stage.name), json.dumps(record, indent=1) + "\n")
+        io_lib.append_lines(record_path(results_dir, stage.name), [json.dumps(record) + "\n"])
         ctx.summaries[stage.name] = record["summary"]
         log(f"{stage.name}: done in {record['seconds']:.0f} s")
     return ctx.summaries

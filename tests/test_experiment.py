@@ -3,6 +3,8 @@
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 
 from jaxnoise import checkpoint, cli, experiment
 
+CHECK = "../shared/check_results.py"
 CONFIGS = sorted(glob.glob(os.path.join("experiments", "configs", "*.py")))
 
 
@@ -36,6 +39,12 @@ def test_every_config_runs_end_to_end_in_tiny_mode_then_is_cached(path, tmp_path
         assert record["format"] == experiment.RECORD_FORMAT and record["stage"] == stage.name
         for out in stage.outputs:
             assert (tmp_path / "results" / out).exists()
+    # every .json the run wrote is a result file in the shared format (stage records are .jsonl)
+    jsons = sorted(glob.glob(str(tmp_path / "results" / "**" / "*.json"), recursive=True))
+    assert jsons
+    if os.path.exists(CHECK):
+        out = subprocess.run([sys.executable, CHECK, *jsons], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
     # a second run reads every stage from its record and runs nothing
     logs2 = []
     again = experiment.run(config, **_dirs(tmp_path), log=logs2.append)
@@ -54,11 +63,11 @@ def _tiny(path=None):
 def test_changed_settings_are_refused_and_rerun_replaces(tmp_path):
     config = _tiny()
     experiment.run(config, **_dirs(tmp_path), log=lambda m: None)
-    record = (tmp_path / "results" / "stages" / "qat.json").read_text()
+    record = (tmp_path / "results" / "stages" / "qat.jsonl").read_text()
     changed = experiment.apply_overrides(config, ["qat.lr=0.05"])
     with pytest.raises(experiment.ExperimentError, match=r"stage .qat.*qat\.lr: 0\.01 -> 0\.05.*--rerun qat"):
         experiment.run(changed, **_dirs(tmp_path), log=lambda m: None)
-    assert (tmp_path / "results" / "stages" / "qat.json").read_text() == record   # untouched
+    assert (tmp_path / "results" / "stages" / "qat.jsonl").read_text() == record   # untouched
     # a setting only a later stage uses leaves the earlier one cached
     logs = []
     experiment.run(experiment.apply_overrides(config, ["eval.n_chips=4"]), **_dirs(tmp_path), log=logs.append,
@@ -67,7 +76,9 @@ def test_changed_settings_are_refused_and_rerun_replaces(tmp_path):
     logs = []
     experiment.run(changed, **_dirs(tmp_path), log=logs.append, rerun=["qat"])
     assert any("qat: running" in m for m in logs)
-    assert json.loads((tmp_path / "results" / "stages" / "qat.json").read_text())["settings"]["qat"]["lr"] == 0.05
+    assert experiment.read_record(str(tmp_path / "results"), "qat")["settings"]["qat"]["lr"] == 0.05
+    history = (tmp_path / "results" / "stages" / "qat.jsonl").read_text().splitlines()
+    assert [json.loads(h)["settings"]["qat"]["lr"] for h in history] == [0.01, 0.05]   # the rerun appended
 
 
 def test_a_stage_whose_outputs_are_gone_runs_again(tmp_path):

@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 from jaxnoise import checkpoint, data, methods, noise, quant, report, robustness, stats, train
+from jaxnoise import io as io_lib
 from jaxnoise.experiment import Stage, protocol
 from jaxnoise.models import get_model
 
@@ -62,10 +63,16 @@ def model_of(config, ds: data.Dataset):
     return get_model(config.model, num_classes=ds.num_classes, quant=q)
 
 
-def train_split(config, ds: data.Dataset) -> data.Dataset:
+def _first_held_out(config, ds: data.Dataset) -> int:
+    """Index of the first held-out training image: the last ``held_out`` (in tiny mode at most a fifth) are kept
+    for searches, never trained on."""
     n = len(ds.train.labels)
-    held = min(int(config.held_out), n // 5) if config.tiny else int(config.held_out)
-    return dataclasses.replace(ds, train=data.Split(ds.train.images[:n - held], ds.train.labels[:n - held]))
+    return n - (min(int(config.held_out), n // 5) if config.tiny else int(config.held_out))
+
+
+def train_split(config, ds: data.Dataset) -> data.Dataset:
+    i = _first_held_out(config, ds)
+    return dataclasses.replace(ds, train=data.Split(ds.train.images[:i], ds.train.labels[:i]))
 
 
 def initial_variables(config, model, ds: data.Dataset):
@@ -122,6 +129,19 @@ def stage_qat(ctx):
     return {"clean_test_accuracy": clean.mean, "steps": metrics[-1].get("step") if metrics else None}
 
 
+def _command(config) -> str:
+    return f"jaxnoise run experiments/configs/{config.name}.py" + (" --set tiny=True" if config.tiny else "")
+
+
+def _result(config, arms, split: str, n_images: int, **extra) -> dict:
+    """A record in the shared result format (``../shared/RESULTS.md``) of this experiment, plus ``extra`` fields."""
+    record = report.result_record(config.name, _command(config), arms,
+                                  {"name": "digits" if config.tiny else config.dataset, "split": split,
+                                   "n_images": int(n_images)})
+    record.update(extra)
+    return record
+
+
 def noise_spec(config, eta) -> noise.NoiseSpec:
     return noise.NoiseSpec(weight_kind="additive_rel_max", weight_eta=float(eta),
                            weight_truncate=float(config.noise.truncate) if config.noise.truncate else None)
@@ -131,14 +151,14 @@ def stage_eval_qat(ctx):
     config = ctx.config
     ds = dataset(config)
     model = model_of(config, ds)
-    variables = checkpoint.load_variables(ctx.result_path("weights", "qat.npz"), model)
+    variables = _qat_variables(ctx, model)
     kw = dict(batch_size=int(config.eval.batch_size), preprocess=ds.preprocess)
     clean = robustness.evaluate(model, variables, ds.test.images, ds.test.labels, **kw)
     mc = robustness.evaluate(model, variables, ds.test.images, ds.test.labels, noise_spec(config, config.noise.eta),
                              key=jax.random.key(int(config.eval.key)), n_chips=_chips(config, config.eval.n_chips), **kw)
-    record = {"experiment": config.name, "arm": "qat (clean quantization-aware fine-tune)",
-              "n_test": int(len(ds.test.labels)), "clean": clean.to_dict(), "noisy": mc.to_dict()}
-    report.write_json(ctx.result_path("eval_qat.json"), record)
+    arm = report.arm("qat", model, "clean QAT", model.param_count(), [clean, mc],
+                     train={"epochs": int(config.qat.epochs), "lr": float(config.qat.lr), "seed": int(config.seed)})
+    report.write_json(ctx.result_path("eval_qat.json"), _result(config, [arm], "test", len(ds.test.labels)))
     ctx.log(f"eval_qat: clean {100 * clean.mean:.2f}%, eta {config.noise.eta}: {100 * mc.mean:.2f}% "
             f"{robustness.format_ci95(mc.ci95)} over {mc.n_chips} chips")
     return {"clean": clean.mean, "noisy_mean": mc.mean, "noisy_ci95": mc.ci95, "n_chips": mc.n_chips}
@@ -177,9 +197,8 @@ def make_arm_loss(config, model, method: str, chosen: dict | None):
 
 
 def _held_out(config, ds):
-    n = len(ds.train.labels)
-    held = min(int(config.held_out), n // 5) if config.tiny else int(config.held_out)
-    return ds.train.images[n - held:], ds.train.labels[n - held:]
+    i = _first_held_out(config, ds)
+    return ds.train.images[i:], ds.train.labels[i:]
 
 
 def stage_search(ctx):
@@ -188,13 +207,14 @@ def stage_search(ctx):
     model = model_of(config, ds)
     start = _qat_variables(ctx, model)
     x_h, y_h = _held_out(config, ds)
-    path = ctx.result_path("search.json")
-    done = json.load(open(path)) if os.path.exists(path) else {"candidates": {}}
+    path = ctx.result_path("search.json")   # a result file: one arm per candidate, written as each finishes
+    done = {a["name"]: a for a in json.load(open(path))["arms"]} if os.path.exists(path) else {}
+    split = f"train[{_first_held_out(config, ds)}:] (held out)"
     candidates = [("forward_noise", {"lam": 0.0})] + [("consistency", dict(c)) for c in config.search.candidates]
     section = config.search
     for method, cand in candidates:
         label = method if method == "forward_noise" else ", ".join(f"{k}={v}" for k, v in sorted(cand.items()))
-        if label in done["candidates"]:
+        if label in done:
             continue
         workdir = ctx.work_path("".join(ch if ch.isalnum() else "_" for ch in label), "")
         tcfg = train.TrainConfig(epochs=1, batch_size=int(config.arms.batch_size), learning_rate=float(config.arms.lr),
@@ -206,18 +226,22 @@ def stage_search(ctx):
         res = robustness.evaluate(model, out, x_h, y_h, noise_spec(config, config.noise.eta),
                                   key=jax.random.key(1000 + int(config.seed)), n_chips=_chips(config, section.n_chips),
                                   batch_size=int(config.eval.batch_size), preprocess=ds.preprocess)
-        done["candidates"][label] = {"method": method, "settings": cand, **res.to_dict()}
-        report.write_json(path, done)
+        done[label] = report.arm(label, model, method, model.param_count(), [res],
+                                 train={"settings": cand, "steps": int(section.steps), "lr": float(config.arms.lr),
+                                        "schedule": "constant", "seed": int(config.seed),
+                                        "eta_train": float(config.noise.eta)})
+        report.write_json(path, _result(config, list(done.values()), split, len(y_h)))
         ctx.log(f"search: {label}: {100 * res.mean:.2f}% {robustness.format_ci95(res.ci95)}")
-    cons = {k: v for k, v in done["candidates"].items() if v["method"] == "consistency"}
-    best = max(cons, key=lambda k: cons[k]["mean"])
-    done.update(chosen=cons[best]["settings"], chosen_label=best,
-                protocol=(f"{section.steps} steps (constant lr {config.arms.lr}) from the QAT weights at eta "
-                          f"{config.noise.eta}; Monte Carlo over {section.n_chips} chips at eta {config.noise.eta} "
-                          f"on the last {len(y_h)} training images (held out; never the test split)"))
-    report.write_json(path, done)
-    return {"chosen": cons[best]["settings"], "chosen_label": best, "chosen_mean": cons[best]["mean"],
-            "forward_noise_mean": done["candidates"]["forward_noise"]["mean"]}
+    cons = {k: a for k, a in done.items() if a["method"] == "consistency"}
+    best = max(cons, key=lambda k: cons[k]["eval"][0]["mean"])
+    chosen = cons[best]["train"]["settings"]
+    protocol = (f"{section.steps} steps (constant lr {config.arms.lr}) from the QAT weights at eta "
+                f"{config.noise.eta}; Monte Carlo over {section.n_chips} chips at eta {config.noise.eta} on the last "
+                f"{len(y_h)} training images (held out; never the test split)")
+    report.write_json(path, _result(config, list(done.values()), split, len(y_h), chosen=chosen, chosen_label=best,
+                                    protocol=protocol))
+    return {"chosen": chosen, "chosen_label": best, "chosen_mean": cons[best]["eval"][0]["mean"],
+            "forward_noise_mean": done["forward_noise"]["eval"][0]["mean"]}
 
 
 def _arm_name(method, seed):
@@ -268,9 +292,13 @@ def stage_eval_arm(method, seed):
             spec = noise_spec(config, 0.0)
             grid = robustness.sweep(model, variables, ds.test.images, ds.test.labels, spec, weight_etas=etas,
                                     key=key, n_chips=_chips(config, config.eval.grid_chips), **kw) if etas else []
-        record = {"arm": name, "method": method, "seed": int(seed), "clean": clean.to_dict(),
-                  "target": target.to_dict(), "grid": [g.to_dict() for g in grid]}
-        report.write_json(ctx.result_path("eval", f"{name}.json"), record)
+        arm = report.arm(name, model, method, model.param_count(), [clean, target, *grid],
+                         train={"epochs": int(config.arms.epochs), "lr": float(config.arms.lr), "seed": int(seed),
+                                "eta_train": float(config.noise.eta),
+                                "consistency": ctx.summaries.get("search", {}).get("chosen")
+                                if method == "consistency" else None})
+        report.write_json(ctx.result_path("eval", f"{name}.json"),
+                          _result(config, [arm], "test", len(ds.test.labels), seed=int(seed)))
         ctx.log(f"eval {name}: clean {100 * clean.mean:.2f}%, eta {config.noise.eta}: {100 * target.mean:.2f}% "
                 f"{robustness.format_ci95(target.ci95)}")
         return {"clean": clean.mean, "target_mean": target.mean, "target_ci95": target.ci95}
@@ -278,51 +306,35 @@ def stage_eval_arm(method, seed):
 
 
 def stage_report(ctx):
+    """Every arm of the per-stage result files in one result file, with the method comparison."""
     config = ctx.config
-    ds = dataset(config)
-    model = model_of(config, ds)
-    qat = json.load(open(ctx.result_path("eval_qat.json")))
-    evals = {}
+    qat = json.load(open(ctx.result_path("eval_qat.json")))["arms"][0]
+    evals = {}   # (method, seed) -> the arm, its eval entries [noise-free, at eta, grid...]
     for method in config.arms.methods:
         for seed in config.arms.seeds:
-            evals[(method, int(seed))] = json.load(open(ctx.result_path("eval", f"{_arm_name(method, seed)}.json")))
-    arms = [report.arm("qat", model, "clean QAT", model.param_count(), [qat["clean"], qat["noisy"]],
-                       train={"epochs": int(config.qat.epochs), "lr": float(config.qat.lr)})]
-    for (method, seed), e in evals.items():
-        arms.append(report.arm(_arm_name(method, seed), model, method, model.param_count(),
-                               [e["clean"], e["target"], *e["grid"]],
-                               train={"epochs": int(config.arms.epochs), "lr": float(config.arms.lr), "seed": seed,
-                                      "eta_train": float(config.noise.eta),
-                                      "consistency": ctx.summaries.get("search", {}).get("chosen")
-                                      if method == "consistency" else None}))
-    n_test = int(len(ds.test.labels))
-    record = report.result_record(config.name, f"jaxnoise run experiments/configs/{config.name}.py", arms,
-                                  {"name": "digits" if config.tiny else config.dataset, "split": "test",
-                                   "n_images": n_test})
-    seeds = [int(s) for s in config.arms.seeds]
+            path = ctx.result_path("eval", f"{_arm_name(method, seed)}.json")
+            evals[(method, int(seed))] = json.load(open(path))["arms"][0]
+    q_clean, q_noisy = qat["eval"][:2]
+    n_test = int(q_clean["n_images"])
     comparison = {}
     if {"forward_noise", "consistency"} <= set(config.arms.methods):
         per_seed = []
-        for seed in seeds:
-            c, f = evals[("consistency", seed)]["target"], evals[("forward_noise", seed)]["target"]
+        for seed in (int(s) for s in config.arms.seeds):
+            c, f = evals[("consistency", seed)]["eval"][1], evals[("forward_noise", seed)]["eval"][1]
             d = stats.paired(c["per_chip"], f["per_chip"])
             per_seed.append({"seed": seed, "consistency": c["mean"], "forward_noise": f["mean"], **d.to_dict()})
-        over = stats.over_seeds([p["mean"] for p in per_seed])
-        comparison = {"per_seed": per_seed, "over_seeds": over.to_dict(),
+        comparison = {"per_seed": per_seed, "over_seeds": stats.over_seeds([p["mean"] for p in per_seed]).to_dict(),
                       "what": f"consistency - forward_noise at eta {config.noise.eta} (accuracy, fraction); per seed "
                               f"the paired per-chip difference, over seeds the t interval of the per-seed means"}
-    record["comparison"] = comparison
-    record["reference"] = {"qat_clean": qat["clean"]["mean"], "qat_noisy": qat["noisy"]["mean"]}
+    record = _result(config, [qat, *evals.values()], "test", n_test, comparison=comparison,
+                     reference={"qat_clean": q_clean["mean"], "qat_noisy": q_noisy["mean"]})
     report.write_json(ctx.result_path("results.json"), record)
     lines = [f"# {config.name}", "", f"Test split, {n_test} images; noise sigma = {config.noise.eta} max|W_q| "
-             f"(normal clipped at +-{config.noise.truncate}); {_chips(config, config.eval.n_chips)} chips per arm and seed.",
-             "",
-             "| arm | noise-free | at eta (mean) | 95% CI | p5 chip |", "|---|---:|---:|---|---:|",
-             f"| qat | {100 * qat['clean']['mean']:.2f} | {100 * qat['noisy']['mean']:.2f} | "
-             f"{robustness.format_ci95(qat['noisy']['ci95'])} | {100 * qat['noisy']['p5']:.2f} |"]
-    for (method, seed), e in evals.items():
-        t = e["target"]
-        lines.append(f"| {_arm_name(method, seed)} | {100 * e['clean']['mean']:.2f} | {100 * t['mean']:.2f} | "
+             f"(normal clipped at +-{config.noise.truncate}); {q_noisy['n_chips']} chips per arm and seed.", "",
+             "| arm | noise-free | at eta (mean) | 95% CI | p5 chip |", "|---|---:|---:|---|---:|"]
+    for arm in [qat, *evals.values()]:
+        clean, t = arm["eval"][:2]
+        lines.append(f"| {arm['name']} | {100 * clean['mean']:.2f} | {100 * t['mean']:.2f} | "
                      f"{robustness.format_ci95(t['ci95'])} | {100 * t['p5']:.2f} |")
     if comparison:
         lines += ["", "consistency - forward_noise (points):", "", "| seed | difference | paired 95% CI (chips) |",
@@ -333,15 +345,9 @@ def stage_report(ctx):
         o = comparison["over_seeds"]
         lines.append(f"| mean over {o['n']} seeds | {100 * o['mean']:+.2f} | "
                      f"{robustness.format_ci95(o['ci95'], signed=True)} (over seeds) |")
-    text = "\n".join(lines) + "\n"
-    io_lib_write(ctx.result_path("results.md"), text)
+    io_lib.write_text_atomic(ctx.result_path("results.md"), "\n".join(lines) + "\n")
     report.plot_sweep(record, ctx.result_path("accuracy_vs_eta.png"))
-    return {"comparison": comparison.get("over_seeds"), "qat_clean": qat["clean"]["mean"]}
-
-
-def io_lib_write(path, text):
-    from jaxnoise import io as io_lib
-    io_lib.write_text_atomic(path, text)
+    return {"comparison": comparison.get("over_seeds"), "qat_clean": q_clean["mean"]}
 
 
 @protocol("consistency_quantized")
