@@ -313,21 +313,12 @@ def _normals(draws: list[tuple[jax.Array, tuple[int, ...]]], dtype) -> list[jax.
     k2 = jnp.concatenate([jnp.broadcast_to(d[1], (n,)) for d, n in zip(data, sizes)])
     count = jnp.concatenate([jax.lax.iota(jnp.uint32, n) for n in sizes])
     b1, b2 = _threefry2x32(k1, k2, jnp.zeros_like(count), count)
-    z = _erfinv_normals(b1 ^ b2)
+    z = noise_lib._erfinv_normals(b1 ^ b2)   # jax.random.normal's float32 transform
     out, start = [], 0
     for (_, shape), n in zip(draws, sizes):
         out.append(z[start:start + n].reshape(shape))
         start += n
     return out
-
-
-def _erfinv_normals(words: jax.Array) -> jax.Array:
-    """jax.random.normal's float32 transform of uint32 words: uniform on (-1, 1), then ``sqrt(2) erfinv``."""
-    floats = jax.lax.bitcast_convert_type((words >> np.uint32(9)) | np.uint32(0x3F800000),
-                                          jnp.float32) - np.float32(1.0)
-    lo = np.nextafter(np.float32(-1.0), np.float32(0.0), dtype=np.float32)
-    u = jax.lax.max(jnp.float32(lo), floats * (np.float32(1.0) - lo) + lo)
-    return np.float32(np.sqrt(2)) * jax.lax.erf_inv(u)
 
 
 # ----------------------------------------------------------------------------------------------------------------

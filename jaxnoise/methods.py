@@ -131,7 +131,7 @@ def _noise_config(spec: noise_lib.NoiseSpec) -> dict[str, Any]:
     out = {"weight_kind": spec.weight_kind, "act_kind": spec.act_kind, "weight_paths": list(spec.weight_paths),
            "prng": _prng(spec)}
     if spec.weight_truncate is not None:
-        out["weight_truncate"] = spec.weight_truncate
+        out["weight_truncate"] = float(np.asarray(spec.weight_truncate))
     return out
 
 

@@ -320,7 +320,7 @@ class NoiseSpec:
         ``"threefry/erfinv"``, so ``sampler="threefry/erfinv"`` reproduces them bit for bit.
       weight_truncate: clip the weight noise's standard normal at +-k (``k`` > 0) before scaling, as the authors'
         group does with k = 3 (its std is then :func:`clipped_normal_std` (k), 0.9975 at 3, not 1); None
-        (default): no truncation. Static.
+        (default): no truncation. Array data like the scales (a sweep over k compiles once); None is static.
 
     Examples:
       >>> spec = NoiseSpec(weight_eta=0.1)                     # aihwkit-style additive, 10% of max|W|
@@ -337,16 +337,17 @@ class NoiseSpec:
     act_kind: str | None = struct.field(pytree_node=False, default=None)
     weight_paths: tuple[str, ...] = struct.field(pytree_node=False, default=DEFAULT_WEIGHT_PATHS)
     sampler: str | None = struct.field(pytree_node=False, default=None)
-    weight_truncate: float | None = struct.field(pytree_node=False, default=None)
+    weight_truncate: Any = None
 
     def __post_init__(self):
         check_sampler(self.sampler)
-        if self.weight_truncate is not None:
-            k = self.weight_truncate
-            if isinstance(k, bool) or not _is_concrete_number(k) or not np.isfinite(k) or float(k) <= 0:
+        k = self.weight_truncate
+        if k is not None and not _checks.is_tracer(k):
+            a = np.asarray(k)
+            if isinstance(k, bool) or not np.issubdtype(a.dtype, np.number) or a.dtype == bool or not np.all(
+                    np.isfinite(a)) or np.any(a <= 0):
                 raise ValueError(f"weight_truncate={k!r}: the clip of the standard normal at +-k is a finite "
                                  f"number > 0 (the authors' group uses 3), or None for no truncation.")
-            object.__setattr__(self, "weight_truncate", float(k))
         _check_kind(self.weight_kind, WEIGHT_KINDS, "weight")
         _check_kind(self.act_kind, ACTIVATION_KINDS, "activation")
         check_eta(self.weight_eta, "weight_eta")
@@ -411,7 +412,7 @@ class NoiseSpec:
         if self.weight_kind is not None:
             weight = {"kind": self.weight_kind, "eta": num(self.weight_eta)}
             if self.weight_truncate is not None:
-                weight["truncate"] = self.weight_truncate
+                weight["truncate"] = num(self.weight_truncate)
             sampler = self.resolved_sampler("weight", backend)
             if sampler != LEGACY_SAMPLER:
                 weight["prng"] = sampler
@@ -510,7 +511,8 @@ def weight_delta(key: jax.Array, w: jax.Array, eta: jax.Array, kind: str, sample
     check_sampler(sampler)
     z = standard_normal(key, w.shape, w.dtype, default_sampler(noise="weight") if sampler is None else sampler)
     if truncate is not None:
-        z = jnp.clip(z, -truncate, truncate)
+        k = jnp.asarray(truncate, z.dtype)
+        z = jnp.clip(z, -k, k)
     eta = jnp.asarray(eta, w.dtype)
     if kind == "additive_rel_max":
         return eta * jnp.max(jnp.abs(w)) * z

@@ -203,6 +203,13 @@ def test_quantized_weight_noise_sweep_compiles_once_and_records_the_quantization
     w = res[1].to_dict()["weight_noise"]
     assert w["truncate"] == 3.0 and w["quant"]["weight_bits"] == 4 and w["quant"]["granularity"] == "tensor"
     assert w["quant"]["act_bits"] == 4
+    # the truncation is array data too: specs that differ only in it share one compiled program
+    before = robustness.trace_count()
+    truncs = robustness.evaluate_many(qm, qv, x, y, [spec.replace(weight_eta=0.2, weight_truncate=k)
+                                                     for k in (1.0, 2.0, 3.0)], key=0, n_chips=2,
+                                      preprocess=digits.preprocess)
+    assert robustness.trace_count() - before == 1
+    assert [r.to_dict()["weight_noise"]["truncate"] for r in truncs] == [1.0, 2.0, 3.0]
     clean = robustness.evaluate(qm, qv, x, y, preprocess=digits.preprocess).to_dict()
     assert clean["quant"]["weight_bits"] == 4 if "quant" in clean else clean["noise"]["quant"]["weight_bits"] == 4
     json.dumps(res[1].to_dict())
