@@ -5,7 +5,8 @@ Semantics (fixed by :mod:`jaxnoise.noise`):
 * **One chip = one weight-noise draw**, fixed for every input that chip sees. Chip ``i`` of an evaluation with
   base key ``K`` has ``chip_key = fold_in(K, i)``, so its draw does not depend on ``n_chips`` or on how chips are
   chunked: the first 3 chips of a 5-chip run are the 3 chips of a 3-chip run.
-* Its weights, ``perturb_weights(weight_key(chip_key), params, spec)``, are computed **once per chip**.
+* Its weights, ``model.chip_weights(params, chip_key, spec)`` (quantized, then
+  ``perturb_weights(weight_key(chip_key), ., spec)``), are computed **once per chip**.
 * **Activation noise is fresh for every forward pass**: data batch ``b`` runs
   ``model.apply(noisy_variables, x, key=fold_in(chip_key, b), noise=spec.activation_only())``;
   ``activation_only`` statically switches weight noise off, so the chip's weights are not re-drawn.
@@ -162,7 +163,7 @@ def make_chip_eval(model: Model, *, batch_size: int,
 
     def chip_correct(variables: Variables, images_b, labels_b, valid_b, spec: noise_lib.NoiseSpec | None,
                      chip_key: jax.Array | None, device: device_lib.ChipRead | None = None,
-                     batch_ids: jax.Array | None = None) -> jax.Array:
+                     batch_ids: jax.Array | None = None, chip_weights=None) -> jax.Array:
         if images_b.shape[1] != batch_size:
             raise ValueError(f"images_b has batches of {images_b.shape[1]} images, make_chip_eval was built for "
                              f"batch_size={batch_size}: pre-batch the data as (n_batches, batch_size, ...).")
@@ -170,10 +171,11 @@ def make_chip_eval(model: Model, *, batch_size: int,
             raise ValueError("chip_correct: a noise spec or device needs a chip_key (fold_in(key, i)); a clean "
                              "evaluation is spec=None, device=None, chip_key=None.")
         noisy = chip_key is not None and spec is not None
+        weights = chip_weights
         if noisy:
-            # One weight draw per chip, shared by every batch.
-            params = noise_lib.perturb_weights(noise_lib.weight_key(chip_key), variables["params"], spec)
-            variables = {**variables, "params": params}
+            if weights is None:
+                # One weight draw per chip on the quantized weights (Model.chip_weights), shared by every batch.
+                weights = model.chip_weights(variables["params"], chip_key, spec)
             act_spec = spec.activation_only() if spec.has_activation_noise else None
         else:
             act_spec = None
@@ -184,7 +186,7 @@ def make_chip_eval(model: Model, *, batch_size: int,
             if preprocess is not None:
                 x = preprocess(x)
             key = jax.random.fold_in(chip_key, b) if per_pass else None
-            logits, _ = model.apply(variables, x, key=key, noise=act_spec, device=device)
+            logits, _ = model.apply(variables, x, key=key, noise=act_spec, device=device, chip_weights=weights)
             hit = (jnp.argmax(logits, axis=-1) == y) & valid
             return total + jnp.sum(hit, dtype=jnp.int32), None
 
@@ -400,10 +402,10 @@ def _mc_chip_fn(static: _Static, variables, images_b, labels_b, valid_b, spec, b
 def _device_chip_fn(static: _Static, variables, images_b, labels_b, valid_b, spec, device, times, batch_ids=None):
     """``chip_key -> (n_times,) numbers correct``: program the chip once, read it at every time."""
     def one_chip(chip_key):
-        params = variables["params"]
-        if spec is not None and spec.has_weight_noise:
-            params = noise_lib.perturb_weights(noise_lib.weight_key(chip_key), params, spec)
-        chip_vars = {**variables, "params": params}
+        # The chip's weights (quantized, then its weight-noise draw) are what gets programmed.
+        params = static.model.chip_weights(variables["params"], chip_key,
+                                           spec if spec is not None and spec.has_weight_noise else None)
+        chip_vars = variables
         act_spec = spec.activation_only() if spec is not None and spec.has_activation_noise else None
         chip = device_lib.program_chip(device_lib.chip_key(chip_key), params, device)
 
@@ -413,7 +415,8 @@ def _device_chip_fn(static: _Static, variables, images_b, labels_b, valid_b, spe
             layers = device_lib.read_chip(read_key, chip, t, device)
             pass_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/time"), k)
             return static.chip_correct(chip_vars, images_b, labels_b, valid_b, act_spec, pass_key,
-                                       device_lib.ChipRead(device, layers), batch_ids=batch_ids)
+                                       device_lib.ChipRead(device, layers), batch_ids=batch_ids,
+                                       chip_weights=params)
 
         return jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), times))
     return one_chip

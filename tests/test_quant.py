@@ -215,6 +215,38 @@ def test_quantized_weight_noise_sweep_compiles_once_and_records_the_quantization
     json.dumps(res[1].to_dict())
 
 
+@pytest.mark.parametrize("step", ["lsq", "percentile"])
+def test_monte_carlo_chip_is_one_noise_draw_on_the_quantized_weights(trained_digits_cnn, digits, step):
+    """Every evaluator counts what ``Model.apply`` computes for chip key fold_in(K, i): noise added to W_q (relative
+    to max|W_q|), never to the float weights before quantizing (which is a different, far noisier network)."""
+    _, variables, _ = trained_digits_cnn
+    qm = _quant_cnn(digits, weight_step=step)
+    qv = quant.init_steps(qm, variables, digits.preprocess(digits.train.images[:256]))
+    x, y = digits.test.images[:300], digits.test.labels[:300]
+    spec = noise.NoiseSpec(weight_eta=0.3, weight_truncate=3.0)
+    key = jax.random.key(11)
+
+    def by_apply(sp):
+        out = []
+        for i in range(3):
+            logits = qm.apply(qv, digits.preprocess(x), key=jax.random.fold_in(key, i), noise=sp)[0]
+            out.append(int(np.sum(np.argmax(np.asarray(logits), -1) == y)))
+        return out
+
+    expected = by_apply(spec)
+    mc = robustness.evaluate(qm, qv, x, y, spec, key=key, n_chips=3, batch_size=100, preprocess=digits.preprocess)
+    assert [round(a * len(y)) for a in mc.per_chip] == expected
+    swept = robustness.sweep(qm, qv, x, y, spec, weight_etas=[0.3], key=key, n_chips=3, batch_size=100,
+                             preprocess=digits.preprocess)[0]
+    assert [round(a * len(y)) for a in swept.per_chip] == expected
+    # the old mistake (noise on the float weights, then quantized) gives other networks
+    w_float = noise.perturb_weights(noise.weight_key(jax.random.fold_in(key, 0)), qv["params"], spec)
+    q_weights = qm.chip_weights(qv["params"], jax.random.fold_in(key, 0), spec)
+    flat_q = traverse_util.flatten_dict(q_weights, sep="/")
+    flat_f = traverse_util.flatten_dict(quant.quantize_params(w_float, qm.quant), sep="/")
+    assert any(not np.array_equal(flat_q[p], flat_f[p]) for p in flat_q if p.endswith("kernel"))
+
+
 def test_learned_steps_train_save_and_restore_and_eval_loads_them(trained_digits_cnn, digits, tmp_path):
     _, variables, _ = trained_digits_cnn
     qm = _quant_cnn(digits)

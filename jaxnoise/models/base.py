@@ -50,6 +50,17 @@ class Model:
             config["quant"] = quant.to_config()
         return dataclasses.replace(self, config=config, quant=quant)
 
+    def chip_weights(self, params: Mapping[str, Any], key: jax.Array | None = None,
+                     noise: noise_lib.NoiseSpec | None = None) -> Any:
+        """The weights the MVMs of one chip use: ``params`` quantized by ``self.quant`` (when set), then one
+        weight-noise draw ``noise_lib.perturb_weights(weight_key(key), ., noise)`` on the quantized values (when
+        ``key`` and ``noise`` are given), so ``additive_rel_max`` is relative to ``max|W_q|``. Pass the result to
+        :meth:`apply` as ``chip_weights`` to reuse one draw for many batches."""
+        params = quant_lib.quantize_params(params, self.quant)
+        if key is not None and noise is not None:
+            params = noise_lib.perturb_weights(noise_lib.weight_key(key), params, noise)
+        return params
+
     def init(self, key: jax.Array, batch_size: int = 2) -> Variables:
         """Fresh variables; every leaf's initialisation key is derived from its path."""
         return self._jitted_init(key, batch_size=batch_size)
@@ -70,7 +81,8 @@ class Model:
     def apply(self, variables: Variables, x: jax.Array, *, key: jax.Array | None = None,
               noise: noise_lib.NoiseSpec | None = None, train: bool = False,
               capture_mvm: bool = False, tap: Callable | None = None,
-              device: device_lib.DeviceSpec | device_lib.ChipRead | None = None) -> tuple[jax.Array, dict[str, Any]]:
+              device: device_lib.DeviceSpec | device_lib.ChipRead | None = None,
+              chip_weights: Any = None) -> tuple[jax.Array, dict[str, Any]]:
         """Runs the model, noisy when both ``key`` and ``noise`` are given.
 
         Args:
@@ -90,15 +102,20 @@ class Model:
             ``spec.t_inference``; a ``ChipRead`` (an already programmed and read chip, as the Monte Carlo evaluator
             uses) only draws the pass's I/O noise from ``key``. Composes with ``noise`` (weight noise is applied to
             the weights before they are programmed; activation noise after the analog MVM).
+          chip_weights: one chip's weights as :meth:`chip_weights` returns them (quantized, then perturbed),
+            used as they are in place of ``variables["params"]``: no quantization and no weight noise here
+            (``noise`` then applies its activation noise only). The Monte Carlo evaluator draws them once per
+            chip.
 
         Returns:
           ``(logits, features)``: logits (batch, num_classes); features maps each name of
           ``self.feature_names`` to its array (plus ``"batch_stats"``/``"mvm"`` when asked for).
         """
         self.check_input(x)
-        params = quant_lib.quantize_params(variables["params"], self.quant)
-        if key is not None and noise is not None:
-            params = noise_lib.perturb_weights(noise_lib.weight_key(key), params, noise)
+        if chip_weights is None:
+            params = self.chip_weights(variables["params"], key, noise)
+        else:
+            params = chip_weights
         analog = None
         if device is not None and key is not None:
             chip = device
