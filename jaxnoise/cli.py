@@ -840,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (dotted key, Python literal), e.g. --set qat.epochs=3; repeatable")
     p.add_argument("--only", default=None, help="run only these stages (comma-separated); earlier ones must be done")
-    p.add_argument("--rerun", default=None, help="run these stages (and every later one) again, comma-separated")
+    p.add_argument("--rerun", default=None, help="run these stages (and every later one) again, comma-separated; their old outputs move to superseded/. An interrupted rerun resumes without --rerun")
     p.add_argument("--list", action="store_true", help="list the stages and whether each is cached, run nothing")
     p.set_defaults(func=cmd_run)
 

@@ -12,6 +12,11 @@ name of a stage list in :data:`PROTOCOLS` (``jaxnoise.protocols``). ``jaxnoise r
 * a stage that stopped half-way resumes from its own state (training stages from their checkpoints in the
   work dir; evaluation stages from the per-setting files they write as they go).
 
+``--rerun STAGE`` is durable: before anything runs, every stage from ``STAGE`` on that has a record gets a
+``"superseded"`` line appended to it and its outputs moved to ``<results>/superseded/<time>/`` (kept, never
+deleted), so a rerun that stops half-way resumes as a rerun in the next session, and its stages start from a fresh
+work dir (``<stage>-<digest>-r<n>``, n the number of superseded runs) instead of the old run's checkpoints.
+
 Each stage writes its outputs into the results dir (``experiments/results/<name>/``, committed: JSON, tables,
 plots and the trained weights of each arm as ``.npz``) as soon as it finishes; checkpoints and other bulky state
 go to the work dir (``runs/<name>/``, not committed). A later run on another machine continues from the committed
@@ -36,6 +41,7 @@ from typing import Any, NamedTuple
 from jaxnoise import io as io_lib
 
 RECORD_FORMAT = "jaxnoise.stage/1"
+SUPERSEDED = "superseded"
 
 
 class ExperimentError(ValueError):
@@ -200,14 +206,45 @@ def record_path(results_dir: str, stage: str) -> str:
     return os.path.join(results_dir, "stages", f"{stage}.jsonl")
 
 
-def read_record(results_dir: str, stage: str) -> dict[str, Any] | None:
-    """The stage's current record (the last line of :func:`record_path`), or None when it never finished."""
+def read_history(results_dir: str, stage: str) -> list[dict[str, Any]]:
+    """Every line of the stage's record file, oldest first (finished runs and ``"superseded"`` marks)."""
     path = record_path(results_dir, stage)
     if not os.path.exists(path):
-        return None
+        return []
     with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    return json.loads(lines[-1]) if lines else None
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_record(results_dir: str, stage: str) -> dict[str, Any] | None:
+    """The stage's current record (the last line of :func:`record_path`), or None when it never finished or its
+    last run was superseded by ``--rerun``."""
+    history = read_history(results_dir, stage)
+    if not history or history[-1].get("status") == SUPERSEDED:
+        return None
+    return history[-1]
+
+
+def _reruns(results_dir: str, stage: str) -> int:
+    return sum(1 for h in read_history(results_dir, stage) if h.get("status") == SUPERSEDED)
+
+
+def supersede(results_dir: str, stage: "Stage", log: Callable[[str], None] = print) -> None:
+    """Marks the stage's current record superseded and moves its outputs to ``superseded/<time>/`` (a rerun)."""
+    if read_record(results_dir, stage.name) is None:
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    moved = []
+    for out in stage.outputs:
+        src = os.path.join(results_dir, out)
+        if os.path.exists(src):
+            dst = os.path.join(results_dir, "superseded", stamp, out)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+            moved.append(os.path.relpath(dst, results_dir))
+    mark = {"format": RECORD_FORMAT, "stage": stage.name, "status": SUPERSEDED, "moved": moved,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    io_lib.append_lines(record_path(results_dir, stage.name), [json.dumps(mark) + "\n"])
+    log(f"{stage.name}: superseded (its outputs kept under superseded/{stamp}/)")
 
 
 def plan(config: Any, stages: Sequence[Stage], results_dir: str, rerun: Sequence[str] = ()) -> list[tuple[Stage, str]]:
@@ -284,6 +321,10 @@ def run(config: Any, stages: Sequence[Stage] | None = None, *, results_dir: str 
         if unknown:
             raise ExperimentError(f"--only {unknown}: no such stage; stages: {[s.name for s in stages]}.")
     os.makedirs(results_dir, exist_ok=True)
+    if rerun:
+        first = min(i for i, (s, _) in enumerate(steps) if s.name in rerun)
+        for stage, _ in steps[first:]:
+            supersede(results_dir, stage, log)
     ctx = Context(config, results_dir, work_dir, {}, log)
     last = max((i for i, (s, _) in enumerate(steps) if s.name in only), default=-1) if only else len(steps)
     for i, (stage, action) in enumerate(steps):
@@ -299,7 +340,9 @@ def run(config: Any, stages: Sequence[Stage] | None = None, *, results_dir: str 
                 raise ExperimentError(f"--only {list(only)} needs the result of stage {stage.name!r}, which has not "
                                       f"run: run it first (or drop --only).")
         settings = stage_settings(config, stage)
-        ctx.stage_work_dir = os.path.join(work_dir, f"{stage.name}-{_digest(settings)[:8]}")
+        n_reruns = _reruns(results_dir, stage.name)
+        ctx.stage_work_dir = os.path.join(work_dir, f"{stage.name}-{_digest(settings)[:8]}"
+                                          + (f"-r{n_reruns}" if n_reruns else ""))
         log(f"{stage.name}: running (work dir {ctx.stage_work_dir})")
         t0 = time.time()
         summary = stage.run(ctx)

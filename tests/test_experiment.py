@@ -77,8 +77,44 @@ def test_changed_settings_are_refused_and_rerun_replaces(tmp_path):
     experiment.run(changed, **_dirs(tmp_path), log=logs.append, rerun=["qat"])
     assert any("qat: running" in m for m in logs)
     assert experiment.read_record(str(tmp_path / "results"), "qat")["settings"]["qat"]["lr"] == 0.05
-    history = (tmp_path / "results" / "stages" / "qat.jsonl").read_text().splitlines()
-    assert [json.loads(h)["settings"]["qat"]["lr"] for h in history] == [0.01, 0.05]   # the rerun appended
+    history = [json.loads(h) for h in (tmp_path / "results" / "stages" / "qat.jsonl").read_text().splitlines()]
+    assert [h.get("status") for h in history] == [None, "superseded", None]   # the rerun appended
+    assert [h["settings"]["qat"]["lr"] for h in history if "settings" in h] == [0.01, 0.05]
+    # the superseded run's outputs are kept, not deleted
+    assert glob.glob(str(tmp_path / "results" / "superseded" / "*" / "weights" / "qat.npz"))
+
+
+def test_an_interrupted_rerun_resumes_as_a_rerun_with_a_fresh_work_dir(tmp_path):
+    calls = {"a": 0, "b": 0}
+    fail = {"a": False, "b": False}
+
+    def stage(name):
+        def run(ctx):
+            calls[name] += 1
+            if fail[name]:
+                raise RuntimeError("interrupted")
+            with open(ctx.result_path(f"{name}.txt"), "w") as f:
+                f.write(f"{name} run {calls[name]} in {ctx.work_path('x')}")
+            return {"n": calls[name]}
+        return run
+
+    config = experiment.apply_overrides(experiment.load_config(CONFIGS[0]), ["tiny=True"])
+    stages = [experiment.Stage("a", stage("a"), settings=("seed",), outputs=("a.txt",)),
+              experiment.Stage("b", stage("b"), settings=("seed",), outputs=("b.txt",))]
+    kw = dict(stages=stages, **_dirs(tmp_path), log=lambda m: None)
+    experiment.run(config, **kw)
+    fail["b"] = True
+    with pytest.raises(RuntimeError, match="interrupted"):
+        experiment.run(config, rerun=["a"], **kw)
+    # a reran (fresh work dir); b's old result is superseded, so the next plain run runs b instead of caching it
+    assert experiment.read_record(str(tmp_path / "results"), "a")["summary"] == {"n": 2}
+    assert experiment.read_record(str(tmp_path / "results"), "b") is None
+    assert not (tmp_path / "results" / "b.txt").exists()
+    assert "-r1" in (tmp_path / "results" / "a.txt").read_text()
+    fail["b"] = False
+    summaries = experiment.run(config, **kw)
+    assert summaries == {"a": {"n": 2}, "b": {"n": 3}} and calls == {"a": 2, "b": 3}
+    assert len(glob.glob(str(tmp_path / "results" / "superseded" / "*" / "*.txt"))) == 2
 
 
 def test_a_stage_whose_outputs_are_gone_runs_again(tmp_path):
