@@ -158,3 +158,70 @@ def test_pretrained_resnet20_accuracy_on_shared_cifar10():
     pred = np.concatenate([predict(variables, images[i:i + 1000]) for i in range(0, len(images), 1000)])
     acc = float((pred == labels).mean())
     assert abs(acc - 0.8103) <= 0.001, acc  # ../shared/pretrained/README.md: 81.03%
+
+
+def _batch_norm_autodiff(x, scale, bias, eps=1e-5):
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    var = jnp.mean(jnp.square(x - mean), axes)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias, mean, var
+
+
+def test_batch_norm_closed_form_gradient_equals_autodiff(monkeypatch):
+    from jaxnoise.models import layers
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 5, 5, 6)) * 3 + 1, jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 2, 6), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(6), jnp.float32)
+    g = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x.shape, (6,), (6,))]
+
+    def loss(bn):   # every output carries a cotangent, the mean and variance included
+        return lambda x, s, b: sum(jnp.sum(jnp.tanh(o) * gi) for o, gi in zip(bn(x, s, b), g))
+
+    for a, b in zip(layers.batch_norm_train(x, scale, bias), _batch_norm_autodiff(x, scale, bias)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    ours = jax.grad(loss(layers.batch_norm_train), argnums=(0, 1, 2))(x, scale, bias)
+    ref = jax.grad(loss(_batch_norm_autodiff), argnums=(0, 1, 2))(x, scale, bias)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # the whole network's train-mode gradient is unchanged
+    model = get_model("resnet8")
+    v = model.init(jax.random.key(0))
+    xb = jnp.asarray(rng.standard_normal((4, 32, 32, 3)), jnp.float32)
+
+    def net_grad():
+        return jax.grad(lambda p: jnp.sum(model.apply({**v, "params": p}, xb, train=True)[0] ** 2))(v["params"])
+
+    fast = net_grad()
+    monkeypatch.setattr(layers, "batch_norm_train", _batch_norm_autodiff)
+    slow = net_grad()
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_materialized_conv_inputs_are_exact_and_leave_the_gradient_unchanged(monkeypatch):
+    from jaxnoise.models import layers
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((4, 6, 6, 5)) * 1e3, jnp.float32)
+    np.testing.assert_array_equal(layers.materialized(x), x)   # bit for bit
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(layers.materialized(x) * g))(x), g)
+    model = get_model("resnet8")
+    v = model.init(jax.random.key(0))
+    xb = jnp.asarray(rng.standard_normal((4, 32, 32, 3)), jnp.float32)
+
+    def run():
+        def loss(p):
+            return jnp.sum(model.apply({**v, "params": p}, xb, train=True)[0] ** 2)
+        return jax.jit(jax.value_and_grad(loss))(v["params"])
+
+    results = {}
+    for flag in (True, False):
+        monkeypatch.setattr(layers, "MATERIALIZE_CONV_INPUTS", flag)
+        assert layers.materialize_conv_inputs() is flag
+        results[flag] = run()
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1])):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    monkeypatch.setattr(layers, "MATERIALIZE_CONV_INPUTS", None)
+    assert layers.materialize_conv_inputs() == (jax.default_backend() == "cpu")
