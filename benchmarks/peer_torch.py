@@ -245,7 +245,7 @@ def parse_args(argv):
     p.add_argument("--device-chips", type=int, default=None, help="chips of the device job (default 4; --quick: 2)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size, both sides")
     p.add_argument("--train-batch-size", type=int, default=128)
-    p.add_argument("--train-steps", type=int, default=None, help="train steps per timed round (default 3; "
+    p.add_argument("--train-steps", type=int, default=None, help="train steps per timed round (default 5; "
                                                                  "--quick: 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per job, median reported (default 3; "
                                                              "--quick: 1)")
@@ -256,7 +256,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"n_images": 128 if quick else 2000, "n_chips": 2 if quick else 4, "device_chips": 2 if quick else 4,
-                "train_steps": 1 if quick else 3, "repeats": 1 if quick else 3}
+                "train_steps": 1 if quick else 5, "repeats": 1 if quick else 3}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -665,6 +665,8 @@ def run(args, torch, report: Report) -> int:
             report(f"{label}: jaxnoise first call {compile_s:.1f} s; loss of the first step (pretrained "
                    f"weights{', different draws each side' if noisy else ''}): jaxnoise {j_box['first_loss']:.5f}, "
                    f"PyTorch {t_box['first_loss']:.5f}")
+            j_run()   # a second warm-up round each: the first steps after compilation run up to 1.8x slower
+            t_run()
             tj, tt = interleaved(j_run, t_run, args.repeats)
             rj, rt = bt * steps / tj, bt * steps / tt
             report(f"{label}: jaxnoise {rj:7.1f} images/s ({1000 * tj / steps:.0f} ms/step)   PyTorch {rt:7.1f} "

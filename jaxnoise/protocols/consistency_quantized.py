@@ -363,12 +363,11 @@ def stages(config) -> list[Stage]:
         out.append(Stage("search", stage_search, settings=base + ("noise", "search", "arms.lr", "arms.batch_size",
                                                                    "arms.weight_decay", "eval.batch_size"),
                          outputs=("search.json",)))
-    for seed in config.arms.seeds:
+    for seed in config.arms.seeds:   # seed by seed, each evaluated as soon as it is trained: early evidence
         for method in config.arms.methods:
             name = _arm_name(method, seed)
             out.append(Stage(f"train_{name}", stage_train_arm(method, seed), settings=arms,
                              outputs=(f"weights/{name}.npz",)))
-    for seed in config.arms.seeds:
         for method in config.arms.methods:
             name = _arm_name(method, seed)
             out.append(Stage(f"eval_{name}", stage_eval_arm(method, seed), settings=arms + ("eval",),
