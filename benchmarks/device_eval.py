@@ -7,7 +7,7 @@ Prints, for the pretrained ResNet-20 on the first ``--n-images`` CIFAR-10 test i
     programming/drift/read noise, abs-max DAC per input vector, output noise, ADC, iterative bound management,
     global drift compensation), one time point, relative to one clean evaluation. Goal: >= 0.4. The same ratio
     for a few reduced specs shows where the time goes, and the legacy numerics (``IOParams(sampler=
-    "threefry/erfinv", conv_sum="taps")``, bit for bit the results before 2026-12) what the defaults save.
+    "threefry/erfinv", conv_sum="taps", semantics="v0")`` = ``device.LEGACY_IO``, bit for bit the results before 2026-12) what the defaults save.
     Each line also gives the first call's compile time of that spec's device program (first call minus a
     compiled call of the same shapes); the full spec's is the ResNet-20 device program's compile time (goal:
     under 60 s).
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     variants = {
         "aihwkit_inference_default": full,
         "  legacy numerics (erfinv sampler, per-tap sums)": full.replace(
-            io=io.replace(sampler="threefry/erfinv", conv_sum="taps")),
+            io=io.replace(**device.LEGACY_IO)),
         "  without bound management": full.replace(io=io.replace(bound_management="none")),
         "  without I/O (PCM + compensation only)": full.replace(io=None),
         "  I/O only, no noise (quantisers)": full.replace(pcm=None, compensation=None,

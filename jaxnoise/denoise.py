@@ -416,7 +416,7 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
                   act_ref: Mapping[str, Any] | None = None, act_mask: Mapping[str, Any] | None = None,
                   eta_train: float = 0.0, weight_kind: str | None = None, weight_paths: Sequence[str] | None = None,
                   feature_weight: float = 0.0, feature_sites: Sequence[str] | None = None,
-                  nll_weight: float = 0.0) -> train_lib.LossFn:
+                  nll_weight: float = 0.0, sampler: str | None = None) -> train_lib.LossFn:
     """The loss of denoiser training: frozen backbone in inference mode, one noise draw per step.
 
     ``loss = CE(noisy denoised logits, y) + feature_weight * mean_s nmse(f_s(noisy denoised), f_s(clean backbone))
@@ -436,6 +436,9 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
       feature_weight: default weight of the feature-matching term (``hparams["feature_weight"]``).
       feature_sites: features matched; default every candidate site.
       nll_weight: default weight of the noise-likelihood term (``hparams["nll_weight"]``).
+      sampler: the normals of the training noise (``NoiseSpec.sampler``; None: the backend's default,
+        ``"threefry/icdf16"`` for activation noise on CPU). ``"threefry/erfinv"`` gives the draws of the code
+        before samplers could be chosen.
 
     Returns:
       ``loss_fn(params, batch_stats, images, labels, key, hparams)`` for ``jaxnoise.train`` (it returns
@@ -444,7 +447,7 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
     if not isinstance(dmodel, DenoisedModel):
         raise ValueError("denoiser_loss needs a denoised model: build it with jaxnoise.denoise.denoised(model).")
     spec = noise_lib.NoiseSpec(act_kind=act_kind, act_ref=act_ref, act_mask=act_mask, weight_kind=weight_kind,
-                               **({} if weight_paths is None else
+                               sampler=sampler, **({} if weight_paths is None else
                                   {"weight_paths": _checks.names(weight_paths, "weight_paths", example="kernel")}))
     feature_sites = (tuple(dmodel.candidate_sites) if feature_sites is None
                      else _checks.names(feature_sites, "feature_sites", example=dmodel.candidate_sites[0]))

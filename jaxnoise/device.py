@@ -30,9 +30,10 @@ gives read noise per path; a pass key gives output noise per site (and per bound
 **Random streams and float order.** PCM programming, drift-exponent and read noise are ``jax.random.normal`` of
 their keys (computed for all layers at once, bit for bit). The I/O noise uses :attr:`IOParams.sampler` (on CPU by
 default the cheaper ``"threefry/icdf16"`` normals of the activation noise) and a per-patch conv MVM sums each patch
-in one dot product (:attr:`IOParams.conv_sum`); ``IOParams(sampler="threefry/erfinv", conv_sum="taps")`` gives the
-results of the code before these two defaults (2026-12) bit for bit (``tests/test_device.py`` keeps that code and
-checks it).
+in one dot product (:attr:`IOParams.conv_sum`), with aihwkit's bound-management and zero-vector semantics
+(:attr:`IOParams.semantics`); ``IOParams(sampler="threefry/erfinv", conv_sum="taps", semantics="v0")`` (:data:`LEGACY_IO`)
+gives the results of the code before these defaults (2026-12) bit for bit (``tests/test_device.py`` keeps that code
+and checks it).
 
 **Gradients.** The analog MVM is straight-through: its value is the analog output, its gradient that of the exact
 linear map at the (noisy) tile weights; weight noise (programming noise, modifiers) is straight-through to the clean
@@ -63,6 +64,9 @@ from jaxnoise import noise as noise_lib
 NOISE_MANAGEMENT = ("abs_max", "constant")
 BOUND_MANAGEMENT = ("none", "iterative")
 CONV_SUMS = ("patch", "taps")
+IO_SEMANTICS = ("aihwkit", "v0")
+# IOParams fields that reproduce the I/O numerics before 2026-12 bit for bit (committed results made then).
+LEGACY_IO = {"sampler": "threefry/erfinv", "conv_sum": "taps", "semantics": "v0"}
 MAPPINGS = ("tensor", "column")
 COMPENSATIONS = (None, "global", "column")
 MODIFIER_KINDS: dict[str, str] = {
@@ -341,7 +345,9 @@ class IOParams:
       nm_scale: the constant input scale of ``noise_management="constant"`` (aihwkit ``nm_thres``).
       inp_ranges: optional ``{site: range}``: per-layer constant input scales (learned/calibrated input ranges of
         HWA training) overriding ``nm_scale`` for ``noise_management="constant"``.
-      max_bm_factor: largest input down-scaling of iterative bound management.
+      max_bm_factor: largest input down-scaling of iterative bound management (aihwkit ``max_bm_factor``).
+      max_bm_res: aihwkit's ``max_bm_res``: bound management also stops once the factor exceeds
+        ``max_bm_res / DAC step`` (0.25 x 63 = 15.75 at 7 bits, so the last factor is 16); None: no such limit.
       noise_management: ``"abs_max"`` (scale = max|x| per input vector; aihwkit default) or ``"constant"`` (static).
       bound_management: ``"iterative"`` (aihwkit default: a vector whose output clipped is re-run with the input
         scale doubled, up to ``max_bm_factor``) or ``"none"`` (static).
@@ -351,6 +357,12 @@ class IOParams:
         normals; 65536 levels, no mass beyond 4.3 sigma, which does not matter for ADC noise), ``"threefry/erfinv"``
         (exactly ``jax.random.normal``) elsewhere. ``sampler="threefry/erfinv"`` reproduces I/O noise drawn before
         this field existed bit for bit. Static. PCM programming and read noise always use ``jax.random.normal``.
+      semantics: ``"aihwkit"`` (default): aihwkit 1.2.0's forward pass (``docs/aihwkit_presets_audit.md``): the
+        bound-management clip test on the ADC-quantised output (``|Q(y)| > out_bound``), the last factor the first
+        one above ``min(max_bm_factor, max_bm_res / DAC step)``, and an all-zero input vector (``abs_max``) gives
+        exactly 0 (no noise, no ADC). ``"v0"``: jaxnoise before 2026-12-02 (clip test ``|y| >= out_bound`` before
+        the ADC, last factor ``max_bm_factor / 2``, a zero vector read at scale 1), for reproducing results made
+        then (with ``sampler="threefry/erfinv", conv_sum="taps"``: bit for bit). Static.
       conv_sum: the float summation order of a conv MVM with a scale per patch (``abs_max``, or bound-management
         re-runs): ``"patch"`` (default) one dot product over each patch's kh * kw * cin quantised inputs, as
         aihwkit's im2col MVM; ``"taps"`` one dot per kernel tap summed in tap order, the order before this field
@@ -367,16 +379,21 @@ class IOParams:
     nm_scale: Any = 1.0
     inp_ranges: Mapping[str, Any] | None = None
     max_bm_factor: Any = 1000.0
+    max_bm_res: Any = 0.25
     noise_management: str = struct.field(pytree_node=False, default="abs_max")
     bound_management: str = struct.field(pytree_node=False, default="iterative")
     sampler: str | None = struct.field(pytree_node=False, default=None)
     conv_sum: str = struct.field(pytree_node=False, default="patch")
+    semantics: str = struct.field(pytree_node=False, default="aihwkit")
 
     def __post_init__(self):
         noise_lib.check_sampler(self.sampler, "IOParams.sampler")
         _choice(self.noise_management, NOISE_MANAGEMENT, "noise_management")
         _choice(self.conv_sum, CONV_SUMS, "conv_sum")
         _choice(self.bound_management, BOUND_MANAGEMENT, "bound_management")
+        _choice(self.semantics, IO_SEMANTICS, "semantics")
+        if self.max_bm_res is not None:
+            _check_positive(self.max_bm_res, "IOParams.max_bm_res", "use None for no limit")
         _check_positive(self.inp_bound, "IOParams.inp_bound")
         if self.out_bound is not None:
             _check_positive(self.out_bound, "IOParams.out_bound", "use None for no ADC clipping")
@@ -393,6 +410,15 @@ class IOParams:
         _checks.mapping(self.inp_ranges, "IOParams.inp_ranges", "site")
         for site, r in (self.inp_ranges or {}).items():
             _check_positive(r, f"IOParams.inp_ranges[{site!r}]")
+
+    def last_bm_factor_bound(self) -> Any:
+        """``L``: bound management accepts a vector at factor ``f > L`` even when it clipped (aihwkit: ``min(
+        max_bm_factor, max_bm_res / DAC step)``; semantics ``"v0"``: ``max_bm_factor / 2``)."""
+        if self.semantics == "v0":
+            return self.max_bm_factor / 2
+        if self.max_bm_res is None or self.inp_res is None:
+            return self.max_bm_factor
+        return jnp.minimum(self.max_bm_factor, self.max_bm_res / (self.inp_res * 2 * self.inp_bound))
 
     def resolved_sampler(self, backend: str | None = None) -> str:
         """The sampler of the I/O noise on ``backend`` (default: JAX's default backend): ``sampler``, or the
@@ -565,7 +591,8 @@ def analog_mvm(key: jax.Array | None, x: jax.Array | None, w_tile: jax.Array, io
     bm = io.bound_management == "iterative" and io.out_bound is not None
     sampler = io.resolved_sampler()
     one = jnp.asarray(1.0, dt)
-    max_factor = jnp.asarray(io.max_bm_factor, dt)
+    last_factor = jnp.asarray(io.last_bm_factor_bound(), dt)
+    aihwkit = io.semantics == "aihwkit"
     if geometry is not None:
         stride, padding = geometry["stride"], geometry["padding"]
         out_hw = (_out_size(x.shape[1], w_tile.shape[0], stride, padding),
@@ -580,7 +607,8 @@ def analog_mvm(key: jax.Array | None, x: jax.Array | None, w_tile: jax.Array, io
         s = jnp.ones(vec_shape + (1,), dt)   # max|x| of a one-hot vector
     elif geometry is None:
         s = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-        s = jnp.where(s > 0, s, jnp.ones_like(s))
+        nonzero = s > 0   # aihwkit: an all-zero vector gives exactly 0
+        s = jnp.where(nonzero, s, jnp.ones_like(s))
 
     def dac(v, scale):
         return quantize(v / scale, io.inp_res, io.inp_bound)
@@ -603,8 +631,17 @@ def analog_mvm(key: jax.Array | None, x: jax.Array | None, w_tile: jax.Array, io
             y = y + jnp.asarray(io.out_noise, dt) * z_o
         if not bm:
             return quantize(y, io.out_res, io.out_bound), None
-        clipped = jnp.any(jnp.abs(y) >= io.out_bound, axis=-1, keepdims=True)
-        return quantize(y, io.out_res, io.out_bound), ~done & (~clipped | (factor * 2 > max_factor))
+        if aihwkit:   # the test is on the quantised, not yet clipped, value: a level beyond the ADC's top one
+            if io.out_res is not None:
+                step = jnp.asarray(io.out_res, dt) * 2 * jnp.asarray(io.out_bound, dt)
+                top = jnp.round(jnp.asarray(io.out_bound, dt) / step)
+                over = jnp.abs(jnp.round(y / step)) > top
+            else:
+                over = jnp.abs(y) > io.out_bound
+            clipped = jnp.any(over, axis=-1, keepdims=True)
+        else:
+            clipped = jnp.any(jnp.abs(y) >= io.out_bound, axis=-1, keepdims=True)
+        return quantize(y, io.out_res, io.out_bound), ~done & (~clipped | (factor > last_factor))
 
     def elementwise(factor):
         """Products of the whole input, quantised elementwise at scale ``s * factor``."""
@@ -626,16 +663,20 @@ def analog_mvm(key: jax.Array | None, x: jax.Array | None, w_tile: jax.Array, io
     def first_state(r):
         return r, jnp.zeros(y_shape, dt), jnp.zeros(vec_shape + (1,), bool), jnp.ones(vec_shape + (1,), dt)
 
+    # aihwkit: an all-zero input vector (abs_max) reads exactly 0, without output noise or ADC.
+    zero_vectors = aihwkit and abs_max and x is not None
+
     if geometry is None or not (abs_max or bm):
         # Dense, or a conv at one constant scale: the DAC is elementwise and one product serves every vector.
         if not bm:
-            return adc(*elementwise(one), *draws(0), None, None)[0] * s
+            y = adc(*elementwise(one), *draws(0), None, None)[0] * s
+        else:
+            def rounds(r, out, done, factor):
+                q, accept = adc(*elementwise(factor), *draws(r), done, factor)
+                return jnp.where(accept, q * factor, out), done | accept
 
-        def rounds(r, out, done, factor):
-            q, accept = adc(*elementwise(factor), *draws(r), done, factor)
-            return jnp.where(accept, q * factor, out), done | accept
-
-        return bound_management(rounds, first_state(jnp.uint32(0))) * s
+            y = bound_management(rounds, first_state(jnp.uint32(0))) * s
+        return jnp.where(nonzero, y, jnp.zeros_like(y)) if zero_vectors and geometry is None else y
 
     # A scale per patch (abs_max, or the re-runs of a constant scale): the patches of one chunk of images at a time,
     # from the shifted views of the padded input; the output is kept already multiplied by the scale.
@@ -645,10 +686,11 @@ def analog_mvm(key: jax.Array | None, x: jax.Array | None, w_tile: jax.Array, io
     c = _largest_divisor(n, _CHUNK_BYTES // max(per_image, 1))
 
     def chunk_scale(xc):
+        """``(scale, nonzero)`` of the chunk's patches (``nonzero`` None unless zero vectors read 0)."""
         if not abs_max:
-            return s
+            return s, None
         sc = _patch_absmax(xc, w_tile.shape, stride, out_hw)
-        return jnp.where(sc > 0, sc, jnp.ones_like(sc))
+        return jnp.where(sc > 0, sc, jnp.ones_like(sc)), (sc > 0 if zero_vectors else None)
 
     def chunk_round(r, out, done, factor):
         """Round ``r`` over the chunks (those without a vector left to do are skipped)."""
@@ -662,11 +704,13 @@ def analog_mvm(key: jax.Array | None, x: jax.Array | None, w_tile: jax.Array, io
                 def compute(cur):
                     out_c, done_c = cur
                     xc = part(xp)
-                    sc = chunk_scale(xc)
+                    sc, nonzero_c = chunk_scale(xc)
                     f = one if factor is None else part(factor)
                     y, spread = _patch_products(_tap_views(xc, w_tile.shape, stride, out_hw), sc * f, w_tile,
                                                 w_abs, w_flag, dac, io.conv_sum)
                     q, accept = adc(y, spread, part(z_w), part(z_o), done_c, f, w_flag)
+                    if nonzero_c is not None:
+                        q = jnp.where(nonzero_c, q, jnp.zeros_like(q))
                     if accept is None:
                         return q * sc
                     return jnp.where(accept, q * f * sc, out_c), done_c | accept

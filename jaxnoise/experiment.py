@@ -42,6 +42,7 @@ from jaxnoise import io as io_lib
 
 RECORD_FORMAT = "jaxnoise.stage/1"
 SUPERSEDED = "superseded"
+STARTED = "started"
 
 
 class ExperimentError(ValueError):
@@ -216,12 +217,22 @@ def read_history(results_dir: str, stage: str) -> list[dict[str, Any]]:
 
 
 def read_record(results_dir: str, stage: str) -> dict[str, Any] | None:
-    """The stage's current record (the last line of :func:`record_path`), or None when it never finished or its
-    last run was superseded by ``--rerun``."""
+    """The stage's current record (its last finished run), or None when it never finished or its last run was
+    superseded by ``--rerun``."""
+    current = None
+    for h in read_history(results_dir, stage):
+        if h.get("status") == SUPERSEDED:
+            current = None
+        elif h.get("status") is None:
+            current = h
+    return current
+
+
+def _started(results_dir: str, stage: str) -> bool:
+    """Whether the runner started the stage since its last finished or superseded run (its outputs may be partial
+    files it writes as it goes, e.g. a search that resumes)."""
     history = read_history(results_dir, stage)
-    if not history or history[-1].get("status") == SUPERSEDED:
-        return None
-    return history[-1]
+    return bool(history) and history[-1].get("status") == STARTED
 
 
 def _reruns(results_dir: str, stage: str) -> int:
@@ -230,7 +241,8 @@ def _reruns(results_dir: str, stage: str) -> int:
 
 def supersede(results_dir: str, stage: "Stage", log: Callable[[str], None] = print) -> None:
     """Marks the stage's current record superseded and moves its outputs to ``superseded/<time>/`` (a rerun)."""
-    if read_record(results_dir, stage.name) is None:
+    outputs = [o for o in stage.outputs if os.path.exists(os.path.join(results_dir, o))]
+    if read_record(results_dir, stage.name) is None and not outputs:
         return
     stamp = time.strftime("%Y%m%dT%H%M%S")
     moved = []
@@ -241,6 +253,7 @@ def supersede(results_dir: str, stage: "Stage", log: Callable[[str], None] = pri
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             os.replace(src, dst)
             moved.append(os.path.relpath(dst, results_dir))
+    os.makedirs(os.path.dirname(record_path(results_dir, stage.name)), exist_ok=True)
     mark = {"format": RECORD_FORMAT, "stage": stage.name, "status": SUPERSEDED, "moved": moved,
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     io_lib.append_lines(record_path(results_dir, stage.name), [json.dumps(mark) + "\n"])
@@ -259,6 +272,14 @@ def plan(config: Any, stages: Sequence[Stage], results_dir: str, rerun: Sequence
     for i, stage in enumerate(stages):
         record = read_record(results_dir, stage.name)
         settings = stage_settings(config, stage)
+        if i < first_rerun and record is None:
+            foreign = [o for o in stage.outputs if os.path.exists(os.path.join(results_dir, o))]
+            if foreign and not _started(results_dir, stage.name):
+                raise ExperimentError(
+                    f"stage {stage.name!r} of {config.name}: {foreign} already exist in {results_dir} but the "
+                    f"runner never ran the stage (results made another way, e.g. by an older script); they are "
+                    f"kept. Use another config name (--set name=...) for a run beside them, or --rerun "
+                    f"{stage.name} to move them to superseded/ and run it.")
         if i >= first_rerun or record is None:
             out.append((stage, "run"))
             continue
@@ -344,6 +365,10 @@ def run(config: Any, stages: Sequence[Stage] | None = None, *, results_dir: str 
         ctx.stage_work_dir = os.path.join(work_dir, f"{stage.name}-{_digest(settings)[:8]}"
                                           + (f"-r{n_reruns}" if n_reruns else ""))
         log(f"{stage.name}: running (work dir {ctx.stage_work_dir})")
+        os.makedirs(os.path.dirname(record_path(results_dir, stage.name)), exist_ok=True)
+        io_lib.append_lines(record_path(results_dir, stage.name),
+                            [json.dumps({"format": RECORD_FORMAT, "stage": stage.name, "status": STARTED,
+                                         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"])
         t0 = time.time()
         summary = stage.run(ctx)
         missing = [o for o in stage.outputs if not os.path.exists(os.path.join(results_dir, o))]

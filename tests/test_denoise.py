@@ -196,3 +196,22 @@ def test_probabilistic_blocks_train_with_noise_likelihood(digits, trained_cnn, t
                                          loss_fn=loss_fn, progress=False)
     nll = [h["nll"] for h in history if h["type"] == "train"]
     assert np.all(np.isfinite(nll)) and nll[-1] < nll[0]  # the predicted noise distribution fits better
+
+
+@pytest.mark.parametrize("sampler", ["threefry/erfinv", "threefry/icdf16"])
+def test_denoiser_loss_draws_its_noise_with_the_given_sampler(trained_cnn, digits, sampler):
+    """The training noise is NoiseSpec(sampler=...)'s: the loss equals the CE of the noisy forward pass it names."""
+    model, variables, ref = trained_cnn
+    dmodel = denoise.denoised(model)
+    dvars = denoise.init_variables(dmodel, variables, jax.random.key(0))
+    x = digits.preprocess(digits.train.images[:64])
+    y = jnp.asarray(digits.train.labels[:64])
+    loss_fn = denoise.denoiser_loss(dmodel, act_eta_train=0.5, act_ref=ref, sampler=sampler)
+    assert loss_fn.config["noise"]["prng"]["activation"] == sampler
+    key = jax.random.key(1)
+    loss, _ = loss_fn(dvars["params"], dvars["batch_stats"], x, y, key, {"act_eta_train": 0.5, "feature_weight": 0.0,
+                                                                         "nll_weight": 0.0})
+    spec = noise.NoiseSpec(act_kind="additive", act_ref=ref, act_eta=0.5, sampler=sampler)
+    logits, _ = dmodel.apply(dvars, x, key=key, noise=spec)
+    expected = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1))
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)

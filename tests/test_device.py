@@ -500,9 +500,9 @@ def test_evaluate_device_rejects_bad_times(trained_digits_cnn, digits):
 # re-runs only what clipped, batched chip draws). The functions below are that code, frozen (jaxnoise/device.py as
 # of 2026-12-02, docstrings dropped): the analog MVM, the drift-compensation readout, program_chip and read_chip.
 # Unchanged helpers (quantize, _linear, _noise_flags, _tile, the PCM formulas) are taken from the library.
-# With IOParams(sampler="threefry/erfinv", conv_sum="taps") the new code must give the same bits.
+# With IOParams(**device.LEGACY_IO) the new code must give the same bits.
 
-LEGACY_IO = dict(sampler="threefry/erfinv", conv_sum="taps")
+LEGACY_IO = device.LEGACY_IO
 
 
 def _ref_conv_views(x, kernel_shape, stride, padding):
@@ -812,3 +812,56 @@ def test_traced_zero_noise_scale_draws_nothing_and_changes_nothing():
                                   f(traced, (False, False)))
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# aihwkit 1.2.0's I/O semantics (docs/aihwkit_presets_audit.md, probes in tools/aihwkit_probes/io_probe.py)
+
+def test_bound_management_stops_at_max_bm_res_over_the_dac_step_like_aihwkit():
+    """512 ones x ones: aihwkit returns 192 = 12 x 16 (factors 1, 2, 4, 8, 16; 16 > 0.25 x 63 stops it)."""
+    x, w = jnp.ones((1, 512)), jnp.ones((512, 1))
+    io = device.IOParams(out_noise=0.0)
+    assert float(io.last_bm_factor_bound()) == pytest.approx(15.75)
+    assert float(device.analog_mvm(None, x, w, io)[0, 0]) == pytest.approx(192.0)
+    assert float(device.analog_mvm(None, -x, w, io)[0, 0]) == pytest.approx(-192.0)   # both signs are tested
+    # 64 ones: 8 x ADC(64 x rint(63 / 8) / 63) = 65.13 (aihwkit's figure)
+    y64 = float(device.analog_mvm(None, jnp.ones((1, 64)), jnp.ones((64, 1)), io)[0, 0])
+    assert y64 == pytest.approx(8 * round(64 * round(63 / 8) / 63 / (24 / 510)) * (24 / 510), abs=1e-5)
+    assert y64 == pytest.approx(65.13, abs=0.01)
+    # without the resolution limit the last factor is the first above max_bm_factor (1024), in v0 max_bm_factor/2
+    assert float(device.IOParams(max_bm_res=None).last_bm_factor_bound()) == 1000.0
+    assert float(device.IOParams(semantics="v0").last_bm_factor_bound()) == 500.0
+
+
+def test_bound_management_tests_the_adc_output_not_the_analog_value():
+    """y = 12.01 rounds to the ADC's top level 12.0, which aihwkit does not count as clipped; v0 re-ran it."""
+    x, w = jnp.ones((1, 1)), jnp.full((1, 1), 12.01)
+    step = 24 / 510
+    y = float(device.analog_mvm(None, x, w, device.IOParams(out_noise=0.0, inp_res=None))[0, 0])
+    assert y == pytest.approx(12.0, abs=1e-5)
+    y0 = float(device.analog_mvm(None, x, w, device.IOParams(out_noise=0.0, inp_res=None, semantics="v0"))[0, 0])
+    assert y0 == pytest.approx(2 * round(6.005 / step) * step, abs=1e-5)
+
+
+@pytest.mark.parametrize("semantics", ["aihwkit", "v0"])
+def test_all_zero_input_vectors_read_exactly_zero_like_aihwkit(semantics):
+    key = jax.random.key(3)
+    io = device.IOParams(semantics=semantics)
+    w = jax.random.normal(jax.random.key(0), (8, 5)) * 0.3
+    x = jnp.zeros((4, 8)).at[1].set(jnp.linspace(-1, 1, 8))
+    y = device.analog_mvm(key, x, w, io)
+    zero_rows = np.asarray(y)[[0, 2, 3]]
+    if semantics == "aihwkit":
+        np.testing.assert_array_equal(zero_rows, 0.0)
+    else:   # v0 read a zero vector at scale 1: ADC of the output noise
+        assert np.any(zero_rows != 0.0)
+    # conv: patches that see only zeros (a zero image region) read 0, the others do not
+    xc = jnp.zeros((2, 6, 6, 3)).at[:, :2, :2, :].set(1.0)
+    wc = jax.random.normal(jax.random.key(1), (3, 3, 3, 4)) * 0.3
+    yc = np.asarray(device.analog_mvm(key, xc, wc, io, geometry={"stride": 1, "padding": 1}))
+    far = yc[:, 4:, 4:, :]   # patches 2 pixels away from the ones
+    if semantics == "aihwkit":
+        np.testing.assert_array_equal(far, 0.0)
+    else:
+        assert np.any(far != 0.0)
+    assert np.mean(yc[:, :2, :2, :] != 0) > 0.8   # patches that see the ones read their products

@@ -14,6 +14,7 @@ from jaxnoise import checkpoint, cli, experiment
 
 CHECK = "../shared/check_results.py"
 CONFIGS = sorted(glob.glob(os.path.join("experiments", "configs", "*.py")))
+Q4 = os.path.join("experiments", "configs", "consistency_resnet32_q4.py")   # the runner tests' config
 
 
 def _dirs(tmp_path):
@@ -53,7 +54,7 @@ def test_every_config_runs_end_to_end_in_tiny_mode_then_is_cached(path, tmp_path
 
 
 def _tiny(path=None):
-    path = path or os.path.join("experiments", "configs", "consistency_resnet32_q4.py")
+    path = path or Q4
     # one arm, one seed: the runner's behaviour, not the protocol's (which the end-to-end test covers)
     return experiment.apply_overrides(experiment.load_config(path), ["tiny=True", "qat.epochs=1",
                                                                      "arms.methods=('forward_noise',)",
@@ -78,7 +79,7 @@ def test_changed_settings_are_refused_and_rerun_replaces(tmp_path):
     assert any("qat: running" in m for m in logs)
     assert experiment.read_record(str(tmp_path / "results"), "qat")["settings"]["qat"]["lr"] == 0.05
     history = [json.loads(h) for h in (tmp_path / "results" / "stages" / "qat.jsonl").read_text().splitlines()]
-    assert [h.get("status") for h in history] == [None, "superseded", None]   # the rerun appended
+    assert [h.get("status") for h in history] == ["started", None, "superseded", "started", None]   # appended
     assert [h["settings"]["qat"]["lr"] for h in history if "settings" in h] == [0.01, 0.05]
     # the superseded run's outputs are kept, not deleted
     assert glob.glob(str(tmp_path / "results" / "superseded" / "*" / "weights" / "qat.npz"))
@@ -98,7 +99,7 @@ def test_an_interrupted_rerun_resumes_as_a_rerun_with_a_fresh_work_dir(tmp_path)
             return {"n": calls[name]}
         return run
 
-    config = experiment.apply_overrides(experiment.load_config(CONFIGS[0]), ["tiny=True"])
+    config = experiment.apply_overrides(experiment.load_config(Q4), ["tiny=True"])
     stages = [experiment.Stage("a", stage("a"), settings=("seed",), outputs=("a.txt",)),
               experiment.Stage("b", stage("b"), settings=("seed",), outputs=("b.txt",))]
     kw = dict(stages=stages, **_dirs(tmp_path), log=lambda m: None)
@@ -130,11 +131,11 @@ def test_a_stage_whose_outputs_are_gone_runs_again(tmp_path):
                                              ("qat.nope=1", "has no 'nope'"), ("qat.epochs='x'", "qat.epochs")])
 def test_bad_overrides(override, match):
     with pytest.raises(experiment.ExperimentError, match=match):
-        experiment.apply_overrides(experiment.load_config(CONFIGS[0]), [override])
+        experiment.apply_overrides(experiment.load_config(Q4), [override])
 
 
 def test_overrides_parse_literals():
-    c = experiment.apply_overrides(experiment.load_config(CONFIGS[0]),
+    c = experiment.apply_overrides(experiment.load_config(Q4),
                                    ["qat.epochs=3", "qat.lr=1", "tiny=True", "quant.act_signed_paths=['^x$']"])
     assert c.qat.epochs == 3 and c.qat.lr == 1.0 and isinstance(c.qat.lr, float) and c.tiny is True
     assert tuple(c.quant.act_signed_paths) == ("^x$",)
@@ -154,7 +155,7 @@ def test_bad_config_files(tmp_path):
 
 def test_eval_reads_a_saved_arm_with_its_quantized_model(tmp_path, capsys, monkeypatch):
     """`jaxnoise eval --weights ARM.npz` rebuilds the model (with its quantization) from the file's metadata."""
-    path = os.path.abspath(CONFIGS[0])
+    path = os.path.abspath(Q4)
     monkeypatch.chdir(tmp_path)
     small = ["--set", "tiny=True", "--set", "qat.epochs=1", "--set", "arms.methods=('forward_noise',)",
              "--set", "arms.seeds=(0,)", "--only", "qat"]
@@ -169,7 +170,7 @@ def test_eval_reads_a_saved_arm_with_its_quantized_model(tmp_path, capsys, monke
 
 
 def test_cli_run_lists_and_runs(tmp_path, capsys, monkeypatch):
-    path = os.path.abspath(CONFIGS[0])
+    path = os.path.abspath(Q4)
     monkeypatch.chdir(tmp_path)   # tiny mode writes under runs/tiny of the working directory
     small = ["--set", "tiny=True", "--set", "qat.epochs=1", "--set", "arms.methods=('forward_noise',)",
              "--set", "arms.seeds=(0,)"]
@@ -193,3 +194,93 @@ def test_npz_weights_round_trip(tmp_path, trained_digits_cnn):
     with pytest.raises(ValueError, match=".npz"):
         checkpoint.save_npz(tmp_path / "w.bin", variables)
     assert checkpoint.read_npz_metadata(path)["model"] == "cnn"
+
+
+def _config(name, *overrides):
+    return experiment.apply_overrides(experiment.load_config(os.path.join("experiments", "configs", f"{name}.py")),
+                                      list(overrides))
+
+
+def test_device_config_keeps_the_legacy_io_numerics_of_its_committed_results(trained_digits_cnn, digits):
+    """device_resnet32's results predate IOParams.sampler/conv_sum/semantics: its training and inference specs use
+    the old numerics, device.LEGACY_IO (bit for bit the old code, tests/test_device.py); tiny mode uses the
+    defaults (compile time)."""
+    from jaxnoise import device
+    from jaxnoise.protocols import device_drift
+    model, variables, _ = trained_digits_cnn
+    config = _config("device_resnet32")
+    numerics = dict(config.io_numerics)
+    assert numerics == device.LEGACY_IO
+    for mode in ("global", None):
+        spec = device_drift.inference_spec(config, mode)
+        assert spec.name == "aihwkit_inference_default" and spec.compensation == mode
+        assert {k: getattr(spec.io, k) for k in numerics} == numerics
+    train_spec = device_drift.training_spec(config, model, variables, digits)
+    assert train_spec.name == "hwa_standard" and train_spec.pcm is None and train_spec.io.inp_ranges
+    assert {k: getattr(train_spec.io, k) for k in numerics} == numerics
+    tiny = device_drift.inference_spec(_config("device_resnet32", "tiny=True"), "global")
+    assert tiny.io == device.preset("aihwkit_inference_default").io
+
+
+def test_denoise_config_draws_activation_noise_as_its_committed_results(trained_digits_cnn):
+    """denoise_resnet20's results predate NoiseSpec.sampler (now icdf16 on CPU): evaluation and training noise use
+    threefry/erfinv; tiny mode uses the backend's default (compile time)."""
+    import types
+
+    from jaxnoise import denoise
+    from jaxnoise.protocols import denoise_placement
+    model, _, ref = trained_digits_cnn
+    fake_setup = types.SimpleNamespace(ref=ref)
+    dmodel = denoise.denoised(model)
+    config = _config("denoise_resnet20")
+    assert denoise_placement.spec(config, fake_setup, 0.3).sampler == "threefry/erfinv"
+    loss_fn = denoise_placement.loss(config, fake_setup, dmodel, 0.3)
+    assert loss_fn.config["noise"]["prng"]["activation"] == "threefry/erfinv"
+    tiny = _config("denoise_resnet20", "tiny=True")
+    assert denoise_placement.spec(tiny, fake_setup, 0.3).sampler is None
+
+
+def test_consistency_float_stage_sites_are_the_last_block_of_each_stage():
+    """The ablation's 'stage outputs' run: the committed layer1/2, layer2/2, layer3/2 of the ResNet-20."""
+    from jaxnoise.models import get_model
+    from jaxnoise.protocols import consistency_float
+    assert consistency_float.sites_of("stages", get_model("resnet20")) == ("layer1/2", "layer2/2", "layer3/2")
+    assert consistency_float.sites_of("stages", get_model("resnet32")) == ("layer1/4", "layer2/4", "layer3/4")
+    assert consistency_float.sites_of("", get_model("resnet20")) is None
+    assert consistency_float.sites_of("logits", get_model("resnet20")) == ("logits",)
+
+
+def test_outputs_made_outside_the_runner_are_never_overwritten(tmp_path):
+    """A results dir holding a stage's outputs without its record (an older script's results) is refused before
+    anything runs; --rerun moves them to superseded/ first. A stage the runner started keeps its partial files."""
+    calls = []
+
+    def run(ctx):
+        calls.append(1)
+        with open(ctx.result_path("a.json"), "w") as f:
+            f.write("new")
+        return {}
+
+    config = experiment.apply_overrides(experiment.load_config(CONFIGS[0]), ["tiny=True"])
+    stages = [experiment.Stage("a", run, settings=("seed",), outputs=("a.json",))]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "a.json").write_text("committed by an older script")
+    kw = dict(stages=stages, **_dirs(tmp_path), log=lambda m: None)
+    with pytest.raises(experiment.ExperimentError, match=r"a\.json.*never ran the stage.*--rerun a"):
+        experiment.run(config, **kw)
+    assert (tmp_path / "results" / "a.json").read_text() == "committed by an older script" and not calls
+    experiment.run(config, rerun=["a"], **kw)
+    assert (tmp_path / "results" / "a.json").read_text() == "new"
+    kept = glob.glob(str(tmp_path / "results" / "superseded" / "*" / "a.json"))
+    assert len(kept) == 1 and open(kept[0]).read() == "committed by an older script"
+
+    # a stage that started and stopped half-way resumes over its own partial outputs
+    def half(ctx):
+        with open(ctx.result_path("b.json"), "w") as f:
+            f.write("partial")
+        raise RuntimeError("stopped")
+
+    stages_b = [experiment.Stage("b", half, settings=("seed",), outputs=("b.json",))]
+    with pytest.raises(RuntimeError):
+        experiment.run(config, stages=stages_b, **_dirs(tmp_path), log=lambda m: None)
+    assert experiment.plan(config, stages_b, str(tmp_path / "results"))[0][1] == "run"

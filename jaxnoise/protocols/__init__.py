@@ -1,5 +1,5 @@
 """Experiment protocols: stage lists for :mod:`jaxnoise.experiment`, registered by name on import."""
 
-from jaxnoise.protocols import consistency_quantized  # noqa: F401
+from jaxnoise.protocols import consistency_float, consistency_quantized, denoise_placement, device_drift  # noqa: F401
 
-__all__ = ["consistency_quantized"]
+__all__ = ["consistency_float", "consistency_quantized", "denoise_placement", "device_drift"]

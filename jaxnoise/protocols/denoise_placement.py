@@ -1,0 +1,550 @@
+"""Protocol ``denoise_placement``: denoising blocks with a placement search (Azizi et al. 2024) on a frozen network.
+
+As ``experiments/denoise_cifar.py`` ran it (that script now points here). Noise: additive activation noise at every
+analog MVM output (every conv and the final dense layer), sigma = eta * r_site, r_site the std of the site's clean
+output calibrated on ``noise.calib_images`` training images; normals drawn with ``noise.sampler``. Selection data:
+the last ``held_out`` training images (never the test split); blocks train on the rest. Every key derives from
+``key(seed)`` by name (``init``, ``level``, ``sensitivity``, ``gradient``, ``search``, ``eval``).
+
+Stages:
+
+* ``level``: the plain model's Monte Carlo accuracy on the held-out images over ``level.grid`` (``level.n_chips``
+  chips); the target level is the eta whose drop from the noise-free accuracy is closest to
+  ``level.target_drop``; the milder and harsher levels are ``level.side_factors`` times it (``level.json``).
+* ``sensitivity``: per insertion site, the accuracy gained when its MVMs' noise is removed (vmapped masks, common
+  chips, ``search.n_chips``) and the mean gradient norm of the loss at the site (``search.grad_draws`` draws)
+  (``sensitivity.json``).
+* ``search``: greedy search under ``search.budget`` (fraction of the backbone's parameters) over the
+  ``search.top_k`` most sensitive sites; candidates train ``search.steps`` steps together (vmapped) and are
+  evaluated together on the held-out images (``search.json``: every evaluated placement, the best, the Pareto
+  front).
+* ``train_<arm>``: each arm's blocks train ``train.steps`` steps with the backbone frozen: ``searched`` (the search's
+  best), ``every_block`` (a block after every residual block, the bottleneck narrowed until it fits the budget),
+  ``random`` (random sites filling the budget) and ``most_sensitive`` (the single most sensitive site); the same
+  init key, seed and steps. Writes ``weights/<arm>.npz`` (backbone and blocks) and ``metrics/<arm>.jsonl``.
+* ``eval_plain``, ``eval_<arm>``: full test split; ``eval.n_chips`` chips for the plain model and the searched
+  blocks at the target level, ``eval.side_chips`` for the baselines, ``eval.level_chips`` at the side levels
+  (plain and searched), and the plain model's noise-free accuracy. Chip ``i`` has the same key in every arm.
+  ``eval/<arm>.json``, written as each level finishes (a stopped evaluation resumes).
+* ``report``: ``results.json`` (shared format, with the levels, sensitivity, search and engine cost),
+  ``results.md`` and ``pareto.png``.
+
+``tiny=True`` runs the same stages on digits with a one-block CNN from random weights (a budget of 200%: one
+block is larger than that CNN), the top 2 sites, one search round, 4 search and training steps, at most 2 chips,
+as many test images as held-out ones and the backend's default sampler (the tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import time
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from jaxnoise import checkpoint, data, denoise, engine, noise, placement, report, robustness, train
+from jaxnoise import io as io_lib
+from jaxnoise.experiment import Stage, protocol
+from jaxnoise.models import get_model
+
+ARMS = ("searched", "every_block", "random", "most_sensitive")
+TINY_CHANNELS = (8,)      # one conv block: the shortest compiles (the tests' budget)
+TINY_BUDGET = 2.0          # a block costs 224 of the tiny CNN's 178 parameters
+TINY_STEPS = 4
+TINY_CHIPS = 2             # the level's chips: its program then serves the plain model's test evaluation
+TINY_TOP_K = 2
+TINY_CALIB_IMAGES = 256
+
+_BACKBONE = ("tiny", "model", "pretrained", "dataset", "data_dir", "held_out", "seed", "noise")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup: data, backbone, reference scales, denoised model
+
+
+class Setup(NamedTuple):
+    """What every stage shares (built once per process for the same settings)."""
+
+    ds: data.Dataset
+    model: Any
+    variables: dict
+    train_part: data.Split
+    selection: data.Split
+    ref: dict
+    dmodel: denoise.DenoisedModel
+    dvars: dict
+    key: jax.Array
+
+
+def _cap(config, n, tiny_max: int) -> int:
+    return min(int(n), tiny_max) if config.tiny else int(n)
+
+
+def _backbone_args(config) -> tuple:
+    c = config
+    return bool(c.tiny), c.model, c.pretrained, c.dataset, c.data_dir, int(c.seed)
+
+
+def setup(config) -> Setup:
+    c = config
+    return _setup(_backbone_args(c), int(c.held_out), _cap(c, c.noise.calib_images, TINY_CALIB_IMAGES),
+                  c.denoiser.kind, int(c.denoiser.reduction))
+
+
+def denoised_model(config, reduction: int) -> denoise.DenoisedModel:
+    """The backbone with a block (bottleneck C/``reduction``) at every candidate site; the same object for the same
+    settings, so stages reuse each other's compiled programs."""
+    return _denoised(_backbone_args(config), config.denoiser.kind, int(reduction))
+
+
+@functools.lru_cache(maxsize=4)
+def _backbone(tiny, model_name, pretrained, dataset_name, data_dir, seed):
+    """``(dataset, model, variables)``: the pretrained network (random weights from ``seed`` in tiny mode)."""
+    ds = data.load_dataset("digits") if tiny else data.load_dataset(dataset_name, data_dir=data_dir or None)
+    if tiny:
+        model = get_model("cnn", input_shape=ds.image_shape, num_classes=ds.num_classes, channels=TINY_CHANNELS)
+        return ds, model, jax.tree.map(np.asarray, model.init(jax.random.key(seed)))
+    model = get_model(model_name, num_classes=ds.num_classes)
+    if not os.path.exists(pretrained):
+        raise FileNotFoundError(f"pretrained weights {pretrained!r} not found: set pretrained= to the "
+                                f"{model_name} CIFAR-10 .npz (../shared/pretrained).")
+    return ds, model, checkpoint.load_variables(pretrained, model)
+
+
+@functools.lru_cache(maxsize=16)
+def _denoised(backbone_args: tuple, kind: str, reduction: int) -> denoise.DenoisedModel:
+    return denoise.denoised(_backbone(*backbone_args)[1], config=denoise.DenoiserConfig(kind=kind, reduction=reduction))
+
+
+@functools.lru_cache(maxsize=4)
+def _setup(backbone_args: tuple, held_out: int, calib_images: int, kind: str, reduction: int) -> Setup:
+    ds, model, variables = _backbone(*backbone_args)
+    if backbone_args[0]:   # tiny: at most a fifth of the training images
+        held_out = min(held_out, len(ds.train) // 5)
+    train_part, held = data.holdout(ds.train, held_out)
+    images = data.calibration_images(train_part, n=calib_images, seed=0)
+    ref = noise.calibrate_activations(model.apply, variables, jax.jit(ds.preprocess)(jax.numpy.asarray(images)))
+    dmodel = _denoised(backbone_args, kind, reduction)
+    key = jax.random.key(backbone_args[-1])
+    dvars = denoise.init_variables(dmodel, variables, noise.name_key(key, "init"))
+    return Setup(ds, model, variables, train_part, data.Split(held.images, held.labels), ref, dmodel, dvars, key)
+
+
+def sampler(config) -> str | None:
+    """The normals of every noise draw: ``noise.sampler`` ("" = the backend's default); in tiny mode the default
+    (on CPU ``"threefry/icdf16"``: ``"threefry/erfinv"`` doubles the compile time of the tiny run)."""
+    return None if config.tiny else (config.noise.sampler or None)
+
+
+def spec(config, s: Setup, eta: float) -> noise.NoiseSpec:
+    return noise.NoiseSpec(weight_kind=None, act_kind="additive", act_ref=s.ref, act_eta=float(eta),
+                           sampler=sampler(config))
+
+
+def loss(config, s: Setup, dmodel, eta: float):
+    return denoise.denoiser_loss(dmodel, act_eta_train=float(eta), act_ref=s.ref,
+                                 feature_weight=float(config.denoiser.feature_weight), sampler=sampler(config))
+
+
+def budget(config) -> float:
+    return TINY_BUDGET if config.tiny else float(config.search.budget)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Result records
+
+
+def _command(config) -> str:
+    return f"jaxnoise run experiments/configs/{config.name}.py" + (" --set tiny=True" if config.tiny else "")
+
+
+def _result(config, arms, split: str, n_images: int, **extra) -> dict:
+    """A record in the shared result format (``../shared/RESULTS.md``) plus ``extra`` fields."""
+    record = report.result_record(config.name, _command(config), arms,
+                                  {"name": "digits" if config.tiny else config.dataset, "split": split,
+                                   "n_images": int(n_images)})
+    record.update(extra)
+    return record
+
+
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_split(config, s: Setup) -> data.Split:
+    """The evaluation images: the test split; in tiny mode its first ones, as many as the held-out images (one
+    compiled Monte Carlo program then serves the level and the plain model's evaluation)."""
+    if not config.tiny:
+        return s.ds.test
+    n = len(s.selection.labels)
+    return data.Split(s.ds.test.images[:n], s.ds.test.labels[:n])
+
+
+def _held_out_split(s: Setup) -> str:
+    return f"train[{len(s.train_part)}:] (held out)"
+
+
+def _act(entry: dict) -> float | None:
+    a = entry["activation_noise"]
+    return None if a is None else float(a["eta"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selection stages (held-out training images)
+
+
+def stage_level(ctx):
+    config = ctx.config
+    s = setup(config)
+    x, y = s.selection.images, s.selection.labels
+    clean = robustness.evaluate(s.model, s.variables, x, y, None, preprocess=s.ds.preprocess)
+    results, rows = [clean], []
+    for eta in map(float, config.level.grid):
+        r = robustness.evaluate(s.model, s.variables, x, y, spec(config, s, eta), key=noise.name_key(s.key, "level"),
+                                n_chips=_cap(config, config.level.n_chips, TINY_CHIPS),
+                                batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
+        results.append(r)
+        rows.append({"eta": eta, "mean": r.mean, "drop": clean.mean - r.mean})
+        ctx.log(f"level: eta {eta}: {100 * r.mean:.2f}% (drop {100 * (clean.mean - r.mean):.2f})")
+    target = min(rows, key=lambda r: abs(r["drop"] - float(config.level.target_drop)))["eta"]
+    sides = [round(target * float(f), 4) for f in config.level.side_factors]
+    level = {"clean_selection": clean.mean, "grid": rows, "target": target, "levels": sorted([target] + sides),
+             "protocol": f"plain model, {_cap(config, config.level.n_chips, TINY_CHIPS)} chips, last {len(y)} "
+                         f"training images"}
+    arm = report.arm("plain", s.model, "clean", s.model.param_count(), results)
+    report.write_json(ctx.result_path("level.json"), _result(config, [arm], _held_out_split(s), len(y), **level))
+    return {"target": target, "levels": level["levels"]}
+
+
+def _level(ctx) -> dict:
+    """The ``level`` stage's record (clean_selection, grid, target, levels, protocol)."""
+    record = _load(ctx.result_path("level.json"))
+    return {k: record[k] for k in ("clean_selection", "grid", "target", "levels", "protocol")}
+
+
+def stage_sensitivity(ctx):
+    config = ctx.config
+    s = setup(config)
+    eta = float(ctx.summaries["level"]["target"])
+    x, y = s.selection.images, s.selection.labels
+    rem = placement.removal_sensitivity(s.model, s.variables, x, y, spec(config, s, eta),
+                                        key=noise.name_key(s.key, "sensitivity"),
+                                        n_chips=_cap(config, config.search.n_chips, TINY_CHIPS),
+                                        batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
+    grads = placement.gradient_sensitivity(s.model, s.variables, x, y, spec(config, s, eta),
+                                           key=noise.name_key(s.key, "gradient"),
+                                           n_draws=int(config.search.grad_draws), preprocess=s.ds.preprocess)
+    noisy = robustness.MCResult.from_per_chip(rem["noisy_per_chip"], len(y), spec(config, s, eta).describe())
+    arm = report.arm("plain", s.model, "clean", s.model.param_count(), [noisy])
+    report.write_json(ctx.result_path("sensitivity.json"),
+                      _result(config, [arm], _held_out_split(s), len(y), eta=eta, removal=rem, gradient_norm=grads))
+    for site, v in rem["sites"].items():
+        ctx.log(f"sensitivity: {site}: +{100 * v['gain']:.2f} pts, grad {grads[site]:.4f}")
+    return {"gains": {site: v["gain"] for site, v in rem["sites"].items()}}
+
+
+def ranked_sites(gains: dict, dmodel, k: int) -> list[str]:
+    """The ``k`` candidate sites of largest removal gain."""
+    order = sorted(gains, key=lambda site: -gains[site])
+    return [site for site in order if site in dmodel.candidate_sites][:k]
+
+
+def stage_search(ctx):
+    config = ctx.config
+    s = setup(config)
+    eta = float(ctx.summaries["level"]["target"])
+    candidates = ranked_sites(ctx.summaries["sensitivity"]["gains"], s.dmodel,
+                              _cap(config, config.search.top_k, TINY_TOP_K))
+    max_rounds = 1 if config.tiny else (int(config.search.max_rounds) or None)
+    t0 = time.time()
+    result = placement.search(s.dmodel, s.dvars, s.ds, loss(config, s, s.dmodel, eta), s.selection.images,
+                              s.selection.labels, spec(config, s, eta), budget=budget(config),
+                              key=noise.name_key(s.key, "search"), candidates=candidates,
+                              steps=_cap(config, config.search.steps, TINY_STEPS),
+                              batch_size=int(config.search.batch_size), learning_rate=float(config.train.lr),
+                              n_chips=_cap(config, config.search.n_chips, TINY_CHIPS),
+                              eval_batch_size=int(config.eval.batch_size), split=s.train_part, max_rounds=max_rounds,
+                              log=lambda line: ctx.log("search: " + line))
+    out = {**result.to_dict(), "seconds": time.time() - t0}
+    n = len(s.selection.labels)
+    desc = spec(config, s, eta).describe()
+    arms = [report.arm(", ".join(e["sites"]) or "none", s.dmodel, "denoiser", s.model.param_count(),
+                       [robustness.MCResult.from_per_chip(e["per_chip"], n, desc)], extra_param_count=e["params"],
+                       train={"round": e["round"], "sites": e["sites"], "steps": out["config"]["steps"]})
+            for e in out["evaluated"]]
+    record = _result(config, arms, _held_out_split(s), n)
+    record.update(out)   # evaluated, best, pareto, config (the search's settings), seconds
+    report.write_json(ctx.result_path("search.json"), record)
+    return {"best_sites": out["best"]["sites"], "best_gates": out["best"]["gates"], "best_mean": out["best"]["mean"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arms
+
+
+def every_block_model(config):
+    """The widest bottleneck (smallest reduction from ``denoiser.reduction``) at which a block after every residual
+    block fits the budget; the narrowest (64) when none does (reported as is, over budget)."""
+    for reduction in range(int(config.denoiser.reduction), 65):
+        dm = denoised_model(config, reduction)
+        gates = placement.every_block_placement(dm)
+        if denoise.overhead(dm, gates)["param_overhead"] <= budget(config):
+            break
+    return dm, gates, {"reduction": reduction}
+
+
+def arm_placement(ctx, name: str):
+    """``(dmodel, gates, extra train info)`` of an arm (the same for the train, eval and report stages)."""
+    config = ctx.config
+    s = setup(config)
+    reduction = {"reduction": int(config.denoiser.reduction)}
+    if name == "searched":
+        return s.dmodel, np.asarray(ctx.summaries["search"]["best_gates"], np.float32), reduction
+    if name == "every_block":
+        return every_block_model(config)
+    if name == "random":
+        gates = placement.random_placement(s.dmodel, budget(config), seed=int(config.seed),
+                                           candidates=s.dmodel.candidate_sites[:-1])
+        return s.dmodel, gates, {**reduction, "seed": int(config.seed)}
+    if name == "most_sensitive":
+        gains = ctx.summaries["sensitivity"]["gains"]
+        return s.dmodel, placement.most_sensitive_placement(s.dmodel, gains, budget(config)), reduction
+    raise ValueError(f"unknown arm {name!r}; choose among {ARMS}.")
+
+
+def _train_steps(config) -> int:
+    return _cap(config, config.train.steps, TINY_STEPS)
+
+
+def stage_train(name: str):
+    def run(ctx):
+        config = ctx.config
+        s = setup(config)
+        eta = float(ctx.summaries["level"]["target"])
+        dm, gates, extra = arm_placement(ctx, name)
+        dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"), placement=gates)
+        steps, batch = _train_steps(config), int(config.train.batch_size)
+        tcfg = train.TrainConfig(epochs=-(-steps // (len(s.train_part) // batch)), batch_size=batch,
+                                 learning_rate=float(config.train.lr), weight_decay=0.0, seed=int(config.seed),
+                                 checkpoint_every=100, log_every=25)
+        # The epoch-end clean evaluation of jaxnoise.train runs on the held-out images, never the test split.
+        ds = dataclasses.replace(s.ds, train=s.train_part, test=s.selection)
+        workdir = ctx.work_path("train", "")
+        out, _ = denoise.train_denoisers(dm, ds, tcfg, workdir=workdir, variables=dvars,
+                                         loss_fn=loss(config, s, dm, eta), progress=False, max_steps=steps,
+                                         metadata={"arm": name, **extra})
+        sites = [site for site, g in zip(dm.candidate_sites, gates) if g]
+        checkpoint.save_npz(ctx.result_path("weights", f"{name}.npz"), out,
+                            {"model": dm.name, "model_config": dict(dm.config), "stage": f"train_{name}",
+                             "experiment": config.name, "sites": sites, "gates": [float(g) for g in gates],
+                             "act_eta_train": eta, **extra}, overwrite=True)
+        shutil.copyfile(os.path.join(workdir, train.METRICS_FILE), ctx.result_path("metrics", f"{name}.jsonl"))
+        return {"sites": sites, **extra, **denoise.overhead(dm, gates)}
+    return run
+
+
+def eval_plan(config, level: dict, name: str) -> list[tuple[float, int]]:
+    """``[(eta, n_chips)]`` of one arm: the target level, then (plain and searched) the side levels."""
+    target = float(level["target"])
+    if name in ("plain", "searched"):
+        sides = [(float(e), _cap(config, config.eval.level_chips, TINY_CHIPS)) for e in level["levels"]
+                 if float(e) != target]
+        return [(target, _cap(config, config.eval.n_chips, TINY_CHIPS))] + sides
+    return [(target, _cap(config, config.eval.side_chips, TINY_CHIPS))]
+
+
+def stage_eval(name: str):
+    def run(ctx):
+        config = ctx.config
+        s = setup(config)
+        test = test_split(config, s)
+        if name == "plain":
+            model, variables = s.model, s.variables
+        else:
+            model = arm_placement(ctx, name)[0]
+            variables = checkpoint.load_variables(ctx.result_path("weights", f"{name}.npz"), model)
+        path = ctx.result_path("eval", f"{name}.json")
+        entries = _load(path)["arms"][0]["eval"] if os.path.exists(path) else []
+        if name == "plain" and not entries:
+            entries.append(robustness.evaluate(s.model, s.variables, test.images, test.labels, None,
+                                               preprocess=s.ds.preprocess).to_dict())
+        done = {(_act(e), int(e["n_chips"])) for e in entries}
+        level = _level(ctx)
+        for eta, n_chips in eval_plan(config, level, name):
+            if (eta, n_chips) in done:
+                continue
+            r = robustness.evaluate(model, variables, test.images, test.labels, spec(config, s, eta),
+                                    key=noise.name_key(s.key, "eval"), n_chips=n_chips,
+                                    batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
+            entries.append(r.to_dict())
+            arm = report.arm(name, s.model, "clean" if name == "plain" else "denoiser", s.model.param_count(), entries)
+            report.write_json(path, _result(config, [arm], "test", len(test.labels)))
+            ctx.log(f"eval: {name} at eta {eta}: {100 * r.mean:.2f}% {robustness.format_ci95(r.ci95)} "
+                    f"({n_chips} chips)")
+        return {str(_act(e)): e["mean"] for e in entries}
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def stage_report(ctx):
+    config = ctx.config
+    s = setup(config)
+    level = _level(ctx)
+    sens = _load(ctx.result_path("sensitivity.json"))
+    search = _load(ctx.result_path("search.json"))
+    plain = _load(ctx.result_path("eval", "plain.json"))["arms"][0]["eval"]
+    clean = plain[0]
+    backbone_params = s.model.param_count()
+    record_arms = [report.arm("plain", s.model, "clean", backbone_params, plain,
+                              train={"pretrained": "random (tiny)" if config.tiny else config.pretrained})]
+    costs = {}
+    layers = denoise.analog_layers(s.model)
+    steps = _train_steps(config)
+    for name in config.arms:
+        dm, gates, extra = arm_placement(ctx, name)
+        over = denoise.overhead(dm, gates)
+        sites = [site for site, g in zip(dm.candidate_sites, gates) if g]
+        costs[name] = engine.placement_cost(denoise.block_shapes(dm, sites), layers, backbone_params=backbone_params)
+        evals = _load(ctx.result_path("eval", f"{name}.json"))["arms"][0]["eval"]
+        record_arms.append(report.arm(name, s.model, "denoiser", backbone_params, evals,
+                                      extra_param_count=over["params"],
+                                      train={"sites": sites, "kind": config.denoiser.kind, **extra,
+                                             "train_steps": steps, "lr": float(config.train.lr),
+                                             "act_eta_train": level["target"],
+                                             "batch_size": int(config.train.batch_size),
+                                             "param_overhead": over["param_overhead"],
+                                             "mac_overhead": over["mac_overhead"]}))
+    removal = sens["removal"]
+    record = _result(config, record_arms, "test", len(test_split(config, s).labels), levels=level, sensitivity={
+        "removal_gain": {k: v["gain"] for k, v in removal["sites"].items()},
+        "removal_ci95": {k: v["ci95"] for k, v in removal["sites"].items()},
+        "gradient_norm": sens["gradient_norm"]})
+    record["search"] = {k: search[k] for k in ("best", "pareto", "config", "seconds")}
+    record["search"]["evaluated"] = [{k: v for k, v in e.items() if k != "per_chip"} for e in search["evaluated"]]
+    record["engine"] = {name: {k: c[k] for k in ("totals", "mac_overhead", "latency_overhead", "param_overhead")}
+                        for name, c in costs.items()}
+    report.write_json(ctx.result_path("results.json"), record)
+    io_lib.write_text_atomic(ctx.result_path("results.md"),
+                             markdown(config, record, sens, search, costs, clean["mean"], backbone_params))
+    plot_pareto(record, search, clean["mean"], backbone_params, ctx.result_path("pareto.png"))
+    target = level["target"]
+    return {a["name"]: next((e["mean"] for e in a["eval"] if _act(e) == target), None) for a in record_arms}
+
+
+def markdown(config, record, sens, search, costs, clean_acc: float, backbone_params: int) -> str:
+    level = record["levels"]
+    target = level["target"]
+    model = "cnn (tiny)" if config.tiny else config.model
+    lines = [f"# Denoising blocks on {model} ({record['dataset']['name']} test split, additive activation noise)", "",
+             f"Command: `{record['command']}`", "",
+             f"Clean accuracy of the pretrained model: {100 * clean_acc:.2f}%. Noise levels (picked on the held-out "
+             f"training images, {level['protocol']}): target eta {target} (plain drop closest to "
+             f"{100 * float(config.level.target_drop):.0f} points), side levels "
+             f"{[e for e in level['levels'] if e != target]}.",
+             "", "| arm | sites | params (% of backbone) | eta | n_chips | mean (%) | 95% CI (%) | p5 (%) | "
+             "drop recovered |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    plain_at = {_act(e): e for e in record["arms"][0]["eval"] if e["activation_noise"] is not None}
+    for a in record["arms"]:
+        for e in a["eval"]:
+            if e["activation_noise"] is None:
+                continue
+            eta = _act(e)
+            rec = ""
+            if a["name"] != "plain" and eta in plain_at:
+                drop = clean_acc - plain_at[eta]["mean"]
+                rec = f"{100 * (e['mean'] - plain_at[eta]['mean']) / drop:.0f}%" if drop else ""
+            sites = ", ".join(a["train"].get("sites", [])) if a["name"] != "plain" else "-"
+            pct = f"{a['extra_param_count']} ({100 * a['extra_param_count'] / backbone_params:.2f}%)"
+            lines.append(f"| {a['name']} | {sites} | {pct} | {eta} | {e['n_chips']} | {100 * e['mean']:.2f} | "
+                         f"{robustness.format_ci95(e['ci95'])} | {100 * e['p5']:.2f} | {rec} |")
+    lines += ["", "'drop recovered' = (arm - plain) / (clean - plain) at the same eta, Monte Carlo means.", "",
+              "## Sensitivity (held-out training images, target eta)", "",
+              "| site | accuracy gained when its MVMs are noise-free (pts) | 95% CI | gradient norm |",
+              "|---|---:|---:|---:|"]
+    for site, v in sens["removal"]["sites"].items():
+        lines.append(f"| {site} | {100 * v['gain']:.2f} | {robustness.format_ci95(v['ci95'])} | "
+                     f"{sens['gradient_norm'][site]:.4f} |")
+    cfg = search["config"]
+    lines += ["", f"## Search ({cfg['strategy']}, budget {100 * cfg['budget']:.1f}%, {cfg['steps']} steps per "
+              f"candidate, {cfg['n_chips']} chips on {cfg['n_eval_images']} held-out images; "
+              f"{search['seconds']:.0f} s)", "",
+              "| round | sites | params (%) | selection accuracy (%) |", "|---:|---|---:|---:|"]
+    for e in search["evaluated"]:
+        lines.append(f"| {e['round']} | {', '.join(e['sites']) or '-'} | {100 * e['param_overhead']:.2f} | "
+                     f"{100 * e['mean']:.2f} |")
+    lines += ["", "Pareto front (params % -> accuracy %): " + ", ".join(
+        f"{100 * p['param_overhead']:.2f} -> {100 * p['mean']:.2f}" for p in search["pareto"]), "",
+        "## Engine cost (jaxnoise.engine defaults; assumptions in its docstring)", ""]
+    for name, c in costs.items():
+        lines += [f"### {name}", "", engine.markdown(c), ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(record, search, clean_acc: float, backbone_params: int, path: str) -> None:
+    """Left: the search's evaluated placements and Pareto front (selection set); right: the arms on the test split
+    at the target level, with 95% CIs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (no pyplot: no global state)
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    target = record["levels"]["target"]
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    ax, ax2 = fig.subplots(1, 2)
+    pts = search["evaluated"]
+    ax.scatter([100 * p["param_overhead"] for p in pts], [100 * p["mean"] for p in pts], s=12, c="0.6",
+               label="evaluated (selection set)")
+    front = search["pareto"]
+    ax.plot([100 * p["param_overhead"] for p in front], [100 * p["mean"] for p in front], "o-", c="C0",
+            label="Pareto front")
+    ax.set_xlabel("denoiser parameters (% of backbone)")
+    ax.set_ylabel("Monte Carlo accuracy (%)")
+    ax.set_title(f"search at eta {target}")
+    ax.legend()
+    for i, a in enumerate(record["arms"]):
+        for e in a["eval"]:
+            if e["activation_noise"] and _act(e) == target:
+                ci = e["ci95"]  # None with one chip: no error bar
+                ax2.errorbar([100 * a["extra_param_count"] / backbone_params], [100 * e["mean"]],
+                             yerr=None if ci is None else [[100 * (e["mean"] - ci[0])], [100 * (ci[1] - e["mean"])]],
+                             fmt="o", c=f"C{i}", label=f"{a['name']} ({e['n_chips']} chips)", capsize=3)
+    ax2.axhline(100 * clean_acc, ls="--", c="k", lw=0.8, label="clean")
+    ax2.set_xlabel("denoiser parameters (% of backbone)")
+    ax2.set_ylabel("test accuracy (%), 95% CI")
+    ax2.set_title("arms on the test split")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    io_lib.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@protocol("denoise_placement")
+def stages(config) -> list[Stage]:
+    unknown = [a for a in config.arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"denoise_placement: unknown arms {unknown}; choose among {ARMS} (set arms=...).")
+    level = _BACKBONE + ("level", "eval.batch_size")
+    sensitivity = level + ("search.n_chips", "search.grad_draws")
+    search = sensitivity + ("denoiser", "search", "train.lr")
+    arms = search + ("train",)
+    out = [Stage("level", stage_level, settings=level, outputs=("level.json",)),
+           Stage("sensitivity", stage_sensitivity, settings=sensitivity, outputs=("sensitivity.json",)),
+           Stage("search", stage_search, settings=search, outputs=("search.json",))]
+    for name in config.arms:
+        out.append(Stage(f"train_{name}", stage_train(name), settings=arms,
+                         outputs=(f"weights/{name}.npz", f"metrics/{name}.jsonl")))
+    for name in ("plain", *config.arms):
+        out.append(Stage(f"eval_{name}", stage_eval(name), settings=(level if name == "plain" else arms) + ("eval",),
+                         outputs=(f"eval/{name}.json",)))
+    out.append(Stage("report", stage_report, settings=None, outputs=("results.json", "results.md", "pareto.png")))
+    return out
