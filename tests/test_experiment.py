@@ -61,28 +61,53 @@ def _tiny(path=None):
                                                                      "arms.seeds=(0,)"])
 
 
+def _light_stages():
+    """Two stages that only write a file each: the runner's behaviour without a protocol's cost."""
+    def writer(out):
+        def run(ctx):
+            with open(ctx.result_path(out), "w") as f:
+                f.write(str(ctx.config.qat.lr))
+            return {"lr": ctx.config.qat.lr}
+        return run
+    return [experiment.Stage("qat", writer("weights/qat.npz"), settings=("tiny", "qat"), outputs=("weights/qat.npz",)),
+            experiment.Stage("eval_qat", writer("eval_qat.json"), settings=("tiny", "qat", "eval.n_chips"),
+                             outputs=("eval_qat.json",))]
+
+
 def test_changed_settings_are_refused_and_rerun_replaces(tmp_path):
     config = _tiny()
-    experiment.run(config, **_dirs(tmp_path), log=lambda m: None)
+    stages = _light_stages()
+    experiment.run(config, stages, **_dirs(tmp_path), log=lambda m: None)
     record = (tmp_path / "results" / "stages" / "qat.jsonl").read_text()
     changed = experiment.apply_overrides(config, ["qat.lr=0.05"])
     with pytest.raises(experiment.ExperimentError, match=r"stage .qat.*qat\.lr: 0\.01 -> 0\.05.*--rerun qat"):
-        experiment.run(changed, **_dirs(tmp_path), log=lambda m: None)
+        experiment.run(changed, stages, **_dirs(tmp_path), log=lambda m: None)
     assert (tmp_path / "results" / "stages" / "qat.jsonl").read_text() == record   # untouched
     # a setting only a later stage uses leaves the earlier one cached
     logs = []
-    experiment.run(experiment.apply_overrides(config, ["eval.n_chips=4"]), **_dirs(tmp_path), log=logs.append,
-                   rerun=["eval_qat"])
+    experiment.run(experiment.apply_overrides(config, ["eval.n_chips=4"]), stages, **_dirs(tmp_path),
+                   log=logs.append, rerun=["eval_qat"])
     assert any("qat: cached" in m for m in logs) and any("eval_qat: running" in m for m in logs)
     logs = []
-    experiment.run(changed, **_dirs(tmp_path), log=logs.append, rerun=["qat"])
+    experiment.run(changed, stages, **_dirs(tmp_path), log=logs.append, rerun=["qat"])
     assert any("qat: running" in m for m in logs)
     assert experiment.read_record(str(tmp_path / "results"), "qat")["settings"]["qat"]["lr"] == 0.05
     history = [json.loads(h) for h in (tmp_path / "results" / "stages" / "qat.jsonl").read_text().splitlines()]
     assert [h.get("status") for h in history] == ["started", None, "superseded", "started", None]   # appended
     assert [h["settings"]["qat"]["lr"] for h in history if "settings" in h] == [0.01, 0.05]
     # the superseded run's outputs are kept, not deleted
-    assert glob.glob(str(tmp_path / "results" / "superseded" / "*" / "weights" / "qat.npz"))
+    kept = glob.glob(str(tmp_path / "results" / "superseded" / "*" / "weights" / "qat.npz"))
+    assert kept and open(kept[0]).read() == "0.01"
+
+
+def test_a_stage_whose_outputs_are_gone_runs_again(tmp_path):
+    config = _tiny()
+    stages = _light_stages()
+    experiment.run(config, stages, **_dirs(tmp_path), log=lambda m: None)
+    os.remove(tmp_path / "results" / "eval_qat.json")
+    logs = []
+    experiment.run(config, stages, **_dirs(tmp_path), log=logs.append)
+    assert any("eval_qat: running" in m for m in logs) and any("qat: cached" in m for m in logs)
 
 
 def test_an_interrupted_rerun_resumes_as_a_rerun_with_a_fresh_work_dir(tmp_path):
@@ -116,15 +141,6 @@ def test_an_interrupted_rerun_resumes_as_a_rerun_with_a_fresh_work_dir(tmp_path)
     summaries = experiment.run(config, **kw)
     assert summaries == {"a": {"n": 2}, "b": {"n": 3}} and calls == {"a": 2, "b": 3}
     assert len(glob.glob(str(tmp_path / "results" / "superseded" / "*" / "*.txt"))) == 2
-
-
-def test_a_stage_whose_outputs_are_gone_runs_again(tmp_path):
-    config = _tiny()
-    experiment.run(config, **_dirs(tmp_path), log=lambda m: None)
-    os.remove(tmp_path / "results" / "eval_qat.json")
-    logs = []
-    experiment.run(config, **_dirs(tmp_path), log=logs.append)
-    assert any("eval_qat: running" in m for m in logs) and any("qat: cached" in m for m in logs)
 
 
 @pytest.mark.parametrize("override, match", [("qat.epochs", "key=value"), ("nope=1", "has no 'nope'"),

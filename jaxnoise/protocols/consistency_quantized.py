@@ -34,6 +34,7 @@ Stages:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -57,10 +58,17 @@ def dataset(config) -> data.Dataset:
 
 
 def model_of(config, ds: data.Dataset):
-    q = quant.QuantSpec.from_config(config.quant.to_dict())
-    if config.tiny:
-        return get_model("cnn", input_shape=ds.image_shape, num_classes=ds.num_classes, quant=q)
-    return get_model(config.model, num_classes=ds.num_classes, quant=q)
+    """The network (the same object for the same config, so stages reuse each other's compiled evaluations)."""
+    return _model("cnn" if config.tiny else config.model, ds.num_classes, tuple(ds.image_shape),
+                  json.dumps(config.quant.to_dict(), sort_keys=True), bool(config.tiny))
+
+
+@functools.lru_cache(maxsize=8)
+def _model(name: str, num_classes: int, image_shape: tuple, quant_json: str, tiny: bool):
+    q = quant.QuantSpec.from_config(json.loads(quant_json))
+    if tiny:   # a small CNN: the tests run every stage
+        return get_model("cnn", input_shape=image_shape, num_classes=num_classes, quant=q, channels=(8,))
+    return get_model(name, num_classes=num_classes, quant=q)
 
 
 def _first_held_out(config, ds: data.Dataset) -> int:
@@ -211,6 +219,8 @@ def stage_search(ctx):
     done = {a["name"]: a for a in json.load(open(path))["arms"]} if os.path.exists(path) else {}
     split = f"train[{_first_held_out(config, ds)}:] (held out)"
     candidates = [("forward_noise", {"lam": 0.0})] + [("consistency", dict(c)) for c in config.search.candidates]
+    if config.tiny:   # the tests: forward-noise and one candidate
+        candidates = candidates[:2]
     section = config.search
     for method, cand in candidates:
         label = method if method == "forward_noise" else ", ".join(f"{k}={v}" for k, v in sorted(cand.items()))
@@ -242,6 +252,12 @@ def stage_search(ctx):
                                     protocol=protocol))
     return {"chosen": chosen, "chosen_label": best, "chosen_mean": cons[best]["eval"][0]["mean"],
             "forward_noise_mean": done["forward_noise"]["eval"][0]["mean"]}
+
+
+def _seeds(config) -> tuple[int, ...]:
+    """The arms' seeds; in tiny mode at most two (the tests; two keep the interval over seeds)."""
+    seeds = tuple(int(x) for x in config.arms.seeds)
+    return seeds[:2] if config.tiny else seeds
 
 
 def _arm_name(method, seed):
@@ -287,7 +303,7 @@ def stage_eval_arm(method, seed):
                                      noise_spec(config, config.noise.eta), key=key,
                                      n_chips=_chips(config, config.eval.n_chips), **kw)
         grid = []
-        if int(seed) == int(config.arms.seeds[0]):
+        if int(seed) == int(_seeds(config)[0]):
             etas = [float(e) for e in config.eval.grid if float(e) != float(config.noise.eta)]
             spec = noise_spec(config, 0.0)
             grid = robustness.sweep(model, variables, ds.test.images, ds.test.labels, spec, weight_etas=etas,
@@ -311,7 +327,7 @@ def stage_report(ctx):
     qat = json.load(open(ctx.result_path("eval_qat.json")))["arms"][0]
     evals = {}   # (method, seed) -> the arm, its eval entries [noise-free, at eta, grid...]
     for method in config.arms.methods:
-        for seed in config.arms.seeds:
+        for seed in _seeds(config):
             path = ctx.result_path("eval", f"{_arm_name(method, seed)}.json")
             evals[(method, int(seed))] = json.load(open(path))["arms"][0]
     q_clean, q_noisy = qat["eval"][:2]
@@ -319,7 +335,7 @@ def stage_report(ctx):
     comparison = {}
     if {"forward_noise", "consistency"} <= set(config.arms.methods):
         per_seed = []
-        for seed in (int(s) for s in config.arms.seeds):
+        for seed in (int(s) for s in _seeds(config)):
             c, f = evals[("consistency", seed)]["eval"][1], evals[("forward_noise", seed)]["eval"][1]
             d = stats.paired(c["per_chip"], f["per_chip"])
             per_seed.append({"seed": seed, "consistency": c["mean"], "forward_noise": f["mean"], **d.to_dict()})
@@ -363,7 +379,7 @@ def stages(config) -> list[Stage]:
         out.append(Stage("search", stage_search, settings=base + ("noise", "search", "arms.lr", "arms.batch_size",
                                                                    "arms.weight_decay", "eval.batch_size"),
                          outputs=("search.json",)))
-    for seed in config.arms.seeds:   # seed by seed, each evaluated as soon as it is trained: early evidence
+    for seed in _seeds(config):   # seed by seed, each evaluated as soon as it is trained: early evidence
         for method in config.arms.methods:
             name = _arm_name(method, seed)
             out.append(Stage(f"train_{name}", stage_train_arm(method, seed), settings=arms,
