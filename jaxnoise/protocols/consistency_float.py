@@ -48,6 +48,12 @@ from jaxnoise import checkpoint, data, methods, noise, report, robustness, stats
 from jaxnoise import io as io_lib
 from jaxnoise.experiment import Stage, protocol
 from jaxnoise.models import get_model
+from jaxnoise.protocols import common
+
+dataset = common.dataset
+first_held_out = common.first_held_out
+_command = common.command
+_result = common.result
 
 ARMS = ("clean", "forward_noise", "consistency")
 TINY_CHANNELS = (8,)      # the tiny-mode CNN: one conv block keeps every compile short (the tests' budget)
@@ -63,12 +69,6 @@ _MODEL = ("tiny", "model", "pretrained", "seed")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data, model, losses
-
-
-def dataset(config) -> data.Dataset:
-    if config.tiny:
-        return data.load_dataset("digits")
-    return data.load_dataset(config.dataset, data_dir=config.data_dir or None)
 
 
 def model_of(config, ds: data.Dataset):
@@ -91,12 +91,6 @@ def pretrained(config, model) -> dict:
         raise FileNotFoundError(f"pretrained weights {config.pretrained!r} not found: set pretrained= to the "
                                 f"{config.model} CIFAR-10 .npz (../shared/pretrained).")
     return checkpoint.load_variables(config.pretrained, model)
-
-
-def first_held_out(config, ds: data.Dataset) -> int:
-    """Index of the first held-out training image: the last ``held_out`` (in tiny mode at most a fifth)."""
-    n = len(ds.train.labels)
-    return n - (min(int(config.held_out), n // 5) if config.tiny else int(config.held_out))
 
 
 def test_split(config, ds: data.Dataset) -> data.Split:
@@ -162,22 +156,6 @@ def weight_spec(kind: str | None, eta: float) -> noise.NoiseSpec | None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Result records
-
-
-def _command(config) -> str:
-    return f"jaxnoise run experiments/configs/{config.name}.py" + (" --set tiny=True" if config.tiny else "")
-
-
-def _dataset_name(config) -> str:
-    return "digits" if config.tiny else config.dataset
-
-
-def _result(config, arms, split: str, n_images: int, **extra) -> dict:
-    """A record in the shared result format (``../shared/RESULTS.md``) plus ``extra`` fields."""
-    record = report.result_record(config.name, _command(config), arms,
-                                  {"name": _dataset_name(config), "split": split, "n_images": int(n_images)})
-    record.update(extra)
-    return record
 
 
 def _read_arms(path: str) -> dict[str, dict]:

@@ -46,15 +46,15 @@ from jaxnoise import checkpoint, data, methods, noise, quant, report, robustness
 from jaxnoise import io as io_lib
 from jaxnoise.experiment import Stage, protocol
 from jaxnoise.models import get_model
+from jaxnoise.protocols import common
+
+dataset = common.dataset
+_first_held_out = common.first_held_out
+_command = common.command
+_result = common.result
 
 _DATA = ("tiny", "dataset", "data_dir", "held_out")
 _MODEL = ("tiny", "model", "pretrained", "quant", "calib_images")
-
-
-def dataset(config) -> data.Dataset:
-    if config.tiny:
-        return data.load_dataset("digits")
-    return data.load_dataset(config.dataset, data_dir=config.data_dir or None)
 
 
 def model_of(config, ds: data.Dataset):
@@ -69,13 +69,6 @@ def _model(name: str, num_classes: int, image_shape: tuple, quant_json: str, tin
     if tiny:   # a small CNN: the tests run every stage
         return get_model("cnn", input_shape=image_shape, num_classes=num_classes, quant=q, channels=(8,))
     return get_model(name, num_classes=num_classes, quant=q)
-
-
-def _first_held_out(config, ds: data.Dataset) -> int:
-    """Index of the first held-out training image: the last ``held_out`` (in tiny mode at most a fifth) are kept
-    for searches, never trained on."""
-    n = len(ds.train.labels)
-    return n - (min(int(config.held_out), n // 5) if config.tiny else int(config.held_out))
 
 
 def train_split(config, ds: data.Dataset) -> data.Dataset:
@@ -135,19 +128,6 @@ def stage_qat(ctx):
     ctx.log(f"qat: clean test accuracy {100 * clean.mean:.2f}%")
     metrics = train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
     return {"clean_test_accuracy": clean.mean, "steps": metrics[-1].get("step") if metrics else None}
-
-
-def _command(config) -> str:
-    return f"jaxnoise run experiments/configs/{config.name}.py" + (" --set tiny=True" if config.tiny else "")
-
-
-def _result(config, arms, split: str, n_images: int, **extra) -> dict:
-    """A record in the shared result format (``../shared/RESULTS.md``) of this experiment, plus ``extra`` fields."""
-    record = report.result_record(config.name, _command(config), arms,
-                                  {"name": "digits" if config.tiny else config.dataset, "split": split,
-                                   "n_images": int(n_images)})
-    record.update(extra)
-    return record
 
 
 def noise_spec(config, eta) -> noise.NoiseSpec:

@@ -51,6 +51,10 @@ from jaxnoise import checkpoint, data, denoise, engine, noise, placement, report
 from jaxnoise import io as io_lib
 from jaxnoise.experiment import Stage, protocol
 from jaxnoise.models import get_model
+from jaxnoise.protocols import common
+
+_command = common.command
+_result = common.result
 
 ARMS = ("searched", "every_block", "random", "most_sensitive")
 TINY_CHANNELS = (8,)      # one conv block: the shortest compiles (the tests' budget)
@@ -157,19 +161,6 @@ def budget(config) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Result records
-
-
-def _command(config) -> str:
-    return f"jaxnoise run experiments/configs/{config.name}.py" + (" --set tiny=True" if config.tiny else "")
-
-
-def _result(config, arms, split: str, n_images: int, **extra) -> dict:
-    """A record in the shared result format (``../shared/RESULTS.md``) plus ``extra`` fields."""
-    record = report.result_record(config.name, _command(config), arms,
-                                  {"name": "digits" if config.tiny else config.dataset, "split": split,
-                                   "n_images": int(n_images)})
-    record.update(extra)
-    return record
 
 
 def _load(path: str) -> dict:

@@ -43,6 +43,10 @@ from jaxnoise import checkpoint, data, device, methods, report, robustness, trai
 from jaxnoise import io as io_lib
 from jaxnoise.experiment import Stage, protocol
 from jaxnoise.models import get_model
+from jaxnoise.protocols import common
+
+dataset = common.dataset
+_command = common.command
 
 ARMS = ("pretrained", "clean_ft", "hwa")
 TRAINED = ("clean_ft", "hwa")
@@ -63,12 +67,6 @@ def _cap(config, n, tiny_max: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data, model, device specs
-
-
-def dataset(config) -> data.Dataset:
-    if config.tiny:
-        return data.load_dataset("digits")
-    return data.load_dataset(config.dataset, data_dir=config.data_dir or None)
 
 
 def model_of(config, ds: data.Dataset):
@@ -119,10 +117,6 @@ def training_spec(config, model, variables, ds: data.Dataset) -> device.DeviceSp
                                            alpha=float(config.hwa.range_alpha))
     spec = device.preset(config.hwa.preset).training()
     return with_numerics(config, spec.replace(io=spec.io.replace(inp_ranges=ranges)))
-
-
-def _command(config) -> str:
-    return f"jaxnoise run experiments/configs/{config.name}.py" + (" --set tiny=True" if config.tiny else "")
 
 
 def _load(path: str) -> dict:
