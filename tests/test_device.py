@@ -865,3 +865,10 @@ def test_all_zero_input_vectors_read_exactly_zero_like_aihwkit(semantics):
     else:
         assert np.any(far != 0.0)
     assert np.mean(yc[:, :2, :2, :] != 0) > 0.8   # patches that see the ones read their products
+
+
+@pytest.mark.parametrize("kwargs, match", [({"max_bm_res": 0.0}, "max_bm_res"), ({"max_bm_res": -1.0}, "max_bm_res"),
+                                           ({"semantics": "aihwkit2"}, "semantics")])
+def test_bad_bound_management_fields_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        device.IOParams(**kwargs)
