@@ -179,7 +179,8 @@ def materialized(x):
 
     Why: for a convolution's kernel gradient XLA:CPU transposes the input to (C, H, W, N); when the input is an
     elementwise chain (BatchNorm, ReLU, the residual sum) it fuses the chain into that transpose and recomputes it
-    with strided reads, ~13x slower than transposing a buffer (0.34 vs 4.5 ms at 128x32x32x16), 144 of 352 ms of the
+    with strided reads, ~13x slower than transposing a buffer (0.34 vs 4.5 ms at 128x32x32x16,
+    ``benchmarks/transpose_fusion.py``), 144 of 352 ms of the
     ResNet-20 step. An optimization barrier does not survive XLA's pipeline; a dot does. One caveat: an inf in one
     channel makes the pixel's other channels NaN (inf x 0), a step that has diverged anyway.
     """
