@@ -311,6 +311,42 @@ def results_dir_of(config: Any) -> str:
     return os.path.join("experiments", "results", config.name)
 
 
+STALE_DIR = "stale"
+
+
+def set_aside_unresumable(stage_work_dir: str, work_dir: str) -> list[str]:
+    """Moves every training dir under ``stage_work_dir`` that cannot resume (training history in its
+    ``metrics.jsonl`` but no finished checkpoint: the stage was killed before its first checkpoint) to
+    ``<work_dir>/stale/<stage dir>-<sub dir>-<time>``, kept, so the stage starts that training over instead of
+    being refused by :func:`jaxnoise.train.train`'s guard. A dir whose lock another process holds is left alone
+    (that run is alive). Returns one line per move."""
+    from jaxnoise import checkpoint, train, workdir as workdir_lib   # the runner itself needs neither
+
+    lines = []
+    if not os.path.isdir(stage_work_dir):
+        return lines
+    for root, dirs, files in os.walk(stage_work_dir):
+        dirs.sort()
+        if train.METRICS_FILE not in files or not train.read_metrics(os.path.join(root, train.METRICS_FILE)):
+            continue
+        if checkpoint.latest_step(root) is not None:
+            continue
+        try:
+            with workdir_lib.workdir_lock(root, notify=lambda _: None):
+                pass
+        except workdir_lib.WorkdirLockedError:
+            continue
+        rel = os.path.relpath(root, stage_work_dir).replace(os.sep, "-").strip(".-")
+        dest = os.path.join(work_dir, STALE_DIR, "-".join(
+            p for p in (os.path.basename(stage_work_dir), rel, time.strftime("%Y%m%dT%H%M%S")) if p))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(root, dest)
+        dirs[:] = []
+        lines.append(f"{root} had training history but no finished checkpoint (stopped before its first one): "
+                     f"moved to {dest}, starting that training over")
+    return lines
+
+
 def work_dir_of(config: Any) -> str:
     """``runs/<name>`` (checkpoints; not committed); in tiny mode ``runs/tiny/<name>/work``."""
     if config.get("tiny"):
@@ -364,6 +400,8 @@ def run(config: Any, stages: Sequence[Stage] | None = None, *, results_dir: str 
         n_reruns = _reruns(results_dir, stage.name)
         ctx.stage_work_dir = os.path.join(work_dir, f"{stage.name}-{_digest(settings)[:8]}"
                                           + (f"-r{n_reruns}" if n_reruns else ""))
+        for moved in set_aside_unresumable(ctx.stage_work_dir, work_dir):
+            log(f"{stage.name}: {moved}")
         log(f"{stage.name}: running (work dir {ctx.stage_work_dir})")
         os.makedirs(os.path.dirname(record_path(results_dir, stage.name)), exist_ok=True)
         io_lib.append_lines(record_path(results_dir, stage.name),

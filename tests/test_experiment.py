@@ -300,3 +300,43 @@ def test_outputs_made_outside_the_runner_are_never_overwritten(tmp_path):
     with pytest.raises(RuntimeError):
         experiment.run(config, stages=stages_b, **_dirs(tmp_path), log=lambda m: None)
     assert experiment.plan(config, stages_b, str(tmp_path / "results"))[0][1] == "run"
+
+
+def test_a_training_stopped_before_its_first_checkpoint_is_set_aside_and_started_over(tmp_path):
+    # The stage writes training history (metrics.jsonl) and dies before any checkpoint: jaxnoise.train refuses such
+    # a workdir, so the runner moves it to <work>/stale/ (kept) and the next run trains from step 0.
+    calls = []
+
+    def run(ctx):
+        train_dir = ctx.work_path("train")
+        os.makedirs(train_dir, exist_ok=True)
+        seen = os.path.exists(os.path.join(train_dir, "metrics.jsonl"))
+        calls.append(seen)
+        with open(os.path.join(train_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"type": "train", "step": 10, "loss": 1.0}) + "\n")
+        if len(calls) == 1:
+            raise RuntimeError("killed before the first checkpoint")
+        with open(ctx.result_path("out.txt"), "w") as f:
+            f.write("done")
+        return {}
+
+    config = experiment.apply_overrides(experiment.load_config(Q4), ["tiny=True"])
+    kw = dict(stages=[experiment.Stage("a", run, settings=("seed",), outputs=("out.txt",))], **_dirs(tmp_path))
+    with pytest.raises(RuntimeError, match="killed"):
+        experiment.run(config, log=lambda m: None, **kw)
+    logs = []
+    experiment.run(config, log=logs.append, **kw)
+    assert calls == [False, False]   # the second run started from an empty training dir
+    assert any("no finished checkpoint" in m and "stale" in m for m in logs), logs
+    kept = glob.glob(str(tmp_path / "work" / "stale" / "a-*-train-*" / "metrics.jsonl"))
+    assert len(kept) == 1 and '"step": 10' in open(kept[0]).read()
+
+
+def test_a_training_dir_with_a_checkpoint_is_left_to_resume(tmp_path):
+    stage_dir = tmp_path / "work" / "a-0123"
+    train_dir = stage_dir / "train"
+    train_dir.mkdir(parents=True)
+    (train_dir / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 10}) + "\n")
+    checkpoint.save(str(train_dir / "checkpoints"), 10, {"w": np.zeros(3, np.float32)})
+    assert experiment.set_aside_unresumable(str(stage_dir), str(tmp_path / "work")) == []
+    assert (train_dir / "metrics.jsonl").exists()
