@@ -105,6 +105,67 @@ def timed(fn, repeats):
     return 1000 * statistics.median(times)
 
 
+TRAIN_STEP_COLS = ("fwd", "dx", "dK xla")   # what XLA runs in a train step (no input gradient of the stem)
+
+
+def measure(batch_size: int, repeats: int, torch=None, say=print) -> tuple[dict[str, float], list[str], list[str]]:
+    """Times every ResNet-20 conv shape (one row each through ``say``) and returns ``(totals, cols, tcols)``:
+    ms per step summed over the 19 convs for each jax column and, with ``torch``, each torch column. The stem's
+    input gradient, which no train step computes (images are not differentiated), is left out of the totals."""
+    cols = ["fwd", "dx", "dK xla", "dK im2col", "dK shifted", "dK transposed"]
+    tcols = ["t fwd", "t dx", "t dK", "t fwd+bwd"] if torch else []
+    say(f"{'shape (cin>cout @hw /s) x count':34}" + "".join(f"{c:>14}" for c in cols + tcols))
+    rng = np.random.default_rng(0)
+    totals = {c: 0.0 for c in cols + tcols}
+    for cin, cout, hw, stride, count in RESNET20_CONVS:
+        n = batch_size
+        x = jnp.asarray(rng.standard_normal((n, hw, hw, cin)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.1, jnp.float32)
+        ho = hw // stride
+        dy = jnp.asarray(rng.standard_normal((n, ho, ho, cout)), jnp.float32)
+        fwd = jax.jit(functools.partial(conv, stride=stride))
+        dx = jax.jit(functools.partial(input_grad_xla, stride=stride))
+        variants = {name: jax.jit(functools.partial(f, k_shape=k.shape, stride=stride)) for name, f in
+                    (("dK xla", kernel_grad_xla), ("dK im2col", kernel_grad_im2col),
+                     ("dK shifted", kernel_grad_shifted), ("dK transposed", kernel_grad_transposed))}
+        ref = np.asarray(variants["dK xla"](x, dy))
+        errs = {name: float(np.max(np.abs(np.asarray(f(x, dy)) - ref)) / np.max(np.abs(ref)))
+                for name, f in variants.items()}
+        ms = {"fwd": timed(lambda: fwd(x, k).block_until_ready(), repeats),
+              "dx": timed(lambda: dx(x, k, dy).block_until_ready(), repeats)}
+        for name, f in variants.items():
+            ms[name] = timed(lambda f=f: f(x, dy).block_until_ready(), repeats)
+        if torch:
+            tx = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+            tk = torch.tensor(np.asarray(k)).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+            tdy = torch.tensor(np.asarray(dy)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+            tf = torch.nn.functional
+            with torch.no_grad():
+                ms["t fwd"] = timed(lambda: tf.conv2d(tx, tk, stride=stride, padding=1), repeats)
+                ms["t dx"] = timed(lambda: torch.nn.grad.conv2d_input(tx.shape, tk, tdy, stride=stride, padding=1),
+                                   repeats)
+                ms["t dK"] = timed(lambda: torch.nn.grad.conv2d_weight(tx, tk.shape, tdy, stride=stride,
+                                                                       padding=1), repeats)
+            txg, tkg = tx.clone().requires_grad_(True), tk.clone().requires_grad_(True)
+
+            def fwd_bwd():
+                txg.grad = tkg.grad = None
+                tf.conv2d(txg, tkg, stride=stride, padding=1).backward(tdy)
+            ms["t fwd+bwd"] = timed(fwd_bwd, repeats)
+            tdk = torch.nn.grad.conv2d_weight(tx, tk.shape, tdy, stride=stride, padding=1).permute(2, 3, 1, 0)
+            errs["torch"] = float(np.max(np.abs(tdk.numpy() - ref)) / np.max(np.abs(ref)))
+        for c in totals:
+            if not (cin == 3 and c in ("dx", "t dx")):   # the stem: no input gradient
+                totals[c] += count * ms[c]
+        label = f"{cin}>{cout} @{hw} /{stride} x{count}"
+        say(f"{label:34}" + "".join(f"{ms[c]:14.2f}" for c in cols + tcols))
+        say(f"{'  max rel. error vs dK xla':34}" + "".join(f"{errs[c]:14.1e}" if c in errs else f"{'':14}"
+                                                            for c in cols) +
+            (f"{'':42}{errs['torch']:14.1e}" if torch else ""))
+    say(f"{'ResNet-20 total (19 convs), ms':34}" + "".join(f"{totals[c]:14.1f}" for c in cols + tcols))
+    return totals, cols, tcols
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=128)
@@ -129,56 +190,7 @@ def main() -> int:
         + (f"torch {torch.__version__}, {torch.get_num_threads()} threads, channels_last" if torch else
            "torch not installed (see benchmarks/peer_torch.py for how to get it): jax columns only")
         + f"; batch {args.batch_size}, median of {args.repeats}")
-    cols = ["fwd", "dx", "dK xla", "dK im2col", "dK shifted", "dK transposed"]
-    tcols = ["t fwd", "t dx", "t dK", "t fwd+bwd"] if torch else []
-    say(f"{'shape (cin>cout @hw /s) x count':34}" + "".join(f"{c:>14}" for c in cols + tcols))
-    rng = np.random.default_rng(0)
-    totals = {c: 0.0 for c in cols + tcols}
-    for cin, cout, hw, stride, count in RESNET20_CONVS:
-        n = args.batch_size
-        x = jnp.asarray(rng.standard_normal((n, hw, hw, cin)), jnp.float32)
-        k = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.1, jnp.float32)
-        ho = hw // stride
-        dy = jnp.asarray(rng.standard_normal((n, ho, ho, cout)), jnp.float32)
-        fwd = jax.jit(functools.partial(conv, stride=stride))
-        dx = jax.jit(functools.partial(input_grad_xla, stride=stride))
-        variants = {name: jax.jit(functools.partial(f, k_shape=k.shape, stride=stride)) for name, f in
-                    (("dK xla", kernel_grad_xla), ("dK im2col", kernel_grad_im2col),
-                     ("dK shifted", kernel_grad_shifted), ("dK transposed", kernel_grad_transposed))}
-        ref = np.asarray(variants["dK xla"](x, dy))
-        errs = {name: float(np.max(np.abs(np.asarray(f(x, dy)) - ref)) / np.max(np.abs(ref)))
-                for name, f in variants.items()}
-        ms = {"fwd": timed(lambda: fwd(x, k).block_until_ready(), args.repeats),
-              "dx": timed(lambda: dx(x, k, dy).block_until_ready(), args.repeats)}
-        for name, f in variants.items():
-            ms[name] = timed(lambda f=f: f(x, dy).block_until_ready(), args.repeats)
-        if torch:
-            tx = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-            tk = torch.tensor(np.asarray(k)).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
-            tdy = torch.tensor(np.asarray(dy)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-            tf = torch.nn.functional
-            with torch.no_grad():
-                ms["t fwd"] = timed(lambda: tf.conv2d(tx, tk, stride=stride, padding=1), args.repeats)
-                ms["t dx"] = timed(lambda: torch.nn.grad.conv2d_input(tx.shape, tk, tdy, stride=stride, padding=1),
-                                   args.repeats)
-                ms["t dK"] = timed(lambda: torch.nn.grad.conv2d_weight(tx, tk.shape, tdy, stride=stride,
-                                                                       padding=1), args.repeats)
-            txg, tkg = tx.clone().requires_grad_(True), tk.clone().requires_grad_(True)
-
-            def fwd_bwd():
-                txg.grad = tkg.grad = None
-                tf.conv2d(txg, tkg, stride=stride, padding=1).backward(tdy)
-            ms["t fwd+bwd"] = timed(fwd_bwd, args.repeats)
-            tdk = torch.nn.grad.conv2d_weight(tx, tk.shape, tdy, stride=stride, padding=1).permute(2, 3, 1, 0)
-            errs["torch"] = float(np.max(np.abs(tdk.numpy() - ref)) / np.max(np.abs(ref)))
-        for c in totals:
-            totals[c] += count * ms[c]
-        label = f"{cin}>{cout} @{hw} /{stride} x{count}"
-        say(f"{label:34}" + "".join(f"{ms[c]:14.2f}" for c in cols + tcols))
-        say(f"{'  max rel. error vs dK xla':34}" + "".join(f"{errs[c]:14.1e}" if c in errs else f"{'':14}"
-                                                            for c in cols) +
-            (f"{'':42}{errs['torch']:14.1e}" if torch else ""))
-    say(f"{'ResNet-20 total (19 convs), ms':34}" + "".join(f"{totals[c]:14.1f}" for c in cols + tcols))
+    totals, cols, tcols = measure(args.batch_size, args.repeats, torch, say)
     best_dk = min(totals[c] for c in cols if c.startswith("dK"))
     jax_best = totals["fwd"] + totals["dx"] + best_dk
     say()

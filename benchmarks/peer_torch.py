@@ -233,6 +233,30 @@ def mvm_modules(torch, net):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def conv_bound(torch, batch_size: int, repeats: int, step_ms: dict, report) -> None:
+    """The convolutions' share of the clean train step on both sides, measured in this run
+    (``benchmarks/conv_grad.py``: each of ResNet-20's 19 convs' forward, input gradient and kernel gradient as
+    separate ops), and the best ratio jaxnoise could reach if everything but its convolutions ran as fast as
+    PyTorch's: ``torch_step / (jax_conv + torch_step - torch_conv)``. Below the goal of 0.5x, the convolution
+    kernels of XLA:CPU alone keep the step from it."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import conv_grad
+
+    report(f"\n-- convolution products of one clean step (batch {batch_size}, benchmarks/conv_grad.py shapes; "
+           f"ms, median of {max(repeats, 3)})")
+    totals, _, _ = conv_grad.measure(batch_size, max(repeats, 3), torch, say=report)
+    jax_conv = sum(totals[c] for c in conv_grad.TRAIN_STEP_COLS)
+    torch_conv = totals["t fwd"] + totals["t dx"] + totals["t dK"]
+    js, ts = step_ms["jax"], step_ms["torch"]
+    report(f"clean step: jaxnoise {js:.0f} ms = convolutions {jax_conv:.0f} + the rest {js - jax_conv:.0f}; "
+           f"PyTorch {ts:.0f} ms = convolutions {torch_conv:.0f} + the rest {ts - torch_conv:.0f}")
+    best = ts / (jax_conv + ts - torch_conv)
+    report(f"bound: with everything but the convolutions as fast as PyTorch's, jaxnoise's step would be "
+           f"{jax_conv + ts - torch_conv:.0f} ms, {best:.2f}x PyTorch"
+           + (" (below the 0.5x goal: XLA:CPU's convolution kernels alone keep the step from it)" if best < 0.5
+              else ""))
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated subset of {','.join(JOBS)} "
@@ -652,6 +676,7 @@ def run(args, torch, report: Report) -> int:
                     opt.step()
             return run, box
 
+        step_ms = {}   # the clean step's ms, jax and torch
         for label, loss_fn, noisy in (("clean step", methods.clean(model), False),
                                       (f"forward-noise step (eta {TRAIN_ETA})",
                                        methods.forward_noise(model, eta_train=TRAIN_ETA), True)):
@@ -672,6 +697,9 @@ def run(args, torch, report: Report) -> int:
             report(f"{label}: jaxnoise {rj:7.1f} images/s ({1000 * tj / steps:.0f} ms/step)   PyTorch {rt:7.1f} "
                    f"images/s ({1000 * tt / steps:.0f} ms/step)   ratio {rj / rt:.2f}x")
             rows.append((f"train {label.split(' (')[0]}", rj, rt, "images/s"))
+            step_ms.setdefault("jax", 1000 * tj / steps)
+            step_ms.setdefault("torch", 1000 * tt / steps)
+        conv_bound(torch, bt, args.repeats, step_ms, report)
 
     # ---- summary
     issue = {"clean eval": "0.76x", "weight MC": "0.79x", "activation noise": "488 vs 214 img/s",
