@@ -416,13 +416,19 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
                   act_ref: Mapping[str, Any] | None = None, act_mask: Mapping[str, Any] | None = None,
                   eta_train: float = 0.0, weight_kind: str | None = None, weight_paths: Sequence[str] | None = None,
                   feature_weight: float = 0.0, feature_sites: Sequence[str] | None = None,
-                  nll_weight: float = 0.0, sampler: str | None = None) -> train_lib.LossFn:
+                  nll_weight: float = 0.0, kl_weight: float = 0.0, act_eta_spread: float = 0.0,
+                  sampler: str | None = None) -> train_lib.LossFn:
     """The loss of denoiser training: frozen backbone in inference mode, one noise draw per step.
 
     ``loss = CE(noisy denoised logits, y) + feature_weight * mean_s nmse(f_s(noisy denoised), f_s(clean backbone))
-    + nll_weight * mean_s NLL_s``, where ``NLL_s`` (probabilistic blocks only) is the Gaussian negative
-    log-likelihood of the noise reaching the block, ``h_in - h_clean``, under the block's predicted per-channel
-    mean and variance, weighted by the gates.
+    + kl_weight * KL(softmax(clean backbone logits) || softmax(noisy denoised logits)) + nll_weight * mean_s
+    NLL_s``, where ``NLL_s`` (probabilistic blocks only) is the Gaussian negative log-likelihood of the noise
+    reaching the block, ``h_in - h_clean``, under the block's predicted per-channel mean and variance, weighted by
+    the gates. The clean backbone runs only when a term needs it.
+
+    With ``act_eta_spread = r > 0`` each step draws its activation-noise scale uniformly from
+    ``act_eta_train * [1 - r, 1 + r]`` (key ``name_key(key, "jaxnoise/denoise/act_eta")``, independent of the
+    noise draws), so the blocks learn a range of levels instead of one.
 
     Args:
       dmodel: the denoised model.
@@ -436,13 +442,16 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
       feature_weight: default weight of the feature-matching term (``hparams["feature_weight"]``).
       feature_sites: features matched; default every candidate site.
       nll_weight: default weight of the noise-likelihood term (``hparams["nll_weight"]``).
+      kl_weight: default weight of the KL term to the clean backbone's predictions (``hparams["kl_weight"]``).
+      act_eta_spread: relative half-width of the per-step activation-noise scale, in [0, 1) (0: fixed).
       sampler: the normals of the training noise (``NoiseSpec.sampler``; None: the backend's default,
         ``"threefry/icdf16"`` for activation noise on CPU). ``"threefry/erfinv"`` gives the draws of the code
         before samplers could be chosen.
 
     Returns:
       ``loss_fn(params, batch_stats, images, labels, key, hparams)`` for ``jaxnoise.train`` (it returns
-      ``batch_stats`` unchanged), metrics ``{"ce", "feature", "nll"}``.
+      ``batch_stats`` unchanged), metrics ``{"ce"}`` plus ``"feature"``, ``"kl"``, ``"nll"`` when they are
+      computed and ``"act_eta"`` when it is drawn.
     """
     if not isinstance(dmodel, DenoisedModel):
         raise ValueError("denoiser_loss needs a denoised model: build it with jaxnoise.denoise.denoised(model).")
@@ -460,30 +469,50 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
     # The selectors must name parts of the backbone (weight_paths, act_mask sites, act_ref of additive noise).
     noise_lib.check_spec(spec, jax.eval_shape(dmodel.backbone.init, jax.random.key(0))["params"],
                          dmodel.backbone.sites)
+    act_eta_spread = methods._check_scalar(act_eta_spread, "act_eta_spread")
+    if act_eta_spread >= 1.0:
+        raise ValueError(f"act_eta_spread={act_eta_spread} must be < 1: the scale is drawn from "
+                         f"act_eta_train * [1 - spread, 1 + spread], which must stay positive.")
+    if act_eta_spread and not act_kind:
+        raise ValueError("act_eta_spread > 0 needs activation noise (act_kind).")
     defaults = {"feature_weight": methods._check_scalar(feature_weight, "feature_weight"),
-                "nll_weight": methods._check_scalar(nll_weight, "nll_weight")}
+                "nll_weight": methods._check_scalar(nll_weight, "nll_weight"),
+                "kl_weight": methods._check_scalar(kl_weight, "kl_weight")}
     if act_kind:
         defaults["act_eta_train"] = methods._check_scalar(act_eta_train, "act_eta_train")
     if weight_kind:
         defaults["eta_train"] = methods._check_scalar(eta_train, "eta_train")
-    need_clean = bool(feature_weight) or bool(nll_weight)
+    need_clean = bool(feature_weight) or bool(nll_weight) or bool(kl_weight)
     sites_list = dmodel.candidate_sites
 
     def loss_fn(params, batch_stats, images, labels, key, hparams):
-        noisy_spec = spec.replace(act_eta=hparams["act_eta_train"] if act_kind else 0.0,
-                                  weight_eta=hparams["eta_train"] if weight_kind else 0.0)
+        metrics = {}
+        act_eta = hparams["act_eta_train"] if act_kind else 0.0
+        if act_eta_spread:
+            u = jax.random.uniform(noise_lib.name_key(key, "jaxnoise/denoise/act_eta"), (), minval=-1.0, maxval=1.0)
+            act_eta = act_eta * (1.0 + act_eta_spread * u)
+            metrics["act_eta"] = act_eta
+        noisy_spec = spec.replace(act_eta=act_eta, weight_eta=hparams["eta_train"] if weight_kind else 0.0)
         variables = {"params": params, "batch_stats": batch_stats}
         logits, feats = dmodel.apply(variables, images, key=key, noise=noisy_spec)
         ce = methods.cross_entropy(logits, labels)
-        loss, metrics = ce, {"ce": ce}
+        loss = ce
+        metrics["ce"] = ce
         if need_clean:
             backbone_params, _ = split_params(params)
-            _, clean = dmodel.backbone.apply(
+            clean_logits, clean = dmodel.backbone.apply(
                 jax.lax.stop_gradient({"params": backbone_params, "batch_stats": batch_stats}), images)
-            fm = sum(methods.feature_distance(feats[s], clean[s]) for s in feature_sites) / len(feature_sites)
-            loss = loss + hparams["feature_weight"] * fm
-            metrics["feature"] = fm
-            if dmodel.denoiser.kind == "probabilistic":
+            if feature_weight:
+                fm = sum(methods.feature_distance(feats[s], clean[s]) for s in feature_sites) / len(feature_sites)
+                loss = loss + hparams["feature_weight"] * fm
+                metrics["feature"] = fm
+            if kl_weight:
+                p_clean = jax.nn.softmax(clean_logits)
+                kl = jnp.mean(jnp.sum(p_clean * (jax.nn.log_softmax(clean_logits) - jax.nn.log_softmax(logits)),
+                                      axis=-1))
+                loss = loss + hparams["kl_weight"] * kl
+                metrics["kl"] = kl
+            if nll_weight and dmodel.denoiser.kind == "probabilistic":
                 aux = feats.get(DENOISE_KEY, {})
                 flat = traverse_util.flatten_dict(params, sep="/")
                 terms = []
@@ -506,7 +535,8 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
     loss_fn.config = {"noise": {"act_kind": act_kind, "weight_kind": weight_kind,
                                 "weight_paths": list(spec.weight_paths),
                                 "prng": methods._prng(spec)},
-                      "feature_sites": list(feature_sites), "denoiser": dmodel.denoiser.to_dict()}
+                      "feature_sites": list(feature_sites), "denoiser": dmodel.denoiser.to_dict(),
+                      "act_eta_spread": act_eta_spread}
     loss_fn.hparams = defaults
     return loss_fn
 

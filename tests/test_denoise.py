@@ -215,3 +215,63 @@ def test_denoiser_loss_draws_its_noise_with_the_given_sampler(trained_cnn, digit
     logits, _ = dmodel.apply(dvars, x, key=key, noise=spec)
     expected = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1))
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+
+
+def _loss_inputs(trained_cnn, digits, n=64):
+    model, variables, ref = trained_cnn
+    dmodel = denoise.denoised(model)
+    dvars = _randomize_blocks(dmodel, denoise.init_variables(dmodel, variables, jax.random.key(0)),
+                              jax.random.key(5))
+    x = digits.preprocess(digits.train.images[:n])
+    y = jnp.asarray(digits.train.labels[:n])
+    return model, dmodel, dvars, ref, x, y
+
+
+def test_kl_term_is_the_kl_of_the_clean_backbone_predictions_to_the_noisy_ones(trained_cnn, digits):
+    model, dmodel, dvars, ref, x, y = _loss_inputs(trained_cnn, digits)
+    loss_fn = denoise.denoiser_loss(dmodel, act_eta_train=0.5, act_ref=ref, kl_weight=2.0)
+    assert loss_fn.hparams["kl_weight"] == 2.0
+    key = jax.random.key(3)
+    hp = {k: jnp.float32(v) for k, v in loss_fn.hparams.items()}
+    loss, (_, _, m) = loss_fn(dvars["params"], dvars["batch_stats"], x, y, key, hp)
+    logits, _ = dmodel.apply(dvars, x, key=key, noise=noise.NoiseSpec(act_kind="additive", act_ref=ref, act_eta=0.5))
+    clean_logits, _ = model.apply(trained_cnn[1], x)
+    p, q = jax.nn.softmax(clean_logits), jax.nn.softmax(logits)
+    kl = float(np.mean(np.sum(np.asarray(p) * (np.log(np.asarray(p)) - np.log(np.asarray(q))), axis=-1)))
+    assert kl > 1e-3   # the noise moved the predictions
+    np.testing.assert_allclose(float(m["kl"]), kl, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), float(m["ce"]) + 2.0 * kl, rtol=1e-5)
+    # without noise and with fresh blocks the noisy network is the clean one: KL 0
+    fresh = denoise.init_variables(dmodel, trained_cnn[1], jax.random.key(0))
+    _, (_, _, m0) = loss_fn(fresh["params"], fresh["batch_stats"], x, y, key, {**hp, "act_eta_train": jnp.float32(0)})
+    assert abs(float(m0["kl"])) < 1e-6
+
+
+def test_act_eta_spread_draws_the_scale_uniformly_per_step_from_the_key(trained_cnn, digits):
+    model, dmodel, dvars, ref, x, y = _loss_inputs(trained_cnn, digits, n=8)
+    loss_fn = denoise.denoiser_loss(dmodel, act_eta_train=0.6, act_ref=ref, act_eta_spread=0.5)
+    assert loss_fn.config["act_eta_spread"] == 0.5
+    hp = {k: jnp.float32(v) for k, v in loss_fn.hparams.items()}
+    eta_of = jax.jit(lambda key: loss_fn(dvars["params"], dvars["batch_stats"], x, y, key, hp)[1][2]["act_eta"])
+    keys = [jax.random.fold_in(jax.random.key(11), i) for i in range(400)]
+    etas = np.array([float(eta_of(k)) for k in keys])
+    assert etas.min() >= 0.3 - 1e-6 and etas.max() <= 0.9 + 1e-6
+    assert scipy.stats.kstest((etas - 0.3) / 0.6, "uniform").pvalue > 1e-3
+    assert float(eta_of(keys[0])) == etas[0]                      # same key, same scale
+    # the drawn scale is the one the noise used: the loss equals the CE at that fixed scale
+    key = keys[7]
+    loss, _ = loss_fn(dvars["params"], dvars["batch_stats"], x, y, key, hp)
+    fixed = denoise.denoiser_loss(dmodel, act_eta_train=float(etas[7]), act_ref=ref)
+    loss_fixed, _ = fixed(dvars["params"], dvars["batch_stats"], x, y, key,
+                          {k: jnp.float32(v) for k, v in fixed.hparams.items()})
+    np.testing.assert_allclose(float(loss), float(loss_fixed), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"act_eta_spread": 1.0}, "must be < 1"),
+                                           ({"act_eta_spread": -0.1}, "act_eta_spread"),
+                                           ({"act_eta_spread": 0.2, "act_kind": None}, "needs activation noise"),
+                                           ({"kl_weight": -1.0}, "kl_weight")])
+def test_bad_loss_options_are_refused_with_the_field(trained_cnn, kwargs, match):
+    model, _, ref = trained_cnn
+    with pytest.raises(ValueError, match=match):
+        denoise.denoiser_loss(denoise.denoised(model), act_eta_train=0.5, act_ref=ref, **kwargs)
