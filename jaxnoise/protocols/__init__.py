@@ -1,5 +1,6 @@
 """Experiment protocols: stage lists for :mod:`jaxnoise.experiment`, registered by name on import."""
 
-from jaxnoise.protocols import consistency_float, consistency_quantized, denoise_placement, device_drift  # noqa: F401
+from jaxnoise.protocols import (consistency_float, consistency_quantized, denoise_ablation,  # noqa: F401
+                                denoise_placement, device_drift)
 
-__all__ = ["consistency_float", "consistency_quantized", "denoise_placement", "device_drift"]
+__all__ = ["consistency_float", "consistency_quantized", "denoise_ablation", "denoise_placement", "device_drift"]

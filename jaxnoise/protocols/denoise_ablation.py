@@ -1,0 +1,359 @@
+"""Protocol ``denoise_ablation``: what makes denoising blocks good, variant by variant, on one placement budget.
+
+Issue 17, part 1: the blocks of Azizi et al. 2024 trained on a frozen network under additive activation noise
+(sigma = eta * r_site at every MVM output; ``denoise_placement``'s noise, level and data split), each **variant**
+changing one thing against the first (the baseline): the loss (cross-entropy, + feature matching to the clean
+backbone, + KL to its predictions, + the probabilistic block's noise likelihood), the block (residual or
+probabilistic; bottleneck width at a fixed total budget), the training noise (the target level or a range around
+it). Training length is not a guess: each variant trains epoch by epoch (``train.chunk_steps`` steps a chunk,
+cosine schedule over ``train.max_epochs``), is scored after each chunk on the held-out training images
+(``curve.n_chips`` chips at the target level, the same chips every time), and stops when ``curve.patience``
+chunks in a row did not beat its best by ``curve.min_delta``; the best chunk's blocks are kept.
+
+Stages:
+
+* ``level``: as in ``denoise_placement`` (the plain model's held-out drop over ``level.grid``; target = the eta
+  whose drop is closest to ``level.target_drop``; side levels ``level.side_factors`` x target) (``level.json``).
+* ``train_<variant>``: the curve (``curves/<variant>.jsonl``, one line per chunk, written as it goes: a stopped
+  stage resumes from its checkpoints and its curve), ``weights/<variant>.npz`` (the best chunk's variables),
+  ``metrics/<variant>.jsonl`` (the training log).
+* ``eval_plain``, ``eval_<variant>``: full test split at the target (``eval.n_chips`` chips) and the side levels
+  (``eval.side_chips``); chip ``i`` has the same key in every arm, so arms pair by chip (``eval/<arm>.json``).
+* ``report``: ``results.json`` (shared format), ``results.md`` (per variant: sites, parameters, chunks trained,
+  best held-out score, test accuracy with 95% CI and 5th-percentile chip, the share of the plain model's drop
+  recovered, the paired per-chip difference to the baseline), ``curves.png``.
+
+``variants`` maps each variant's name (letters, digits, ``_``) to what it changes (against ``baseline``, a name):
+``kind`` (``residual`` | ``probabilistic``), ``reduction`` (bottleneck C/reduction), ``sites`` (``"every_block"``:
+after every residual block; ``"every_other_block"``: after blocks 0, 2, 4, ... in forward order; or a tuple of
+site names), ``feature_weight``, ``kl_weight``, ``nll_weight``, ``act_eta_spread``
+(:func:`jaxnoise.denoise.denoiser_loss`), ``lr``. Missing keys take ``denoiser.*`` / ``train.lr``. Each variant's
+stages depend on its own entry only: adding a variant leaves the others cached.
+
+``tiny=True``: digits, the one-block CNN from random weights, chunks of 2 steps (2 for the baseline, 1 for the
+other variants), at most 2 chips (the tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+
+from jaxnoise import checkpoint, denoise, noise, placement, report, robustness, stats, train
+from jaxnoise import io as io_lib
+from jaxnoise.experiment import Stage, protocol
+from jaxnoise.protocols import common
+from jaxnoise.protocols import denoise_placement as dp
+
+VARIANT_KEYS = ("kind", "reduction", "sites", "feature_weight", "kl_weight", "nll_weight", "act_eta_spread",
+                "lr")
+SITE_RULES = ("every_block", "every_other_block")
+TINY_CHUNK_STEPS = 2
+TINY_MAX_CHUNKS = 2
+
+
+def variants(config) -> list[dict]:
+    """The variants with every key filled in (defaults from ``denoiser`` and ``train``), checked before anything
+    runs: unknown keys, duplicate or missing names and unknown site rules are refused with the fix."""
+    out = []
+    for name, v in config.variants.items():
+        v = dict(v)
+        unknown = sorted(set(v) - set(VARIANT_KEYS))
+        if unknown:
+            raise ValueError(f"variants.{name} has unknown keys {unknown}; a variant may set {list(VARIANT_KEYS)}.")
+        if not name.replace("_", "").isalnum() or name == "plain":
+            raise ValueError(f"variant name {name!r}: use letters, digits and '_' ('plain' is the plain model's arm).")
+        sites = v.get("sites", "every_block")
+        if isinstance(sites, str) and sites not in SITE_RULES:
+            raise ValueError(f"variant {name}: sites={sites!r}; use one of {SITE_RULES} or a tuple of site names.")
+        out.append({"name": name, "kind": v.get("kind", config.denoiser.kind),
+                    "reduction": int(v.get("reduction", config.denoiser.reduction)),
+                    "sites": sites if isinstance(sites, str) else tuple(sites),
+                    "feature_weight": float(v.get("feature_weight", config.denoiser.feature_weight)),
+                    "kl_weight": float(v.get("kl_weight", 0.0)), "nll_weight": float(v.get("nll_weight", 0.0)),
+                    "act_eta_spread": float(v.get("act_eta_spread", 0.0)), "lr": float(v.get("lr", config.train.lr))})
+    if not out:
+        raise ValueError("variants is empty: give at least the baseline, e.g. variants={'ce': {}}.")
+    names = [v["name"] for v in out]
+    if config.baseline not in names:
+        raise ValueError(f"baseline={config.baseline!r} is not a variant; choose among {names}.")
+    return sorted(out, key=lambda v: v["name"] != config.baseline)   # the baseline first
+
+
+def _variant(config, name: str) -> dict:
+    return next(v for v in variants(config) if v["name"] == name)
+
+
+def variant_model(config, v: dict):
+    """``(dmodel, gates)`` of a variant: the backbone with blocks of its kind and width, and its placement."""
+    dm = dp._denoised(dp._backbone_args(config), v["kind"], int(v["reduction"]))
+    return dm, gates_for(dm, v["sites"], v.get("name", "?"))
+
+
+def gates_for(dm, sites, name: str = "?") -> np.ndarray:
+    """The gates of a site rule (``"every_block"``, ``"every_other_block"``) or an explicit tuple of sites."""
+    every = placement.every_block_placement(dm)
+    if sites == "every_block":
+        return every
+    if sites == "every_other_block":
+        gates = np.zeros_like(every)
+        gates[np.flatnonzero(every)[::2]] = 1.0
+        return gates
+    unknown = [s for s in sites if s not in dm.candidate_sites]
+    if unknown:
+        raise ValueError(f"variant {name}: unknown sites {unknown}; choose among {list(dm.candidate_sites)}.")
+    return np.asarray([s in sites for s in dm.candidate_sites], np.float32)
+
+
+def _loss(config, s, dm, v: dict, eta: float):
+    return denoise.denoiser_loss(dm, act_eta_train=float(eta), act_ref=s.ref, feature_weight=v["feature_weight"],
+                                 kl_weight=v["kl_weight"], nll_weight=v["nll_weight"],
+                                 act_eta_spread=v["act_eta_spread"], sampler=dp.sampler(config))
+
+
+def _chunking(config, s, name: str) -> tuple[int, int, int]:
+    """``(steps per chunk, chunks at most, steps per epoch)``; in tiny mode the baseline trains 2 chunks of 2
+    steps (the chunk loop), the other variants one (their losses and blocks)."""
+    per_epoch = len(s.train_part) // int(config.train.batch_size)
+    if config.tiny:
+        return TINY_CHUNK_STEPS, TINY_MAX_CHUNKS if name == config.baseline else 1, per_epoch
+    chunk = int(config.train.chunk_steps) or per_epoch
+    return chunk, -(-int(config.train.max_epochs) * per_epoch // chunk), per_epoch
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def stopped(curve: list[dict], patience: int, min_delta: float) -> bool:
+    """True when the last ``patience`` points of ``curve`` (``{"mean"}`` each, in order) all failed to beat the
+    best before them by more than ``min_delta``."""
+    if len(curve) <= patience:
+        return False
+    best_before = max(p["mean"] for p in curve[:-patience])
+    return all(p["mean"] <= best_before + min_delta for p in curve[-patience:])
+
+
+def stage_train(name: str):
+    def run(ctx):
+        config = ctx.config
+        v = _variant(config, name)
+        s = dp.setup(config)
+        eta = float(ctx.summaries["level"]["target"])
+        dm, gates = variant_model(config, v)
+        dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"), placement=gates)
+        chunk, max_chunks, per_epoch = _chunking(config, s, name)
+        batch = int(config.train.batch_size)
+        total_steps = chunk * max_chunks
+        tcfg = train.TrainConfig(epochs=-(-total_steps // per_epoch), batch_size=batch, learning_rate=v["lr"],
+                                 weight_decay=0.0, seed=int(config.seed), checkpoint_every=chunk,
+                                 log_every=min(50, chunk))
+        ds = dataclasses.replace(s.ds, train=s.train_part, test=s.selection)   # epoch evals: held-out, not test
+        workdir = ctx.work_path("train", "")
+        best_path = ctx.work_path("best.npz")
+        curve_path = ctx.result_path("curves", f"{name}.jsonl")
+        curve = _read_jsonl(curve_path)
+        loss_fn = _loss(config, s, dm, v, eta)
+        curve_spec = dp.spec(config, s, eta)
+        n_chips = dp._cap(config, config.curve.n_chips, dp.TINY_CHIPS)
+        meta = {"model": dm.name, "model_config": dict(dm.config), "stage": f"train_{name}",
+                "experiment": config.name, "variant": v, "act_eta_train": eta,
+                "sites": [site for site, g in zip(dm.candidate_sites, gates) if g], "gates": [float(g) for g in gates]}
+        while len(curve) < max_chunks and not stopped(curve, int(config.curve.patience), float(config.curve.min_delta)):
+            k = len(curve) + 1
+            out, _ = denoise.train_denoisers(dm, ds, tcfg, workdir=workdir, variables=dvars, loss_fn=loss_fn,
+                                             progress=False, max_steps=k * chunk, metadata={"variant": name})
+            r = robustness.evaluate(dm, out, s.selection.images, s.selection.labels, curve_spec,
+                                    key=noise.name_key(s.key, "curve"), n_chips=n_chips,
+                                    batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
+            best = max((p["mean"] for p in curve), default=-1.0)
+            if r.mean > best:   # kept before the curve line: a resume after this point knows the best's weights
+                checkpoint.save_npz(best_path, out, {**meta, "chunk": k, "step": k * chunk}, overwrite=True)
+            point = {"chunk": k, "step": k * chunk, "epoch": k * chunk / per_epoch, "mean": r.mean,
+                     "ci95": r.ci95, "n_chips": r.n_chips, "n_images": int(len(s.selection.labels))}
+            io_lib.append_lines(curve_path, [json.dumps(point) + "\n"])
+            curve.append(point)
+            ctx.log(f"train_{name}: chunk {k} (epoch {point['epoch']:.2f}): held-out {100 * r.mean:.2f}% "
+                    f"{robustness.format_ci95(r.ci95)}")
+        best_point = max(curve, key=lambda p: p["mean"])
+        shutil.copyfile(best_path, ctx.result_path("weights", f"{name}.npz"))
+        shutil.copyfile(os.path.join(workdir, train.METRICS_FILE), ctx.result_path("metrics", f"{name}.jsonl"))
+        return {"chunks": len(curve), "best_chunk": best_point["chunk"], "best_epoch": best_point["epoch"],
+                "best_held_out": best_point["mean"], **denoise.overhead(dm, gates)}
+    return run
+
+
+def eval_plan(config, level: dict) -> list[tuple[float, int]]:
+    target = float(level["target"])
+    sides = [(float(e), dp._cap(config, config.eval.side_chips, dp.TINY_CHIPS)) for e in level["levels"]
+             if float(e) != target]
+    return [(target, dp._cap(config, config.eval.n_chips, dp.TINY_CHIPS))] + sides
+
+
+def stage_eval(name: str):
+    def run(ctx):
+        config = ctx.config
+        s = dp.setup(config)
+        test = dp.test_split(config, s)
+        if name == "plain":
+            model, variables = s.model, s.variables
+        else:
+            model = variant_model(config, _variant(config, name))[0]
+            variables = checkpoint.load_variables(ctx.result_path("weights", f"{name}.npz"), model)
+        path = ctx.result_path("eval", f"{name}.json")
+        entries = dp._load(path)["arms"][0]["eval"] if os.path.exists(path) else []
+        if not entries:
+            entries.append(robustness.evaluate(model, variables, test.images, test.labels, None,
+                                               batch_size=int(config.eval.batch_size),
+                                               preprocess=s.ds.preprocess).to_dict())
+        done = {(dp._act(e), int(e["n_chips"])) for e in entries}
+        for eta, n_chips in eval_plan(config, dp._level(ctx)):
+            if (eta, n_chips) in done:
+                continue
+            r = robustness.evaluate(model, variables, test.images, test.labels, dp.spec(config, s, eta),
+                                    key=noise.name_key(s.key, "eval"), n_chips=n_chips,
+                                    batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
+            entries.append(r.to_dict())
+            arm = report.arm(name, s.model, "clean" if name == "plain" else "denoiser", s.model.param_count(),
+                             entries)
+            report.write_json(path, common.result(config, [arm], "test", len(test.labels)))
+            ctx.log(f"eval: {name} at eta {eta}: {100 * r.mean:.2f}% {robustness.format_ci95(r.ci95)} "
+                    f"({n_chips} chips)")
+        return {str(dp._act(e)): e["mean"] for e in entries}
+    return run
+
+
+def _at(entries: list[dict], eta: float) -> dict | None:
+    return next((e for e in entries if dp._act(e) == eta), None)
+
+
+def stage_report(ctx):
+    config = ctx.config
+    s = dp.setup(config)
+    level = dp._level(ctx)
+    target = float(level["target"])
+    backbone_params = s.model.param_count()
+    plain = dp._load(ctx.result_path("eval", "plain.json"))["arms"][0]["eval"]
+    arms = [report.arm("plain", s.model, "clean", backbone_params, plain,
+                       train={"pretrained": "random (tiny)" if config.tiny else config.pretrained})]
+    rows, curves = [], {}
+    vs = variants(config)
+    base_eval = None
+    for v in vs:
+        dm, gates = variant_model(config, v)
+        over = denoise.overhead(dm, gates)
+        evals = dp._load(ctx.result_path("eval", f"{v['name']}.json"))["arms"][0]["eval"]
+        curve = _read_jsonl(ctx.result_path("curves", f"{v['name']}.jsonl"))
+        curves[v["name"]] = curve
+        best = max(curve, key=lambda p: p["mean"])
+        sites = [site for site, g in zip(dm.candidate_sites, gates) if g]
+        arms.append(report.arm(v["name"], s.model, "denoiser", backbone_params, evals,
+                               extra_param_count=over["params"],
+                               train={**{k: (list(x) if isinstance(x, tuple) else x) for k, x in v.items()},
+                                      "placed_sites": sites, "act_eta_train": target,
+                                      "chunks": len(curve), "best_chunk": best["chunk"], "best_epoch": best["epoch"],
+                                      "batch_size": int(config.train.batch_size), "param_overhead":
+                                      over["param_overhead"], "mac_overhead": over["mac_overhead"]}))
+        if base_eval is None:
+            base_eval = evals
+        rows.append((v, over, curve, best, evals))
+    comparison = {}
+    base = _at(base_eval, target)
+    for v, _, _, _, evals in rows[1:]:
+        e = _at(evals, target)
+        comparison[v["name"]] = stats.paired(e["per_chip"], base["per_chip"]).to_dict()
+    record = common.result(config, arms, "test", len(dp.test_split(config, s).labels), levels=level,
+                           comparison={"baseline": vs[0]["name"], "eta": target,
+                                       "what": "variant - baseline at the target level, paired per chip",
+                                       "differences": comparison})
+    report.write_json(ctx.result_path("results.json"), record)
+    io_lib.write_text_atomic(ctx.result_path("results.md"), markdown(config, record, rows, plain, level,
+                                                                     backbone_params, comparison))
+    plot_curves(curves, _at(plain, target), ctx.result_path("curves.png"), target)
+    return {v["name"]: _at(evals, target)["mean"] for v, _, _, _, evals in rows}
+
+
+def markdown(config, record, rows, plain, level, backbone_params, comparison) -> str:
+    target = float(level["target"])
+    clean = plain[0]["mean"]
+    p_t = _at(plain, target)
+    lines = [f"# Denoiser ablation on {'cnn (tiny)' if config.tiny else config.model} "
+             f"({record['dataset']['name']} test split, additive activation noise)", "",
+             f"Command: `{record['command']}`", "",
+             f"Plain model: noise-free {100 * clean:.2f}%, at the target eta {target} {100 * p_t['mean']:.2f}% "
+             f"{robustness.format_ci95(p_t['ci95'])} ({p_t['n_chips']} chips); levels picked on held-out training "
+             f"images ({level['protocol']}). Baseline variant: `{rows[0][0]['name']}`.", "",
+             "| variant | kind | C/r | sites | params (%) | chunks (best epoch) | held-out best (%) | test at target "
+             "(%) | 95% CI | p5 | drop recovered | vs baseline (pts, paired CI) |",
+             "|---|---|---:|---|---:|---|---:|---:|---|---:|---:|---|"]
+    for v, over, curve, best, evals in rows:
+        e = _at(evals, target)
+        drop = clean - p_t["mean"]
+        rec = f"{100 * (e['mean'] - p_t['mean']) / drop:.0f}%" if drop > 0 else ""
+        d = comparison.get(v["name"])
+        vs = (f"{100 * d['mean']:+.2f} {robustness.format_ci95(d['ci95'], signed=True)}" if d else "-")
+        loss = "+".join(["ce"] + [t for t, k in (("feature", "feature_weight"), ("kl", "kl_weight"),
+                                                 ("nll", "nll_weight")) if v[k]])
+        sites = v["sites"] if isinstance(v["sites"], str) else ", ".join(v["sites"])
+        lines.append(f"| {v['name']} ({loss}{', spread ' + str(v['act_eta_spread']) if v['act_eta_spread'] else ''})"
+                     f" | {v['kind']} | {v['reduction']} | {sites} | {100 * over['param_overhead']:.2f} | "
+                     f"{len(curve)} ({best['epoch']:.2f}) | {100 * best['mean']:.2f} | {100 * e['mean']:.2f} | "
+                     f"{robustness.format_ci95(e['ci95'])} | {100 * e['p5']:.2f} | {rec} | {vs} |")
+    sides = [float(x) for x in level["levels"] if float(x) != target]
+    if sides:
+        lines += ["", "## Side levels (test split)", "", "| arm | " + " | ".join(f"eta {x}" for x in sides) + " |",
+                  "|---|" + "---:|" * len(sides)]
+        for name, evals in [("plain", plain)] + [(v["name"], ev) for v, _, _, _, ev in rows]:
+            cells = []
+            for x in sides:
+                e = _at(evals, x)
+                cells.append(f"{100 * e['mean']:.2f} {robustness.format_ci95(e['ci95'])} ({e['n_chips']})" if e
+                             else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "'drop recovered' = (variant - plain) / (noise-free - plain) at the target level. Chunks: "
+              "training stopped when the held-out score had not improved for "
+              f"{config.curve.patience} chunks; the best chunk's blocks are the ones evaluated (curves.png)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(curves: dict, plain_at_target: dict, path: str, target: float) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (no pyplot: no global state)
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    fig = Figure(figsize=(6.5, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, (name, curve) in enumerate(curves.items()):
+        ax.plot([p["epoch"] for p in curve], [100 * p["mean"] for p in curve], "o-", ms=3, c=f"C{i}", label=name)
+    ax.set_xlabel("epochs of block training")
+    ax.set_ylabel(f"held-out Monte Carlo accuracy at eta {target} (%)")
+    ax.set_title(f"training curves (plain model on the test split: {100 * plain_at_target['mean']:.1f}%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    io_lib.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+
+
+@protocol("denoise_ablation")
+def stages(config) -> list[Stage]:
+    vs = variants(config)   # checked before anything runs
+    level = dp._BACKBONE + ("level", "eval.batch_size")
+    trained = level + ("denoiser", "train", "curve")
+    out = [Stage("level", dp.stage_level, settings=level, outputs=("level.json",))]
+    for v in vs:
+        out.append(Stage(f"train_{v['name']}", stage_train(v["name"]), settings=trained + (f"variants.{v['name']}",),
+                         outputs=(f"weights/{v['name']}.npz", f"metrics/{v['name']}.jsonl",
+                                  f"curves/{v['name']}.jsonl")))
+    out.append(Stage("eval_plain", stage_eval("plain"), settings=level + ("eval",), outputs=("eval/plain.json",)))
+    for v in vs:
+        out.append(Stage(f"eval_{v['name']}", stage_eval(v["name"]),
+                         settings=trained + (f"variants.{v['name']}", "eval"),
+                         outputs=(f"eval/{v['name']}.json",)))
+    out.append(Stage("report", stage_report, settings=None, outputs=("results.json", "results.md", "curves.png")))
+    return out
