@@ -729,9 +729,18 @@ def _mvm_case(nm, bm, w_noise, gain, stride, cin=6):
     return x, w, io, {"stride": stride, "padding": 1}
 
 
-@pytest.mark.parametrize("nm, bm", [("abs_max", "iterative"), ("abs_max", "none"), ("constant", "none")])
-@pytest.mark.parametrize("w_noise, gain", [(0.0, 0.3), (0.02, 3.0)])
-@pytest.mark.parametrize("stride, cin", [(1, 1), (2, 6)])
+def _speedup_cases():
+    """Every combination; the default suite runs three that cover each value once (the rest are marked slow)."""
+    default = {("abs_max", "iterative", 0.02, 3.0, 2, 6), ("abs_max", "none", 0.0, 0.3, 1, 1),
+               ("constant", "none", 0.02, 3.0, 2, 6)}
+    for nm, bm in [("abs_max", "iterative"), ("abs_max", "none"), ("constant", "none")]:
+        for w_noise, gain in [(0.0, 0.3), (0.02, 3.0)]:
+            for stride, cin in [(1, 1), (2, 6)]:
+                case = (nm, bm, w_noise, gain, stride, cin)
+                yield pytest.param(*case, marks=() if case in default else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("nm, bm, w_noise, gain, stride, cin", list(_speedup_cases()))
 def test_analog_mvm_equals_the_code_before_the_speedup(nm, bm, w_noise, gain, stride, cin):
     """Conv and dense (its im2col patches) MVMs, with and without clipping (gain 3: many re-runs), noise on and
     off, the I/O parameters as constants and as traced arrays (as evaluate_device passes them): bit for bit."""

@@ -25,12 +25,29 @@ def test_there_are_configs():
     assert CONFIGS, "experiments/configs/*.py: no config found"
 
 
+def _one_per_protocol():
+    """Every config; the default suite runs the first config of each protocol end to end, the others (the same
+    stages with other settings) are marked slow. Every config's docstring and stage list are checked by default."""
+    seen = set()
+    for path in CONFIGS:
+        protocol = experiment.load_config(path).protocol
+        yield pytest.param(path, id=os.path.basename(path), marks=() if protocol not in seen else pytest.mark.slow)
+        seen.add(protocol)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_every_config_runs_end_to_end_in_tiny_mode_then_is_cached(path, tmp_path):
-    config = experiment.apply_overrides(experiment.load_config(path), ["tiny=True"])
+def test_every_config_documents_its_command_and_builds_its_stages(path):
     doc = open(path).read()
     assert "jaxnoise run " + path.replace(os.sep, "/") in doc, "the docstring gives the command"
     assert "Expected" in doc, "the docstring gives the expected result"
+    for tiny in (False, True):
+        config = experiment.apply_overrides(experiment.load_config(path), [f"tiny={tiny}"])
+        assert [s.name for s in experiment.stages_of(config)], path
+
+
+@pytest.mark.parametrize("path", list(_one_per_protocol()))
+def test_every_config_runs_end_to_end_in_tiny_mode_then_is_cached(path, tmp_path):
+    config = experiment.apply_overrides(experiment.load_config(path), ["tiny=True"])
     logs = []
     summaries = experiment.run(config, **_dirs(tmp_path), log=logs.append)
     stages = experiment.stages_of(config)
