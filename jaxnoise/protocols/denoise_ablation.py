@@ -141,6 +141,56 @@ def stopped(curve: list[dict], patience: int, min_delta: float) -> bool:
     return all(p["mean"] <= best_before + min_delta for p in curve[-patience:])
 
 
+def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta: float, chunk: int,
+                        max_chunks: int, per_epoch: int, meta: dict) -> dict:
+    """Trains the placed blocks of ``dm`` chunk by chunk (``chunk`` steps each, cosine schedule over
+    ``max_chunks`` chunks) until :func:`stopped` says the held-out curve has plateaued or ``max_chunks`` are done.
+
+    After each chunk the blocks are scored on the held-out images (``config.curve.n_chips`` chips at ``eta``,
+    key ``name_key(s.key, "curve")``: the same chips every chunk and for every arm); the line goes to
+    ``curves/<name>.jsonl`` in the results dir, and the best chunk's variables to the stage's work dir, so a stopped
+    stage resumes from its checkpoints and its curve. Writes ``weights/<name>.npz`` (the best chunk) and
+    ``metrics/<name>.jsonl``; returns the curve's summary and the placement's overhead."""
+    config = ctx.config
+    dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"), placement=gates)
+    total_steps = chunk * max_chunks
+    tcfg = train.TrainConfig(epochs=-(-total_steps // per_epoch), batch_size=int(config.train.batch_size),
+                             learning_rate=float(lr), weight_decay=0.0, seed=int(config.seed),
+                             checkpoint_every=chunk, log_every=min(50, chunk))
+    ds = dataclasses.replace(s.ds, train=s.train_part, test=s.selection)   # epoch evals: held-out, not test
+    workdir = ctx.work_path("train", "")
+    best_path = ctx.work_path("best.npz")
+    curve_path = ctx.result_path("curves", f"{name}.jsonl")
+    curve = _read_jsonl(curve_path)
+    curve_spec = dp.spec(config, s, eta)
+    n_chips = dp._cap(config, config.curve.n_chips, dp.TINY_CHIPS)
+    meta = {"model": dm.name, "model_config": dict(dm.config), "experiment": config.name, "act_eta_train": eta,
+            "sites": [site for site, g in zip(dm.candidate_sites, gates) if g], "gates": [float(g) for g in gates],
+            **meta}
+    while len(curve) < max_chunks and not stopped(curve, int(config.curve.patience), float(config.curve.min_delta)):
+        k = len(curve) + 1
+        out, _ = denoise.train_denoisers(dm, ds, tcfg, workdir=workdir, variables=dvars, loss_fn=loss_fn,
+                                         progress=False, max_steps=k * chunk, metadata={"arm": name})
+        r = robustness.evaluate(dm, out, s.selection.images, s.selection.labels, curve_spec,
+                                key=noise.name_key(s.key, "curve"), n_chips=n_chips,
+                                batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
+        best = max((p["mean"] for p in curve), default=-1.0)
+        if r.mean > best:   # kept before the curve line: a resume after this point knows the best's weights
+            checkpoint.save_npz(best_path, out, {**meta, "chunk": k, "step": k * chunk}, overwrite=True)
+        point = {"chunk": k, "step": k * chunk, "epoch": k * chunk / per_epoch, "mean": r.mean,
+                 "ci95": r.ci95, "n_chips": r.n_chips, "n_images": int(len(s.selection.labels)),
+                 "per_chip": list(map(float, r.per_chip))}
+        io_lib.append_lines(curve_path, [json.dumps(point) + "\n"])
+        curve.append(point)
+        ctx.log(f"{name}: chunk {k} (epoch {point['epoch']:.2f}): held-out {100 * r.mean:.2f}% "
+                f"{robustness.format_ci95(r.ci95)}")
+    best_point = max(curve, key=lambda p: p["mean"])
+    shutil.copyfile(best_path, ctx.result_path("weights", f"{name}.npz"))
+    shutil.copyfile(os.path.join(workdir, train.METRICS_FILE), ctx.result_path("metrics", f"{name}.jsonl"))
+    return {"chunks": len(curve), "best_chunk": best_point["chunk"], "best_epoch": best_point["epoch"],
+            "best_held_out": best_point["mean"], **denoise.overhead(dm, gates)}
+
+
 def stage_train(name: str):
     def run(ctx):
         config = ctx.config
@@ -148,45 +198,10 @@ def stage_train(name: str):
         s = dp.setup(config)
         eta = float(ctx.summaries["level"]["target"])
         dm, gates = variant_model(config, v)
-        dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"), placement=gates)
         chunk, max_chunks, per_epoch = _chunking(config, s, name)
-        batch = int(config.train.batch_size)
-        total_steps = chunk * max_chunks
-        tcfg = train.TrainConfig(epochs=-(-total_steps // per_epoch), batch_size=batch, learning_rate=v["lr"],
-                                 weight_decay=0.0, seed=int(config.seed), checkpoint_every=chunk,
-                                 log_every=min(50, chunk))
-        ds = dataclasses.replace(s.ds, train=s.train_part, test=s.selection)   # epoch evals: held-out, not test
-        workdir = ctx.work_path("train", "")
-        best_path = ctx.work_path("best.npz")
-        curve_path = ctx.result_path("curves", f"{name}.jsonl")
-        curve = _read_jsonl(curve_path)
-        loss_fn = _loss(config, s, dm, v, eta)
-        curve_spec = dp.spec(config, s, eta)
-        n_chips = dp._cap(config, config.curve.n_chips, dp.TINY_CHIPS)
-        meta = {"model": dm.name, "model_config": dict(dm.config), "stage": f"train_{name}",
-                "experiment": config.name, "variant": v, "act_eta_train": eta,
-                "sites": [site for site, g in zip(dm.candidate_sites, gates) if g], "gates": [float(g) for g in gates]}
-        while len(curve) < max_chunks and not stopped(curve, int(config.curve.patience), float(config.curve.min_delta)):
-            k = len(curve) + 1
-            out, _ = denoise.train_denoisers(dm, ds, tcfg, workdir=workdir, variables=dvars, loss_fn=loss_fn,
-                                             progress=False, max_steps=k * chunk, metadata={"variant": name})
-            r = robustness.evaluate(dm, out, s.selection.images, s.selection.labels, curve_spec,
-                                    key=noise.name_key(s.key, "curve"), n_chips=n_chips,
-                                    batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
-            best = max((p["mean"] for p in curve), default=-1.0)
-            if r.mean > best:   # kept before the curve line: a resume after this point knows the best's weights
-                checkpoint.save_npz(best_path, out, {**meta, "chunk": k, "step": k * chunk}, overwrite=True)
-            point = {"chunk": k, "step": k * chunk, "epoch": k * chunk / per_epoch, "mean": r.mean,
-                     "ci95": r.ci95, "n_chips": r.n_chips, "n_images": int(len(s.selection.labels))}
-            io_lib.append_lines(curve_path, [json.dumps(point) + "\n"])
-            curve.append(point)
-            ctx.log(f"train_{name}: chunk {k} (epoch {point['epoch']:.2f}): held-out {100 * r.mean:.2f}% "
-                    f"{robustness.format_ci95(r.ci95)}")
-        best_point = max(curve, key=lambda p: p["mean"])
-        shutil.copyfile(best_path, ctx.result_path("weights", f"{name}.npz"))
-        shutil.copyfile(os.path.join(workdir, train.METRICS_FILE), ctx.result_path("metrics", f"{name}.jsonl"))
-        return {"chunks": len(curve), "best_chunk": best_point["chunk"], "best_epoch": best_point["epoch"],
-                "best_held_out": best_point["mean"], **denoise.overhead(dm, gates)}
+        return train_until_plateau(ctx, s, name, dm, gates, _loss(config, s, dm, v, eta), lr=v["lr"], eta=eta,
+                                   chunk=chunk, max_chunks=max_chunks, per_epoch=per_epoch,
+                                   meta={"stage": f"train_{name}", "variant": v})
     return run
 
 
