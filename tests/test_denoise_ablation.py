@@ -37,7 +37,7 @@ def test_variants_fill_defaults_and_put_the_baseline_first():
     vs = da.variants(_config())
     assert vs[0]["name"] == "ce" and {v["name"] for v in vs} >= {"feature", "kl", "spread", "wide_half"}
     kl = next(v for v in vs if v["name"] == "kl")
-    assert kl == {"name": "kl", "kind": "residual", "reduction": 4, "sites": "every_block", "feature_weight": 0.0,
+    assert kl == {"name": "kl", "kind": "residual", "reduction": 10, "sites": "every_block", "feature_weight": 0.0,
                   "kl_weight": 1.0, "nll_weight": 0.0, "act_eta_spread": 0.0, "lr": 0.02}
 
 

@@ -25,13 +25,20 @@ def test_there_are_configs():
     assert CONFIGS, "experiments/configs/*.py: no config found"
 
 
+# Protocols whose tiny run compiles programs too large for the default suite's budget (denoise_proxy: the vmapped
+# training of several placements at once, ~1-3 min here); their configs run end to end in the slow set.
+SLOW_TINY_PROTOCOLS = {"denoise_proxy"}
+
+
 def _one_per_protocol():
     """Every config; the default suite runs the first config of each protocol end to end, the others (the same
-    stages with other settings) are marked slow. Every config's docstring and stage list are checked by default."""
+    stages with other settings) and those of SLOW_TINY_PROTOCOLS are marked slow. Every config's docstring and
+    stage list are checked by default."""
     seen = set()
     for path in CONFIGS:
         protocol = experiment.load_config(path).protocol
-        yield pytest.param(path, id=os.path.basename(path), marks=() if protocol not in seen else pytest.mark.slow)
+        slow = protocol in seen or protocol in SLOW_TINY_PROTOCOLS
+        yield pytest.param(path, id=os.path.basename(path), marks=pytest.mark.slow if slow else ())
         seen.add(protocol)
 
 

@@ -8,8 +8,9 @@ Command (resumes where it stopped; each stage's outputs land in experiments/resu
 Protocol ``denoise_ablation`` (jaxnoise/protocols/denoise_ablation.py). Noise: additive activation noise at every
 MVM output, sigma = eta * r_site (r_site: the site's clean output std on 1024 training images), the CPU default
 sampler. ``level`` picks the eta where the plain model loses ~30 points on the last 1000 training images (4 chips)
-and the side levels 0.67x / 1.33x. Every variant places a block after every residual block (bottleneck C/4,
-2.39% of the backbone's parameters) unless it says otherwise, trains one epoch a chunk (SGD 0.02, momentum 0.9,
+and the side levels 0.67x / 1.33x. Every variant places a block after every residual block (bottleneck C/10,
+widths 4/4/7 at 16/32/64 channels: 2.39% of the backbone's parameters, the committed ``every_block`` arm's)
+unless it says otherwise, trains one epoch a chunk (SGD 0.02, momentum 0.9,
 cosine over at most 10 epochs, batch 128) until 2 chunks in a row do not beat its best held-out score (8 chips on
 the 1000 held-out images) by 0.2 points, and is evaluated with its best chunk's blocks on the full test split:
 32 chips at the target, 8 at each side level; every arm sees the same chips.
@@ -21,7 +22,7 @@ Variants (each changes one thing against ``ce``):
   feature_kl: both
   probabilistic: probabilistic blocks, + feature matching (1) + their noise likelihood (0.1)
   spread: the training scale drawn per step from target x [0.67, 1.33] (the side levels' range)
-  wide_half: bottleneck C/2 after every other residual block (about the same parameters)
+  wide_half: bottleneck C/6 (widths 4/6/11) after every other residual block (2.41%: about the same budget)
 Not covered yet: blocks before vs after an MVM inside a residual block (the model exposes block outputs only).
 
 Expected: not measured yet. The committed ``denoise_resnet20`` run (300 steps, CE) recovered 80% of a 24.7-point
@@ -45,7 +46,7 @@ def get_config():
     c.noise = ml_collections.ConfigDict(dict(calib_images=1024, sampler=""))
     c.level = ml_collections.ConfigDict(dict(grid=(0.2, 0.25, 0.3, 0.35, 0.4), n_chips=4, target_drop=0.30,
                                              side_factors=(0.67, 1.33)))
-    c.denoiser = ml_collections.ConfigDict(dict(kind="residual", reduction=4, feature_weight=0.0))
+    c.denoiser = ml_collections.ConfigDict(dict(kind="residual", reduction=10, feature_weight=0.0))
     # chunk_steps 0 = one epoch of the 49,000 training images.
     c.train = ml_collections.ConfigDict(dict(batch_size=128, lr=0.02, chunk_steps=0, max_epochs=10))
     c.curve = ml_collections.ConfigDict(dict(n_chips=8, patience=2, min_delta=0.002))
@@ -59,5 +60,5 @@ def get_config():
     c.variants.probabilistic = ml_collections.ConfigDict(dict(kind="probabilistic", feature_weight=1.0,
                                                               nll_weight=0.1))
     c.variants.spread = ml_collections.ConfigDict(dict(act_eta_spread=0.33))
-    c.variants.wide_half = ml_collections.ConfigDict(dict(reduction=2, sites="every_other_block"))
+    c.variants.wide_half = ml_collections.ConfigDict(dict(reduction=6, sites="every_other_block"))
     return c

@@ -1,6 +1,6 @@
 """Experiment protocols: stage lists for :mod:`jaxnoise.experiment`, registered by name on import."""
 
 from jaxnoise.protocols import (consistency_float, consistency_quantized, denoise_ablation,  # noqa: F401
-                                denoise_placement, device_drift)
+                                denoise_placement, denoise_proxy, device_drift)
 
-__all__ = ["consistency_float", "consistency_quantized", "denoise_ablation", "denoise_placement", "device_drift"]
+__all__ = ["consistency_float", "consistency_quantized", "denoise_ablation", "denoise_placement", "denoise_proxy", "device_drift"]

@@ -120,7 +120,7 @@ def _chunking(config, s, name: str) -> tuple[int, int, int]:
     steps (the chunk loop), the other variants one (their losses and blocks)."""
     per_epoch = len(s.train_part) // int(config.train.batch_size)
     if config.tiny:
-        return TINY_CHUNK_STEPS, TINY_MAX_CHUNKS if name == config.baseline else 1, per_epoch
+        return TINY_CHUNK_STEPS, TINY_MAX_CHUNKS if name == config.get("baseline") else 1, per_epoch
     chunk = int(config.train.chunk_steps) or per_epoch
     return chunk, -(-int(config.train.max_epochs) * per_epoch // chunk), per_epoch
 
