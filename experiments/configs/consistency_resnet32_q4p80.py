@@ -20,37 +20,17 @@ with the learned steps, without the flag). Clipping 20% of every layer's weights
 avoided by growing the clip, so the QAT stage has more to recover than in ``consistency_resnet32_q4`` (85.76%).
 """
 
-import ml_collections
+import os
+
+from jaxnoise.experiment import load_config
 
 
 def get_config():
-    c = ml_collections.ConfigDict()
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "consistency_resnet32_q4.py"))
     c.name = "consistency_resnet32_q4p80"
-    c.protocol = "consistency_quantized"
-    c.tiny = False
-    c.model = "resnet32"
-    c.pretrained = "../shared/pretrained/resnet32_cifar10.npz"
-    c.dataset = "cifar10"
-    c.data_dir = ""                      # "" = $TFDS_DATA_DIR, ../shared/tfds, ...
-    c.held_out = 5000                    # last training images, kept for searches
-    c.seed = 0
-    c.max_steps = 0                      # 0 = no limit (tests stop early)
-    c.calib_images = 1024
-    c.quant = ml_collections.ConfigDict(dict(
-        weight_bits=4, weight_step="percentile", weight_step_init="percentile", percentile=80.0, per_channel=False,
-        act_bits=4, act_signed_paths=("^conv1$",), act_step_init="lsq"))
-    c.qat = ml_collections.ConfigDict(dict(epochs=5, lr=0.01, batch_size=128, weight_decay=1e-4,
-                                           schedule="cosine"))
-    c.noise = ml_collections.ConfigDict(dict(eta=0.2, truncate=3.0))
-    c.eval = ml_collections.ConfigDict(dict(n_chips=32, batch_size=500, key=0,
-                                            grid=(0.0, 0.05, 0.1, 0.15, 0.25, 0.3), grid_chips=8))
-    # The noise-aware arms, from the QAT weights, equal budgets; seed = data order and noise keys.
-    c.arms = ml_collections.ConfigDict(dict(methods=("forward_noise", "consistency"), seeds=(0, 1, 2), epochs=3,
-                                            lr=0.005, batch_size=128, weight_decay=1e-4, schedule="cosine"))
-    # Consistency's lambda / sites / distance: a short proxy on the held-out training images.
-    c.search = ml_collections.ConfigDict(dict(steps=150, n_chips=8, candidates=(
+    c.quant.weight_step = "percentile"   # P80(|W|) / 7 from the current weights (quant.percentile = 80)
+    c.search.candidates = (
         dict(lam=1.0, sites="all", distance="nmse"), dict(lam=0.3, sites="all", distance="nmse"),
         dict(lam=3.0, sites="all", distance="nmse"), dict(lam=10.0, sites="all", distance="nmse"),
-        dict(lam=1.0, sites="stages", distance="nmse"),
-        dict(lam=1.0, sites="all", distance="cosine"))))
+        dict(lam=1.0, sites="stages", distance="nmse"), dict(lam=1.0, sites="all", distance="cosine"))
     return c
