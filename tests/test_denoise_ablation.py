@@ -9,6 +9,7 @@ import pytest
 from jaxnoise import denoise, experiment
 from jaxnoise.models import get_model
 from jaxnoise.protocols import denoise_ablation as da
+from jaxnoise.protocols import denoise_placement as dp
 
 CONFIG = os.path.join("experiments", "configs", "denoise_ablation_resnet20.py")
 
@@ -26,7 +27,7 @@ def _curve(*means):
     ((0.7, 0.6, 0.65, 0.66), 3, True),        # three chunks below the first
 ])
 def test_training_stops_after_patience_chunks_without_improvement(means, patience, stop):
-    assert da.stopped(_curve(*means), patience, min_delta=0.002) is stop
+    assert dp.stopped(_curve(*means), patience, min_delta=0.002) is stop
 
 
 def _config(*overrides):

@@ -36,14 +36,11 @@ other variants), at most 2 chips (the tests).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import shutil
 
 import numpy as np
 
-from jaxnoise import checkpoint, denoise, noise, placement, report, robustness, stats, train
+from jaxnoise import checkpoint, denoise, noise, placement, report, robustness, stats
 from jaxnoise import io as io_lib
 from jaxnoise.experiment import Stage, protocol
 from jaxnoise.protocols import common
@@ -52,8 +49,6 @@ from jaxnoise.protocols import denoise_placement as dp
 VARIANT_KEYS = ("kind", "reduction", "sites", "feature_weight", "kl_weight", "nll_weight", "act_eta_spread",
                 "lr")
 SITE_RULES = ("every_block", "every_other_block")
-TINY_CHUNK_STEPS = 2
-TINY_MAX_CHUNKS = 2
 
 
 def variants(config) -> list[dict]:
@@ -115,82 +110,6 @@ def _loss(config, s, dm, v: dict, eta: float):
                                  act_eta_spread=v["act_eta_spread"], sampler=dp.sampler(config))
 
 
-def _chunking(config, s, name: str) -> tuple[int, int, int]:
-    """``(steps per chunk, chunks at most, steps per epoch)``; in tiny mode the baseline trains 2 chunks of 2
-    steps (the chunk loop), the other variants one (their losses and blocks)."""
-    per_epoch = len(s.train_part) // int(config.train.batch_size)
-    if config.tiny:
-        return TINY_CHUNK_STEPS, TINY_MAX_CHUNKS if name == config.get("baseline") else 1, per_epoch
-    chunk = int(config.train.chunk_steps) or per_epoch
-    return chunk, -(-int(config.train.max_epochs) * per_epoch // chunk), per_epoch
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def stopped(curve: list[dict], patience: int, min_delta: float) -> bool:
-    """True when the last ``patience`` points of ``curve`` (``{"mean"}`` each, in order) all failed to beat the
-    best before them by more than ``min_delta``."""
-    if len(curve) <= patience:
-        return False
-    best_before = max(p["mean"] for p in curve[:-patience])
-    return all(p["mean"] <= best_before + min_delta for p in curve[-patience:])
-
-
-def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta: float, chunk: int,
-                        max_chunks: int, per_epoch: int, meta: dict) -> dict:
-    """Trains the placed blocks of ``dm`` chunk by chunk (``chunk`` steps each, cosine schedule over
-    ``max_chunks`` chunks) until :func:`stopped` says the held-out curve has plateaued or ``max_chunks`` are done.
-
-    After each chunk the blocks are scored on the held-out images (``config.curve.n_chips`` chips at ``eta``,
-    key ``name_key(s.key, "curve")``: the same chips every chunk and for every arm); the line goes to
-    ``curves/<name>.jsonl`` in the results dir, and the best chunk's variables to the stage's work dir, so a stopped
-    stage resumes from its checkpoints and its curve. Writes ``weights/<name>.npz`` (the best chunk) and
-    ``metrics/<name>.jsonl``; returns the curve's summary and the placement's overhead."""
-    config = ctx.config
-    dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"), placement=gates)
-    total_steps = chunk * max_chunks
-    tcfg = train.TrainConfig(epochs=-(-total_steps // per_epoch), batch_size=int(config.train.batch_size),
-                             learning_rate=float(lr), weight_decay=0.0, seed=int(config.seed),
-                             checkpoint_every=chunk, log_every=min(50, chunk))
-    ds = dataclasses.replace(s.ds, train=s.train_part, test=s.selection)   # epoch evals: held-out, not test
-    workdir = ctx.work_path("train", "")
-    best_path = ctx.work_path("best.npz")
-    curve_path = ctx.result_path("curves", f"{name}.jsonl")
-    curve = _read_jsonl(curve_path)
-    curve_spec = dp.spec(config, s, eta)
-    n_chips = dp._cap(config, config.curve.n_chips, dp.TINY_CHIPS)
-    meta = {"model": dm.name, "model_config": dict(dm.config), "experiment": config.name, "act_eta_train": eta,
-            "sites": [site for site, g in zip(dm.candidate_sites, gates) if g], "gates": [float(g) for g in gates],
-            **meta}
-    while len(curve) < max_chunks and not stopped(curve, int(config.curve.patience), float(config.curve.min_delta)):
-        k = len(curve) + 1
-        out, _ = denoise.train_denoisers(dm, ds, tcfg, workdir=workdir, variables=dvars, loss_fn=loss_fn,
-                                         progress=False, max_steps=k * chunk, metadata={"arm": name})
-        r = robustness.evaluate(dm, out, s.selection.images, s.selection.labels, curve_spec,
-                                key=noise.name_key(s.key, "curve"), n_chips=n_chips,
-                                batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
-        best = max((p["mean"] for p in curve), default=-1.0)
-        if r.mean > best:   # kept before the curve line: a resume after this point knows the best's weights
-            checkpoint.save_npz(best_path, out, {**meta, "chunk": k, "step": k * chunk}, overwrite=True)
-        point = {"chunk": k, "step": k * chunk, "epoch": k * chunk / per_epoch, "mean": r.mean,
-                 "ci95": r.ci95, "n_chips": r.n_chips, "n_images": int(len(s.selection.labels)),
-                 "per_chip": list(map(float, r.per_chip))}
-        io_lib.append_lines(curve_path, [json.dumps(point) + "\n"])
-        curve.append(point)
-        ctx.log(f"{name}: chunk {k} (epoch {point['epoch']:.2f}): held-out {100 * r.mean:.2f}% "
-                f"{robustness.format_ci95(r.ci95)}")
-    best_point = max(curve, key=lambda p: p["mean"])
-    shutil.copyfile(best_path, ctx.result_path("weights", f"{name}.npz"))
-    shutil.copyfile(os.path.join(workdir, train.METRICS_FILE), ctx.result_path("metrics", f"{name}.jsonl"))
-    return {"chunks": len(curve), "best_chunk": best_point["chunk"], "best_epoch": best_point["epoch"],
-            "best_held_out": best_point["mean"], **denoise.overhead(dm, gates)}
-
-
 def stage_train(name: str):
     def run(ctx):
         config = ctx.config
@@ -198,8 +117,8 @@ def stage_train(name: str):
         s = dp.setup(config)
         eta = float(ctx.summaries["level"]["target"])
         dm, gates = variant_model(config, v)
-        chunk, max_chunks, per_epoch = _chunking(config, s, name)
-        return train_until_plateau(ctx, s, name, dm, gates, _loss(config, s, dm, v, eta), lr=v["lr"], eta=eta,
+        chunk, max_chunks, per_epoch = dp.chunking(config, s, name)
+        return dp.train_until_plateau(ctx, s, name, dm, gates, _loss(config, s, dm, v, eta), lr=v["lr"], eta=eta,
                                    chunk=chunk, max_chunks=max_chunks, per_epoch=per_epoch,
                                    meta={"stage": f"train_{name}", "variant": v})
     return run
@@ -265,7 +184,7 @@ def stage_report(ctx):
         dm, gates = variant_model(config, v)
         over = denoise.overhead(dm, gates)
         evals = dp._load(ctx.result_path("eval", f"{v['name']}.json"))["arms"][0]["eval"]
-        curve = _read_jsonl(ctx.result_path("curves", f"{v['name']}.jsonl"))
+        curve = dp.read_jsonl(ctx.result_path("curves", f"{v['name']}.jsonl"))
         curves[v["name"]] = curve
         best = max(curve, key=lambda p: p["mean"])
         sites = [site for site, g in zip(dm.candidate_sites, gates) if g]

@@ -5,7 +5,7 @@ A placement search scores each candidate placement after a short training (the p
 proxy's ranking agrees with the ranking after full training. This protocol measures it: ``proxy.n_placements``
 placements within the budget, each scored by proxies of every length in ``proxy.steps`` (all placements trained
 together, vmapped, same batches and noise: ``jaxnoise.placement.train_candidates``) and by the final recipe
-(``denoise_ablation.train_until_plateau``); then the Spearman rank correlation of each proxy length with the final
+(``denoise_placement.train_until_plateau``); then the Spearman rank correlation of each proxy length with the final
 scores. Every score is the Monte Carlo mean on the held-out training images at the target level, on the same chips
 (``proxy.n_chips``), never the test split.
 
@@ -128,7 +128,7 @@ def stage_placements(ctx):
 
 
 def _placements(ctx) -> list[dict]:
-    return da._read_jsonl(ctx.result_path("placements.jsonl"))
+    return dp.read_jsonl(ctx.result_path("placements.jsonl"))
 
 
 def _proxy_steps(config) -> tuple[int, ...]:
@@ -142,7 +142,7 @@ def stage_proxy(ctx):
     dm = _dmodel(config)
     gates = np.asarray([p["gates"] for p in _placements(ctx)], np.float32)
     path = ctx.result_path("proxy.jsonl")
-    done = da._read_jsonl(path)
+    done = dp.read_jsonl(path)
     dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"))
     loss_fn = da._loss(config, s, dm, _recipe(config), eta)
     n_chips = dp._cap(config, config.proxy.n_chips, dp.TINY_CHIPS)
@@ -171,8 +171,8 @@ def stage_final(i: int):
         dm = _dmodel(config)
         p = _placements(ctx)[i]
         gates = np.asarray(p["gates"], np.float32)
-        chunk, max_chunks, per_epoch = da._chunking(config, s, f"final_{i}")   # tiny: one chunk
-        return da.train_until_plateau(ctx, s, f"final_{i}", dm, gates, da._loss(config, s, dm, _recipe(config), eta),
+        chunk, max_chunks, per_epoch = dp.chunking(config, s, f"final_{i}")   # tiny: one chunk
+        return dp.train_until_plateau(ctx, s, f"final_{i}", dm, gates, da._loss(config, s, dm, _recipe(config), eta),
                                       lr=float(config.train.lr), eta=eta, chunk=chunk, max_chunks=max_chunks,
                                       per_epoch=per_epoch, meta={"stage": f"final_{i}", "rule": p["rule"]})
     return run
@@ -202,11 +202,10 @@ def stage_report(ctx):
     s = dp.setup(config)
     ps = _placements(ctx)
     finals, arms = [], []
-    dm = _dmodel(config)
     n_sel = len(s.selection.labels)
     spec_desc = dp.spec(config, s, float(dp._level(ctx)["target"])).describe()
     for i, p in enumerate(ps):
-        curve = da._read_jsonl(ctx.result_path("curves", f"final_{i}.jsonl"))
+        curve = dp.read_jsonl(ctx.result_path("curves", f"final_{i}.jsonl"))
         best = max(curve, key=lambda c: c["mean"])
         finals.append(best["mean"])
         arms.append(report.arm(f"final_{i}", s.model, "denoiser", s.model.param_count(),
@@ -214,7 +213,7 @@ def stage_report(ctx):
                                extra_param_count=int(p["params"]),
                                train={"rule": p["rule"], "sites": p["sites"], "best_epoch": best["epoch"],
                                       "chunks": len(curve)}))
-    proxies = da._read_jsonl(ctx.result_path("proxy.jsonl"))
+    proxies = dp.read_jsonl(ctx.result_path("proxy.jsonl"))
     rows = [{"steps": d["steps"], **spearman(d["means"], finals)} for d in sorted(proxies, key=lambda d: d["steps"])]
     target = float(config.proxy.target_rho)
     chosen = next((r["steps"] for r in rows if r["rho"] is not None and r["rho"] >= target), None)
