@@ -1,4 +1,5 @@
-"""The ``jaxnoise`` command line: ``demo``, ``train``, ``denoise``, ``eval``, ``sweep`` and ``sensitivity``.
+"""The ``jaxnoise`` command line: ``demo``, ``train``, ``denoise``, ``eval``, ``sweep``, ``sensitivity``, ``run`` and
+``convert-torch``.
 
 The CLI imports the library; no library module imports the CLI. Every command that reports accuracy under noise
 writes a result file in the shared format (``../shared/RESULTS.md``) recording the exact command line.
@@ -21,6 +22,7 @@ Examples::
   jaxnoise eval ... --n-chips 16 --target-ci-halfwidth 0.002 --max-chips 1024   # adaptive Monte Carlo
   jaxnoise sweep ... --mesh auto                    # shard chips over every device (jax.sharding)
   jaxnoise sweep ... --distributed --mesh auto      # multi-process: run in every process (TPU pod, GPU nodes)
+  jaxnoise convert-torch resnet50.pth resnet50.npz --model resnet50   # a torchvision checkpoint (needs torch)
 """
 
 from __future__ import annotations
@@ -653,6 +655,23 @@ def cmd_run(args) -> dict:
     return experiment.run(config, stages, only=split(args.only) or None, rerun=split(args.rerun))
 
 
+def cmd_convert_torch(args) -> dict:
+    """A PyTorch checkpoint (``.pth``) to the PyTorch-named ``.npz`` of ``--weights`` (torch needed here only)."""
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"{args.checkpoint} does not exist; give a .pth file saved with torch.save(model.state_dict()).")
+    model = None
+    if args.model:
+        kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+        model = models.get_model(args.model, **kwargs)
+    try:
+        arrays = models.torch_checkpoint_to_npz(args.checkpoint, args.out, model, overwrite=args.overwrite)
+    except (ImportError, FileExistsError) as e:
+        raise UsageError(str(e)) from None
+    checked = f", checked against {model.name} ({model.param_count():,} parameters)" if model is not None else ""
+    print(f"wrote {args.out}: {len(arrays)} tensors{checked}")
+    return {"out": args.out, "tensors": len(arrays)}
+
+
 def cmd_demo(args) -> dict:
     """Trains a small model on the embedded digits dataset, then sweeps weight noise over it.
 
@@ -843,6 +862,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun", default=None, help="run these stages (and every later one) again, comma-separated; their old outputs move to superseded/. An interrupted rerun resumes without --rerun")
     p.add_argument("--list", action="store_true", help="list the stages and whether each is cached, run nothing")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("convert-torch", help="a PyTorch .pth state dict to the .npz that --weights reads (needs torch)")
+    p.add_argument("checkpoint", help="the .pth/.pt file (a state_dict, or a dict holding one under 'state_dict' "
+                                      "or 'model')")
+    p.add_argument("out", help="the .npz to write")
+    p.add_argument("--model", default=None, help=f"check every key and shape against this model first (one of "
+                                                 f"{', '.join(models.MODELS)})")
+    p.add_argument("--num-classes", type=_positive_int, default=None, help="the model's classes (default 1000 for "
+                                                                           "ImageNet ResNets, 10 for CIFAR ones)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_convert_torch)
 
     p = sub.add_parser("sensitivity", help="per-layer sensitivity map: noise at one layer alone, per scale")
     _add_model_args(p)
