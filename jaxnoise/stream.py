@@ -172,6 +172,8 @@ class StreamSplit:
       workers: grain worker processes (0: decode in this process).
       crop_fraction: the evaluation centre crop's fraction of the resized shorter side.
       progress: show a tqdm bar while an evaluation pass streams (on a terminal, never under ``CI``).
+      chips_per_pass: the Monte Carlo chips that share one pass over this split (their weights are held on
+        device together); None: every chip of the call. ``dataclasses.replace(split, chips_per_pass=8)``.
     """
 
     name: str
@@ -185,6 +187,7 @@ class StreamSplit:
     workers: int = 0
     crop_fraction: float = 0.875
     progress: bool = True
+    chips_per_pass: int | None = None
 
     def __len__(self) -> int:
         return self.stop - self.start
