@@ -239,8 +239,12 @@ def epoch_batches(
         epoch: Epoch number.
 
     Yields:
-        ``(images, labels)`` with shapes (batch_size, H, W, C) and (batch_size,), raw as stored.
+        ``(images, labels)`` with shapes (batch_size, H, W, C) and (batch_size,), raw as stored; from a streamed
+        split (:class:`jaxnoise.stream.StreamSplit`), in the same order, augmented by its workers.
     """
+    if hasattr(split, "train_batches"):
+        yield from split.train_batches(key, epoch, batch_size)
+        return
     idx = batch_indices(jax.random.fold_in(key, epoch), len(split), batch_size)
     for batch in idx:
         yield split.images[batch], split.labels[batch]
