@@ -1,4 +1,5 @@
-"""The ``jaxnoise`` command line: ``demo``, ``train``, ``denoise``, ``eval``, ``sweep`` and ``sensitivity``.
+"""The ``jaxnoise`` command line: ``demo``, ``train``, ``denoise``, ``eval``, ``sweep``, ``sensitivity``, ``run`` and
+``convert-torch``.
 
 The CLI imports the library; no library module imports the CLI. Every command that reports accuracy under noise
 writes a result file in the shared format (``../shared/RESULTS.md``) recording the exact command line.
@@ -21,6 +22,7 @@ Examples::
   jaxnoise eval ... --n-chips 16 --target-ci-halfwidth 0.002 --max-chips 1024   # adaptive Monte Carlo
   jaxnoise sweep ... --mesh auto                    # shard chips over every device (jax.sharding)
   jaxnoise sweep ... --distributed --mesh auto      # multi-process: run in every process (TPU pod, GPU nodes)
+  jaxnoise convert-torch resnet50.pth resnet50.npz --model resnet50   # a torchvision checkpoint (needs torch)
 """
 
 from __future__ import annotations
@@ -129,6 +131,13 @@ def _positive_int(text: str) -> int:
     return _checked(check, parse=int)(text)
 
 
+def _int_at_least_0(text: str) -> int:
+    def check(v):
+        if v < 0:
+            raise ValueError(f"{v} must be an integer >= 0")
+    return _checked(check, parse=int)(text)
+
+
 def _int_at_least_2(text: str) -> int:
     def check(v):
         if v < 2:
@@ -151,6 +160,14 @@ def _add_model_args(p: argparse.ArgumentParser, *, default_model: str | None = N
     p.add_argument("--dataset", default=None, help=f"one of {', '.join(data.DATASETS)} (default: digits, or the "
                                                     f"checkpoint's dataset)")
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR, then ../shared/tfds)")
+    g = p.add_argument_group("streamed datasets (jaxnoise.stream: imagenet2012, or any TFDS name with --streaming)")
+    g.add_argument("--streaming", action="store_true",
+                   help="stream --dataset from its TFDS records (any prepared TFDS image classification dataset; "
+                        "imagenet2012 always streams)")
+    g.add_argument("--resolution", type=_positive_int, default=None,
+                   help="side of the streamed square images (default 224; the model's input size)")
+    g.add_argument("--workers", type=_int_at_least_0, default=None,
+                   help="grain worker processes decoding and augmenting (default min(8, CPUs - 1); 0: none)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -212,9 +229,28 @@ def build_model(name: str, dataset: data.Dataset, config: dict[str, Any] | None 
     kwargs = dict(config or {})
     kwargs.pop("depth", None)  # part of the name
     kwargs["num_classes"] = dataset.num_classes
-    if name in ("mlp", "cnn"):
+    if name in ("mlp", "cnn") or getattr(dataset, "streaming", False):   # streamed: the chosen resolution
         kwargs["input_shape"] = tuple(dataset.image_shape)
     return models.get_model(name, **kwargs)
+
+
+def _check_stream_flags(args, name: str) -> bool:
+    """Whether ``name`` streams; refuses ``--resolution``/``--workers`` for an in-memory dataset."""
+    streamed = getattr(args, "streaming", False) or name in data._STREAMED
+    if not streamed:
+        for flag in ("resolution", "workers"):
+            if getattr(args, flag, None) is not None:
+                raise UsageError(f"--{flag} counts for streamed datasets only (imagenet2012, or --streaming); "
+                                 f"drop it or add --streaming.")
+    return streamed
+
+
+def open_dataset(args, name: str) -> data.Dataset:
+    """``name`` in memory, or streamed (imagenet2012, ``--streaming``) with ``--resolution``/``--workers``."""
+    if not _check_stream_flags(args, name):
+        return data.load_dataset(name, data_dir=args.data_dir)
+    kwargs = {k: getattr(args, k) for k in ("resolution", "workers") if getattr(args, k, None) is not None}
+    return data.load_dataset(name, data_dir=args.data_dir, streaming=True, **kwargs)
 
 
 def load_model(args, *, default_model: str | None = None, weights_required: bool = True,
@@ -228,7 +264,8 @@ def load_model(args, *, default_model: str | None = None, weights_required: bool
     if args.model:
         models.get_model(args.model)  # an unknown name raises, listing the known ones
     if args.dataset:
-        data.check_supported(args.dataset)
+        data.check_supported(args.dataset, streaming=getattr(args, "streaming", False))
+        _check_stream_flags(args, args.dataset)
     if args.weights and args.checkpoint:
         raise UsageError("give either --weights or --checkpoint, not both.")
     if args.weights and not os.path.isfile(args.weights):
@@ -253,7 +290,7 @@ def load_model(args, *, default_model: str | None = None, weights_required: bool
     if not name:
         raise UsageError("--model is required (or --checkpoint of a training run that recorded it).")
     dataset_name = args.dataset or meta.get("dataset") or "digits"
-    dataset = data.load_dataset(dataset_name, data_dir=args.data_dir)
+    dataset = open_dataset(args, dataset_name)
     model = build_model(name, dataset, meta.get("model_config"))
     if args.weights:
         variables = checkpoint.load_variables(args.weights, model)
@@ -270,12 +307,19 @@ def load_model(args, *, default_model: str | None = None, weights_required: bool
 
 
 def test_arrays(dataset: data.Dataset, n_images: int | None):
+    """``(images, labels)`` of the test split (its first ``n_images``); a streamed split and None."""
+    if n_images is not None and n_images < 1:
+        raise UsageError(f"--n-images must be >= 1, got {n_images}.")
+    if getattr(dataset, "streaming", False):
+        return (dataset.test if n_images is None else dataset.test.select(0, n_images)), None
     images, labels = dataset.test.images, dataset.test.labels
     if n_images is not None:
-        if n_images < 1:
-            raise UsageError(f"--n-images must be >= 1, got {n_images}.")
         images, labels = images[:n_images], labels[:n_images]
     return images, labels
+
+
+def _n(images) -> int:
+    return int(len(images))
 
 
 def calibrate(model, variables, dataset: data.Dataset, statistic: str) -> dict[str, jax.Array]:
@@ -402,7 +446,7 @@ def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | 
                      train={**source, **extra})
     record = report.result_record(
         args.experiment or f"device_{model.name}_{dataset.name}", _command_line(), [arm],
-        {"name": dataset.name, "split": "test", "n_images": int(len(labels))})
+        {"name": dataset.name, "split": "test", "n_images": _n(images)})
     record["wall_seconds"] = round(time.time() - t0, 1)
     _write_outputs(record, out, "weight" if len(times) > 1 else None)
     return record
@@ -434,7 +478,7 @@ def cmd_sweep(args) -> dict:
                      train={**source, **_describe_extra(args, spec)})
     record = report.result_record(
         args.experiment or f"sweep_{model.name}_{dataset.name}", _command_line(), [arm],
-        {"name": dataset.name, "split": "test", "n_images": int(len(labels))})
+        {"name": dataset.name, "split": "test", "n_images": _n(images)})
     record["wall_seconds"] = round(time.time() - t0, 1)
     _write_outputs(record, out, "weight" if weight else "activation")
     return record
@@ -497,7 +541,7 @@ def cmd_sensitivity(args) -> dict:
                                        setting_batch_size=args.setting_batch_size, preprocess=dataset.preprocess,
                                        mesh=build_mesh(args, args.n_chips))
     record = smap.to_record(args.experiment or f"sensitivity_{model.name}_{dataset.name}_{args.noise}",
-                            _command_line(), {"name": dataset.name, "split": "test", "n_images": int(len(labels))},
+                            _command_line(), {"name": dataset.name, "split": "test", "n_images": _n(images)},
                             param_count=model.param_count(variables), train={**source, **_describe_extra(args, spec)})
     record["wall_seconds"] = round(time.time() - t0, 1)
     most = ", ".join(f"{name} {100 * acc:.2f}%" for name, acc in smap.ranking()[:3])
@@ -607,6 +651,8 @@ def cmd_denoise(args) -> Any:
                            act_eta=args.act_eta if args.act_eta is not None else args.act_eta_train)
     if args.search_budget is not None:
         train_part, held_out = data.holdout(dataset.train, args.search_holdout)
+        if getattr(dataset, "streaming", False):   # the selection set is small: decoded into memory
+            held_out = held_out.materialize()
         result = placement.search(dmodel, dvars, dataset, loss_fn, held_out.images, held_out.labels, spec,
                                   budget=args.search_budget, key=noise.name_key(jax.random.key(args.seed),
                                                                                 "denoise/search"),
@@ -651,6 +697,23 @@ def cmd_run(args) -> dict:
             print(f"{stage.name:20s} {action}")
         return {}
     return experiment.run(config, stages, only=split(args.only) or None, rerun=split(args.rerun))
+
+
+def cmd_convert_torch(args) -> dict:
+    """A PyTorch checkpoint (``.pth``) to the PyTorch-named ``.npz`` of ``--weights`` (torch needed here only)."""
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"{args.checkpoint} does not exist; give a .pth file saved with torch.save(model.state_dict()).")
+    model = None
+    if args.model:
+        kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+        model = models.get_model(args.model, **kwargs)
+    try:
+        arrays = models.torch_checkpoint_to_npz(args.checkpoint, args.out, model, overwrite=args.overwrite)
+    except (ImportError, FileExistsError) as e:
+        raise UsageError(str(e)) from None
+    checked = f", checked against {model.name} ({model.param_count():,} parameters)" if model is not None else ""
+    print(f"wrote {args.out}: {len(arrays)} tensors{checked}")
+    return {"out": args.out, "tensors": len(arrays)}
 
 
 def cmd_demo(args) -> dict:
@@ -843,6 +906,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun", default=None, help="run these stages (and every later one) again, comma-separated; their old outputs move to superseded/. An interrupted rerun resumes without --rerun")
     p.add_argument("--list", action="store_true", help="list the stages and whether each is cached, run nothing")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("convert-torch", help="a PyTorch .pth state dict to the .npz that --weights reads (needs torch)")
+    p.add_argument("checkpoint", help="the .pth/.pt file (a state_dict, or a dict holding one under 'state_dict' "
+                                      "or 'model')")
+    p.add_argument("out", help="the .npz to write")
+    p.add_argument("--model", default=None, help=f"check every key and shape against this model first (one of "
+                                                 f"{', '.join(models.MODELS)})")
+    p.add_argument("--num-classes", type=_positive_int, default=None, help="the model's classes (default 1000 for "
+                                                                           "ImageNet ResNets, 10 for CIFAR ones)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_convert_torch)
 
     p = sub.add_parser("sensitivity", help="per-layer sensitivity map: noise at one layer alone, per scale")
     _add_model_args(p)

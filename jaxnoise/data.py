@@ -14,8 +14,10 @@ Datasets:
   through ``tfds.data_source``, which needs pillow but not TensorFlow. ``preprocess`` scales to [0, 1]
   and normalises per channel with the ImageNet mean/std that the pretrained CIFAR ResNets in
   ``../shared/pretrained`` expect. ``augment`` is :func:`random_crop_flip` (pad 4, crop, flip).
-* ``imagenet2012``: listed so that callers can name it, but only in-memory datasets are supported for
-  now and it does not fit in memory; loading it raises ``NotImplementedError``.
+* ``imagenet2012``: streamed, never held in memory: :func:`load_dataset` returns a
+  :class:`jaxnoise.stream.StreamingDataset` (records read on demand, decoded and augmented by grain workers at
+  ``resolution``). Any other TFDS image classification dataset streams the same way by name with
+  ``streaming=True`` (e.g. ``load_dataset("imagenette", streaming=True)``).
 * ``synthetic``: deterministic, learnable toy data for tests (class prototypes plus Gaussian noise).
 
 Decoded TFDS splits are cached twice: in this process (module-level, keyed by dataset, data dir and
@@ -66,6 +68,9 @@ CIFAR_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 SHARED_TFDS_DIR = os.path.join("..", "shared", "tfds")
 
 _AUGMENTATIONS = ("none", "crop_flip")
+# Datasets streamed by default (jaxnoise.stream) and the options of a streamed dataset.
+_STREAMED = ("imagenet2012",)
+_STREAM_OPTIONS = ("resolution", "workers", "eval_split", "crop_fraction", "progress")
 # TFDS datasets that load_dataset reads whole into memory: name -> label feature key.
 _TFDS_LABEL_KEYS = {"cifar10": "label", "cifar100": "label"}
 # Bump when the layout of the on-disk .npz cache changes.
@@ -234,8 +239,12 @@ def epoch_batches(
         epoch: Epoch number.
 
     Yields:
-        ``(images, labels)`` with shapes (batch_size, H, W, C) and (batch_size,), raw as stored.
+        ``(images, labels)`` with shapes (batch_size, H, W, C) and (batch_size,), raw as stored; from a streamed
+        split (:class:`jaxnoise.stream.StreamSplit`), in the same order, augmented by its workers.
     """
+    if hasattr(split, "train_batches"):
+        yield from split.train_batches(key, epoch, batch_size)
+        return
     idx = batch_indices(jax.random.fold_in(key, epoch), len(split), batch_size)
     for batch in idx:
         yield split.images[batch], split.labels[batch]
@@ -244,12 +253,15 @@ def epoch_batches(
 def holdout(split: Split, n: int) -> tuple[Split, Split]:
     """``(first len - n examples, last n examples)`` of a split: a training part and a held-out selection set.
 
-    Used for model selection (e.g. a placement search) without touching the test split.
+    Used for model selection (e.g. a placement search) without touching the test split. A streamed split
+    (:class:`jaxnoise.stream.StreamSplit`) gives two streamed ranges of its records.
     """
     if not isinstance(n, (int, np.integer)) or not 1 <= n < len(split):
         raise ValueError(f"holdout size n={n!r} must be an integer in [1, {len(split) - 1}] for a split of "
                          f"{len(split)} examples.")
     cut = len(split) - int(n)
+    if hasattr(split, "select"):
+        return split.select(0, cut), split.select(cut, len(split))
     return Split(split.images[:cut], split.labels[:cut]), Split(split.images[cut:], split.labels[cut:])
 
 
@@ -264,13 +276,16 @@ def calibration_images(split: Split, n: int = 1024, seed: int = 0) -> np.ndarray
         seed: Seed of the subset (numpy ``default_rng``), independent of any JAX key.
 
     Returns:
-        Raw images (not preprocessed), shape (min(n, N), H, W, C), in increasing index order.
+        Raw images (not preprocessed), shape (min(n, N), H, W, C), in increasing index order. From a streamed
+        split: the same indices, decoded with its evaluation preprocessing (resize, centre crop).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     total = len(split)
-    idx = np.random.default_rng(seed).choice(total, size=min(n, total), replace=False)
-    return split.images[np.sort(idx)]
+    idx = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+    if hasattr(split, "materialize"):
+        return split.materialize(idx).images
+    return split.images[idx]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,8 +371,8 @@ def _abspath(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def load_dataset(name: str, *, data_dir: str | None = None, **kwargs: Any) -> Dataset:
-    """Loads a dataset whole into host memory.
+def load_dataset(name: str, *, data_dir: str | None = None, streaming: bool | None = None, **kwargs: Any) -> Dataset:
+    """Loads a dataset whole into host memory, or opens it as a stream (``imagenet2012``, ``streaming=True``).
 
     Args:
         name: One of :data:`DATASETS`.
@@ -365,7 +380,12 @@ def load_dataset(name: str, *, data_dir: str | None = None, **kwargs: Any) -> Da
             ``$TFDS_DATA_DIR``, ``../shared/tfds`` (relative to the working directory) and
             ``~/tensorflow_datasets``, in that order, and uses the first that holds the dataset. If
             given, only that directory is searched. Ignored by ``digits`` and ``synthetic``.
+        streaming: True opens any prepared TFDS image classification dataset (any TFDS name, e.g. ``imagenette``,
+            or ``cifar10``) as a :class:`jaxnoise.stream.StreamingDataset`; None streams ``imagenet2012`` only;
+            False refuses ``imagenet2012`` (it does not fit in memory).
         **kwargs: Dataset options.
+            Streamed datasets: ``resolution: int = 224``, ``workers: int | None``, ``eval_split``,
+            ``crop_fraction: float = 0.875``, ``progress: bool = True`` (:func:`jaxnoise.stream.load_stream`).
             ``cifar10`` / ``cifar100``: ``disk_cache: bool = True``, whether to read and write the
             decoded-array cache under ``$JAXNOISE_CACHE`` (default ``~/.cache/jaxnoise``).
             ``synthetic``: ``n_train: int = 1024``, ``n_test: int = 256``,
@@ -379,9 +399,17 @@ def load_dataset(name: str, *, data_dir: str | None = None, **kwargs: Any) -> Da
         ValueError: Unknown dataset name.
         TypeError: Unknown keyword option for the dataset.
         DatasetNotFoundError: A TFDS dataset is not prepared in any searched directory.
-        NotImplementedError: ``imagenet2012`` (too large for the in-memory pipeline).
+        NotImplementedError: ``imagenet2012`` with ``streaming=False`` (too large for memory).
     """
+    if streaming or (streaming is None and name in _STREAMED):
+        if name in ("digits", "synthetic"):
+            raise ValueError(f"{name} is built in memory, not a TFDS dataset: load it without streaming=True.")
+        from jaxnoise import stream  # noqa: PLC0415 - grain is imported only for streamed datasets
+        _check_kwargs(name, kwargs, _STREAM_OPTIONS)
+        return stream.load_stream(name, data_dir=data_dir, **kwargs)
     check_supported(name)
+    if name in _STREAMED:
+        raise NotImplementedError(f"{name} does not fit in memory: load it with streaming=True (the default).")
     if name == "digits":
         _check_kwargs(name, kwargs, ())
         return _load_digits()
@@ -391,21 +419,21 @@ def load_dataset(name: str, *, data_dir: str | None = None, **kwargs: Any) -> Da
     return _load_tfds(name, data_dir, disk_cache=kwargs.get("disk_cache", True))
 
 
-def check_supported(name: str) -> None:
+def check_supported(name: str, *, streaming: bool | None = None) -> None:
     """Raises (cheaply, before any data is read) for a dataset name :func:`load_dataset` cannot load.
+
+    With ``streaming=True`` any TFDS name is accepted (whether it is prepared is checked when it is loaded).
 
     Raises:
         ValueError: an unknown name.
-        NotImplementedError: ``imagenet2012`` (too large for the in-memory pipeline).
     """
+    if streaming:
+        if name in ("digits", "synthetic"):
+            raise ValueError(f"{name} is built in memory, not a TFDS dataset: it cannot be streamed.")
+        return
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS}")
-    if name == "imagenet2012":
-        raise NotImplementedError(
-            "imagenet2012 is not supported: jaxnoise.data holds whole datasets in host memory, and "
-            "ImageNet (about 1.3M variable-size images) does not fit. Use digits, cifar10, cifar100 "
-            "or synthetic."
-        )
+        raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS}, or any prepared TFDS image "
+                         f"classification dataset streamed by name (--streaming / streaming=True).")
 
 
 def clear_cache() -> None:
@@ -508,8 +536,10 @@ def _load_tfds(name: str, data_dir: str | None, *, disk_cache: bool) -> Dataset:
     )
 
 
-def _find_builder(name: str, data_dir: str | None):
-    """Returns the TFDS builder of the first searched dir where ``name`` is prepared as array_record."""
+def _find_builder(name: str, data_dir: str | None, how_to_prepare: str | None = None):
+    """Returns the TFDS builder of the first searched dir where ``name`` is prepared as array_record.
+
+    ``how_to_prepare`` replaces the default preparation advice of the not-found message."""
     import tensorflow_datasets as tfds
 
     candidates = _candidate_dirs(data_dir, for_search=True)
@@ -519,7 +549,7 @@ def _find_builder(name: str, data_dir: str | None):
             searched.append(f"{path} ({origin}): does not exist")
             continue
         # Check before asking TFDS, which logs warnings and gives misleading errors for absent data.
-        if not os.path.isdir(os.path.join(path, name)):
+        if not os.path.isdir(os.path.join(path, name.split("/")[0])):
             searched.append(f"{path} ({origin}): no '{name}' subdirectory")
             continue
         builder = tfds.builder(name, data_dir=path)
@@ -540,6 +570,9 @@ def _find_builder(name: str, data_dir: str | None):
     if data_dir is None and not os.environ.get("TFDS_DATA_DIR"):
         searched.insert(0, "$TFDS_DATA_DIR: not set")
     lines = "\n".join(f"  - {s}" for s in searched)
+    if how_to_prepare:
+        raise DatasetNotFoundError(f"Dataset '{name}' was not found in a prepared TFDS data dir. Searched:\n{lines}\n"
+                                   f"{how_to_prepare}")
     raise DatasetNotFoundError(
         f"Dataset '{name}' was not found in a prepared TFDS data dir. Searched:\n{lines}\n"
         f"To fix: pass --data-dir / data_dir= or set TFDS_DATA_DIR to a TFDS data dir that holds "

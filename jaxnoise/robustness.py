@@ -19,6 +19,14 @@ Semantics (fixed by :mod:`jaxnoise.noise`):
   models evaluated with the same key and architecture) then have less variance than with independent draws; the
   per-scale confidence intervals are unaffected, but results at different scales are not independent samples.
 
+**Streamed splits** (``images`` a :class:`jaxnoise.stream.StreamSplit`, ``labels=None``; every entry point): chips
+run in groups of ``split.chips_per_pass`` (default: all chips of the call). A group draws its chips' weights once
+(a device evaluation programs and reads them at every time once), then the split streams once and each batch
+goes through every chip of the group (and every setting of a sweep) before the next batch is read. Chip ``i``'s key
+is ``fold_in(K, i)`` whatever its group, and batch ``b`` (its global index in the split) uses ``fold_in(chip_key,
+b)``, as in memory, so the keys never depend on the stream's order, workers or processes. With several processes
+(``jax.process_count()``) each streams the batches ``b % P == p`` and the integer counts are summed.
+
 Everything runs as one jitted program per (model, data shape, chip count): data batches are scanned with
 ``lax.scan`` and chips are chunked with ``jax.lax.map(..., batch_size=chip_batch_size)``, so memory stays bounded
 by one data batch times one chip chunk. Scales, references and masks of the spec are array data, so a sweep over
@@ -740,6 +748,8 @@ def available_memory_bytes(device: Any = None) -> int | None:
 def _check_memory(where: str, model: Model, variables: Variables, images: Any, *, batch_size: int,
                   chip_batch_size: int, n_chips: int, mesh: jax.sharding.Mesh | None = None, **kw: Any) -> None:
     """Raises :class:`InsufficientMemoryError` when the estimate exceeds the free memory (skipped when unknown)."""
+    if _is_stream(images):   # one batch on device at a time: counted as no stored data
+        images = None
     estimate = estimate_memory_bytes(model, variables, batch_size, chip_batch_size, n_chips, images=images,
                                      mesh=mesh, **kw)
     dev = None if mesh is None else mesh.devices.flat[0]
@@ -755,9 +765,13 @@ def _check_memory(where: str, model: Model, variables: Variables, images: Any, *
         estimate, available)
 
 
-def _prepare(model: Model, images: Any, labels: Any, batch_size: int, preprocess: Callable | None) -> _Batched:
-    """Validates the data and pads it into (n_batches, B, ...) device arrays with a validity mask."""
+def _prepare(model: Model, images: Any, labels: Any, batch_size: int, preprocess: Callable | None
+             ) -> "_Batched | _StreamData":
+    """Validates the data and pads it into (n_batches, B, ...) device arrays with a validity mask; a streamed split
+    (``images`` a :class:`jaxnoise.stream.StreamSplit`, ``labels`` None) is checked and kept as a stream."""
     batch_size = _check_count("batch_size", batch_size)
+    if _is_stream(images):
+        return _prepare_stream(model, images, labels, batch_size, preprocess)
     images = np.asarray(images)
     labels = np.asarray(labels)
     if labels.ndim != 1:
@@ -864,6 +878,9 @@ def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec |
     if device is not None:
         device = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), device)
         times = jnp.asarray(times, jnp.float32)
+    if isinstance(data, _StreamData):
+        return _run_stream_chips(data, variables, spec, key, start, n_chips, chip_batch_size, mesh, device, times,
+                                 setting_batch_size)
     if mesh is None:
         keys = chip_keys(key, n_chips, start)
         cbs = min(chip_batch_size, n_chips)
@@ -891,6 +908,154 @@ def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec |
                                key_impl=str(jax.random.key_impl(key)), setting_batch_size=setting_batch_size)
     correct = distributed.to_host(correct)
     correct = correct[:n_chips] if setting_batch_size is None else correct[:, :n_chips]
+    return correct.astype(np.float64) / data.n_images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streamed splits (jaxnoise.stream): chips in groups, the split streamed once per group
+#
+# A chip group (``chips_per_pass`` chips, default all of the call) draws its chips' weights (or programs and reads
+# its chips at every time) once; then the split streams once, batch by batch, and every chip of the group (under
+# every setting) sees each batch before the next one is read. Keys do not depend on the stream: chip i has
+# fold_in(key, i) whatever its group, and batch b (its global index in the split) draws activation/I/O noise from
+# fold_in(chip_key, b), as in memory. With several processes each streams batches b % P == p and the counts are
+# summed over processes.
+
+
+def _is_stream(images: Any) -> bool:
+    return hasattr(images, "eval_batches") and hasattr(images, "materialize")
+
+
+@dataclasses.dataclass(frozen=True)
+class _StreamData:
+    static: _Static
+    split: Any
+    n_images: int
+    batch_size: int
+    chips_per_pass: int | None = None
+
+
+def _prepare_stream(model: Model, split: Any, labels: Any, batch_size: int, preprocess: Callable | None
+                    ) -> _StreamData:
+    if labels is not None:
+        raise ValueError("a streamed split carries its labels: pass labels=None with images=<StreamSplit>.")
+    n = len(split)
+    if n == 0:
+        raise ValueError("cannot evaluate on zero images.")
+    shape = (int(split.resolution), int(split.resolution), int(split.channels))
+    if shape != tuple(model.input_shape):
+        raise ValueError(f"the streamed {split.name} {split.description} has images of shape {shape} but model "
+                         f"{model.name} expects {tuple(model.input_shape)}: load the dataset with resolution="
+                         f"{model.input_shape[0]} or build the model with input_shape={shape}.")
+    if preprocess is None:
+        raise ValueError("a streamed split yields uint8 images: pass preprocess=dataset.preprocess.")
+    b = min(batch_size, n)
+    return _StreamData(_Static(model, preprocess, b), split, n, b, getattr(split, "chips_per_pass", None))
+
+
+def _chip_map(fn, xs, chip_batch_size: int):
+    return jax.lax.map(fn, xs, batch_size=None if chip_batch_size == 1 else chip_batch_size)
+
+
+def _stream_weights(static: _Static, variables, spec, keys, chip_batch_size: int):
+    """Every chip's weights (quantized, its weight-noise draw): (n_chips, ...) leaves."""
+    return _chip_map(lambda k: static.model.chip_weights(variables["params"], k, spec), keys, chip_batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "chip_batch_size", "mode"))
+def _stream_state_program(static: _Static, variables, spec, keys, device, times, *, chip_batch_size: int, mode: str):
+    """What a chip group keeps while the split streams: its weights (``"mc"``; per setting for ``"settings"``),
+    or its weights and its read chip at every time (``"device"``)."""
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+    if mode == "mc":
+        return _stream_weights(static, variables, spec, keys, chip_batch_size)
+    if mode == "settings":
+        return jax.lax.map(lambda sp: _stream_weights(static, variables, sp, keys, chip_batch_size), spec)
+
+    def one_chip(chip_key):   # as _device_chip_fn: program once, read at every time
+        params = static.model.chip_weights(variables["params"], chip_key,
+                                           spec if spec is not None and spec.has_weight_noise else None)
+        chip = device_lib.program_chip(device_lib.chip_key(chip_key), params, device)
+
+        def one_time(k_t):
+            k, t = k_t
+            read_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/read"), k)
+            return device_lib.read_chip(read_key, chip, t, device)
+
+        return params, jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), times))
+    return _chip_map(one_chip, keys, chip_batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "chip_batch_size", "mode"))
+def _stream_batch_program(static: _Static, variables, state, images, labels, valid, b, spec, keys, device, times, *,
+                          chip_batch_size: int, mode: str):
+    """Numbers correct on one batch (global index ``b``): (n_chips,), (n_settings, n_chips) or (n_chips, n_times)."""
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+    xs = (images[None], labels[None], valid[None])
+    ids = b[None]
+    if mode == "clean":
+        return static.chip_correct(variables, *xs, None, None)
+    if mode in ("mc", "settings"):
+        def chips(sp, weights):
+            return _chip_map(lambda wk: static.chip_correct(variables, *xs, sp, wk[1], batch_ids=ids,
+                                                            chip_weights=wk[0]), (weights, keys), chip_batch_size)
+        if mode == "mc":
+            return chips(spec, state)
+        return jax.lax.map(lambda a: chips(*a), (spec, state))
+    act_spec = spec.activation_only() if spec is not None and spec.has_activation_noise else None
+
+    def one_chip(args):
+        params, layers, chip_key = args
+
+        def one_time(k_l):
+            k, lay = k_l
+            pass_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/time"), k)
+            return static.chip_correct(variables, *xs, act_spec, pass_key, device_lib.ChipRead(device, lay),
+                                       batch_ids=ids, chip_weights=params)
+
+        return jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), layers))
+    return _chip_map(one_chip, (state[0], state[1], keys), chip_batch_size)
+
+
+def _stream_pass(data: _StreamData, variables, spec, keys, chip_batch_size: int, device=None, times=None,
+                 stacked: bool = False) -> np.ndarray:
+    """One pass over the stream for one chip group: summed integer counts (over batches and processes)."""
+    mode = "clean" if keys is None else "device" if device is not None else "settings" if stacked else "mc"
+    state = None
+    if mode != "clean":
+        state = _stream_state_program(data.static, variables, spec, keys, device, times,
+                                      chip_batch_size=chip_batch_size, mode=mode)
+    total = None
+    p, n_proc = jax.process_index(), jax.process_count()
+    desc = f"{data.split.name} {data.split.description}" + ("" if keys is None else f", {keys.shape[0]} chips")
+    for b, images, labels, valid in data.split.eval_batches(data.batch_size, process_index=p, process_count=n_proc,
+                                                            desc=desc):
+        counts = _stream_batch_program(data.static, variables, state, images, labels, valid,
+                                       jnp.asarray(b, jnp.uint32), spec, keys, device, times,
+                                       chip_batch_size=chip_batch_size, mode=mode)
+        total = counts if total is None else total + counts
+    total = np.asarray(total, np.int64)
+    if n_proc > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        total = np.asarray(multihost_utils.process_allgather(total), np.int64).sum(axis=0)
+    return total
+
+
+def _run_stream_chips(data: _StreamData, variables, spec, key, start: int, n_chips: int, chip_batch_size: int,
+                      mesh, device, times, setting_batch_size) -> np.ndarray:
+    """:func:`_run_chips` for a stream: chip groups of ``chips_per_pass``, one pass over the stream each."""
+    if mesh is not None:
+        raise ValueError("mesh= with a streamed split is not supported: run one process per host instead (each "
+                         "streams its share of the batches; jaxnoise.distributed.initialize()) and omit mesh.")
+    group = int(data.chips_per_pass or n_chips)
+    parts = []
+    for g0 in range(0, n_chips, group):
+        keys = chip_keys(key, min(group, n_chips - g0), start + g0)
+        parts.append(_stream_pass(data, variables, spec, keys, min(chip_batch_size, keys.shape[0]), device, times,
+                                  stacked=setting_batch_size is not None))
+    correct = np.concatenate(parts, axis=1 if setting_batch_size is not None else 0)
     return correct.astype(np.float64) / data.n_images
 
 
@@ -1009,7 +1174,10 @@ def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
     if spec is None:
         _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=1, n_chips=1)
         data = _prepare(model, images, labels, batch_size, preprocess)
-        correct = _clean_program(data.static, variables, data.images_b, data.labels_b, data.valid_b)
+        if isinstance(data, _StreamData):
+            correct = _stream_pass(data, variables, None, None, 1)
+        else:
+            correct = _clean_program(data.static, variables, data.images_b, data.labels_b, data.valid_b)
         return MCResult.from_per_chip([int(correct) / data.n_images], data.n_images, described(None, model))
     _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
                   n_chips=n_chips, mesh=mesh)
@@ -1194,6 +1362,18 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
     _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
                   n_chips=n_chips, mesh=mesh)
     data = _prepare(model, images, labels, batch_size, preprocess)
+    exacts = []
+    for we, ae in pairs:
+        exact = spec  # Python floats: exact numbers in the description
+        if we is not None:
+            exact = exact.replace(weight_eta=we)
+        if ae is not None:
+            exact = exact.replace(act_eta=ae)
+        exacts.append(exact)
+    if isinstance(data, _StreamData):   # every scale in one pass over the stream per chip group
+        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x, np.float32) for x in xs]), *exacts)
+        acc = _run_chips(data, variables, stacked, key, 0, n_chips, chip_batch_size, mesh, setting_batch_size=1)
+        return [MCResult.from_per_chip(acc[i], data.n_images, described(e, model)) for i, e in enumerate(exacts)]
     results = []
     for we, ae in pairs:
         exact = spec  # Python floats: exact numbers in the description

@@ -450,21 +450,26 @@ def evaluate_clean(model: Any, variables: Mapping[str, Any], split: Any, preproc
     Args:
       model: the model.
       variables: ``{"params": ..., "batch_stats": ...}``.
-      split: has ``images`` (raw, as stored) and ``labels`` (a ``jaxnoise.data.Split``).
+      split: has ``images`` (raw, as stored) and ``labels`` (a ``jaxnoise.data.Split``), or a streamed split
+        (``jaxnoise.stream.StreamSplit``, evaluation preprocessing, one pass).
       preprocess: raw images -> model input (``dataset.preprocess``).
       batch_size: examples per forward pass.
 
     Returns:
       The accuracy in [0, 1].
     """
-    n = len(split.labels)
+    n = _num_examples(split)
     if n == 0:
         raise ValueError("evaluate_clean got an empty split: there is nothing to evaluate.")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
     # The Monte Carlo evaluator's noise-free path: one compiled scan over padded, masked batches.
-    result = robustness.evaluate(model, variables, split.images, split.labels, None,
-                                 batch_size=min(int(batch_size), n), preprocess=preprocess)
+    if hasattr(split, "eval_batches"):   # a streamed split (jaxnoise.stream): one pass
+        result = robustness.evaluate(model, variables, split, None, None, batch_size=min(int(batch_size), n),
+                                     preprocess=preprocess)
+    else:
+        result = robustness.evaluate(model, variables, split.images, split.labels, None,
+                                     batch_size=min(int(batch_size), n), preprocess=preprocess)
     return float(result.mean)
 
 
@@ -545,7 +550,7 @@ def _run_metadata(model, dataset, config, loss_fn, total_steps, steps_per_epoch,
         "input_shape": list(model.input_shape),
         "num_classes": int(model.num_classes),
         "dataset": getattr(dataset, "name", None),
-        "num_train": len(dataset.train.labels),
+        "num_train": _num_examples(dataset.train),
         "train_config": config.to_dict(),
         "loss": getattr(loss_fn, "name", getattr(loss_fn, "__name__", type(loss_fn).__name__)),
         "loss_config": getattr(loss_fn, "config", None),
@@ -675,7 +680,14 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
     shards); every process takes part in the checkpoint saves and restores (orbax coordinates them), and only
     process 0 (``jaxnoise.distributed.is_main_process()``) writes ``metrics.jsonl``, ``checkpoints/metadata.json``
     and the progress bar. The other processes return the same variables and, as history, the records of steps
-    up to the resumed-from checkpoint found in ``metrics.jsonl`` followed by those of this call.
+    up to the resumed-from checkpoint found in ``metrics.jsonl`` followed by those of this call. A streamed dataset
+    (``jaxnoise.stream.StreamingDataset``) is not held whole: each process reads and augments only its rows of each
+    global batch (``jax.make_array_from_process_local_data``); the global batches are those of one process.
+
+    Streamed datasets: epoch ``e`` visits the records in the in-memory order (``fold_in(data_key, e)``); the
+    augmentation (random-resized crop, flip) runs in the stream's grain workers, seeded per record from that key, so
+    the step's augmentation key is unused (``dataset.augment`` is the identity) and a resumed run still reproduces
+    an uninterrupted one. The epoch-end evaluation streams ``dataset.test`` once.
 
     Args:
       model: the model (``jaxnoise.models.get_model``).
@@ -712,8 +724,9 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
       jaxnoise.checkpoint.CheckpointError: the latest checkpoint is corrupt (the message says which step
         directory to delete).
     """
-    num_train = len(dataset.train.labels)
+    num_train = _num_examples(dataset.train)
     config.validate(num_train=num_train)
+    streaming = hasattr(dataset.train, "train_batches")
     if max_steps is not None and (not isinstance(max_steps, (int, np.integer)) or max_steps < 1):
         raise ValueError(f"max_steps={max_steps!r} must be an integer >= 1 (or None to run every epoch).")
     if mesh is not None:
@@ -751,9 +764,21 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
     metrics_path = os.path.join(workdir, METRICS_FILE)
     train_step = make_train_step(model, loss_fn, optimizer, dataset, trainable, mesh)
     main = distributed.is_main_process()
+    # A streamed dataset in a multi-process run: each process reads its rows of every batch (jaxnoise.stream).
+    own_rows = streaming and mesh is not None and jax.process_count() > 1
     if mesh is None:
         def place(x: Any) -> Any:
             return x
+    elif own_rows:
+        replicated = NamedSharding(mesh, P())
+        base_key = _replicate_key(base_key, mesh)
+        hparams_array = distributed.replicate(hparams_array, mesh)
+        rows_sharding = NamedSharding(mesh, batch_spec(mesh))
+
+        def place(x: Any) -> Any:
+            x = np.asarray(x)
+            return jax.make_array_from_process_local_data(rows_sharding, x,
+                                                          (x.shape[0] * jax.process_count(),) + x.shape[1:])
     else:
         replicated = NamedSharding(mesh, P())
         base_key = _replicate_key(base_key, mesh)
@@ -845,10 +870,7 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
                 while s < stop:
                     epoch = s // steps_per_epoch
                     first = s - epoch * steps_per_epoch  # batches of this epoch already done before a resume
-                    for b, (images, labels) in enumerate(data_lib.epoch_batches(data_key, dataset.train,
-                                                                                config.batch_size, epoch)):
-                        if b < first:
-                            continue
+                    for b, (images, labels) in _epoch(dataset, data_key, config.batch_size, epoch, first, own_rows):
                         state, metrics = train_step(state, place(images), place(labels), base_key, hparams_array)
                         window.append(metrics)
                         epoch_window.append(metrics)
@@ -877,6 +899,22 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
                 raise _interrupted(state, metrics, s, start, window, epoch_window, epoch_means, last_epoch_line,
                                    steps_per_epoch, record, ckpt, run_meta, workdir, metrics_path) from None
     return state.variables, read_metrics(metrics_path) if main else history
+
+
+def _num_examples(split: Any) -> int:
+    return len(split.labels) if hasattr(split, "labels") else len(split)
+
+
+def _epoch(dataset: Any, data_key: jax.Array, batch_size: int, epoch: int, first: int, own_rows: bool):
+    """``(b, (images, labels))`` for the batches ``b >= first`` of epoch ``epoch``: in memory
+    (``data.epoch_batches``), or streamed in the same order with the augmentation done by the stream's workers
+    (``jaxnoise.stream.StreamSplit.train_batches``; ``own_rows``: this process's rows of each batch only)."""
+    if hasattr(dataset.train, "train_batches"):
+        p, n = (jax.process_index(), jax.process_count()) if own_rows else (0, 1)
+        return enumerate(dataset.train.train_batches(data_key, epoch, batch_size, first=first, process_index=p,
+                                                     process_count=n), start=first)
+    return ((b, x) for b, x in enumerate(data_lib.epoch_batches(data_key, dataset.train, batch_size, epoch))
+            if b >= first)
 
 
 def _interrupted(state, metrics, s, start, window, epoch_window, epoch_means, last_epoch_line, steps_per_epoch,

@@ -37,3 +37,13 @@ def trained_digits_cnn(digits):
                                    workdir=workdir, progress=False)
     ref = noise.calibrate_activations(model.apply, variables, digits.preprocess(digits.train.images[:512]))
     return model, variables, ref
+
+
+@pytest.fixture(scope="session")
+def mock_imagenet(tmp_path_factory):
+    """A TFDS data dir holding a prepared mock ``imagenet2012`` (64 train / 32 validation random JPEGs of 40-96 px,
+    10 of the 1000 classes used), written by ``jaxnoise.stream.write_mock_tfds``: the real builder's format."""
+    from jaxnoise import stream
+    root = tmp_path_factory.mktemp("tfds")
+    stream.write_mock_tfds(root)
+    return str(root)

@@ -135,7 +135,8 @@ def test_train_rejects_unknown_site(tmp_path, capsys):
     (["eval", "--model", "mlp", "--weights", "/nonexistent/w.npz"], "does not exist"),
     (["eval", "--model", "mlp", "--dataset", "mnist3", "--weights", "w.npz"], "nknown dataset"),
     (["eval", "--checkpoint", "/nonexistent/run"], "/nonexistent/run"),
-    (["eval", "--model", "resnet18", "--dataset", "imagenet2012", "--weights", "w.npz"], "imagenet2012"),
+    (["eval", "--model", "resnet26", "--weights", "x.npz"], "resnet26_cifar"),
+    (["eval", "--model", "mlp", "--dataset", "digits", "--resolution", "32", "--weights", "x.npz"], "--streaming"),
 ])
 def test_bad_input_gives_clear_error(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -224,3 +225,34 @@ def test_sensitivity_adaptive_eval_and_mesh(tmp_path, capsys):
     assert cli.main(["sensitivity", "--checkpoint", str(workdir), "--scales", "0.1", "--mesh", "3by1",
                      "--out", str(tmp_path / "x")]) == 2
     assert "CHIPSxDATA" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_imagenet_path_end_to_end_on_the_mock(mock_imagenet, tmp_path, capsys):
+    """train, eval, sweep and denoise on the streamed mock imagenet2012 at 32 px (a small CNN, 1000 classes)."""
+    data = ["--data-dir", mock_imagenet, "--resolution", "32", "--workers", "0"]
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "--model", "cnn", "--dataset", "imagenet2012", *data, "--epochs", "1",
+                     "--train-batch-size", "16", "--max-steps", "2", "--workdir", run]) == 0
+    assert "clean test accuracy" in capsys.readouterr().out
+    assert cli.main(["eval", "--checkpoint", run, *data, "--weight-eta", "0.1", "--n-chips", "2", "--batch-size",
+                     "16", "--out", str(tmp_path / "eval")]) == 0
+    record = json.load(open(tmp_path / "eval" / "results.json"))
+    assert record["dataset"] == {"name": "imagenet2012", "split": "test", "n_images": 32}
+    assert cli.main(["sweep", "--checkpoint", run, *data, "--weight-etas", "0,0.2", "--n-chips", "2",
+                     "--batch-size", "16", "--n-images", "20", "--out", str(tmp_path / "sweep")]) == 0
+    sweep = json.load(open(tmp_path / "sweep" / "results.json"))
+    assert [e["n_images"] for e in sweep["arms"][0]["eval"]] == [20, 20]
+    assert cli.main(["denoise", "--checkpoint", run, *data, "--placement", "all", "--train-batch-size", "16",
+                     "--max-steps", "2", "--n-chips", "2", "--batch-size", "16", "--workdir",
+                     str(tmp_path / "den")]) == 0
+    assert "denoised" in capsys.readouterr().out
+
+
+def test_missing_imagenet_says_how_to_prepare_it(tmp_path, capsys):
+    weights = tmp_path / "w.npz"
+    weights.write_bytes(b"")
+    assert cli.main(["eval", "--model", "cnn", "--dataset", "imagenet2012", "--data-dir", str(tmp_path / "none"),
+                     "--weights", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert "'imagenet2012' was not found" in err and "tfds build imagenet2012 --manual_dir" in err

@@ -250,9 +250,11 @@ def test_unknown_dataset_name():
     assert "mnist" in str(e.value)
 
 
-def test_imagenet_not_supported():
-    with pytest.raises(NotImplementedError, match="in host memory"):
-        data.load_dataset("imagenet2012")
+def test_imagenet_streams_and_is_never_held_in_memory(tmp_path):
+    with pytest.raises(NotImplementedError, match="does not fit in memory.*streaming=True"):
+        data.load_dataset("imagenet2012", streaming=False)
+    with pytest.raises(data.DatasetNotFoundError, match="tfds build imagenet2012 --manual_dir"):
+        data.load_dataset("imagenet2012", data_dir=str(tmp_path))   # streamed by default (tests/test_stream.py)
 
 
 def test_missing_dataset_explicit_dir(tmp_path):

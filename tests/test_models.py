@@ -185,7 +185,7 @@ def test_batch_norm_closed_form_gradient_equals_autodiff(monkeypatch):
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # the whole network's train-mode gradient is unchanged
-    model = get_model("resnet8")
+    model = get_model("resnet8_cifar")
     v = model.init(jax.random.key(0))
     xb = jnp.asarray(rng.standard_normal((4, 32, 32, 3)), jnp.float32)
 
@@ -206,7 +206,7 @@ def test_materialized_conv_inputs_are_exact_and_leave_the_gradient_unchanged(mon
     np.testing.assert_array_equal(layers.materialized(x), x)   # bit for bit
     g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
     np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(layers.materialized(x) * g))(x), g)
-    model = get_model("resnet8")
+    model = get_model("resnet8_cifar")
     v = model.init(jax.random.key(0))
     xb = jnp.asarray(rng.standard_normal((4, 32, 32, 3)), jnp.float32)
 

@@ -425,3 +425,77 @@ def test_evaluate_many_equals_separate_evaluations_and_vmapped_settings():
         np.testing.assert_array_equal(a.per_chip, ref.per_chip)
         np.testing.assert_array_equal(b.per_chip, ref.per_chip)
         assert a.weight_eta == sp.weight_eta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streamed splits (jaxnoise.stream over the mock imagenet2012 of conftest.py)
+
+
+def _stream_setup(mock_imagenet):
+    import dataclasses as dc
+    from jaxnoise import data as data_lib
+    ds = data_lib.load_dataset("imagenet2012", data_dir=mock_imagenet, resolution=32, workers=0)
+    model = get_model("cnn", input_shape=(32, 32, 3), num_classes=1000, channels=(8,))
+    v = model.init(jax.random.key(0))
+    v["params"]["head"]["bias"] = v["params"]["head"]["bias"].at[:10].set(3.0)   # predictions among the used labels
+    return dc, ds, ds.test.materialize(), model, v
+
+
+def test_streamed_split_gives_the_in_memory_per_chip_results(mock_imagenet):
+    dc, ds, mem, model, v = _stream_setup(mock_imagenet)
+    spec = noise.NoiseSpec(weight_kind="additive_rel_max", weight_eta=0.3, act_kind="multiplicative", act_eta=0.3)
+    kw = dict(batch_size=10, preprocess=ds.preprocess)
+    for args in (dict(), dict(spec=spec, key=0, n_chips=3)):
+        a = robustness.evaluate(model, v, mem.images, mem.labels, **args, **kw)
+        b = robustness.evaluate(model, v, ds.test, None, **args, **kw)
+        np.testing.assert_array_equal(a.per_chip, b.per_chip)
+        assert b.n_images == 32
+    assert len(set(b.per_chip)) > 1   # the chips differ
+
+
+@pytest.mark.slow
+def test_streamed_sweep_and_chip_groups(mock_imagenet):
+    dc, ds, mem, model, v = _stream_setup(mock_imagenet)
+    spec = noise.NoiseSpec(weight_kind="additive_rel_max", weight_eta=0.3, act_kind="multiplicative", act_eta=0.3)
+    kw = dict(batch_size=10, preprocess=ds.preprocess)
+    b = robustness.evaluate(model, v, ds.test, None, spec, key=0, n_chips=3, **kw)
+    # chip groups: chip i keeps its key whatever group it streams in
+    grouped = robustness.evaluate(model, v, dc.replace(ds.test, chips_per_pass=2), None, spec, key=0, n_chips=3, **kw)
+    np.testing.assert_array_equal(grouped.per_chip, b.per_chip)
+    a = robustness.sweep(model, v, mem.images, mem.labels, spec, weight_etas=[0.1, 0.5], key=1, n_chips=2, **kw)
+    b = robustness.sweep(model, v, ds.test, None, spec, weight_etas=[0.1, 0.5], key=1, n_chips=2, **kw)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.per_chip, y.per_chip)
+        assert x.to_dict()["weight_noise"] == y.to_dict()["weight_noise"]
+
+
+def test_streamed_bad_input_is_refused(mock_imagenet):
+    dc, ds, mem, model, v = _stream_setup(mock_imagenet)
+    kw = dict(batch_size=16, preprocess=ds.preprocess)
+    with pytest.raises(ValueError, match="carries its labels"):
+        robustness.evaluate(model, v, ds.test, mem.labels, **kw)
+    with pytest.raises(ValueError, match="resolution=8 or build the model with input_shape"):
+        robustness.evaluate(get_model("cnn"), get_model("cnn").init(jax.random.key(0)), ds.test, None, **kw)
+    with pytest.raises(ValueError, match="preprocess=dataset.preprocess"):
+        robustness.evaluate(model, v, ds.test, None, batch_size=16)
+    with pytest.raises(ValueError, match="mesh= with a streamed split"):
+        robustness.evaluate(model, v, ds.test, None, noise.NoiseSpec(weight_eta=0.1), key=0, n_chips=2,
+                            mesh=jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("chips", "data")),
+                            **kw)
+
+
+@pytest.mark.slow
+def test_streamed_device_and_many(mock_imagenet):
+    from jaxnoise import device as device_lib
+    dc, ds, mem, model, v = _stream_setup(mock_imagenet)
+    kw = dict(batch_size=16, preprocess=ds.preprocess)
+    dev = device_lib.preset("aihwkit_inference_default")
+    a = robustness.evaluate_device(model, v, mem.images, mem.labels, dev, times=[1, 3600], key=0, n_chips=2, **kw)
+    b = robustness.evaluate_device(model, v, ds.test, None, dev, times=[1, 3600], key=0, n_chips=2, **kw)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.per_chip, y.per_chip)
+    specs = [noise.NoiseSpec(weight_eta=e) for e in (0.2, 0.4)]
+    a = robustness.evaluate_many(model, v, mem.images, mem.labels, specs, key=2, n_chips=2, **kw)
+    b = robustness.evaluate_many(model, v, ds.test, None, specs, key=2, n_chips=2, **kw)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.per_chip, y.per_chip)

@@ -423,3 +423,23 @@ def test_progress_bar_disabled_under_ci(monkeypatch):
     assert not train_lib._progress_enabled(True)
     monkeypatch.delenv("CI")
     assert not train_lib._progress_enabled(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A streamed dataset (jaxnoise.stream; the mock imagenet2012 of conftest.py)
+
+
+def test_train_on_a_stream_resumes_exactly(mock_imagenet, tmp_path):
+    from jaxnoise import data as data_lib
+    ds = data_lib.load_dataset("imagenet2012", data_dir=mock_imagenet, resolution=32, workers=0)
+    model = get_model("cnn", input_shape=(32, 32, 3), num_classes=1000, channels=(8,))
+    config = TrainConfig(epochs=2, batch_size=16, learning_rate=0.05, eval_batch_size=32, log_every=2)
+    full, history = train(model, ds, config, workdir=tmp_path / "full", progress=False, max_steps=6)
+    epochs = [r for r in history if r["type"] == "epoch"]
+    assert len(epochs) == 1 and epochs[0]["step"] == 4 and 0 <= epochs[0]["test_accuracy"] <= 1
+    meta = ckpt.read_metadata(tmp_path / "full")
+    assert meta["num_train"] == 64 and meta["steps_per_epoch"] == 4 and meta["dataset"] == "imagenet2012"
+    train(model, ds, config, workdir=tmp_path / "split", progress=False, max_steps=3)   # stops mid-epoch
+    resumed, _ = train(model, ds, config, workdir=tmp_path / "split", progress=False, max_steps=6)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 from jaxnoise.models.base import Model
 from jaxnoise.models.layers import Scope
 
+# Depths named ``resnet{depth}`` without the ``_cifar`` suffix: He et al. (2016) table 6. Others: ``resnet{depth}_cifar``.
+CIFAR_SHORT_DEPTHS = (20, 32, 44, 56, 110, 1202)
+
 
 def _shortcut_a(x, planes: int):
     """Option A: every second pixel, channels zero-padded by planes // 4 on each side."""
@@ -47,8 +50,10 @@ def forward(s: Scope, x, *, depth: int, num_classes: int, width: int = 16):
 
 
 def resnet_cifar(depth: int = 20, num_classes: int = 10, input_shape=(32, 32, 3)) -> Model:
-    """ResNet-``depth`` for CIFAR; ``depth`` = 6n + 2 (20, 32, 44, 56, 110)."""
+    """ResNet-``depth`` for CIFAR; ``depth`` = 6n + 2 (20, 32, 44, 56, 110). Named ``resnet{depth}`` for the depths
+    of :data:`CIFAR_SHORT_DEPTHS`, ``resnet{depth}_cifar`` otherwise (``resnet50`` is the ImageNet ResNet-50)."""
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, ...), got {depth}.")
-    return Model(f"resnet{depth}", functools.partial(forward, depth=depth, num_classes=num_classes),
+    name = f"resnet{depth}" if depth in CIFAR_SHORT_DEPTHS else f"resnet{depth}_cifar"
+    return Model(name, functools.partial(forward, depth=depth, num_classes=num_classes),
                  tuple(input_shape), num_classes, {"depth": depth, "num_classes": num_classes})

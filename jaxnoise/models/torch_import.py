@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jaxnoise.io import write_atomic
 from jaxnoise.models.base import Model, Variables
 
 
@@ -107,3 +108,74 @@ def load_torch_npz(model: Model, path: str | os.PathLike) -> Variables:
         raise WeightsMismatchError(f"{path!r} is not a readable .npz file ({e}); it may be truncated or corrupt.") \
             from e
     return convert_torch_state(model, state, source=repr(path))
+
+
+TORCH_MISSING = ("converting a PyTorch .pth checkpoint needs torch, which jaxnoise does not depend on: install it "
+                 "(CPU is enough: pip install torch --index-url https://download.pytorch.org/whl/cpu) in the "
+                 "environment that runs `jaxnoise convert-torch`.")
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a PyTorch checkpoint as ``{state-dict name: float/int numpy array}``.
+
+    Accepts a ``state_dict()`` saved with ``torch.save``, or a training checkpoint holding one under
+    ``"state_dict"``, ``"model"`` or ``"model_state_dict"``; the ``module.`` prefix of ``nn.DataParallel`` /
+    DDP checkpoints is removed. Loaded with ``torch.load(..., map_location="cpu", weights_only=True)``: no pickled
+    code is run. torch is imported here only, lazily.
+
+    Raises:
+      ImportError: torch is not installed (the message says how to install it).
+      FileNotFoundError: ``path`` does not exist.
+      WeightsMismatchError: the file holds no state dict of tensors.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"PyTorch checkpoint {path!r} does not exist.")
+    try:
+        import torch  # noqa: PLC0415 - optional, only for this conversion
+    except ImportError as e:
+        raise ImportError(TORCH_MISSING) from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for unreadable files
+        raise WeightsMismatchError(f"{path!r} cannot be read by torch.load(weights_only=True) "
+                                   f"({type(e).__name__}: {' '.join(str(e).split())[:200]}).") from e
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsMismatchError(f"{path!r} does not hold a state dict of tensors (got {type(obj).__name__}): save "
+                                   f"model.state_dict() with torch.save.")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+
+
+def torch_checkpoint_to_npz(path: str | os.PathLike, out: str | os.PathLike, model: Model | None = None, *,
+                            overwrite: bool = False) -> dict[str, np.ndarray]:
+    """Converts a PyTorch checkpoint (:func:`read_torch_checkpoint`) to the PyTorch-named ``.npz`` that
+    :func:`load_torch_npz` reads (float tensors as float32; ``num_batches_tracked`` dropped).
+
+    Args:
+      path: the ``.pth``/``.pt`` file.
+      out: the ``.npz`` to write (atomically; an existing file only with ``overwrite``).
+      model: when given, the state dict is checked against it first (every key and shape, one error listing all
+        problems), so a file for another architecture is never written.
+      overwrite: replace an existing ``out``.
+
+    Returns:
+      The arrays written.
+    """
+    out = os.fspath(out)
+    if not out.endswith(".npz"):
+        raise ValueError(f"the output {out!r} must end with .npz.")
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out!r} exists; pass overwrite (--overwrite) to replace it.")
+    state = read_torch_checkpoint(path)
+    arrays = {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v) for k, v in state.items()
+              if not k.endswith("num_batches_tracked")}
+    if model is not None:
+        convert_torch_state(model, arrays, source=repr(os.fspath(path)))
+    write_atomic(out, lambda f: np.savez(f, **arrays), binary=True)
+    return arrays

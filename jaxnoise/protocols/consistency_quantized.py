@@ -45,7 +45,7 @@ import numpy as np
 from jaxnoise import checkpoint, data, methods, noise, quant, report, robustness, stats, train
 from jaxnoise import io as io_lib
 from jaxnoise.experiment import Stage, protocol
-from jaxnoise.models import get_model
+from jaxnoise.models import IMAGENET_MODELS, get_model
 from jaxnoise.protocols import common
 
 dataset = common.dataset
@@ -63,17 +63,22 @@ def model_of(config, ds: data.Dataset):
                   json.dumps(config.quant.to_dict(), sort_keys=True), bool(config.tiny))
 
 
+def _test(ds):
+    return common.eval_data(ds.test)
+
+
 @functools.lru_cache(maxsize=8)
 def _model(name: str, num_classes: int, image_shape: tuple, quant_json: str, tiny: bool):
     q = quant.QuantSpec.from_config(json.loads(quant_json))
     if tiny:   # a small CNN: the tests run every stage
         return get_model("cnn", input_shape=image_shape, num_classes=num_classes, quant=q, channels=(8,))
-    return get_model(name, num_classes=num_classes, quant=q)
+    imagenet = {"input_shape": image_shape} if name in IMAGENET_MODELS else {}   # the streamed resolution
+    return get_model(name, num_classes=num_classes, quant=q, **imagenet)
 
 
 def train_split(config, ds: data.Dataset) -> data.Dataset:
     i = _first_held_out(config, ds)
-    return dataclasses.replace(ds, train=data.Split(ds.train.images[:i], ds.train.labels[:i]))
+    return dataclasses.replace(ds, train=common.head(ds.train, i))
 
 
 def initial_variables(config, model, ds: data.Dataset):
@@ -85,7 +90,9 @@ def initial_variables(config, model, ds: data.Dataset):
     else:
         if not os.path.exists(config.pretrained):
             raise FileNotFoundError(f"pretrained weights {config.pretrained!r} not found: set pretrained= to the "
-                                    f"{config.model} CIFAR-10 .npz (../shared/pretrained).")
+                                    f"{config.model} .npz (CIFAR-10: ../shared/pretrained; ImageNet: a torchvision "
+                                    f"checkpoint converted with `jaxnoise convert-torch W.pth W.npz --model "
+                                    f"{config.model}`).")
         variables = checkpoint.load_variables(config.pretrained, dataclasses.replace(model, quant=None))
     calib = ds.preprocess(data.calibration_images(train_split(config, ds).train, int(config.calib_images),
                                                   seed=config.seed))
@@ -93,7 +100,7 @@ def initial_variables(config, model, ds: data.Dataset):
 
 
 def train_config(config, section) -> train.TrainConfig:
-    return train.TrainConfig(epochs=int(section.epochs), batch_size=int(section.batch_size),
+    return train.TrainConfig(epochs=int(section.epochs), batch_size=common.batch(config, section.batch_size),
                              learning_rate=float(section.lr), weight_decay=float(section.weight_decay),
                              schedule=section.schedule, seed=int(config.seed))
 
@@ -123,7 +130,7 @@ def stage_qat(ctx):
     meta = {"model": model.name, "model_config": dict(model.config), "stage": "qat", "experiment": config.name}
     checkpoint.save_npz(ctx.result_path("weights", "qat.npz"), out, meta, overwrite=True)
     shutil.copyfile(os.path.join(workdir, "metrics.jsonl"), ctx.result_path("qat_metrics.jsonl"))
-    clean = robustness.evaluate(model, out, ds.test.images, ds.test.labels, batch_size=int(config.eval.batch_size),
+    clean = robustness.evaluate(model, out, *_test(ds), batch_size=int(config.eval.batch_size),
                                 preprocess=ds.preprocess)
     ctx.log(f"qat: clean test accuracy {100 * clean.mean:.2f}%")
     metrics = train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
@@ -141,12 +148,12 @@ def stage_eval_qat(ctx):
     model = model_of(config, ds)
     variables = _qat_variables(ctx, model)
     kw = dict(batch_size=int(config.eval.batch_size), preprocess=ds.preprocess)
-    clean = robustness.evaluate(model, variables, ds.test.images, ds.test.labels, **kw)
-    mc = robustness.evaluate(model, variables, ds.test.images, ds.test.labels, noise_spec(config, config.noise.eta),
+    clean = robustness.evaluate(model, variables, *_test(ds), **kw)
+    mc = robustness.evaluate(model, variables, *_test(ds), noise_spec(config, config.noise.eta),
                              key=jax.random.key(int(config.eval.key)), n_chips=_chips(config, config.eval.n_chips), **kw)
     arm = report.arm("qat", model, "clean QAT", model.param_count(), [clean, mc],
                      train={"epochs": int(config.qat.epochs), "lr": float(config.qat.lr), "seed": int(config.seed)})
-    report.write_json(ctx.result_path("eval_qat.json"), _result(config, [arm], "test", len(ds.test.labels)))
+    report.write_json(ctx.result_path("eval_qat.json"), _result(config, [arm], "test", len(ds.test)))
     ctx.log(f"eval_qat: clean {100 * clean.mean:.2f}%, eta {config.noise.eta}: {100 * mc.mean:.2f}% "
             f"{robustness.format_ci95(mc.ci95)} over {mc.n_chips} chips")
     return {"clean": clean.mean, "noisy_mean": mc.mean, "noisy_ci95": mc.ci95, "n_chips": mc.n_chips}
@@ -185,8 +192,7 @@ def make_arm_loss(config, model, method: str, chosen: dict | None):
 
 
 def _held_out(config, ds):
-    i = _first_held_out(config, ds)
-    return ds.train.images[i:], ds.train.labels[i:]
+    return common.eval_data(common.tail(ds.train, _first_held_out(config, ds)))
 
 
 def stage_search(ctx):
@@ -195,6 +201,7 @@ def stage_search(ctx):
     model = model_of(config, ds)
     start = _qat_variables(ctx, model)
     x_h, y_h = _held_out(config, ds)
+    n_h = len(x_h)
     path = ctx.result_path("search.json")   # a result file: one arm per candidate, written as each finishes
     done = {a["name"]: a for a in json.load(open(path))["arms"]} if os.path.exists(path) else {}
     split = f"train[{_first_held_out(config, ds)}:] (held out)"
@@ -207,7 +214,7 @@ def stage_search(ctx):
         if label in done:
             continue
         workdir = ctx.work_path("".join(ch if ch.isalnum() else "_" for ch in label), "")
-        tcfg = train.TrainConfig(epochs=1, batch_size=int(config.arms.batch_size), learning_rate=float(config.arms.lr),
+        tcfg = train.TrainConfig(epochs=1, batch_size=common.batch(config, config.arms.batch_size), learning_rate=float(config.arms.lr),
                                  weight_decay=float(config.arms.weight_decay), schedule="constant",
                                  seed=int(config.seed))
         out, _ = train.train(model, train_split(config, ds), tcfg, workdir=workdir, variables=start,
@@ -220,15 +227,15 @@ def stage_search(ctx):
                                  train={"settings": cand, "steps": int(section.steps), "lr": float(config.arms.lr),
                                         "schedule": "constant", "seed": int(config.seed),
                                         "eta_train": float(config.noise.eta)})
-        report.write_json(path, _result(config, list(done.values()), split, len(y_h)))
+        report.write_json(path, _result(config, list(done.values()), split, n_h))
         ctx.log(f"search: {label}: {100 * res.mean:.2f}% {robustness.format_ci95(res.ci95)}")
     cons = {k: a for k, a in done.items() if a["method"] == "consistency"}
     best = max(cons, key=lambda k: cons[k]["eval"][0]["mean"])
     chosen = cons[best]["train"]["settings"]
     protocol = (f"{section.steps} steps (constant lr {config.arms.lr}) from the QAT weights at eta "
                 f"{config.noise.eta}; Monte Carlo over {section.n_chips} chips at eta {config.noise.eta} on the last "
-                f"{len(y_h)} training images (held out; never the test split)")
-    report.write_json(path, _result(config, list(done.values()), split, len(y_h), chosen=chosen, chosen_label=best,
+                f"{n_h} training images (held out; never the test split)")
+    report.write_json(path, _result(config, list(done.values()), split, n_h, chosen=chosen, chosen_label=best,
                                     protocol=protocol))
     return {"chosen": chosen, "chosen_label": best, "chosen_mean": cons[best]["eval"][0]["mean"],
             "forward_noise_mean": done["forward_noise"]["eval"][0]["mean"]}
@@ -250,7 +257,7 @@ def stage_train_arm(method, seed):
         ds = dataset(config)
         model = model_of(config, ds)
         chosen = ctx.summaries.get("search", {}).get("chosen") if method == "consistency" else None
-        tcfg = train.TrainConfig(epochs=int(config.arms.epochs), batch_size=int(config.arms.batch_size),
+        tcfg = train.TrainConfig(epochs=int(config.arms.epochs), batch_size=common.batch(config, config.arms.batch_size),
                                  learning_rate=float(config.arms.lr), weight_decay=float(config.arms.weight_decay),
                                  schedule=config.arms.schedule, seed=int(seed))
         workdir = ctx.work_path("train", "")
@@ -278,15 +285,15 @@ def stage_eval_arm(method, seed):
         variables = checkpoint.load_variables(ctx.result_path("weights", f"{name}.npz"), model)
         kw = dict(batch_size=int(config.eval.batch_size), preprocess=ds.preprocess)
         key = jax.random.key(int(config.eval.key))   # the same chips in every arm: arms pair by chip
-        clean = robustness.evaluate(model, variables, ds.test.images, ds.test.labels, **kw)
-        target = robustness.evaluate(model, variables, ds.test.images, ds.test.labels,
+        clean = robustness.evaluate(model, variables, *_test(ds), **kw)
+        target = robustness.evaluate(model, variables, *_test(ds),
                                      noise_spec(config, config.noise.eta), key=key,
                                      n_chips=_chips(config, config.eval.n_chips), **kw)
         grid = []
         if int(seed) == int(_seeds(config)[0]):
             etas = [float(e) for e in config.eval.grid if float(e) != float(config.noise.eta)]
             spec = noise_spec(config, 0.0)
-            grid = robustness.sweep(model, variables, ds.test.images, ds.test.labels, spec, weight_etas=etas,
+            grid = robustness.sweep(model, variables, *_test(ds), spec, weight_etas=etas,
                                     key=key, n_chips=_chips(config, config.eval.grid_chips), **kw) if etas else []
         arm = report.arm(name, model, method, model.param_count(), [clean, target, *grid],
                          train={"epochs": int(config.arms.epochs), "lr": float(config.arms.lr), "seed": int(seed),
@@ -294,7 +301,7 @@ def stage_eval_arm(method, seed):
                                 "consistency": ctx.summaries.get("search", {}).get("chosen")
                                 if method == "consistency" else None})
         report.write_json(ctx.result_path("eval", f"{name}.json"),
-                          _result(config, [arm], "test", len(ds.test.labels), seed=int(seed)))
+                          _result(config, [arm], "test", len(ds.test), seed=int(seed)))
         ctx.log(f"eval {name}: clean {100 * clean.mean:.2f}%, eta {config.noise.eta}: {100 * target.mean:.2f}% "
                 f"{robustness.format_ci95(target.ci95)}")
         return {"clean": clean.mean, "target_mean": target.mean, "target_ci95": target.ci95}
@@ -348,7 +355,7 @@ def stage_report(ctx):
 
 @protocol("consistency_quantized")
 def stages(config) -> list[Stage]:
-    base = _DATA + _MODEL + ("seed", "qat", "max_steps")
+    base = _DATA + common.stream_settings(config) + _MODEL + ("seed", "qat", "max_steps")
     arms = base + ("noise", "arms", "search")
     out = [
         Stage("qat", stage_qat, settings=base, outputs=("weights/qat.npz", "qat_metrics.jsonl")),

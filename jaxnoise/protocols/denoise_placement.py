@@ -93,7 +93,7 @@ def _cap(config, n, tiny_max: int) -> int:
 
 def _backbone_args(config) -> tuple:
     c = config
-    return bool(c.tiny), c.model, c.pretrained, c.dataset, c.data_dir, int(c.seed)
+    return bool(c.tiny), c.model, c.pretrained, common.data_args(c), int(c.seed)
 
 
 def setup(config) -> Setup:
@@ -109,16 +109,18 @@ def denoised_model(config, reduction: int) -> denoise.DenoisedModel:
 
 
 @functools.lru_cache(maxsize=4)
-def _backbone(tiny, model_name, pretrained, dataset_name, data_dir, seed):
+def _backbone(tiny, model_name, pretrained, data_args, seed):
     """``(dataset, model, variables)``: the pretrained network (random weights from ``seed`` in tiny mode)."""
-    ds = data.load_dataset("digits") if tiny else data.load_dataset(dataset_name, data_dir=data_dir or None)
+    ds = common.load(*data_args)
     if tiny:
         model = get_model("cnn", input_shape=ds.image_shape, num_classes=ds.num_classes, channels=TINY_CHANNELS)
         return ds, model, jax.tree.map(np.asarray, model.init(jax.random.key(seed)))
-    model = get_model(model_name, num_classes=ds.num_classes)
+    model = get_model(model_name, num_classes=ds.num_classes, **common.model_kwargs(model_name, ds))
     if not os.path.exists(pretrained):
         raise FileNotFoundError(f"pretrained weights {pretrained!r} not found: set pretrained= to the "
-                                f"{model_name} CIFAR-10 .npz (../shared/pretrained).")
+                                f"{model_name} .npz (CIFAR-10: ../shared/pretrained; ImageNet: a torchvision "
+                                f"checkpoint converted with `jaxnoise convert-torch W.pth W.npz --model "
+                                f"{model_name}`).")
     return ds, model, checkpoint.load_variables(pretrained, model)
 
 
@@ -138,7 +140,9 @@ def _setup(backbone_args: tuple, held_out: int, calib_images: int, kind: str, re
     dmodel = _denoised(backbone_args, kind, reduction)
     key = jax.random.key(backbone_args[-1])
     dvars = denoise.init_variables(dmodel, variables, noise.name_key(key, "init"))
-    return Setup(ds, model, variables, train_part, data.Split(held.images, held.labels), ref, dmodel, dvars, key)
+    # The selection set (level, sensitivity, search) is held in memory: decoded once when the dataset streams.
+    selection = held.materialize() if hasattr(held, "materialize") else data.Split(held.images, held.labels)
+    return Setup(ds, model, variables, train_part, selection, ref, dmodel, dvars, key)
 
 
 def sampler(config) -> str | None:
@@ -180,8 +184,7 @@ def test_split(config, s: Setup) -> data.Split:
     compiled Monte Carlo program then serves the level and the plain model's evaluation)."""
     if not config.tiny:
         return s.ds.test
-    n = len(s.selection.labels)
-    return data.Split(s.ds.test.images[:n], s.ds.test.labels[:n])
+    return common.head(s.ds.test, len(s.selection.labels))
 
 
 def _held_out_split(s: Setup) -> str:
@@ -269,7 +272,7 @@ def stage_search(ctx):
                               strategy=config.search.get("strategy", "greedy"),
                               beam_width=int(config.search.get("beam_width", 2)),
                               steps=_cap(config, config.search.steps, TINY_STEPS),
-                              batch_size=int(config.search.batch_size), learning_rate=float(config.train.lr),
+                              batch_size=common.batch(config, config.search.batch_size), learning_rate=float(config.train.lr),
                               n_chips=_cap(config, config.search.n_chips, TINY_CHIPS),
                               eval_batch_size=int(config.eval.batch_size), split=s.train_part, max_rounds=max_rounds,
                               log=lambda line: ctx.log("search: " + line))
@@ -337,7 +340,7 @@ def stage_train(name: str):
                                           per_epoch=per_epoch, meta={"stage": f"train_{name}", "arm": name, **extra})
             return {"sites": [site for site, g in zip(dm.candidate_sites, gates) if g], **extra, **summary}
         dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"), placement=gates)
-        steps, batch = _train_steps(config), int(config.train.batch_size)
+        steps, batch = _train_steps(config), common.batch(config, config.train.batch_size)
         tcfg = train.TrainConfig(epochs=-(-steps // (len(s.train_part) // batch)), batch_size=batch,
                                  learning_rate=float(config.train.lr), weight_decay=0.0, seed=int(config.seed),
                                  checkpoint_every=100, log_every=25)
@@ -460,19 +463,19 @@ def stage_eval(name: str):
         path = ctx.result_path("eval", f"{name}.json")
         entries = _load(path)["arms"][0]["eval"] if os.path.exists(path) else []
         if name == "plain" and not entries:
-            entries.append(robustness.evaluate(s.model, s.variables, test.images, test.labels, None,
+            entries.append(robustness.evaluate(s.model, s.variables, *common.eval_data(test), None,
                                                preprocess=s.ds.preprocess).to_dict())
         done = {(_act(e), int(e["n_chips"])) for e in entries}
         level = _level(ctx)
         for eta, n_chips in eval_plan(config, level, name):
             if (eta, n_chips) in done:
                 continue
-            r = robustness.evaluate(model, variables, test.images, test.labels, spec(config, s, eta),
+            r = robustness.evaluate(model, variables, *common.eval_data(test), spec(config, s, eta),
                                     key=noise.name_key(s.key, "eval"), n_chips=n_chips,
                                     batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
             entries.append(r.to_dict())
             arm = report.arm(name, s.model, "clean" if name == "plain" else "denoiser", s.model.param_count(), entries)
-            report.write_json(path, _result(config, [arm], "test", len(test.labels)))
+            report.write_json(path, _result(config, [arm], "test", len(test)))
             ctx.log(f"eval: {name} at eta {eta}: {100 * r.mean:.2f}% {robustness.format_ci95(r.ci95)} "
                     f"({n_chips} chips)")
         return {str(_act(e)): e["mean"] for e in entries}
@@ -513,7 +516,7 @@ def stage_report(ctx):
                                              "param_overhead": over["param_overhead"],
                                              "mac_overhead": over["mac_overhead"]}))
     removal = sens["removal"]
-    record = _result(config, record_arms, "test", len(test_split(config, s).labels), levels=level, sensitivity={
+    record = _result(config, record_arms, "test", len(test_split(config, s)), levels=level, sensitivity={
         "removal_gain": {k: v["gain"] for k, v in removal["sites"].items()},
         "removal_ci95": {k: v["ci95"] for k, v in removal["sites"].items()},
         "gradient_norm": sens["gradient_norm"]})
@@ -637,7 +640,7 @@ def stages(config) -> list[Stage]:
     unknown = [a for a in config.arms if a not in ARMS]
     if unknown:
         raise ValueError(f"denoise_placement: unknown arms {unknown}; choose among {ARMS} (set arms=...).")
-    level = _BACKBONE + ("level", "eval.batch_size")
+    level = _BACKBONE + common.stream_settings(config) + ("level", "eval.batch_size")
     sensitivity = level + ("search.n_chips", "search.grad_draws")
     search = sensitivity + ("denoiser", "search", "train.lr")
     arms = search + ("train",)
