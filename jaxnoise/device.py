@@ -1569,7 +1569,11 @@ def tiled_mvm(key: jax.Array | None, x: jax.Array, w: jax.Array, scale: jax.Arra
                                                        dimension_numbers=("NHWC", "OIHW", "NHWC"))
         y = _over_tiles(fn(None), keys, w, _split(patches, layout.in_sizes, -1))
     y = y * scale.reshape(scale.shape[:2] + (1,) * (y.ndim - 3) + scale.shape[-1:])
-    y = jnp.moveaxis(jnp.sum(y, axis=0), 0, -2)   # input tiles summed; (..., T_out, L_out)
+    # The input tiles' outputs added in tile order, as aihwkit's result.add_ (T_in is a few; a jnp.sum over the
+    # tile axis crashed XLA:CPU 0.10.2's YNNPACK reduce fusion with chips vmapped: tools/aihwkit_crosscheck.py,
+    # preset_hwa conv, segfaulted).
+    y = functools.reduce(jnp.add, [y[i] for i in range(t_in)])
+    y = jnp.moveaxis(y, 0, -2)   # (..., T_out, L_out)
     return _unsplit(y, layout.out_sizes, y.ndim - 2)
 
 

@@ -1180,3 +1180,4 @@ def test_a_chip_is_read_under_the_semantics_it_was_programmed_with():
         device.read_chip(jax.random.key(64), chip, 0.0, legacy)
     with pytest.raises(ValueError, match="same spec"):
         device.read_chip(jax.random.key(64), device.program_chip(jax.random.key(63), params, legacy), 0.0, spec)
+
