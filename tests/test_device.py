@@ -1104,28 +1104,30 @@ def test_compensation_readout_is_per_tile_at_input_one():
         i0 += ni
 
 
-def test_tiled_layer_gradient_is_the_exact_maps():
+@pytest.mark.parametrize("shape, geo, max_in", [
+    pytest.param((30, 7), None, 8, id="dense"),
+    pytest.param((3, 3, 4, 5), {"stride": 1, "padding": 1}, 10, id="conv_patches"),
+    pytest.param((3, 3, 4, 5), {"stride": 1, "padding": 1}, 18, id="conv_groups", marks=pytest.mark.slow)])
+def test_tiled_layer_gradient_is_the_exact_maps(shape, geo, max_in):
     """Straight-through: with noise-free, unquantised I/O the tiled layer's value and gradients are the exact
     layer's (dense and both conv paths)."""
     io = device.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.0)
-    for shape, geo, max_in in [((30, 7), None, 8), ((3, 3, 4, 5), {"stride": 1, "padding": 1}, 18),
-                               ((3, 3, 4, 5), {"stride": 1, "padding": 1}, 10)]:
-        spec = device.DeviceSpec(io=io, max_input_size=max_in, max_output_size=3, weight_scaling_omega=1.0)
-        w = jax.random.normal(jax.random.key(58), shape)
-        x = jax.random.normal(jax.random.key(59), (4, 30) if geo is None else (2, 5, 5, 4))
-        layers = device.read_chip(None, device.program_chip(jax.random.key(60), {"l": {"kernel": w}}, spec), 0.0,
-                                  spec)
-        ctx = device.AnalogContext(device.ChipRead(spec, layers), jax.random.key(61))
+    spec = device.DeviceSpec(io=io, max_input_size=max_in, max_output_size=3, weight_scaling_omega=1.0)
+    w = jax.random.normal(jax.random.key(58), shape)
+    x = jax.random.normal(jax.random.key(59), (4, 30) if geo is None else (2, 5, 5, 4))
+    layers = device.read_chip(None, device.program_chip(jax.random.key(60), {"l": {"kernel": w}}, spec), 0.0,
+                              spec)
+    ctx = device.AnalogContext(device.ChipRead(spec, layers), jax.random.key(61))
 
-        def f(x, w, analog):
-            y = ctx.mvm("l", x, w, geo) if analog else device._linear(x, w, geo)
-            return jnp.sum(jnp.sin(y))
+    def f(x, w, analog):
+        y = ctx.mvm("l", x, w, geo) if analog else device._linear(x, w, geo)
+        return jnp.sum(jnp.sin(y))
 
-        both = jax.jit(jax.value_and_grad(f, (0, 1)), static_argnums=2)
-        (va, ga), (vb, gb) = both(x, w, True), both(x, w, False)
-        np.testing.assert_allclose(va, vb, rtol=1e-5)
-        for a, b in zip(ga, gb):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    both = jax.jit(jax.value_and_grad(f, (0, 1)), static_argnums=2)
+    (va, ga), (vb, gb) = both(x, w, True), both(x, w, False)
+    np.testing.assert_allclose(va, vb, rtol=1e-5)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("io", [pytest.param(False, id="pcm"),
