@@ -6,8 +6,8 @@ it imports no model. The formulas and defaults are those of IBM aihwkit (``PCMLi
 ``../shared/DEVICE-MODELS.md``; every constant is a field. Conductances are in microsiemens, times in seconds.
 
 One analog layer (a conv or dense kernel ``W`` selected by :attr:`DeviceSpec.analog_layers`) goes through aihwkit's
-``InferenceRPUConfig`` pipeline (``docs/aihwkit_presets_audit.md``; ``docs/aihwkit_crosscheck.md`` for the measured
-agreement):
+``InferenceRPUConfig`` pipeline (``docs/aihwkit_presets_audit.md``; ``docs/aihwkit_presets.md`` for what differs and
+the measured agreement):
 
 1. **Tiles** (:class:`TileLayout`): the layer's matrix (inputs in aihwkit/torch order, (cin, kh, kw) for a conv) is
    cut into tiles of at most ``max_input_size x max_output_size`` (512 x 512), even contiguous splits.

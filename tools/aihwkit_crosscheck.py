@@ -44,7 +44,7 @@ import math
 import sys
 import time
 from statistics import NormalDist
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -176,7 +176,7 @@ def aihwkit_rpu_config(cfg: Config):
         c = InferenceRPUConfig()
     elif cfg.preset == "hwa":
         c = StandardHWATrainingPreset()
-        c.forward.ir_drop = 0.0   # not modelled by jaxnoise (docs/aihwkit_crosscheck.md)
+        c.forward.ir_drop = 0.0   # not modelled by jaxnoise (docs/aihwkit_presets.md)
     else:
         c = InferenceRPUConfig()
         f = c.forward
