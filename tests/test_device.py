@@ -1183,3 +1183,23 @@ def test_a_chip_is_read_under_the_semantics_it_was_programmed_with():
     with pytest.raises(ValueError, match="same spec"):
         device.read_chip(jax.random.key(64), device.program_chip(jax.random.key(63), params, legacy), 0.0, spec)
 
+
+
+def test_a_tiles_programming_draw_comes_from_the_layer_key_and_its_index_by_name():
+    """Tile (1, 0)'s programming noise: name_key(name_key(name_key(name_key(K, "jaxnoise/device/program"), site),
+    "tile/1/0"), "g_plus"); another layer added leaves it unchanged."""
+    pcm = device.PCMModel()
+    spec = device.DeviceSpec(pcm=pcm, max_input_size=10)
+    w = jax.random.normal(jax.random.key(68), (20, 3))
+    params = {"fc": {"kernel": w}}
+    key = jax.random.key(69)
+    chip = device.program_chip(jax.random.clone(key), params, spec)["fc"]
+    more = device.program_chip(jax.random.clone(key), {**params, "aaa": {"kernel": jnp.ones((4, 2))}}, spec)["fc"]
+    np.testing.assert_array_equal(chip["g_plus"], more["g_plus"])
+    k = key
+    for name in ("jaxnoise/device/program", "fc", "tile/1/0", "g_plus"):
+        k = noise.name_key(k, name)
+    z = np.asarray(jax.random.normal(k, (10, 3)), np.float64)
+    target = np.clip(np.asarray(w)[10:] * 25.0 / np.max(np.abs(np.asarray(w)[10:])), 0, 25)
+    want = np.maximum(target + np_sigma_prog(target) * z, 0.0)
+    np.testing.assert_allclose(chip["g_plus"][1, 0], want, rtol=1e-5, atol=1e-5)
