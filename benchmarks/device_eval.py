@@ -85,6 +85,8 @@ def main(argv=None) -> int:
         "aihwkit_inference_default": full,
         "  legacy numerics (erfinv sampler, per-tap sums)": full.replace(
             io=io.replace(**device.LEGACY_IO)),
+        "  one tile per layer (max_input_size 0: the 576-input convs unsplit)": full.replace(max_input_size=0,
+                                                                                            max_output_size=0),
         "  without bound management": full.replace(io=io.replace(bound_management="none")),
         "  without I/O (PCM + compensation only)": full.replace(io=None),
         "  I/O only, no noise (quantisers)": full.replace(pcm=None, compensation=None,

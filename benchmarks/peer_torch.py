@@ -24,7 +24,8 @@ figure with the ratio jaxnoise/PyTorch (> 1: jaxnoise is faster):
    (its defaults) once, then per chip ``program_analog_weights()``, ``drift_analog_weights(3600)`` and an eval pass
    (all three timed); jaxnoise ``robustness.evaluate_device(..., device.preset("aihwkit_inference_default"),
    times=[3600.0], key=0, n_chips=C)``. Both accuracies (mean +- standard error over chips) are printed as context
-   only: jaxnoise's preset is known to differ from aihwkit's defaults (weight remapping), which another issue fixes.
+   only (too few chips to compare them; tools/aihwkit_network_check.py does). The logs up to 2026-12-01c ran
+   jaxnoise's preset before it matched aihwkit's defaults (its tiles were whole layers holding W / max|W|).
 5. ``train``: training steps (images/s), batch ``--train-batch-size``, SGD momentum 0.9, lr 0.1, weight decay 5e-4
    on conv/linear weights: a clean step (PyTorch ``channels_last`` forward + backward + ``optimizer.step()`` vs
    ``train.make_train_step(model, methods.clean(model), ...)``) and a forward-noise step (one additive_rel_max

@@ -5,27 +5,38 @@ it imports no model. The formulas and defaults are those of IBM aihwkit (``PCMLi
 ``GlobalDriftCompensation``, ``WeightModifierParameter``, ``StandardHWATrainingPreset``) as written down in
 ``../shared/DEVICE-MODELS.md``; every constant is a field. Conductances are in microsiemens, times in seconds.
 
-One analog layer (a conv or dense kernel ``W`` selected by :attr:`DeviceSpec.analog_layers`) goes through
+One analog layer (a conv or dense kernel ``W`` selected by :attr:`DeviceSpec.analog_layers`) goes through aihwkit's
+``InferenceRPUConfig`` pipeline (``docs/aihwkit_presets_audit.md``; ``docs/aihwkit_presets.md`` for what differs and
+the measured agreement):
 
-1. **Mapping** (:func:`weights_to_conductances`): ``A = max|W|`` per tensor or per output column, ``s = (g_max -
-   g_min) / A``, a differential pair ``g+ = clip(W s, 0, g_max) + g_min``, ``g- = clip(-W s, 0, g_max) + g_min``.
-2. **Programming** (once per chip, :func:`program_conductances`, :func:`drift_exponents`): PCM programming noise and
-   per-device drift exponents nu from the target conductance.
-3. **Reading at time t** (:func:`drift`, :func:`read_conductances`): ``g (t/t0)^-nu`` plus 1/f read noise, fresh for
-   every read. Deterministic given the chip except for the read noise.
-4. The tile weights ``w = (g+ - g-) / (g_max - g_min)`` (normalised: ``W / A`` when noise-free) run the MVM with the
-   I/O non-idealities of :func:`analog_mvm` (input scaling, DAC, output-referred read noise, output noise, ADC,
-   bound management); the digital periphery multiplies the output by ``A`` and by the drift-compensation factor
-   ``alpha`` (:func:`compensation_readout`).
+1. **Tiles** (:class:`TileLayout`): the layer's matrix (inputs in aihwkit/torch order, (cin, kh, kw) for a conv) is
+   cut into tiles of at most ``max_input_size x max_output_size`` (512 x 512), even contiguous splits.
+2. **Tile units** (:attr:`DeviceSpec.weight_scaling_omega`): each tile holds the raw weights (omega 0, aihwkit's
+   default) or ``W_tile / a`` with ``a = max|W_tile| / omega`` (per tile column with ``weight_scaling_columnwise``),
+   its output multiplied by ``a`` after the ADC.
+3. **Conductances** per tile: ``s = (g_max - g_min) / max|w|``, a differential pair ``g+ = clip(w s, 0, g_max) +
+   g_min``, ``g- = clip(-w s, 0, g_max) + g_min``.
+4. **Programming** (once per chip, :func:`program_chip`): PCM programming noise and per-device drift exponents nu
+   from the target conductance; the drift-compensation reference ``r0`` of each tile (:func:`compensation_readout`).
+5. **Reading at time t** (:func:`read_chip`): the programmed tile weights converted again onto one device of each
+   pair, ``g (t/t0)^-nu`` plus 1/f read noise, fresh for every read; ``alpha = r0 / r_t`` per tile.
+6. **MVM** (:func:`tiled_mvm`): every tile runs :func:`analog_mvm` on its slice of each input vector (its own
+   input scaling, DAC, output-referred read noise, output noise, ADC and bound management); its output times ``a``
+   and ``alpha``; the input tiles' outputs summed in float; the bias (digital) added by the layer.
+
+``IOParams(semantics="v0")`` (:data:`LEGACY_IO`) keeps the pipeline before 2026-12-02 bit for bit: one tile per
+layer holding ``W / A`` (``A = max|W|`` per tensor or column), drift and read noise on both programmed devices, the
+readout's one-hot divided by the input range.
 
 **Semantics.** One chip = one programming draw (conductances and drift exponents). The same chip can be read at any
 number of times; each read draws fresh read noise. Each forward pass draws fresh output (ADC) noise. Inference time
 is array data (``DeviceSpec.t_inference`` or the ``times`` of ``robustness.evaluate_device``), so a time sweep
 compiles once.
 
-**Keys** (all derived by name, :func:`jaxnoise.noise.name_key`): a chip key ``K`` gives programming noise
-``name_key(name_key(K, "jaxnoise/device/program"), path)`` and drift exponents from ``".../drift"``; a read key
-gives read noise per path; a pass key gives output noise per site (and per bound-management round).
+**Keys** (all derived by name, :func:`jaxnoise.noise.name_key`): a chip key ``K`` gives the programming noise of
+tile ``(i, j)`` of layer ``path`` from ``name_key(name_key(name_key(K, "jaxnoise/device/program"), path),
+f"tile/{i}/{j}")`` and its drift exponents from ``".../drift"``; a read key gives read noise per tile; a pass key
+gives output noise per site and tile (and per bound-management round). Under semantics "v0" there is no tile level.
 
 **Random streams and float order.** PCM programming, drift-exponent and read noise are ``jax.random.normal`` of
 their keys (computed for all layers at once, bit for bit). The I/O noise uses :attr:`IOParams.sampler` (on CPU by
@@ -36,8 +47,8 @@ gives the results of the code before these defaults (2026-12) bit for bit (``tes
 and checks it).
 
 **Gradients.** The analog MVM is straight-through: its value is the analog output, its gradient that of the exact
-linear map at the (noisy) tile weights; weight noise (programming noise, modifiers) is straight-through to the clean
-weights, as in aihwkit's hardware-aware training. The mapping scale ``A`` is treated as a constant.
+linear map at the chip's (noisy) weights; weight noise (programming noise, modifiers) is straight-through to the
+clean weights, as in aihwkit's hardware-aware training. The weight scales ``a`` are treated as constants.
 
 References:
   Joshi et al., Nature Communications 11, 2473 (2020); Nandakumar et al., ISCAS 2019 (PCM model);
@@ -51,7 +62,7 @@ import functools
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -288,8 +299,8 @@ def _fast_normals(keys: list[jax.Array], dtype) -> bool:
     if np.dtype(dtype) != np.float32 or not jax.config.jax_threefry_partitionable:
         return False
     for k in keys:
-        if jnp.issubdtype(k.dtype, jax.dtypes.prng_key):   # a typed key: one scalar key of its implementation
-            ok = k.shape == () and "threefry2x32" in str(jax.random.key_impl(k))
+        if jnp.issubdtype(k.dtype, jax.dtypes.prng_key):   # a typed key (or an array of them) of its implementation
+            ok = "threefry2x32" in str(jax.random.key_impl(k))
         else:   # a raw uint32[2] key: the default implementation's
             ok = k.shape == (2,) and "threefry2x32" in str(jax.config.jax_default_prng_impl)
         if not ok:
@@ -297,31 +308,58 @@ def _fast_normals(keys: list[jax.Array], dtype) -> bool:
     return True
 
 
+def _key_batch(k: jax.Array) -> tuple[int, ...]:
+    """The batch shape of a key argument of :func:`_normals`: a typed key array's shape; () for a raw key."""
+    return tuple(k.shape) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else ()
+
+
+def _normal_draw(k: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """``jax.random.normal(k, shape, dtype)``; for an array of typed keys, one such draw per key (batch + shape)."""
+    batch = _key_batch(k)
+    if not batch:
+        return jax.random.normal(k, shape, dtype)
+    flat = jax.vmap(lambda kk: jax.random.normal(kk, shape, dtype))(k.reshape(-1))
+    return flat.reshape(batch + tuple(shape))
+
+
 def _normals(draws: list[tuple[jax.Array, tuple[int, ...]]], dtype) -> list[jax.Array]:
     """``[jax.random.normal(key, shape, dtype) for key, shape in draws]``, bit for bit, as one computation.
 
-    A program with one draw per layer (several per layer: programming, drift exponents, reads) compiled a few
-    tenths of a second per draw on CPU; computing JAX's Threefry stream (counter ``(0, j)`` for number ``j``, the
-    partitionable stream) and its float32 transform (``sqrt(2) erfinv(u)``) for all draws at once compiles once.
-    Falls back to ``jax.random.normal`` for anything else (another key implementation, dtype or bit stream).
-    ``tests/test_device.py`` checks the equality.
+    A key may be an array of typed keys (the tiles of a layer): its entry is then ``batch + shape``, draw ``b`` that
+    of ``key[b]`` alone. A program with one draw per layer (several per layer: programming, drift exponents, reads)
+    compiled a few tenths of a second per draw on CPU; computing JAX's Threefry stream (counter ``(0, j)`` for
+    number ``j``, the partitionable stream) and its float32 transform (``sqrt(2) erfinv(u)``) for all draws at once
+    compiles once. Falls back to ``jax.random.normal`` for anything else (another key implementation, dtype or bit
+    stream). ``tests/test_device.py`` checks the equality.
     """
     keys = [k for k, _ in draws]
     if not _fast_normals(keys, dtype):
-        return [jax.random.normal(k, shape, dtype) for k, shape in draws]
+        return [_normal_draw(k, shape, dtype) for k, shape in draws]
     sizes = [math.prod(shape) for _, shape in draws]
     if max(sizes) >= 2 ** 32:
-        return [jax.random.normal(k, shape, dtype) for k, shape in draws]
+        return [_normal_draw(k, shape, dtype) for k, shape in draws]
+    batches = [_key_batch(k) for k in keys]
     data = [jax.random.key_data(k) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else k for k in keys]
-    k1 = jnp.concatenate([jnp.broadcast_to(d[0], (n,)) for d, n in zip(data, sizes)])
-    k2 = jnp.concatenate([jnp.broadcast_to(d[1], (n,)) for d, n in zip(data, sizes)])
-    count = jnp.concatenate([jax.lax.iota(jnp.uint32, n) for n in sizes])
+
+    def words(d, n, batch, i):   # key word i of every number of one draw
+        if not batch:
+            return jnp.broadcast_to(d[i], (n,))
+        return jnp.broadcast_to(d.reshape(-1, 2)[:, i:i + 1], (math.prod(batch), n)).reshape(-1)
+
+    def counters(n, batch):
+        c = jax.lax.iota(jnp.uint32, n)
+        return c if not batch else jnp.broadcast_to(c, (math.prod(batch), n)).reshape(-1)
+
+    k1 = jnp.concatenate([words(d, n, b, 0) for d, n, b in zip(data, sizes, batches)])
+    k2 = jnp.concatenate([words(d, n, b, 1) for d, n, b in zip(data, sizes, batches)])
+    count = jnp.concatenate([counters(n, b) for n, b in zip(sizes, batches)])
     b1, b2 = _threefry2x32(k1, k2, jnp.zeros_like(count), count)
     z = noise_lib._erfinv_normals(b1 ^ b2)   # jax.random.normal's float32 transform
     out, start = [], 0
-    for (_, shape), n in zip(draws, sizes):
-        out.append(z[start:start + n].reshape(shape))
-        start += n
+    for (_, shape), n, b in zip(draws, sizes, batches):
+        total = n * math.prod(b)
+        out.append(z[start:start + total].reshape(b + tuple(shape)))
+        start += total
     return out
 
 
@@ -360,9 +398,11 @@ class IOParams:
       semantics: ``"aihwkit"`` (default): aihwkit 1.2.0's forward pass (``docs/aihwkit_presets_audit.md``): the
         bound-management clip test on the ADC-quantised output (``|Q(y)| > out_bound``), the last factor the first
         one above ``min(max_bm_factor, max_bm_res / DAC step)``, and an all-zero input vector (``abs_max``) gives
-        exactly 0 (no noise, no ADC). ``"v0"``: jaxnoise before 2026-12-02 (clip test ``|y| >= out_bound`` before
-        the ADC, last factor ``max_bm_factor / 2``, a zero vector read at scale 1), for reproducing results made
-        then (with ``sampler="threefry/erfinv", conv_sum="taps"``: bit for bit). Static.
+        exactly 0 (no noise, no ADC); in a :class:`DeviceSpec`, aihwkit's tiles, tile units, read step and readout.
+        ``"v0"``: jaxnoise before 2026-12-02 (clip test ``|y| >= out_bound`` before the ADC, last factor
+        ``max_bm_factor / 2``, a zero vector read at scale 1; in a :class:`DeviceSpec` the whole layer as then: one
+        tile of ``W / A``, the old read step and readout), for reproducing results made then (with
+        ``sampler="threefry/erfinv", conv_sum="taps"``: bit for bit). Static.
       conv_sum: the float summation order of a conv MVM with a scale per patch (``abs_max``, or bound-management
         re-runs): ``"patch"`` (default) one dot product over each patch's kh * kw * cin quantised inputs, as
         aihwkit's im2col MVM; ``"taps"`` one dot per kernel tap summed in tap order, the order before this field
@@ -571,7 +611,7 @@ def analog_mvm(key: jax.Array | None, x: jax.Array | None, w_tile: jax.Array, io
       key: the pass key of this site (output noise), or None for no noise (quantisation still applies).
       x: inputs, (..., n_in) for dense, NHWC for a conv; None for the identity (one one-hot vector per input, the
         drift-compensation readout), computed without forming it: one-hot products are exact, so ``y_i = x'_i w_i``.
-      w_tile: tile weights in normalised units (|w| <= 1 noise-free), (n_in, n_out) or HWIO.
+      w_tile: tile weights (n_in, n_out) or HWIO, in tile units (the units of the ADC range and output noise).
       io: the I/O parameters.
       geometry: ``{"stride", "padding"}`` of a conv layer, None for dense.
       inp_scale: the constant input scale (``noise_management="constant"``); default ``io.nm_scale``.
@@ -829,11 +869,29 @@ class DeviceSpec:
       modifier: a training-time weight modifier (:class:`WeightModifier`), or None.
       g_max, g_min: conductance range of the mapping (uS).
       t_inference: seconds after programming at which ``Model.apply(..., device=spec)`` reads its chip.
-      mapping: ``"tensor"`` (one ``max|W|`` per tensor) or ``"column"`` (per output column), static.
-      compensation: None, ``"global"`` or ``"column"`` drift compensation, static.
+      mapping: the conductance scale ``s = (g_max - g_min) / max|w|``: ``"tensor"`` one per tile (aihwkit's
+        ``SinglePairConductanceConverter``; one per layer when it is one tile) or ``"column"`` one per output column
+        of each tile, static.
+      compensation: None, ``"global"`` or ``"column"`` drift compensation (one factor per tile, or per output column
+        of each tile), static.
+      weight_scaling_omega: aihwkit ``MappingParameter.weight_scaling_omega``: 0 (aihwkit's default) puts the raw
+        weights on the tiles and applies no digital output scale; ``omega > 0`` puts ``W / a`` on each tile and
+        multiplies its outputs by ``a`` after the ADC, ``a = max|W_tile| / omega`` (per tile column with
+        ``weight_scaling_columnwise``), so that max|w_tile| = omega. Array data.
+      weight_scaling_columnwise: ``a`` per output column of each tile instead of one per tile, static.
+      max_input_size, max_output_size: aihwkit's tile size: a layer with more inputs (a conv: cin * kh * kw, in
+        aihwkit/torch order (cin, kh, kw)) or outputs is split into ``ceil(n / max)`` contiguous tiles of sizes
+        differing by at most one (:func:`split_sizes`), each with its own input scaling, DAC, noise, ADC, bound
+        management, conductance scale, programming, drift and compensation; the tiles' outputs are summed in float
+        before the digital bias. 0: no split. Static.
       analog_layers: regexes (``re.search``) over layer (site) names that are analog, static; default all.
       digital_layers: regexes of layers kept digital (exact) even when ``analog_layers`` matches, static.
       name: the preset's name, for records.
+
+    Under ``IOParams(semantics="v0")`` (:data:`LEGACY_IO`) the whole layer runs as before 2026-12-02 (bit for bit):
+    one tile per layer holding ``W / A`` (``A = max|W|`` per tensor or column, as ``mapping``) with the output
+    times ``A``, drift and read noise on the two programmed devices, and the readout's one-hot divided by the input
+    range; the four tile fields above are then ignored.
 
     Examples:
       >>> spec = preset("aihwkit_inference_default").replace(t_inference=jnp.float32(86400.0))
@@ -846,8 +904,12 @@ class DeviceSpec:
     g_max: Any = 25.0
     g_min: Any = 0.0
     t_inference: Any = 0.0
+    weight_scaling_omega: Any = 0.0
     mapping: str = struct.field(pytree_node=False, default="tensor")
     compensation: str | None = struct.field(pytree_node=False, default=None)
+    weight_scaling_columnwise: bool = struct.field(pytree_node=False, default=False)
+    max_input_size: int = struct.field(pytree_node=False, default=512)
+    max_output_size: int = struct.field(pytree_node=False, default=512)
     analog_layers: tuple[str, ...] = struct.field(pytree_node=False, default=(r".*",))
     digital_layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
     name: str = struct.field(pytree_node=False, default="custom")
@@ -861,6 +923,13 @@ class DeviceSpec:
                 np.min(self.g_max)):
             raise ValueError(f"g_min={self.g_min!r} must be smaller than g_max={self.g_max!r}.")
         check_times(self.t_inference)
+        _check_nonnegative(self.weight_scaling_omega, "DeviceSpec.weight_scaling_omega")
+        if not isinstance(self.weight_scaling_columnwise, (bool, np.bool_)):
+            raise ValueError(f"DeviceSpec.weight_scaling_columnwise={self.weight_scaling_columnwise!r} must be True "
+                             f"or False.")
+        for field in ("max_input_size", "max_output_size"):
+            _checks.integer(getattr(self, field), f"DeviceSpec.{field}", minimum=0,
+                            fix="the most inputs/outputs of one tile (aihwkit: 512); 0 for no split")
         # A bare string would be iterated per character; a list would not hash as static data.
         for field in ("analog_layers", "digital_layers"):
             object.__setattr__(self, field, _checks.names(getattr(self, field), field, example="^conv1$"))
@@ -869,6 +938,11 @@ class DeviceSpec:
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"layer pattern {pattern!r} is not a valid regular expression: {e}") from e
+
+    @property
+    def v0(self) -> bool:
+        """True under ``IOParams(semantics="v0")``: the layer as computed before 2026-12-02 (see the class)."""
+        return self.io is not None and self.io.semantics == "v0"
 
     @property
     def is_ideal(self) -> bool:
@@ -987,8 +1061,13 @@ def _readout(key: jax.Array | None, w_tile: jax.Array, spec: DeviceSpec, site: s
 
 
 def compensation_readout(key: jax.Array | None, w_tile: jax.Array, spec: DeviceSpec, site: str = "") -> jax.Array:
-    """Public form of the readout: the reference ``r`` of :func:`drift_compensation_factor`."""
-    return _readout(key, w_tile, spec, site)
+    """The drift-compensation readout ``r`` of one tile (``w_tile`` (n_in, n_out); a kernel is flattened), the
+    reference of :func:`drift_compensation_factor`: aihwkit's identity (one one-hot vector per input, at 1.0)
+    through the tile with its I/O non-idealities, ``max(mean|y|, 1e-4)`` (global) or per output column (column).
+    Under ``IOParams(semantics="v0")`` the one-hot is divided by the input range of ``site``, as before."""
+    if spec.v0:
+        return _readout(key, w_tile, spec, site)
+    return _readout_value(_readout_outputs(key, w_tile, spec, None), spec)
 
 
 def drift_compensation_factor(r_reference: jax.Array, r_now: jax.Array) -> jax.Array:
@@ -1010,8 +1089,8 @@ def _site_keys(key: jax.Array, base: str, sites: tuple[str, ...], *suffixes: str
     return dict(zip(suffixes, jax.vmap(one)(hashes)))
 
 
-def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) -> dict[str, dict[str, jax.Array]]:
-    """Programs one chip: target conductances, programming noise and drift exponents of every analog layer.
+def _program_chip_v0(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) -> dict[str, dict[str, jax.Array]]:
+    """:func:`program_chip` under ``IOParams(semantics="v0")``: one tile per layer holding ``W / A``.
 
     Args:
       key: the chip key; programming noise of layer ``site`` uses ``name_key(name_key(name_key(key,
@@ -1068,9 +1147,9 @@ def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) ->
     return chip
 
 
-def read_chip(key: jax.Array, chip: Mapping[str, Mapping[str, jax.Array]], t_inference: Any,
-              spec: DeviceSpec) -> dict[str, dict[str, jax.Array]]:
-    """One read of a programmed chip at ``t_inference`` s: drift, fresh read noise, drift compensation.
+def _read_chip_v0(key: jax.Array, chip: Mapping[str, Mapping[str, jax.Array]], t_inference: Any,
+                  spec: DeviceSpec) -> dict[str, dict[str, jax.Array]]:
+    """:func:`read_chip` under ``IOParams(semantics="v0")``: drift and read noise on both programmed devices.
 
     Args:
       key: the read key (read noise of ``site`` from ``name_key(name_key(key, "jaxnoise/device/read"), site)``).
@@ -1108,13 +1187,426 @@ def read_chip(key: jax.Array, chip: Mapping[str, Mapping[str, jax.Array]], t_inf
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Tiles (aihwkit TileModuleArray) and the layer pipeline of semantics "aihwkit"
+
+
+_ZERO_CLIP = 1e-7   # aihwkit's floor of max|w| in the conductance converter (converter/conductance.py)
+
+
+def split_sizes(size: int, max_size: int) -> tuple[int, ...]:
+    """aihwkit's split of ``size`` inputs (or outputs) into tiles of at most ``max_size`` (``TileModuleArray.
+    get_split_sizes``): ``n = ceil(size / max_size)`` contiguous parts whose sizes ``divmod(size, n)`` makes differ
+    by at most one, the larger first: 576 -> (288, 288), 1152 -> (384, 384, 384), 513 -> (257, 256). One part
+    when ``max_size <= 0``."""
+    if max_size <= 0:
+        return (size,)
+    n = -(-size // max_size)
+    base, extra = divmod(size, n)
+    return tuple(base + (i < extra) for i in range(n))
+
+
+class TileLayout(NamedTuple):
+    """The tiles of one analog layer (static, from its kernel shape and :class:`DeviceSpec`).
+
+    The layer's matrix (:func:`layer_matrix`) has one row per input in aihwkit/torch order (a conv's
+    ``cin * kh * kw`` inputs ordered (cin, kh, kw), as ``torch.nn.functional.unfold``) and one column per output.
+    Input tile ``i`` holds the ``in_sizes[i]`` rows after those of tiles ``< i``, output tile ``j`` the
+    ``out_sizes[j]`` columns after those of tiles ``< j``. Arrays of tiles are ``(T_in, T_out, L_in, L_out)``
+    (:attr:`shape`), zero-padded to the largest tile.
+    """
+
+    kernel_shape: tuple[int, ...]
+    in_sizes: tuple[int, ...]
+    out_sizes: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return len(self.in_sizes), len(self.out_sizes), max(self.in_sizes), max(self.out_sizes)
+
+    @property
+    def channel_groups(self) -> bool:
+        """A conv whose input tiles are equal groups of whole input channels (each tile is a conv on
+        ``cin / T_in`` channels): ``in_sizes`` all equal and a multiple of ``kh * kw``. A single tile always is."""
+        if len(self.kernel_shape) != 4:
+            return False
+        return len(set(self.in_sizes)) == 1 and self.in_sizes[0] % (self.kernel_shape[0] * self.kernel_shape[1]) == 0
+
+    def mask(self) -> np.ndarray:
+        """``(T_in, T_out, L_in, L_out)`` bool: True on the entries of a tile array that hold a weight (not padding)."""
+        t_in, t_out, l_in, l_out = self.shape
+        rows = np.arange(l_in)[None, :] < np.asarray(self.in_sizes)[:, None]
+        cols = np.arange(l_out)[None, :] < np.asarray(self.out_sizes)[:, None]
+        return rows[:, None, :, None] & cols[None, :, None, :]
+
+
+def tile_layout(kernel_shape: tuple[int, ...], spec: DeviceSpec) -> TileLayout:
+    """The :class:`TileLayout` of a dense ``(n_in, n_out)`` or conv HWIO kernel under ``spec``'s
+    ``max_input_size`` / ``max_output_size``."""
+    kernel_shape = tuple(int(d) for d in kernel_shape)
+    return TileLayout(kernel_shape, split_sizes(math.prod(kernel_shape[:-1]), spec.max_input_size),
+                      split_sizes(kernel_shape[-1], spec.max_output_size))
+
+
+def layer_matrix(kernel: jax.Array) -> jax.Array:
+    """A layer's matrix in aihwkit's order, ``(n_in, n_out)``: a dense kernel itself; a conv kernel
+    ``(kh, kw, cin, cout)`` as ``(cin * kh * kw, cout)``, inputs in torch's (cin, kh, kw) order."""
+    if kernel.ndim == 4:
+        return kernel.transpose(2, 0, 1, 3).reshape(-1, kernel.shape[-1])
+    return kernel.reshape(-1, kernel.shape[-1])
+
+
+def _matrix_to_kernel(m: jax.Array, kernel_shape: tuple[int, ...]) -> jax.Array:
+    if len(kernel_shape) == 4:
+        kh, kw, cin, cout = kernel_shape
+        return m.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
+    return m.reshape(kernel_shape)
+
+
+def _split(a: jax.Array, sizes: tuple[int, ...], axis: int) -> jax.Array:
+    """Axis ``axis`` of ``a`` cut into ``len(sizes)`` contiguous parts, zero-padded to the largest: that axis becomes
+    two, ``(len(sizes), max(sizes))`` (a reshape when the sizes are equal, else one gather)."""
+    axis = axis % a.ndim
+    n, size = len(sizes), max(sizes)
+    if len(set(sizes)) == 1:
+        return a.reshape(a.shape[:axis] + (n, size) + a.shape[axis + 1:])
+    idx = np.full((n, size), sum(sizes), np.int32)   # padding reads the zero appended below
+    start = 0
+    for i, part in enumerate(sizes):
+        idx[i, :part] = np.arange(start, start + part)
+        start += part
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, 1)
+    return jnp.take(jnp.pad(a, pad), idx, axis=axis)
+
+
+def _unsplit(a: jax.Array, sizes: tuple[int, ...], axis: int) -> jax.Array:
+    """The inverse of :func:`_split`: axes ``(axis, axis + 1)`` = (parts, padded part) back to the real entries."""
+    axis = axis % a.ndim
+    n, size = len(sizes), max(sizes)
+    flat = a.reshape(a.shape[:axis] + (n * size,) + a.shape[axis + 2:])
+    if len(set(sizes)) == 1:
+        return flat
+    idx = np.concatenate([i * size + np.arange(part) for i, part in enumerate(sizes)]).astype(np.int32)
+    return jnp.take(flat, idx, axis=axis)
+
+
+def to_tiles(kernel: jax.Array, layout: TileLayout) -> jax.Array:
+    """The tile array ``(T_in, T_out, L_in, L_out)`` of a kernel (zero padding)."""
+    m = _split(_split(layer_matrix(kernel), layout.in_sizes, 0), layout.out_sizes, 2)   # (T_in, L_in, T_out, L_out)
+    return m.transpose(0, 2, 1, 3)
+
+
+def from_tiles(tiles: jax.Array, layout: TileLayout) -> jax.Array:
+    """The kernel (dense or HWIO) of a tile array: the inverse of :func:`to_tiles` (padding dropped)."""
+    m = _unsplit(_unsplit(tiles.transpose(0, 2, 1, 3), layout.out_sizes, 2), layout.in_sizes, 0)
+    return _matrix_to_kernel(m, layout.kernel_shape)
+
+
+def _tile_hashes(t_in: int, t_out: int) -> np.ndarray:
+    return np.array([noise_lib.stable_hash(f"tile/{i}/{j}") for i in range(t_in) for j in range(t_out)], np.uint32)
+
+
+def tile_keys(key: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """The keys of a layer's tiles, ``(T_in, T_out)``: tile ``(i, j)`` gets ``name_key(key, f"tile/{i}/{j}")``
+    (from the layer's key and the tile's index by name; all at once)."""
+    t_in, t_out = grid
+    hashes = jnp.asarray(_tile_hashes(t_in, t_out))
+    return jax.vmap(lambda h: jax.random.fold_in(key, h))(hashes).reshape(t_in, t_out)
+
+
+def _layer_tile_keys(key: jax.Array, base: str, sites: tuple[str, ...], grids: list[tuple[int, int]],
+                     *suffixes: str) -> dict[str, list[jax.Array]]:
+    """``{suffix: [keys of site i, (T_in, T_out)]}``: tile ``(a, b)`` of ``site`` gets ``name_key(name_key(
+    name_key(name_key(key, base), site), f"tile/{a}/{b}"), suffix)`` (no suffix for ``""``), every tile of every
+    layer in one batched computation."""
+    h_site = np.concatenate([np.full(t_in * t_out, noise_lib.stable_hash(site), np.uint32)
+                             for site, (t_in, t_out) in zip(sites, grids)])
+    h_tile = np.concatenate([_tile_hashes(t_in, t_out) for t_in, t_out in grids])
+    root = noise_lib.name_key(key, base)
+
+    def one(hs, ht):
+        k = jax.random.fold_in(jax.random.fold_in(root, hs), ht)
+        return tuple(k if s == "" else noise_lib.name_key(k, s) for s in suffixes)
+
+    keys = jax.vmap(one)(jnp.asarray(h_site), jnp.asarray(h_tile))
+    out: dict[str, list[jax.Array]] = {s: [] for s in suffixes}
+    start = 0
+    for t_in, t_out in grids:
+        for s, k in zip(suffixes, keys):
+            out[s].append(k[start:start + t_in * t_out].reshape(t_in, t_out))
+        start += t_in * t_out
+    return out
+
+
+def _over_tiles(fn, keys: jax.Array | None, w: jax.Array, x: jax.Array | None = None) -> jax.Array:
+    """``fn(key, x_tile, w_tile)`` of every tile, stacked ``(T_in, T_out, ...)``: ``w`` is ``(T_in, T_out, ...)``,
+    ``keys`` ``(T_in, T_out)`` or None, ``x`` None or with its input-tile axis at -2. One tile: a direct call;
+    more: ``vmap`` over input and output tiles."""
+    t_in, t_out = w.shape[:2]
+    if t_in * t_out == 1:
+        y = fn(None if keys is None else keys[0, 0], None if x is None else x[..., 0, :], w[0, 0])
+        return y[None, None]
+    k_axis = None if keys is None else 0
+    inner = jax.vmap(fn, in_axes=(k_axis, None, 0))
+    return jax.vmap(inner, in_axes=(k_axis, None if x is None else -2, 0))(keys, x, w)
+
+
+def _weight_scales(w: jax.Array, spec: DeviceSpec) -> jax.Array:
+    """aihwkit's ``apply_weight_scaling`` on a tile array: ``a = max|w| / omega`` per tile ``(T_in, T_out, 1, 1)``
+    (per tile column ``(T_in, T_out, 1, L_out)`` with ``weight_scaling_columnwise``); 1 where ``omega = 0`` or the
+    max is 0."""
+    axes = (2,) if spec.weight_scaling_columnwise else (2, 3)
+    amax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
+    omega = jnp.asarray(spec.weight_scaling_omega, w.dtype)
+    on = omega > 0
+    a = jnp.where(on, amax / jnp.where(on, omega, 1.0), 1.0)
+    return jnp.where(a > 0, a, jnp.ones_like(a))
+
+
+def _tile_conductances(w: jax.Array, spec: DeviceSpec):
+    """aihwkit's ``SinglePairConductanceConverter`` per tile (``mapping="column"``: per tile column) of a tile
+    array: ``s = (g_max - g_min) / max(max|w|, 1e-7)``, ``g+- = clip(+-w s, 0, g_max) + g_min``."""
+    dt = w.dtype
+    g_max, g_min = jnp.asarray(spec.g_max, dt), jnp.asarray(spec.g_min, dt)
+    axes = (2,) if spec.mapping == "column" else (2, 3)
+    scale = (g_max - g_min) / jnp.maximum(jnp.max(jnp.abs(w), axis=axes, keepdims=True), _ZERO_CLIP)
+    ws = w * scale
+    return jnp.clip(ws, 0.0, g_max) + g_min, jnp.clip(-ws, 0.0, g_max) + g_min, scale
+
+
+def _tile_readout(keys: jax.Array | None, w: jax.Array, spec: DeviceSpec, mask: jax.Array) -> jax.Array:
+    """aihwkit's drift-compensation readout of every tile: the identity (one one-hot vector per tile input, at 1.0)
+    through the tile with its I/O non-idealities, ``max(mean|y|, 1e-4)`` over the tile's entries ``(T_in, T_out,
+    1, 1)`` (global) or over its inputs per column ``(T_in, T_out, 1, L_out)`` (column); padding excluded."""
+    if spec.io is None:
+        y = w
+    else:
+        y = _over_tiles(lambda k, _, wt: analog_mvm(k, None, wt, spec.io), keys, w)
+    m = mask.astype(y.dtype)
+    axes = (2,) if spec.compensation == "column" else (2, 3)
+    count = jnp.maximum(jnp.sum(m, axis=axes, keepdims=True), 1.0)
+    return jnp.maximum(jnp.sum(jnp.abs(y) * m, axis=axes, keepdims=True) / count, COMPENSATION_FLOOR)
+
+
+def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) -> dict[str, dict[str, jax.Array]]:
+    """Programs one chip: every analog layer's tiles, their conductances, programming noise and drift exponents.
+
+    Per layer (aihwkit ``convert_to_analog`` + ``program_analog_weights``): the kernel (after ``spec.modifier``) is
+    cut into tiles (:class:`TileLayout`); tile weights ``w = W_tile / a`` (:attr:`DeviceSpec.weight_scaling_omega`;
+    ``a = 1``: the raw weights); conductances per tile ``g+- = clip(+-w s, 0, g_max) + g_min``, ``s = (g_max -
+    g_min) / max|w|``; programming noise ``g_p = max(g + sigma_prog(g) N, 0)`` and drift exponents from the targets;
+    the drift-compensation reference ``r0`` of each tile from its programmed weights ``(g+_p - g-_p) / s``.
+
+    Args:
+      key: the chip key; layer ``site``, tile ``(i, j)``: programming noise from ``name_key(name_key(name_key(
+        name_key(key, "jaxnoise/device/program"), site), f"tile/{i}/{j}"), "g_plus")`` (and ``"g_minus"``), drift
+        exponents ``".../drift"``, the readout's I/O noise ``".../compensation"`` (no suffix).
+      params: the model parameters (the clean weights; any weight noise of a ``NoiseSpec`` applied before).
+      spec: the device spec.
+
+    Returns:
+      ``{site: {"g_plus", "g_minus", "nu_plus", "nu_minus", "scale", "w_scale", "w_target", "r0", "mask"}}``, tile
+      arrays ``(T_in, T_out, L_in, L_out)`` (scales and ``r0`` with size-1 axes where they are per tile):
+      programmed conductances (the targets without PCM), drift exponents (0 without PCM), the conductance scale
+      ``s``, the weight scale ``a``, the target tile weights, ``r0`` (1 without compensation) and the mask of
+      real (not padding) entries. Under ``IOParams(semantics="v0")``: one matrix per layer, as before.
+    """
+    if spec.v0:
+        return _program_chip_v0(key, params, spec)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    sites = analog_sites(params, spec)
+    if not sites:
+        return {}
+    kernels = [jax.lax.stop_gradient(flat[f"{site}/kernel" if site else "kernel"]) for site in sites]
+    if spec.modifier is not None:
+        k_mod = _site_keys(key, "jaxnoise/device/modifier", sites, "")[""]
+        kernels = [modify_weights(k_mod[i], w, spec.modifier) for i, w in enumerate(kernels)]
+    layouts = [tile_layout(w.shape, spec) for w in kernels]
+    grids = [lay.shape[:2] for lay in layouts]
+    layers = []
+    for w, lay in zip(kernels, layouts):
+        tiles = to_tiles(w, lay)
+        a = _weight_scales(tiles, spec)
+        target = tiles / a
+        layers.append((target, a) + _tile_conductances(target, spec))
+    dt = layers[0][0].dtype
+    if spec.pcm is not None:   # every tile's drift exponents and programming noise: one draw computation each
+        k_prog = _layer_tile_keys(key, "jaxnoise/device/program", sites, grids, "g_plus", "g_minus")
+        k_drift = _layer_tile_keys(key, "jaxnoise/device/drift", sites, grids, "g_plus", "g_minus")
+        z_drift = iter(_normals([(k_drift[name][i], lay.shape[2:]) for i, lay in enumerate(layouts)
+                                 for name in ("g_plus", "g_minus")], dt))
+        z_prog = iter(_normals([(k_prog[name][i], lay.shape[2:]) for i, lay in enumerate(layouts)
+                                for name in ("g_plus", "g_minus")], dt))
+    if spec.compensation is not None:
+        k_comp = _layer_tile_keys(key, "jaxnoise/device/compensation", sites, grids, "")[""]
+    chip = {}
+    for i, (site, lay) in enumerate(zip(sites, layouts)):
+        target, a, g_plus, g_minus, scale = layers[i]
+        mask = jnp.asarray(lay.mask())
+        if spec.pcm is not None:
+            nu_plus = _exponents(g_plus, next(z_drift), spec.pcm, spec.g_max)
+            nu_minus = _exponents(g_minus, next(z_drift), spec.pcm, spec.g_max)
+            # padding keeps its target (g_min on both devices: weight 0)
+            g_plus = jnp.where(mask, _programmed(g_plus, next(z_prog), spec.pcm, spec.g_max), g_plus)
+            g_minus = jnp.where(mask, _programmed(g_minus, next(z_prog), spec.pcm, spec.g_max), g_minus)
+            w_prog = (g_plus - g_minus) / scale
+        else:
+            nu_plus = nu_minus = jnp.zeros_like(g_plus)
+            w_prog = target
+        if spec.compensation is not None:
+            r0 = _tile_readout(k_comp[i], w_prog, spec, mask)
+        else:
+            r0 = jnp.ones(lay.shape[:2] + (1, 1), dt)
+        chip[site] = {"g_plus": g_plus, "g_minus": g_minus, "nu_plus": nu_plus, "nu_minus": nu_minus,
+                      "scale": scale, "w_scale": a, "w_target": target, "r0": r0, "mask": mask}
+    return chip
+
+
+def read_chip(key: jax.Array, chip: Mapping[str, Mapping[str, jax.Array]], t_inference: Any,
+              spec: DeviceSpec) -> dict[str, dict[str, jax.Array]]:
+    """One read of a programmed chip at ``t_inference`` s: drift, fresh read noise, drift compensation.
+
+    Per tile (aihwkit ``drift_analog_weights``, ``PCMLikeNoiseModel.apply_drift_noise``): the programmed weights
+    ``w_p = (g+_p - g-_p) / s`` are converted again, ``s' = (g_max - g_min) / max|w_p|``, ``g'+- = clip(+-w_p s',
+    0, g_max) + g_min`` (one device of each pair non-zero), drifted with the exponents drawn at programming and
+    read with 1/f noise of ``Q_s(|g'|)``: ``w_t = (g'+_t - g'-_t) / s'``. Then ``alpha = r0 / r_t`` per tile (per
+    tile column for ``compensation="column"``) from the readout of ``w_t``.
+
+    Args:
+      key: the read key (tile ``(i, j)`` of ``site``: read noise from ``name_key(name_key(name_key(name_key(key,
+        "jaxnoise/device/read"), site), f"tile/{i}/{j}"), "g_plus")`` / ``"g_minus"``, the readout's I/O noise
+        from ``".../compensation"``).
+      chip: from :func:`program_chip`.
+      t_inference: seconds after programming (array data: a sweep over times compiles once), >= 0.
+      spec: the device spec.
+
+    Returns:
+      ``{site: {"w_tile", "w_scale", "alpha"}}``: the tile weights ``(T_in, T_out, L_in, L_out)`` (0 on padding),
+      the weight scale ``a`` of each tile and the drift-compensation factor of each tile (1 without compensation).
+      A layer's output is ``sum_i a_ij alpha_ij MVM(x_i, w_ij)`` over input tiles ``i`` (:func:`tiled_mvm`).
+      Under ``IOParams(semantics="v0")``: one matrix per layer, ``w_scale = A``, as before.
+    """
+    if spec.v0:
+        if any("mask" in c for c in chip.values()):
+            raise ValueError("read_chip: this chip was programmed under IOParams(semantics='aihwkit') but the spec "
+                             "has semantics='v0'; program and read it under the same spec.")
+        return _read_chip_v0(key, chip, t_inference, spec)
+    check_times(t_inference)
+    if any("mask" not in c for c in chip.values()):
+        raise ValueError("read_chip: this chip was programmed under IOParams(semantics='v0') but the spec has "
+                         "semantics='aihwkit'; program and read it under the same spec.")
+    sites = tuple(chip)
+    grids = [tuple(c["g_plus"].shape[:2]) for c in chip.values()]
+    if spec.pcm is not None and sites:   # every tile's read noise: one draw computation
+        k_read = _layer_tile_keys(key, "jaxnoise/device/read", sites, grids, "g_plus", "g_minus")
+        z_read = iter(_normals([(k_read[name][i], c["g_plus"].shape[2:]) for i, c in enumerate(chip.values())
+                                for name in ("g_plus", "g_minus")], chip[sites[0]]["g_plus"].dtype))
+    if spec.compensation is not None and sites:
+        k_comp = _layer_tile_keys(key, "jaxnoise/device/compensation", sites, grids, "")[""]
+    out = {}
+    for i, (site, c) in enumerate(chip.items()):
+        if spec.pcm is not None:
+            w_prog = (c["g_plus"] - c["g_minus"]) / c["scale"]
+            g_plus, g_minus, s_read = _tile_conductances(w_prog, spec)
+            g_plus = _read(g_plus, c["nu_plus"], t_inference, next(z_read), spec.pcm, spec.g_max)
+            g_minus = _read(g_minus, c["nu_minus"], t_inference, next(z_read), spec.pcm, spec.g_max)
+            w = jnp.where(c["mask"], (g_plus - g_minus) / s_read, 0.0)
+        else:
+            w = c["w_target"]
+        if spec.compensation is not None:
+            alpha = drift_compensation_factor(c["r0"], _tile_readout(k_comp[i], w, spec, c["mask"]))
+        else:
+            alpha = jnp.ones(w.shape[:2] + (1, 1), w.dtype)
+        out[site] = {"w_tile": w, "w_scale": c["w_scale"], "alpha": alpha}
+    return out
+
+
+def tiled_mvm(key: jax.Array | None, x: jax.Array, w: jax.Array, scale: jax.Array, io: IOParams | None,
+              layout: TileLayout, *, geometry: Mapping[str, int] | None = None, inp_scale: Any = None,
+              noise_flags: tuple[bool, bool] | None = None) -> jax.Array:
+    """The analog output of one tiled layer (aihwkit ``TileModuleArray.forward``), in the units of ``x`` (no bias).
+
+    Input tile ``i`` sees its slice of each input vector (a dense row, or a conv patch in (cin, kh, kw) order);
+    every tile ``(i, j)`` runs :func:`analog_mvm` on its own (its own abs-max scaling, DAC, noise, ADC and bound
+    management), its output is multiplied by ``scale[i, j]`` (weight scale times compensation), and the input tiles'
+    outputs are summed in float. A conv whose tiles are channel groups (:attr:`TileLayout.channel_groups`, e.g.
+    576 = 64 x 3 x 3 inputs -> 2 tiles of 32 channels) runs one conv per tile; other splits run on the im2col
+    patches (9x the input's memory for a 3x3 kernel).
+
+    Args:
+      key: the layer's pass key (tile ``(i, j)``: ``name_key(key, f"tile/{i}/{j}")``), or None for no noise.
+      x: inputs, (..., n_in) for dense, NHWC for a conv.
+      w: tile weights ``(T_in, T_out, L_in, L_out)``.
+      scale: ``(T_in, T_out, 1, 1)`` or ``(T_in, T_out, 1, L_out)``, multiplying each tile's output.
+      io: the I/O parameters, or None for an exact MVM.
+      layout: the layer's :class:`TileLayout`.
+      geometry: ``{"stride", "padding"}`` of a conv layer, None for dense.
+      inp_scale: the constant input scale (``noise_management="constant"``), default ``io.nm_scale``.
+      noise_flags: internal (see :func:`analog_mvm`).
+
+    Returns:
+      ``(..., n_out)`` (dense) or NHWC.
+    """
+    if io is None:
+        return _linear(x, from_tiles(w * scale, layout), geometry)
+    keys = None if key is None else tile_keys(key, layout.shape[:2])
+    t_in, t_out, _, l_out = layout.shape
+
+    def fn(geo):
+        return lambda k, xv, wv: analog_mvm(k, xv, wv, io, geometry=geo, inp_scale=inp_scale, noise_flags=noise_flags)
+
+    if geometry is None:
+        y = _over_tiles(fn(None), keys, w, _split(x, layout.in_sizes, -1))
+    elif layout.channel_groups:   # tile i: a conv on channels [i cg, (i + 1) cg)
+        kh, kw, cin, _ = layout.kernel_shape
+        cg = cin // t_in
+        wk = w.reshape(t_in, t_out, cg, kh, kw, l_out).transpose(0, 1, 3, 4, 2, 5)
+        y = _over_tiles(fn(dict(geometry)), keys, wk, x.reshape(x.shape[:-1] + (t_in, cg)))
+    else:   # the im2col patches ((cin, kh, kw) order, as aihwkit's unfold), as dense vectors
+        s, p = geometry["stride"], geometry["padding"]
+        patches = jax.lax.conv_general_dilated_patches(x, layout.kernel_shape[:2], (s, s), ((p, p), (p, p)),
+                                                       dimension_numbers=("NHWC", "OIHW", "NHWC"))
+        y = _over_tiles(fn(None), keys, w, _split(patches, layout.in_sizes, -1))
+    y = y * scale.reshape(scale.shape[:2] + (1,) * (y.ndim - 3) + scale.shape[-1:])
+    # The input tiles' outputs added in tile order, as aihwkit's result.add_ (T_in is a few; a jnp.sum over the
+    # tile axis crashed XLA:CPU 0.10.2's YNNPACK reduce fusion with chips vmapped: tools/aihwkit_crosscheck.py,
+    # preset_hwa conv, segfaulted).
+    y = functools.reduce(jnp.add, [y[i] for i in range(t_in)])
+    y = jnp.moveaxis(y, 0, -2)   # (..., T_out, L_out)
+    return _unsplit(y, layout.out_sizes, y.ndim - 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _tiled_ste(x, k, w, scale, key, io, inp_scale, geometry, layout, flags):
+    """:func:`tiled_mvm` of the chip's tiles ``w``, with the gradient of the exact linear map at ``k`` (the chip's
+    effective kernel, straight-through to the clean one)."""
+    return tiled_mvm(key, x, w, scale, io, layout, geometry=None if geometry is None else dict(geometry),
+                     inp_scale=inp_scale, noise_flags=flags)
+
+
+def _tiled_ste_fwd(x, k, w, scale, key, io, inp_scale, geometry, layout, flags):
+    return _tiled_ste(x, k, w, scale, key, io, inp_scale, geometry, layout, flags), (x, k)
+
+
+def _tiled_ste_bwd(geometry, layout, flags, res, g):
+    x, k = res
+    _, vjp = jax.vjp(lambda x, k: _linear(x, k, None if geometry is None else dict(geometry)), x, k)
+    dx, dk = vjp(g)
+    return dx, dk, None, None, None, None, None
+
+
+_tiled_ste.defvjp(_tiled_ste_fwd, _tiled_ste_bwd)
+
+
 @struct.dataclass
 class ChipRead:
     """A programmed chip read at one time: what a forward pass needs besides its pass key.
 
     Attributes:
       spec: the device spec.
-      layers: ``{site: {"w_tile", "w_scale", "alpha"}}`` from :func:`read_chip`.
+      layers: ``{site: {"w_tile", "w_scale", "alpha"}}`` from :func:`read_chip` (tile arrays
+        ``(T_in, T_out, L_in, L_out)``, see :class:`TileLayout`; one matrix per layer under semantics "v0").
     """
 
     spec: DeviceSpec
@@ -1138,8 +1630,8 @@ class AnalogContext:
 
     Args:
       chip: the :class:`ChipRead` of this pass.
-      key: the pass key of the I/O noise (output noise keyed ``name_key(name_key(key, "jaxnoise/device/io"),
-        site)``), or None for none (quantisation still applies).
+      key: the pass key of the I/O noise (tile ``(i, j)`` of layer ``site`` keyed ``name_key(name_key(name_key(key,
+        "jaxnoise/device/io"), site), f"tile/{i}/{j}")``), or None for none (quantisation still applies).
     """
 
     def __init__(self, chip: ChipRead, key: jax.Array | None):
@@ -1154,7 +1646,31 @@ class AnalogContext:
         return site in self.chip.layers
 
     def mvm(self, site: str, x: jax.Array, kernel: jax.Array, geometry: Mapping[str, int] | None) -> jax.Array:
-        """The analog layer's output ``~ op(x, kernel)``: tile weights, I/O, ``* A * alpha``."""
+        """The analog layer's output ``~ op(x, kernel)``: per tile the I/O on the tile weights, times the tile's
+        weight scale and drift-compensation factor, summed over the input tiles (:func:`tiled_mvm`); the value is
+        the chip's, the gradient that of the exact map to ``x`` and the clean ``kernel`` (straight-through)."""
+        spec = self.chip.spec
+        if spec.v0:
+            return self._mvm_v0(site, x, kernel, geometry)
+        layer = self.chip.layers[site]
+        dt = x.dtype
+        layout = tile_layout(kernel.shape, spec)
+        w = jax.lax.stop_gradient(layer["w_tile"]).astype(dt)
+        alpha = jax.lax.stop_gradient(layer["alpha"]).astype(dt)
+        scale = jax.lax.stop_gradient(layer["w_scale"]).astype(dt) * alpha
+        w_eff = from_tiles(w * scale, layout)   # the chip's weights in the kernel's units and layout
+        k = kernel.astype(dt)
+        if spec.compensation is not None:   # d y / d kernel = x alpha, as for y = x (kernel alpha)
+            k = k * from_tiles(jnp.broadcast_to(alpha, w.shape), layout)
+        k = k + jax.lax.stop_gradient(w_eff - k)
+        if spec.io is None:
+            return _linear(x, k, geometry)
+        key = self._site_keys.get(site)
+        geo = None if geometry is None else tuple(geometry.items())
+        return _tiled_ste(x, k, w, scale, key, spec.io, _inp_scale(spec, site), geo, layout, _noise_flags(key, spec.io))
+
+    def _mvm_v0(self, site: str, x: jax.Array, kernel: jax.Array, geometry: Mapping[str, int] | None) -> jax.Array:
+        """The layer under ``IOParams(semantics="v0")``: tile weights ``W / A``, I/O, ``* A * alpha``."""
         layer = self.chip.layers[site]
         spec = self.chip.spec
         a = jax.lax.stop_gradient(layer["w_scale"]).astype(x.dtype)
@@ -1186,18 +1702,22 @@ def _aihwkit_inference_default() -> DeviceSpec:
 def _hwa_standard() -> DeviceSpec:
     io = IOParams(inp_bound=1.0, inp_res=1.0 / 254, out_bound=10.0, out_res=1.0 / 254, out_noise=0.04,
                   w_noise=0.0175, nm_scale=1.0, noise_management="constant", bound_management="none")
-    return DeviceSpec(io=io, pcm=PCMModel(), mapping="column", compensation="global", name="hwa_standard")
+    # aihwkit MappingParameter(weight_scaling_omega=1.0, weight_scaling_columnwise=True, max_input_size=512,
+    # max_output_size=0): every tile column remapped to max |w| = 1, so per-column conductances equal per-tile ones.
+    return DeviceSpec(io=io, pcm=PCMModel(), mapping="column", compensation="global", weight_scaling_omega=1.0,
+                      weight_scaling_columnwise=True, max_input_size=512, max_output_size=0, name="hwa_standard")
 
 
 PRESETS = {"ideal": _ideal, "aihwkit_inference_default": _aihwkit_inference_default, "hwa_standard": _hwa_standard}
 PRESET_DOCS = {
     "ideal": "no device effects: the exact network",
     "aihwkit_inference_default": "aihwkit InferenceRPUConfig defaults: IOParameters() (7-bit DAC with abs-max "
-                                 "scaling, 9-bit ADC at +-12, output noise 0.06, iterative bound management), "
-                                 "PCMLikeNoiseModel (g_max 25 uS, per-tensor mapping), global drift compensation",
-    "hwa_standard": "aihwkit StandardHWATrainingPreset: 8-bit DAC/ADC, constant input ranges, out_bound 10, output "
-                    "noise 0.04, PCM-read w_noise 0.0175, channel-wise mapping (weights remapped to max 1 per column, "
-                    "so clipped to +-1), PCM model and global drift compensation at inference",
+                                 "scaling, 9-bit ADC at +-12, output noise 0.06, iterative bound management), raw "
+                                 "weights on tiles of at most 512 x 512 (no weight remapping), PCMLikeNoiseModel "
+                                 "(g_max 25 uS per tile), global drift compensation per tile",
+    "hwa_standard": "aihwkit StandardHWATrainingPreset without IR drop: 8-bit DAC/ADC, constant input ranges, "
+                    "out_bound 10, output noise 0.04, PCM-read w_noise 0.0175, tiles of at most 512 inputs, weights "
+                    "remapped to max 1 per tile column, PCM model and global drift compensation at inference",
 }
 
 

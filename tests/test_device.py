@@ -300,9 +300,9 @@ def test_column_compensation_per_output_column():
     params = _dense_params(jax.random.key(19))
     chip = device.program_chip(jax.random.key(20), params, spec)
     layer = device.read_chip(jax.random.key(21), chip, 3600.0, spec)["fc"]
-    assert layer["alpha"].shape == (4,)
-    np.testing.assert_allclose(jnp.mean(jnp.abs(layer["alpha"] * layer["w_tile"]), axis=0), chip["fc"]["r0"],
-                               rtol=1e-6)
+    assert layer["alpha"].shape == (1, 1, 1, 4)   # one tile, one factor per output column
+    np.testing.assert_allclose(jnp.mean(jnp.abs(layer["alpha"] * layer["w_tile"]), axis=2, keepdims=True),
+                               chip["fc"]["r0"], rtol=1e-6)
 
 
 def test_chip_is_fixed_and_reads_are_fresh():
@@ -791,6 +791,17 @@ def test_batched_normals_equal_jax_random_normal():
     for got, k, s in zip(z, keys, shapes):
         np.testing.assert_array_equal(got, jax.random.normal(k, s, jnp.float32))
     assert device._fast_normals(keys, jnp.float32) and not device._fast_normals(keys, jnp.float16)
+    # an array of keys (a layer's tiles): one draw per key, as that key alone draws it
+    data = jax.random.key_data(jax.random.split(jax.random.key(39), (2, 3)))
+    tiles = jax.random.wrap_key_data
+
+    zt = jax.jit(lambda d: device._normals([(tiles(d), (4, 5)), (jax.random.key(40), (3,))], jnp.float32))(data)
+    assert zt[0].shape == (2, 3, 4, 5)
+    for i in range(2):
+        for j in range(3):
+            np.testing.assert_array_equal(zt[0][i, j], jax.random.normal(tiles(data[i, j]), (4, 5), jnp.float32))
+    np.testing.assert_array_equal(device._normals([(tiles(data), (4, 5))], jnp.float16)[0][1, 2],
+                                  jax.random.normal(tiles(data[1, 2]), (4, 5), jnp.float16))
     k16 = jax.random.key(38)   # float16: jax.random.normal itself
     np.testing.assert_array_equal(device._normals([(jax.random.clone(k16), (4,))], jnp.float16)[0],
                                   jax.random.normal(k16, (4,), jnp.float16))
@@ -881,3 +892,314 @@ def test_all_zero_input_vectors_read_exactly_zero_like_aihwkit(semantics):
 def test_bad_bound_management_fields_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         device.IOParams(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiles, tile units and the read step of semantics "aihwkit" (docs/aihwkit_presets_audit.md section 6, items 1, 5-7)
+
+
+def np_patches_torch_order(x, kh, kw, stride, padding):
+    """im2col as torch's unfold: one row per output position, features ordered (cin, kh, kw)."""
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    n, h, w, _ = xp.shape
+    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    out = np.zeros((n, ho, wo, x.shape[-1] * kh * kw), x.dtype)
+    for i in range(ho):
+        for j in range(wo):
+            out[:, i, j] = xp[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :].transpose(0, 3, 1, 2) \
+                .reshape(n, -1)
+    return out
+
+
+def np_split(size, max_size):
+    n = -(-size // max_size)
+    return [size // n + (i < size % n) for i in range(n)]
+
+
+def np_tiled_mvm(x, m, in_sizes, out_sizes, inp_res=1 / 126, out_res=1 / 510, out_bound=12.0, last_factor=15.75,
+                 bm=True):
+    """aihwkit's TileModuleArray forward without noise, written from the audit: per tile its own abs-max, DAC, ADC
+    and bound management (factors 1, 2, 4, ... until nothing clips or the factor passes last_factor); outputs of
+    the input tiles summed, output tiles concatenated. x: (vectors, n_in), m: (n_in, n_out), inputs torch order."""
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    dstep, ostep = inp_res * 2, out_res * 2 * out_bound
+    cols = []
+    o0 = 0
+    for o in out_sizes:
+        acc = np.zeros((len(x), o))
+        i0 = 0
+        for i in in_sizes:
+            xs, w = x[:, i0:i0 + i], m[i0:i0 + i, o0:o0 + o].astype(np.float64)
+            s = np.max(np.abs(xs), axis=1, keepdims=True)
+            out = np.zeros((len(x), o))
+            for r in range(len(x)):
+                if s[r, 0] == 0:
+                    continue   # an all-zero vector reads exactly 0
+                f = 1.0
+                while True:
+                    xq = np.clip(np.round(xs[r] / (s[r, 0] * f) / dstep) * dstep, -1, 1)
+                    yq = np.round(xq @ w / ostep) * ostep
+                    if not bm or not np.any(np.abs(yq) > out_bound) or f > last_factor:
+                        break
+                    f *= 2
+                out[r] = np.clip(yq, -out_bound, out_bound) * s[r, 0] * f
+            acc += out
+            i0 += i
+        cols.append(acc)
+        o0 += o
+    return np.concatenate(cols, axis=1)
+
+
+def test_split_sizes_are_aihwkits():
+    """aihwkit TileModuleArray.get_split_sizes (probed: 576 -> [288, 288], 1152 -> 3 x 384, 600 -> [300, 300])."""
+    assert device.split_sizes(576, 512) == (288, 288)
+    assert device.split_sizes(1152, 512) == (384, 384, 384)
+    assert device.split_sizes(600, 512) == (300, 300)
+    assert device.split_sizes(512, 512) == (512,)
+    assert device.split_sizes(513, 512) == (257, 256)
+    assert device.split_sizes(80, 32) == (27, 27, 26)
+    assert device.split_sizes(700, 0) == (700,)
+    for size, most in [(80, 32), (1000, 512), (7, 3)]:
+        assert list(device.split_sizes(size, most)) == np_split(size, most)
+
+
+@pytest.mark.parametrize("shape, max_in, max_out", [((80, 24), 32, 16), ((3, 3, 8, 6), 32, 4), ((3, 3, 8, 6), 36, 0)])
+def test_tiles_round_trip_and_hold_the_torch_order_matrix(shape, max_in, max_out):
+    w = jax.random.normal(jax.random.key(40), shape)
+    spec = device.DeviceSpec(max_input_size=max_in, max_output_size=max_out)
+    lay = device.tile_layout(shape, spec)
+    tiles = device.to_tiles(w, lay)
+    assert tiles.shape == lay.shape
+    np.testing.assert_array_equal(device.from_tiles(tiles, lay), w)
+    np.testing.assert_array_equal(np.asarray(tiles)[~lay.mask()], 0.0)   # padding is zero
+    m = np.asarray(device.layer_matrix(w))
+    if len(shape) == 4:   # torch's weight.reshape(cout, -1).T: inputs (cin, kh, kw)
+        np.testing.assert_array_equal(m, np.asarray(w).transpose(3, 2, 0, 1).reshape(shape[-1], -1).T)
+    i0 = sum(lay.in_sizes[:1])
+    np.testing.assert_array_equal(np.asarray(tiles)[1, 0, :lay.in_sizes[1], :lay.out_sizes[0]],
+                                  m[i0:i0 + lay.in_sizes[1], :lay.out_sizes[0]])
+
+
+def _tile_io(**kw):
+    return device.IOParams(out_noise=0.0, **kw)
+
+
+@pytest.mark.parametrize("case", ["dense", "conv_groups", "conv_patches"])
+def test_tiled_mvm_matches_numpy_per_tile_io(case):
+    """Noise-free tiles with abs-max scaling, DAC, ADC and bound management (weights large enough that vectors
+    clip and re-run): the NumPy transcription of aihwkit's TileModuleArray of tiles."""
+    k1, k2 = jax.random.key(41), jax.random.key(42)
+    if case == "dense":
+        shape, max_in, max_out, geo = (80, 24), 32, 16, None
+        x = jax.random.normal(k1, (6, 80))
+    else:
+        shape, max_out, geo = (3, 3, 8, 6), 4, {"stride": 2, "padding": 1}
+        max_in = 36 if case == "conv_groups" else 32   # 72 -> 2 x 36 (4 channels each) or 3 x 24 (mid-channel)
+        x = jax.random.normal(k1, (2, 5, 5, 8)).at[0, :3, :3, :].set(0.0)   # some all-zero patches
+    w = jax.random.normal(k2, shape) * 1.5
+    spec = device.DeviceSpec(io=_tile_io(), max_input_size=max_in, max_output_size=max_out)
+    lay = device.tile_layout(shape, spec)
+    assert lay.channel_groups == (case == "conv_groups")
+    tiles = device.to_tiles(w, lay)
+    ones = jnp.ones(lay.shape[:2] + (1, 1))
+    got = np.asarray(device.tiled_mvm(None, x, tiles, ones, spec.io, lay, geometry=geo))
+    xv = np.asarray(x) if geo is None else np_patches_torch_order(np.asarray(x), 3, 3, 2, 1)
+    want = np_tiled_mvm(xv, np.asarray(device.layer_matrix(w)), lay.in_sizes, lay.out_sizes)
+    assert np.max(np.abs(want)) > 12.0   # bound management re-ran vectors
+    np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-4)
+    if geo is not None:   # all-zero patches read exactly 0 in every tile
+        np.testing.assert_array_equal(got[0, 0, 0], 0.0)
+
+
+def test_a_tiles_noise_comes_from_the_layer_key_and_its_index_by_name():
+    """Tile (1, 0) of a layer draws its I/O noise from name_key(layer key, "tile/1/0"); a tile whose input slice
+    is all zero reads exactly 0, so the layer's output is tile (1, 0)'s alone."""
+    spec = device.DeviceSpec(io=device.IOParams(out_res=None), max_input_size=32, max_output_size=0)
+    w = jax.random.normal(jax.random.key(43), (64, 5)) * 0.3
+    lay = device.tile_layout(w.shape, spec)
+    tiles = device.to_tiles(w, lay)
+    x = jnp.zeros((7, 64)).at[:, 32:].set(jax.random.normal(jax.random.key(44), (7, 32)))
+    key = jax.random.key(45)
+    y = device.tiled_mvm(key, x, tiles, jnp.full(lay.shape[:2] + (1, 1), 2.0), spec.io, lay)
+    alone = device.analog_mvm(noise.name_key(jax.random.clone(key), "tile/1/0"), x[:, 32:], tiles[1, 0], spec.io)
+    np.testing.assert_allclose(y, 2.0 * alone, rtol=1e-6, atol=1e-6)
+    assert float(jnp.std(y - 2.0 * x @ w)) > 0.01   # output noise is on
+
+
+@pytest.mark.parametrize("omega, columnwise", [(0.0, False), (1.0, False), (0.5, True)])
+def test_weight_scaling_omega_sets_the_tile_units(omega, columnwise):
+    """omega 0 (aihwkit's default): the raw weights on the tile, no output scale; omega > 0: w / a with
+    a = max|W_tile| / omega per tile or per tile column, the output times a. Conductances per tile."""
+    w = jax.random.normal(jax.random.key(46), (40, 6)) * 0.2
+    spec = device.DeviceSpec(weight_scaling_omega=omega, weight_scaling_columnwise=columnwise, max_input_size=20)
+    chip = device.program_chip(jax.random.key(47), {"fc": {"kernel": w}}, spec)["fc"]
+    tiles = np.asarray(device.to_tiles(w, device.tile_layout(w.shape, spec)))
+    amax = np.max(np.abs(tiles), axis=2 if columnwise else (2, 3), keepdims=True)
+    a = amax / omega if omega > 0 else np.ones_like(amax)
+    np.testing.assert_allclose(chip["w_scale"], a, rtol=1e-6)
+    np.testing.assert_allclose(chip["w_target"], tiles / a, rtol=1e-6)
+    if omega == 0:
+        np.testing.assert_array_equal(chip["w_target"], tiles)
+    np.testing.assert_allclose(chip["scale"], 25.0 / np.max(np.abs(tiles / a), axis=(2, 3), keepdims=True),
+                               rtol=1e-5)
+    layers = device.read_chip(jax.random.key(48), {"fc": chip}, 0.0, spec)
+    x = jax.random.normal(jax.random.key(49), (3, 40))
+    y = device.AnalogContext(device.ChipRead(spec, layers), None).mvm("fc", x, w, None)
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)   # exact MVM, no PCM: the layer's own output
+
+
+def test_read_step_reconverts_the_programmed_weights_onto_one_device():
+    """aihwkit apply_drift_noise: w_p is converted again (one device of each pair non-zero), so an entry drifts
+    with nu+ where w_p > 0 and nu- where w_p < 0, whatever programming noise put on the other device."""
+    pcm = device.PCMModel(read_noise_scale=0.0)
+    spec = device.DeviceSpec(pcm=pcm, max_input_size=16)
+    w = jax.random.normal(jax.random.key(50), (24, 5))
+    chip = device.program_chip(jax.random.key(51), {"fc": {"kernel": w}}, spec)
+    c = dict(chip["fc"])
+    assert float(jnp.min(jnp.minimum(c["g_plus"], c["g_minus"])[c["mask"]])) >= 0
+    assert float(jnp.max(jnp.minimum(c["g_plus"], c["g_minus"]))) > 0   # programming noise on both devices
+    c["nu_plus"] = jnp.full_like(c["nu_plus"], 0.05)
+    c["nu_minus"] = jnp.full_like(c["nu_minus"], 0.1)
+    t = 86400.0
+    w_t = device.read_chip(jax.random.key(52), {"fc": c}, t, spec)["fc"]["w_tile"]
+    w_p = np.asarray((c["g_plus"] - c["g_minus"]) / c["scale"], np.float64)
+    r = (t + 20.0) / 20.0
+    want = np.where(np.asarray(c["mask"]), w_p * np.where(w_p > 0, r ** -0.05, r ** -0.1), 0.0)
+    np.testing.assert_allclose(w_t, want, rtol=1e-5, atol=1e-7)
+
+
+def test_read_noise_uses_the_reconverted_conductance():
+    """Read noise of the one non-zero device g' = |w_p| 25 / max|w_p|: all |w| equal gives g' = 25 (Q_s = 0.0088)."""
+    pcm = device.PCMModel(prog_noise_scale=0.0, drift_scale=0.0)
+    spec = device.DeviceSpec(pcm=pcm, g_max=25.0)
+    w = jnp.sign(jax.random.normal(jax.random.key(53), (16, 8))) * 0.3
+    chip = device.program_chip(jax.random.key(54), {"fc": {"kernel": w}}, spec)
+    t = 3600.0
+    keys = jax.random.split(jax.random.key(55), 200)
+    w_t = jax.jit(jax.vmap(lambda k: device.read_chip(k, chip, t, spec)["fc"]["w_tile"]))(keys)
+    rel = np.asarray(w_t / chip["fc"]["w_target"] - 1.0, np.float64).ravel()
+    sigma = float(np_sigma_read(np.float64(25.0), t))
+    n = rel.size
+    assert abs(rel.mean()) < Z * sigma / math.sqrt(n)
+    assert abs(rel.std(ddof=1) - sigma) < Z * sigma / math.sqrt(2 * (n - 1))
+
+
+def test_compensation_readout_is_per_tile_at_input_one():
+    """r0 of each tile is the identity at input 1.0 through that tile's I/O (aihwkit reads the raw tile: no input
+    range), the mean over the tile's real entries."""
+    io = device.IOParams(out_noise=0.0, noise_management="constant", nm_scale=1.0, bound_management="none",
+                         inp_ranges={"fc": 4.0})
+    spec = device.DeviceSpec(io=io, compensation="global", max_input_size=11, max_output_size=3)
+    w = jax.random.uniform(jax.random.key(56), (21, 5), minval=-0.5, maxval=0.5)
+    chip = device.program_chip(jax.random.key(57), {"fc": {"kernel": w}}, spec)["fc"]
+    lay = device.tile_layout(w.shape, spec)   # in (11, 10), out (3, 2)
+    m = np.asarray(w, np.float64)
+    i0 = 0
+    for i, ni in enumerate(lay.in_sizes):
+        o0 = 0
+        for j, nj in enumerate(lay.out_sizes):
+            y = np_quantize(np_quantize(np.ones(1), 1 / 126, 1.0) * m[i0:i0 + ni, o0:o0 + nj], 1 / 510, 12.0)
+            np.testing.assert_allclose(chip["r0"][i, j, 0, 0], np.mean(np.abs(y)), rtol=1e-5)
+            o0 += nj
+        i0 += ni
+
+
+@pytest.mark.parametrize("shape, geo, max_in", [
+    pytest.param((30, 7), None, 8, id="dense"),
+    pytest.param((3, 3, 4, 5), {"stride": 1, "padding": 1}, 10, id="conv_patches"),
+    pytest.param((3, 3, 4, 5), {"stride": 1, "padding": 1}, 18, id="conv_groups", marks=pytest.mark.slow)])
+def test_tiled_layer_gradient_is_the_exact_maps(shape, geo, max_in):
+    """Straight-through: with noise-free, unquantised I/O the tiled layer's value and gradients are the exact
+    layer's (dense and both conv paths)."""
+    io = device.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.0)
+    spec = device.DeviceSpec(io=io, max_input_size=max_in, max_output_size=3, weight_scaling_omega=1.0)
+    w = jax.random.normal(jax.random.key(58), shape)
+    x = jax.random.normal(jax.random.key(59), (4, 30) if geo is None else (2, 5, 5, 4))
+    layers = device.read_chip(None, device.program_chip(jax.random.key(60), {"l": {"kernel": w}}, spec), 0.0,
+                              spec)
+    ctx = device.AnalogContext(device.ChipRead(spec, layers), jax.random.key(61))
+
+    def f(x, w, analog):
+        y = ctx.mvm("l", x, w, geo) if analog else device._linear(x, w, geo)
+        return jnp.sum(jnp.sin(y))
+
+    both = jax.jit(jax.value_and_grad(f, (0, 1)), static_argnums=2)
+    (va, ga), (vb, gb) = both(x, w, True), both(x, w, False)
+    np.testing.assert_allclose(va, vb, rtol=1e-5)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("io", [pytest.param(False, id="pcm"),
+                                pytest.param(True, id="pcm_io", marks=pytest.mark.slow)])   # ~20 s: I/O compiles
+def test_tiled_time_sweep_compiles_once(io, trained_digits_cnn, digits):
+    """Tiles (conv2: 144 inputs -> 2 channel groups; conv3: 288 -> 3 mid-channel tiles; 32 outputs -> 2 tiles):
+    per-tile programming, reads and compensation (and I/O); a second sweep over other times reuses the program;
+    the chip is fixed across times."""
+    model, variables, _ = trained_digits_cnn
+    x, y = digits.test.images[:40], digits.test.labels[:40]
+    spec = device.preset("aihwkit_inference_default").replace(max_input_size=100, max_output_size=20)
+    # I/O without bound management (its loops compile slowly); the tiles' own scaling, DAC and ADC stay.
+    spec = spec.replace(io=spec.io.replace(bound_management="none") if io else None)
+    lay = device.tile_layout((3, 3, 32, 32), spec)
+    assert lay.shape == (3, 2, 96, 16) and not lay.channel_groups
+    kw = dict(key=0, n_chips=2, batch_size=40, preprocess=digits.preprocess)
+    before = robustness.trace_count()
+    a = robustness.evaluate_device(model, variables, x, y, spec, times=[1.0, 86400.0], **kw)
+    b = robustness.evaluate_device(model, variables, x, y, spec, times=[3600.0, 86400.0], **kw)
+    assert robustness.trace_count() - before == 1
+    np.testing.assert_array_equal(a[1].per_chip, b[1].per_chip)   # same chips, same time, same read keys
+    assert all(0.0 <= r.mean <= 1.0 for r in a + b)
+
+
+def test_presets_use_aihwkits_mapping_and_tiles():
+    default, hwa = device.preset("aihwkit_inference_default"), device.preset("hwa_standard")
+    assert (default.weight_scaling_omega, default.max_input_size, default.max_output_size) == (0.0, 512, 512)
+    assert not default.weight_scaling_columnwise and default.mapping == "tensor"
+    assert (hwa.weight_scaling_omega, hwa.weight_scaling_columnwise) == (1.0, True)
+    assert (hwa.max_input_size, hwa.max_output_size) == (512, 0)
+    assert device.tile_layout((3, 3, 64, 64), default).shape == (2, 1, 288, 64)
+    assert device.tile_layout((3, 3, 64, 600), hwa).shape == (2, 1, 288, 600)
+    assert default.describe()["max_input_size"] == 512 and not default.v0
+    assert default.replace(io=default.io.replace(**LEGACY_IO)).v0
+
+
+@pytest.mark.parametrize("kwargs, match", [({"weight_scaling_omega": -1.0}, "weight_scaling_omega"),
+                                           ({"max_input_size": -1}, "max_input_size"),
+                                           ({"max_output_size": 2.5}, "max_output_size"),
+                                           ({"weight_scaling_columnwise": "yes"}, "weight_scaling_columnwise")])
+def test_bad_tile_fields_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        device.DeviceSpec(**kwargs)
+
+
+def test_a_chip_is_read_under_the_semantics_it_was_programmed_with():
+    spec = device.preset("aihwkit_inference_default")
+    params = _dense_params(jax.random.key(62))
+    chip = device.program_chip(jax.random.key(63), params, spec)
+    legacy = spec.replace(io=spec.io.replace(**LEGACY_IO))
+    with pytest.raises(ValueError, match="same spec"):
+        device.read_chip(jax.random.key(64), chip, 0.0, legacy)
+    with pytest.raises(ValueError, match="same spec"):
+        device.read_chip(jax.random.key(64), device.program_chip(jax.random.key(63), params, legacy), 0.0, spec)
+
+
+
+def test_a_tiles_programming_draw_comes_from_the_layer_key_and_its_index_by_name():
+    """Tile (1, 0)'s programming noise: name_key(name_key(name_key(name_key(K, "jaxnoise/device/program"), site),
+    "tile/1/0"), "g_plus"); another layer added leaves it unchanged."""
+    pcm = device.PCMModel()
+    spec = device.DeviceSpec(pcm=pcm, max_input_size=10)
+    w = jax.random.normal(jax.random.key(68), (20, 3))
+    params = {"fc": {"kernel": w}}
+    key = jax.random.key(69)
+    chip = device.program_chip(jax.random.clone(key), params, spec)["fc"]
+    more = device.program_chip(jax.random.clone(key), {**params, "aaa": {"kernel": jnp.ones((4, 2))}}, spec)["fc"]
+    np.testing.assert_array_equal(chip["g_plus"], more["g_plus"])
+    k = key
+    for name in ("jaxnoise/device/program", "fc", "tile/1/0", "g_plus"):
+        k = noise.name_key(k, name)
+    z = np.asarray(jax.random.normal(k, (10, 3)), np.float64)
+    target = np.clip(np.asarray(w)[10:] * 25.0 / np.max(np.abs(np.asarray(w)[10:])), 0, 25)
+    want = np.maximum(target + np_sigma_prog(target) * z, 0.0)
+    np.testing.assert_allclose(chip["g_plus"][1, 0], want, rtol=1e-5, atol=1e-5)

@@ -16,9 +16,10 @@ The defaults are the settings of the committed run, `python experiments/device_c
 ``io_numerics`` are the analog MVM's I/O numerics of that run, which predates ``IOParams.sampler``,
 ``conv_sum`` and ``semantics`` (``jaxnoise.device.LEGACY_IO``): ``sampler="threefry/erfinv"`` (jax.random.normal;
 the CPU default is now "threefry/icdf16"), ``conv_sum="taps"`` (one dot per kernel tap; now "patch") and
-``semantics="v0"`` (bound management and zero inputs as jaxnoise did before aihwkit 1.2.0's semantics), bit for bit
-the old code (tests/test_device.py). For new results set each to "" (the preset's value: the backend's sampler,
-"patch", "aihwkit").
+``semantics="v0"`` (bound management and zero inputs as jaxnoise did before aihwkit 1.2.0's semantics, and the whole
+layer as then: one tile per layer holding W / max|W|, both programmed devices drifted), bit for bit the old code
+(tests/test_device.py). For new results set each to "" (the preset's value: the backend's sampler, "patch",
+"aihwkit": aihwkit's tiles, raw tile weights and read step, docs/aihwkit_presets.md).
 
 Expected (experiments/results/device_resnet32/results.json), mean % over 8 chips with global compensation:
 pretrained 74.60 (1 s), 62.05 (1 h), 49.78 (1 day), 26.82 (1 month), 17.05 (1 year); clean_ft 82.58, 73.25, 61.20,
