@@ -499,3 +499,17 @@ def test_streamed_device_and_many(mock_imagenet):
     b = robustness.evaluate_many(model, v, ds.test, None, specs, key=2, n_chips=2, **kw)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.per_chip, y.per_chip)
+
+
+@pytest.mark.slow
+def test_streamed_sensitivity_map_equals_the_in_memory_one(mock_imagenet):
+    from jaxnoise import sensitivity
+    dc, ds, mem, model, v = _stream_setup(mock_imagenet)
+    kw = dict(noise="weight", scales=[0.3], key=0, n_chips=2, batch_size=10, preprocess=ds.preprocess)
+    a = sensitivity.sensitivity_map(model, v, mem.images, mem.labels, **kw)
+    b = sensitivity.sensitivity_map(model, v, ds.test, None, **kw)
+    assert a.layers == b.layers and len(a.layers) > 1
+    for ra, rb in zip([r for row in a.results for r in row] + a.all_layers + [a.clean],
+                      [r for row in b.results for r in row] + b.all_layers + [b.clean]):
+        np.testing.assert_array_equal(ra.per_chip, rb.per_chip)
+        assert rb.n_images == 32
