@@ -43,7 +43,7 @@ def test_fresh_blocks_are_bitwise_identity(name, kind):
         np.testing.assert_array_equal(np.asarray(dfeats[s]), np.asarray(feats[s]))
 
 
-@pytest.mark.parametrize("kind", ["residual", "probabilistic"])
+@pytest.mark.parametrize("kind", ["residual", pytest.param("probabilistic", marks=pytest.mark.slow)])
 def test_empty_placement_equals_plain_model_under_noise(kind):
     """Gates 0 give the plain model bit for bit, noise included: insertion changes no noise key elsewhere."""
     model = get_model("cnn", input_shape=(8, 8, 1))
@@ -198,7 +198,7 @@ def test_probabilistic_blocks_train_with_noise_likelihood(digits, trained_cnn, t
     assert np.all(np.isfinite(nll)) and nll[-1] < nll[0]  # the predicted noise distribution fits better
 
 
-@pytest.mark.parametrize("sampler", ["threefry/erfinv", "threefry/icdf16"])
+@pytest.mark.parametrize("sampler", [pytest.param("threefry/erfinv", marks=pytest.mark.slow), "threefry/icdf16"])
 def test_denoiser_loss_draws_its_noise_with_the_given_sampler(trained_cnn, digits, sampler):
     """The training noise is NoiseSpec(sampler=...)'s: the loss equals the CE of the noisy forward pass it names."""
     model, variables, ref = trained_cnn
@@ -253,7 +253,7 @@ def test_act_eta_spread_draws_the_scale_uniformly_per_step_from_the_key(trained_
     assert loss_fn.config["act_eta_spread"] == 0.5
     hp = {k: jnp.float32(v) for k, v in loss_fn.hparams.items()}
     eta_of = jax.jit(lambda key: loss_fn(dvars["params"], dvars["batch_stats"], x, y, key, hp)[1][2]["act_eta"])
-    keys = [jax.random.fold_in(jax.random.key(11), i) for i in range(400)]
+    keys = [jax.random.fold_in(jax.random.key(11), i) for i in range(200)]
     etas = np.array([float(eta_of(k)) for k in keys])
     assert etas.min() >= 0.3 - 1e-6 and etas.max() <= 0.9 + 1e-6
     assert scipy.stats.kstest((etas - 0.3) / 0.6, "uniform").pvalue > 1e-3

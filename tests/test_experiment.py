@@ -25,9 +25,10 @@ def test_there_are_configs():
     assert CONFIGS, "experiments/configs/*.py: no config found"
 
 
-# Protocols whose tiny run compiles programs too large for the default suite's budget (denoise_proxy: the vmapped
-# training of several placements at once, ~1-3 min here); their configs run end to end in the slow set.
-SLOW_TINY_PROTOCOLS = {"denoise_proxy"}
+# Protocols whose tiny run compiles too many programs for the default suite's budget (denoise_proxy: the vmapped
+# training of several placements at once, 1-3 min here; denoise_ablation: 7 variants, 20-40 s); their configs run
+# end to end in the slow set, their rules are unit tested by default (tests/test_denoise_{ablation,proxy}.py).
+SLOW_TINY_PROTOCOLS = {"denoise_proxy", "denoise_ablation"}
 
 
 def _one_per_protocol():
