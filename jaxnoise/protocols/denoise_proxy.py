@@ -81,12 +81,9 @@ def make_placements(dm, budget: float, gains: dict, grads: dict, n: int, seed: i
     limit = budget * dm.backbone.param_count()
     sites = dm.candidate_sites
     costs = placement.site_params(dm)
-    every = placement.every_block_placement(dm)
-    other = np.zeros_like(every)
-    other[np.flatnonzero(every)[::2]] = 1.0
-    candidates = [("every_block", every), ("every_other_block", other),
-                  ("gradient_ranked", _fill(dm, sorted(sites, key=lambda t: -grads.get(t, 0.0)), limit, costs)),
-                  ("removal_ranked", _fill(dm, sorted(sites, key=lambda t: -gains.get(t, 0.0)), limit, costs))]
+    candidates = [(rule, da.gates_for(dm, rule)) for rule in da.SITE_RULES] + [
+        ("gradient_ranked", _fill(dm, sorted(sites, key=lambda t: -grads.get(t, 0.0)), limit, costs)),
+        ("removal_ranked", _fill(dm, sorted(sites, key=lambda t: -gains.get(t, 0.0)), limit, costs))]
     try:
         candidates.append(("most_sensitive", placement.most_sensitive_placement(dm, gains, budget)))
     except ValueError:   # no single block fits: the random fills below find none either, and the count check says so
