@@ -1375,12 +1375,7 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
         acc = _run_chips(data, variables, stacked, key, 0, n_chips, chip_batch_size, mesh, setting_batch_size=1)
         return [MCResult.from_per_chip(acc[i], data.n_images, described(e, model)) for i, e in enumerate(exacts)]
     results = []
-    for we, ae in pairs:
-        exact = spec  # Python floats: exact numbers in the description
-        if we is not None:
-            exact = exact.replace(weight_eta=we)
-        if ae is not None:
-            exact = exact.replace(act_eta=ae)
+    for exact in exacts:
         per_chip = _run_chips(data, variables, exact, key, 0, n_chips, chip_batch_size, mesh)
         results.append(MCResult.from_per_chip(per_chip, data.n_images, described(exact, model)))
     return results
