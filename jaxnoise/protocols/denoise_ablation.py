@@ -36,11 +36,9 @@ other variants), at most 2 chips (the tests).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from jaxnoise import checkpoint, denoise, noise, placement, report, robustness, stats
+from jaxnoise import checkpoint, denoise, placement, report, robustness, stats
 from jaxnoise import io as io_lib
 from jaxnoise.experiment import Stage, protocol
 from jaxnoise.protocols import common
@@ -135,32 +133,12 @@ def stage_eval(name: str):
     def run(ctx):
         config = ctx.config
         s = dp.setup(config)
-        test = dp.test_split(config, s)
         if name == "plain":
             model, variables = s.model, s.variables
         else:
             model = variant_model(config, _variant(config, name))[0]
             variables = checkpoint.load_variables(ctx.result_path("weights", f"{name}.npz"), model)
-        path = ctx.result_path("eval", f"{name}.json")
-        entries = dp._load(path)["arms"][0]["eval"] if os.path.exists(path) else []
-        if not entries:
-            entries.append(robustness.evaluate(model, variables, test.images, test.labels, None,
-                                               batch_size=int(config.eval.batch_size),
-                                               preprocess=s.ds.preprocess).to_dict())
-        done = {(dp._act(e), int(e["n_chips"])) for e in entries}
-        for eta, n_chips in eval_plan(config, dp._level(ctx)):
-            if (eta, n_chips) in done:
-                continue
-            r = robustness.evaluate(model, variables, test.images, test.labels, dp.spec(config, s, eta),
-                                    key=noise.name_key(s.key, "eval"), n_chips=n_chips,
-                                    batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
-            entries.append(r.to_dict())
-            arm = report.arm(name, s.model, "clean" if name == "plain" else "denoiser", s.model.param_count(),
-                             entries)
-            report.write_json(path, common.result(config, [arm], "test", len(test.labels)))
-            ctx.log(f"eval: {name} at eta {eta}: {100 * r.mean:.2f}% {robustness.format_ci95(r.ci95)} "
-                    f"({n_chips} chips)")
-        return {str(dp._act(e)): e["mean"] for e in entries}
+        return dp.evaluate_arm(ctx, s, name, model, variables, eval_plan(config, dp._level(ctx)), noise_free=True)
     return run
 
 

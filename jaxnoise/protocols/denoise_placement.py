@@ -450,35 +450,45 @@ def eval_plan(config, level: dict, name: str) -> list[tuple[float, int]]:
     return [(target, _cap(config, config.eval.side_chips, TINY_CHIPS))]
 
 
+def evaluate_arm(ctx, s: Setup, name: str, model, variables, plan: list[tuple[float, int]], *,
+                 noise_free: bool) -> dict:
+    """Evaluates one arm on the test split at every ``(eta, n_chips)`` of ``plan`` (chip ``i`` has the key
+    ``fold_in(name_key(s.key, "eval"), i)`` in every arm), first noise-free when ``noise_free``; writes
+    ``eval/<name>.json`` after each entry, and skips the entries it already holds (a stopped stage resumes)."""
+    config = ctx.config
+    test = test_split(config, s)
+    path = ctx.result_path("eval", f"{name}.json")
+    entries = _load(path)["arms"][0]["eval"] if os.path.exists(path) else []
+    if noise_free and not entries:
+        entries.append(robustness.evaluate(model, variables, *common.eval_data(test), None,
+                                           batch_size=int(config.eval.batch_size),
+                                           preprocess=s.ds.preprocess).to_dict())
+    done = {(_act(e), int(e["n_chips"])) for e in entries}
+    for eta, n_chips in plan:
+        if (eta, n_chips) in done:
+            continue
+        r = robustness.evaluate(model, variables, *common.eval_data(test), spec(config, s, eta),
+                                key=noise.name_key(s.key, "eval"), n_chips=n_chips,
+                                batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
+        entries.append(r.to_dict())
+        arm = report.arm(name, s.model, "clean" if name == "plain" else "denoiser", s.model.param_count(), entries)
+        report.write_json(path, _result(config, [arm], "test", len(test)))
+        ctx.log(f"eval: {name} at eta {eta}: {100 * r.mean:.2f}% {robustness.format_ci95(r.ci95)} "
+                f"({n_chips} chips)")
+    return {str(_act(e)): e["mean"] for e in entries}
+
+
 def stage_eval(name: str):
     def run(ctx):
         config = ctx.config
         s = setup(config)
-        test = test_split(config, s)
         if name == "plain":
             model, variables = s.model, s.variables
         else:
             model = arm_placement(ctx, name)[0]
             variables = checkpoint.load_variables(ctx.result_path("weights", f"{name}.npz"), model)
-        path = ctx.result_path("eval", f"{name}.json")
-        entries = _load(path)["arms"][0]["eval"] if os.path.exists(path) else []
-        if name == "plain" and not entries:
-            entries.append(robustness.evaluate(s.model, s.variables, *common.eval_data(test), None,
-                                               preprocess=s.ds.preprocess).to_dict())
-        done = {(_act(e), int(e["n_chips"])) for e in entries}
-        level = _level(ctx)
-        for eta, n_chips in eval_plan(config, level, name):
-            if (eta, n_chips) in done:
-                continue
-            r = robustness.evaluate(model, variables, *common.eval_data(test), spec(config, s, eta),
-                                    key=noise.name_key(s.key, "eval"), n_chips=n_chips,
-                                    batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
-            entries.append(r.to_dict())
-            arm = report.arm(name, s.model, "clean" if name == "plain" else "denoiser", s.model.param_count(), entries)
-            report.write_json(path, _result(config, [arm], "test", len(test)))
-            ctx.log(f"eval: {name} at eta {eta}: {100 * r.mean:.2f}% {robustness.format_ci95(r.ci95)} "
-                    f"({n_chips} chips)")
-        return {str(_act(e)): e["mean"] for e in entries}
+        return evaluate_arm(ctx, s, name, model, variables, eval_plan(config, _level(ctx), name),
+                            noise_free=name == "plain")
     return run
 
 
