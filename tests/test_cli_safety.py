@@ -440,6 +440,7 @@ def test_train_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, capsys, monke
     assert rc == 0 and "from step 7 of 20" in out
 
 
+@pytest.mark.slow  # two CLI processes (~17 s)
 def test_same_seed_same_numbers_in_separate_processes(mlp_workdir, tmp_path, capsys):
     """Two fresh Python processes running one command give identical per-chip results, equal to this process's."""
     env = dict(os.environ, CI="true")

@@ -65,7 +65,6 @@ def test_bad_mesh_is_refused(trained_digits_cnn, digits):
                             NoiseSpec(weight_eta=0.1), key=0, n_chips=2, preprocess=digits.preprocess, mesh=bad)
 
 
-@pytest.mark.slow  # ~12 s; the 8-device subprocess test covers more meshes
 def test_one_device_mesh_equals_no_mesh(trained_digits_cnn, digits):
     model, variables, _ = trained_digits_cnn
     x, y = digits.test.images[:100], digits.test.labels[:100]
@@ -76,6 +75,7 @@ def test_one_device_mesh_equals_no_mesh(trained_digits_cnn, digits):
     np.testing.assert_array_equal(a.per_chip, b.per_chip)
 
 
+@pytest.mark.slow  # an 8-device child process (~30 s); test_one_device_mesh_equals_no_mesh runs by default
 def test_sharded_mc_on_8_forced_host_devices(trained_digits_cnn, tmp_path):
     """Per-chip accuracies on 8 devices (chips and data sharded, uneven chips and batches) equal the single-device
     run for evaluate, sweep, evaluate_device and adaptive evaluate; a sweep on a mesh compiles once."""

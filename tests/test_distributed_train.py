@@ -60,6 +60,7 @@ def assert_on_mesh(info):
 # 8 devices (child process)
 
 
+@pytest.mark.slow  # the 8-device child process (~25 s); test_one_device_mesh_* covers the mesh path by default
 def test_data_parallel_equals_one_device(dp):
     # CNN with BatchNorm: the gradients and the batch statistics are reduced over the sharded batch.
     assert dp["clean_diff_8"] < ATOL and dp["clean_diff_2x4"] < ATOL, dp
@@ -73,6 +74,7 @@ def test_data_parallel_equals_one_device(dp):
     assert dp["dp8_metrics_lines"] == 4  # 3 train lines and the epoch line, written once
 
 
+@pytest.mark.slow  # the 8-device child process (~25 s); test_one_device_mesh_* covers the mesh path by default
 def test_data_parallel_noise_is_independent_of_sharding(dp):
     # Weight noise (replicated shapes) and activation noise (batch-sharded shapes) drawn inside the sharded step
     # are the one-device draws.
@@ -80,6 +82,7 @@ def test_data_parallel_noise_is_independent_of_sharding(dp):
     assert dp["noisy_vs_clean"] > 100 * ATOL  # the noise does change the result
 
 
+@pytest.mark.slow  # the 8-device child process (~25 s); test_one_device_mesh_* covers the mesh path by default
 def test_sharded_checkpoint_resume(dp):
     assert dp["restored_step"] == 3
     assert_on_mesh(dp["restored_sharding"])
@@ -94,6 +97,7 @@ def test_sharded_checkpoint_resume(dp):
     assert dp["cross_mesh_diff"] == 0.0
 
 
+@pytest.mark.slow  # the 8-device child process (~25 s); test_one_device_mesh_* covers the mesh path by default
 def test_batch_not_divisible_by_mesh_size(dp):
     message = dp["bad_batch_error"]
     assert message is not None

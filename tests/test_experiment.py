@@ -26,9 +26,11 @@ def test_there_are_configs():
 
 
 # Protocols whose tiny run compiles too many programs for the default suite's budget (denoise_proxy: the vmapped
-# training of several placements at once, 1-3 min here; denoise_ablation: 7 variants, 20-40 s); their configs run
-# end to end in the slow set, their rules are unit tested by default (tests/test_denoise_{ablation,proxy}.py).
-SLOW_TINY_PROTOCOLS = {"denoise_proxy", "denoise_ablation"}
+# training of several placements at once, 1-3 min here; denoise_ablation: 7 variants, 20-40 s; consistency_quantized
+# and denoise_placement: 20-35 s); their configs run end to end in the slow set, their rules are unit tested by
+# default (tests/test_denoise_{ablation,proxy}.py, test_quant.py, test_placement.py). consistency_float and
+# device_drift run end to end by default: the runner's stages, records and caching stay covered there.
+SLOW_TINY_PROTOCOLS = {"denoise_proxy", "denoise_ablation", "consistency_quantized", "denoise_placement"}
 
 
 def _one_per_protocol():

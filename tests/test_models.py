@@ -184,7 +184,12 @@ def test_batch_norm_closed_form_gradient_equals_autodiff(monkeypatch):
     ref = jax.grad(loss(_batch_norm_autodiff), argnums=(0, 1, 2))(x, scale, bias)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    # the whole network's train-mode gradient is unchanged
+
+
+@pytest.mark.slow  # two ResNet-8 gradient compilations (~15 s); the layer-level test above runs by default
+def test_batch_norm_closed_form_leaves_the_network_gradient_unchanged(monkeypatch):
+    from jaxnoise.models import layers
+    rng = np.random.default_rng(0)
     model = get_model("resnet8_cifar")
     v = model.init(jax.random.key(0))
     xb = jnp.asarray(rng.standard_normal((4, 32, 32, 3)), jnp.float32)
