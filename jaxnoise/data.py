@@ -50,11 +50,14 @@ __all__ = [
     "DatasetNotFoundError",
     "Split",
     "batch_indices",
+    "cache_dir",
     "calibration_images",
     "clear_cache",
     "epoch_batches",
+    "find_builder",
     "load_dataset",
     "random_crop_flip",
+    "readonly",
     "resolve_data_dir",
 ]
 
@@ -460,8 +463,8 @@ def _load_digits() -> Dataset:
     )
     return Dataset(
         name="digits",
-        train=Split(_readonly(x_tr), _readonly(y_tr)),
-        test=Split(_readonly(x_te), _readonly(y_te)),
+        train=Split(readonly(x_tr), readonly(y_tr)),
+        test=Split(readonly(x_te), readonly(y_te)),
         num_classes=10,
         image_shape=(8, 8, 1),
         pixel_scale=16.0,
@@ -514,7 +517,7 @@ def _load_synthetic(
 
 
 def _load_tfds(name: str, data_dir: str | None, *, disk_cache: bool) -> Dataset:
-    builder = _find_builder(name, data_dir)
+    builder = find_builder(name, data_dir)
     info = builder.info
     resolved = os.path.abspath(os.fspath(builder.data_dir))
     splits = {}
@@ -536,7 +539,7 @@ def _load_tfds(name: str, data_dir: str | None, *, disk_cache: bool) -> Dataset:
     )
 
 
-def _find_builder(name: str, data_dir: str | None, how_to_prepare: str | None = None):
+def find_builder(name: str, data_dir: str | None, how_to_prepare: str | None = None):
     """Returns the TFDS builder of the first searched dir where ``name`` is prepared as array_record.
 
     ``how_to_prepare`` replaces the default preparation advice of the not-found message."""
@@ -592,7 +595,7 @@ def _read_split(builder, name: str, split: str, label_key: str, disk_cache: bool
             with np.load(cache_path) as f:
                 images, labels = f["images"], f["labels"]
             if images.dtype == np.uint8 and images.ndim == 4 and labels.shape == (len(images),):
-                return Split(_readonly(images), _readonly(labels.astype(np.int32, copy=False)))
+                return Split(readonly(images), readonly(labels.astype(np.int32, copy=False)))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             warnings.warn(f"Ignoring unreadable cache {cache_path}: {e}", stacklevel=2)
 
@@ -619,10 +622,11 @@ def _read_split(builder, name: str, split: str, label_key: str, disk_cache: bool
 
     if cache_path is not None:
         _write_npz_atomic(cache_path, images=images, labels=labels)
-    return Split(_readonly(images), _readonly(labels))
+    return Split(readonly(images), readonly(labels))
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
+    """The directory of decoded-dataset caches: ``$JAXNOISE_CACHE``, else ``~/.cache/jaxnoise``."""
     return _abspath(os.environ.get("JAXNOISE_CACHE") or os.path.join("~", ".cache", "jaxnoise"))
 
 
@@ -635,7 +639,7 @@ def _disk_cache_path(builder, name: str, split: str) -> str | None:
         return None
     ident = json.dumps([_DISK_CACHE_FORMAT, name, str(builder.version), split, stats])
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    return os.path.join(_cache_dir(), f"{name}-{builder.version}-{split}-{digest}.npz")
+    return os.path.join(cache_dir(), f"{name}-{builder.version}-{split}-{digest}.npz")
 
 
 def _write_npz_atomic(path: str, **arrays: np.ndarray) -> None:
@@ -654,7 +658,8 @@ def _write_npz_atomic(path: str, **arrays: np.ndarray) -> None:
             os.remove(tmp)
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
+def readonly(a: np.ndarray) -> np.ndarray:
+    """A contiguous, read-only array of ``a`` (the splits' arrays: a test or user cannot change them in place)."""
     a = np.ascontiguousarray(a)
     a.flags.writeable = False
     return a

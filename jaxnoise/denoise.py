@@ -178,8 +178,9 @@ def denoised(model: Model, sites: Sequence[str] | None = None,
 
     Args:
       model: the backbone (any ``jaxnoise.models`` model).
-      sites: names from ``model.feature_names``; default all of them (for the CIFAR ResNets: ``stem``, every
-        residual block output, ``pre_logits``).
+      sites: names from ``model.tap_names``; default ``model.feature_names`` (for the CIFAR ResNets: ``stem``,
+        every residual block output, ``pre_logits``). ``tap_names`` adds the points inside each residual branch
+        (``"layer1/0/mid"``: after conv1, before conv2), where a block cleans the branch before its second MVM.
       config: the block shape (default :class:`DenoiserConfig`).
 
     Returns:
@@ -194,8 +195,9 @@ def denoised(model: Model, sites: Sequence[str] | None = None,
     config = config or DenoiserConfig()
     if isinstance(model, DenoisedModel):
         raise ValueError("model already has denoising blocks: pass its backbone (dmodel.backbone).")
-    available = tuple(model.feature_names)
-    sites = available if sites is None else _checks.names(sites, "sites", example=available[0] if available else None)
+    available = tuple(model.tap_names)
+    sites = tuple(model.feature_names) if sites is None else _checks.names(
+        sites, "sites", example=available[0] if available else None)
     if not sites:
         raise ValueError(f"sites is empty: choose among {list(available)}.")
     unknown = [s for s in sites if s not in available]
@@ -324,11 +326,20 @@ def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
 
 
 def feature_shapes(model: Model) -> dict[str, tuple[int, ...]]:
-    """Shape of each named feature for one example: (H, W, C) or (C,)."""
+    """Shape of the value at each tap point (``model.tap_names``: the features and the inner points) for one
+    example: (H, W, C) or (C,)."""
     variables = jax.eval_shape(model.init, jax.random.key(0))
     x = jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32)
-    _, feats = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
-    return {k: tuple(v.shape[1:]) for k, v in feats.items() if not isinstance(v, dict)}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def run(v, x):
+        def tap(root, name, h):
+            shapes[name] = tuple(h.shape[1:])
+            return h
+        return model.apply(v, x, tap=tap)[0]
+
+    jax.eval_shape(run, variables, x)
+    return shapes
 
 
 def block_shapes(dmodel: DenoisedModel, sites: Sequence[str] | None = None) -> list[engine.BlockShape]:
@@ -460,28 +471,28 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
                                   {"weight_paths": _checks.names(weight_paths, "weight_paths", example="kernel")}))
     feature_sites = (tuple(dmodel.candidate_sites) if feature_sites is None
                      else _checks.names(feature_sites, "feature_sites", example=dmodel.candidate_sites[0]))
-    unknown = [s for s in feature_sites if s not in dmodel.backbone.feature_names]
+    unknown = [s for s in feature_sites if s not in dmodel.backbone.tap_names]
     if unknown:
-        raise ValueError(f"unknown feature sites {unknown}; choose among {list(dmodel.backbone.feature_names)}.")
+        raise ValueError(f"unknown feature sites {unknown}; choose among {list(dmodel.backbone.tap_names)}.")
     if nll_weight and dmodel.denoiser.kind != "probabilistic":
         raise ValueError("nll_weight > 0 needs probabilistic blocks (DenoiserConfig(kind='probabilistic')): "
                          "residual blocks predict no noise distribution.")
     # The selectors must name parts of the backbone (weight_paths, act_mask sites, act_ref of additive noise).
     noise_lib.check_spec(spec, jax.eval_shape(dmodel.backbone.init, jax.random.key(0))["params"],
                          dmodel.backbone.sites)
-    act_eta_spread = methods._check_scalar(act_eta_spread, "act_eta_spread")
+    act_eta_spread = _checks.number(act_eta_spread, "act_eta_spread")
     if act_eta_spread >= 1.0:
         raise ValueError(f"act_eta_spread={act_eta_spread} must be < 1: the scale is drawn from "
                          f"act_eta_train * [1 - spread, 1 + spread], which must stay positive.")
     if act_eta_spread and not act_kind:
         raise ValueError("act_eta_spread > 0 needs activation noise (act_kind).")
-    defaults = {"feature_weight": methods._check_scalar(feature_weight, "feature_weight"),
-                "nll_weight": methods._check_scalar(nll_weight, "nll_weight"),
-                "kl_weight": methods._check_scalar(kl_weight, "kl_weight")}
+    defaults = {"feature_weight": _checks.number(feature_weight, "feature_weight"),
+                "nll_weight": _checks.number(nll_weight, "nll_weight"),
+                "kl_weight": _checks.number(kl_weight, "kl_weight")}
     if act_kind:
-        defaults["act_eta_train"] = methods._check_scalar(act_eta_train, "act_eta_train")
+        defaults["act_eta_train"] = _checks.number(act_eta_train, "act_eta_train")
     if weight_kind:
-        defaults["eta_train"] = methods._check_scalar(eta_train, "eta_train")
+        defaults["eta_train"] = _checks.number(eta_train, "eta_train")
     need_clean = bool(feature_weight) or bool(nll_weight) or bool(kl_weight)
     sites_list = dmodel.candidate_sites
 
@@ -494,16 +505,18 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
             metrics["act_eta"] = act_eta
         noisy_spec = spec.replace(act_eta=act_eta, weight_eta=hparams["eta_train"] if weight_kind else 0.0)
         variables = {"params": params, "batch_stats": batch_stats}
-        logits, feats = dmodel.apply(variables, images, key=key, noise=noisy_spec)
+        noisy_at, noisy_tap = _recorder()   # values at every tap point (inner ones are not returned features)
+        logits, feats = dmodel.apply(variables, images, key=key, noise=noisy_spec, tap=noisy_tap)
         ce = methods.cross_entropy(logits, labels)
         loss = ce
         metrics["ce"] = ce
         if need_clean:
             backbone_params, _ = split_params(params)
-            clean_logits, clean = dmodel.backbone.apply(
-                jax.lax.stop_gradient({"params": backbone_params, "batch_stats": batch_stats}), images)
+            clean, clean_tap = _recorder()
+            clean_logits, _ = dmodel.backbone.apply(
+                jax.lax.stop_gradient({"params": backbone_params, "batch_stats": batch_stats}), images, tap=clean_tap)
             if feature_weight:
-                fm = sum(methods.feature_distance(feats[s], clean[s]) for s in feature_sites) / len(feature_sites)
+                fm = sum(methods.feature_distance(noisy_at[s], clean[s]) for s in feature_sites) / len(feature_sites)
                 loss = loss + hparams["feature_weight"] * fm
                 metrics["feature"] = fm
             if kl_weight:
@@ -534,11 +547,22 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
     loss_fn.name = "denoiser"
     loss_fn.config = {"noise": {"act_kind": act_kind, "weight_kind": weight_kind,
                                 "weight_paths": list(spec.weight_paths),
-                                "prng": methods._prng(spec)},
+                                "prng": methods.sampler_record(spec)},
                       "feature_sites": list(feature_sites), "denoiser": dmodel.denoiser.to_dict(),
                       "act_eta_spread": act_eta_spread}
     loss_fn.hparams = defaults
     return loss_fn
+
+
+def _recorder():
+    """``(values, tap)``: a tap hook that records the value flowing on at every tap point into ``values``."""
+    values: dict[str, jax.Array] = {}
+
+    def tap(root, name, h):
+        values[name] = h
+        return h
+
+    return values, tap
 
 
 def train_denoisers(dmodel: DenoisedModel, dataset: Any, config: train_lib.TrainConfig, *, workdir: str,

@@ -120,7 +120,7 @@ def _check_draws(num_draws: Any, draw_batch_size: Any) -> tuple[int, int]:
     return num_draws, min(draw_batch_size, num_draws)
 
 
-def _prng(spec: noise_lib.NoiseSpec) -> dict[str, str | None]:
+def sampler_record(spec: noise_lib.NoiseSpec) -> dict[str, str | None]:
     """The samplers the training noise draws with on this backend (recorded in the loss config)."""
     return {"weight": spec.resolved_sampler("weight") if spec.weight_kind else None,
             "activation": spec.resolved_sampler("activation") if spec.act_kind else None}
@@ -129,7 +129,7 @@ def _prng(spec: noise_lib.NoiseSpec) -> dict[str, str | None]:
 def _noise_config(spec: noise_lib.NoiseSpec) -> dict[str, Any]:
     """The training noise as the loss config records it (``weight_truncate`` only when set)."""
     out = {"weight_kind": spec.weight_kind, "act_kind": spec.act_kind, "weight_paths": list(spec.weight_paths),
-           "prng": _prng(spec)}
+           "prng": sampler_record(spec)}
     if spec.weight_truncate is not None:
         out["weight_truncate"] = float(np.asarray(spec.weight_truncate))
     return out
@@ -429,4 +429,4 @@ def make_loss(method: str, model: Any, **kwargs: Any) -> LossFn:
 
 
 __all__ = ["DISTANCES", "LOGITS_SITE", "METHODS", "check_hparams", "clean", "consistency", "cross_entropy",
-           "default_draw_batch_size", "feature_distance", "forward_noise", "make_loss"]
+           "default_draw_batch_size", "feature_distance", "forward_noise", "make_loss", "sampler_record"]

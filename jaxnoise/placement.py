@@ -74,10 +74,11 @@ def site_groups(model: Model) -> dict[str, tuple[str, ...]]:
     jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32))
     groups: dict[str, tuple[str, ...]] = {}
     pending: list[str] = []
+    features = set(model.feature_names)   # inner tap points (model.tap_names) do not end a group
     for kind, name in events:
         if kind == "site":
             pending.append(name)
-        else:
+        elif name in features:
             groups[name] = tuple(pending)
             pending = []
     return groups

@@ -287,7 +287,7 @@ class StreamSplit:
             k = len(batch["label"])
             images[at:at + k], labels[at:at + k] = batch["image"], batch["label"]
             at += k
-        return data.Split(data._readonly(images), data._readonly(labels))
+        return data.Split(data.readonly(images), data.readonly(labels))
 
 
 def _shard_args(batch_size, process_index, process_count) -> tuple[int, int, int]:
@@ -356,7 +356,7 @@ def load_stream(name: str, *, data_dir: str | None = None, resolution: int = 224
     if not isinstance(workers, (int, np.integer)) or workers < 0:
         raise ValueError(f"workers={workers!r} must be an integer >= 0 (0 decodes in this process).")
     _grain()
-    builder = data._find_builder(name, data_dir, how_to_prepare=_how_to_prepare(name))
+    builder = data.find_builder(name, data_dir, how_to_prepare=_how_to_prepare(name))
     info = builder.info
     features = info.features
     if "image" not in features or "label" not in features:

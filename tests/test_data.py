@@ -369,7 +369,7 @@ def test_cifar10_pipeline(cifar10):
 @pytest.mark.cifar
 def test_cifar10_disk_cache_roundtrip(cifar10_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXNOISE_CACHE", str(tmp_path))
-    builder = data._find_builder("cifar10", cifar10_dir)
+    builder = data.find_builder("cifar10", cifar10_dir)
     t0 = time.perf_counter()
     cold = data._read_split(builder, "cifar10", "test", "label", disk_cache=True)
     t_cold = time.perf_counter() - t0

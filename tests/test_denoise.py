@@ -275,3 +275,36 @@ def test_bad_loss_options_are_refused_with_the_field(trained_cnn, kwargs, match)
     model, _, ref = trained_cnn
     with pytest.raises(ValueError, match=match):
         denoise.denoiser_loss(denoise.denoised(model), act_eta_train=0.5, act_ref=ref, **kwargs)
+
+
+def test_a_block_inside_a_residual_branch_acts_there_and_its_feature_term_compares_that_point():
+    """A block at ``layer1/0/mid`` (between the branch's two convolutions, a tap point that is not a returned
+    feature): fresh it changes nothing, placed it acts, its shape is the branch's, and feature matching compares
+    the value there with the clean backbone's (0 without noise; > 0 with noise on conv1, with a gradient)."""
+    model = get_model("resnet8_cifar", input_shape=(8, 8, 3))
+    assert "layer1/0/mid" in model.tap_names and "layer1/0/mid" not in model.feature_names
+    variables = model.init(jax.random.key(0))
+    dmodel = denoise.denoised(model, sites=("layer1/0/mid", "layer1/0"))
+    assert dmodel.candidate_sites == ("layer1/0/mid", "layer1/0")
+    assert denoise.feature_shapes(model)["layer1/0/mid"] == (8, 8, 16)
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    y = jnp.arange(4) % 10
+    dvars = denoise.init_variables(dmodel, variables, jax.random.key(2), placement=["layer1/0/mid"])
+    run = jax.jit(lambda v: dmodel.apply(v, x)[0])
+    clean = jax.jit(lambda v: model.apply(v, x)[0])(variables)
+    np.testing.assert_array_equal(np.asarray(run(dvars)), np.asarray(clean))
+    assert not np.allclose(np.asarray(run(_randomize_blocks(dmodel, dvars, jax.random.key(3)))), np.asarray(clean))
+    ref = {s: jnp.float32(1.0) for s in model.sites}
+    loss_fn = denoise.denoiser_loss(dmodel, act_eta_train=0.3, act_ref=ref, feature_weight=1.0,
+                                    feature_sites=("layer1/0/mid",))
+    hp = {k: jnp.float32(v) for k, v in loss_fn.hparams.items()}
+    step = jax.jit(lambda p, h: loss_fn(p, dvars["batch_stats"], x, y, jax.random.key(4), h))
+    _, (_, _, quiet) = step(dvars["params"], {**hp, "act_eta_train": jnp.float32(0.0)})
+    assert abs(float(quiet["feature"])) < 1e-7
+    _, (_, _, m) = step(dvars["params"], hp)
+    assert float(m["feature"]) > 1e-3
+    grads = jax.jit(jax.grad(lambda p: step(p, hp)[1][2]["feature"]))(dvars["params"])
+    flat = traverse_util.flatten_dict(grads, sep="/")
+    assert any(np.any(np.asarray(g) != 0) for p, g in flat.items() if p.startswith("denoise/layer1/0/mid/"))
+    with pytest.raises(ValueError, match="unknown denoiser sites"):
+        denoise.denoised(model, sites=("layer1/0/inside",))

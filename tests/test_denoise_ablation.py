@@ -66,3 +66,18 @@ def test_site_rules_on_resnet20():
     assert [s for s, g in zip(dm.candidate_sites, da.gates_for(dm, ("stem", "layer3/2"))) if g] == ["stem", "layer3/2"]
     with pytest.raises(ValueError, match="unknown sites"):
         da.gates_for(dm, ("layer9/0",))
+
+
+def test_inside_every_block_places_one_block_per_residual_branch_at_the_same_budget():
+    config = _config()
+    vs = {v["name"]: v for v in da.variants(config)}
+    dm_in, gates_in = da.variant_model(config, vs["inside"])
+    dm_ce, gates_ce = da.variant_model(config, vs["ce"])
+    placed = [s for s, g in zip(dm_in.candidate_sites, gates_in) if g]
+    assert placed == [f"layer{i}/{j}/mid" for i in (1, 2, 3) for j in range(3)]
+    assert dm_in.candidate_sites == dm_in.backbone.tap_names and dm_ce.candidate_sites == dm_ce.backbone.feature_names
+    # the inner point of a block has the block output's channels: the same widths, the same parameters
+    assert denoise.overhead(dm_in, gates_in)["params"] == denoise.overhead(dm_ce, gates_ce)["params"]
+    # the tiny CNN has no residual branch: the rule falls back to every_block there
+    tiny = denoise.denoised(get_model("cnn", input_shape=(8, 8, 1)))
+    np.testing.assert_array_equal(da.gates_for(tiny, "inside_every_block"), da.gates_for(tiny, "every_block"))

@@ -41,6 +41,10 @@ def test_resnet_cifar_names():
     assert len(model.sites) == 20  # 19 convolutions + the linear head
     assert model.sites[0] == "conv1" and model.sites[-1] == "linear"
     assert model.weight_noise_paths[0] == "conv1/kernel"
+    # tap points: the features plus one inner point per residual branch (between conv1 and conv2), forward order
+    assert model.tap_names == ("stem", *[n for b in blocks for n in (f"{b}/mid", b)], "pre_logits")
+    bottleneck = get_model("resnet50", input_shape=(32, 32, 3))
+    assert bottleneck.tap_names[1:4] == ("layer1/0/mid1", "layer1/0/mid2", "layer1/0")
 
 
 def test_resnet18_imagenet():

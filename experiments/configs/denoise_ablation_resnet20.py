@@ -23,7 +23,10 @@ Variants (each changes one thing against ``ce``):
   probabilistic: probabilistic blocks, + feature matching (1) + their noise likelihood (0.1)
   spread: the training scale drawn per step from target x [0.67, 1.33] (the side levels' range)
   wide_half: bottleneck C/6 (widths 4/6/11) after every other residual block (2.41%: about the same budget)
-Not covered yet: blocks before vs after an MVM inside a residual block (the model exposes block outputs only).
+  inside: the blocks inside every residual branch, between its two convolutions (``layerS/B/mid``: after conv1,
+    before conv2; the shortcut path untouched) instead of after the block's sum (2.39%, the same widths)
+Feature matching (feature, feature_kl, probabilistic) compares each placed block's output with the clean
+backbone's value at that point.
 
 Expected: not measured yet. The committed ``denoise_resnet20`` run (300 steps, CE) recovered 80% of a 24.7-point
 drop with the every-block placement (its results.json).
@@ -61,4 +64,5 @@ def get_config():
                                                               nll_weight=0.1))
     c.variants.spread = ml_collections.ConfigDict(dict(act_eta_spread=0.33))
     c.variants.wide_half = ml_collections.ConfigDict(dict(reduction=6, sites="every_other_block"))
+    c.variants.inside = ml_collections.ConfigDict(dict(sites="inside_every_block"))
     return c

@@ -153,15 +153,21 @@ class Model:
         ctx = noise_lib.SiteContext()
 
         order: list[str] = []  # dict pytrees come back key-sorted; keep forward order
+        taps: list[str] = []
+
+        def tap(root, name, h):
+            taps.append(name)
+            return h
 
         def run(v, x):
-            logits, feats = self.forward(Scope(v["params"], v["batch_stats"], sites=ctx, quant=self.quant), x)
+            logits, feats = self.forward(Scope(v["params"], v["batch_stats"], sites=ctx, quant=self.quant, tap=tap),
+                                         x)
             order.extend(k for k, v in feats.items() if not isinstance(v, dict))
             return logits
 
         jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1,) + tuple(self.input_shape), jnp.float32))
         weight_paths = noise_lib.weight_noise_sites(variables["params"])
-        return tuple(ctx.sites), tuple(order), weight_paths
+        return tuple(ctx.sites), tuple(order), weight_paths, tuple(taps)
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -172,6 +178,13 @@ class Model:
     def feature_names(self) -> tuple[str, ...]:
         """Names of the intermediate features ``apply`` returns."""
         return self._names[1]
+
+    @property
+    def tap_names(self) -> tuple[str, ...]:
+        """Every point where a ``tap`` hook is called, in forward order: the features (``feature_names``) and the
+        inner points of the residual branches (``"layer1/0/mid"``; ImageNet bottlenecks ``.../mid1``, ``/mid2``),
+        which are not returned features. Denoising blocks may sit at any of them."""
+        return self._names[3]
 
     @property
     def weight_noise_paths(self) -> tuple[str, ...]:

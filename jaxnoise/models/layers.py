@@ -71,6 +71,12 @@ class Scope:
         tap = self.root.tap
         return x if tap is None else tap(self.root, name, x)
 
+    def inner(self, name: str, x):
+        """Marks ``x`` as the inner tap point ``self.name(name)`` (e.g. ``"layer1/0/mid"``: inside a residual
+        branch, between two MVMs) and returns it after the root's ``tap`` hook. Unlike :meth:`feature` it is not
+        one of the model's returned features (``Model.feature_names``); ``Model.tap_names`` lists both."""
+        return self.feature(self.name(name), x)
+
     def param(self, name: str, shape, init_fn):
         """The parameter leaf ``name`` directly under this scope's path (created at init)."""
         return self._get("params", None, name, shape, init_fn)

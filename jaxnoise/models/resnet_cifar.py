@@ -28,6 +28,7 @@ def _shortcut_a(x, planes: int):
 
 def basic_block(s: Scope, x, planes: int, stride: int):
     y = jax.nn.relu(s.batch_norm("bn1", s.conv("conv1", x, planes, 3, stride)))
+    y = s.inner("mid", y)   # the residual branch between conv1 and conv2 (a tap point, not a returned feature)
     y = s.batch_norm("bn2", s.conv("conv2", y, planes, 3, 1))
     shortcut = x if stride == 1 and x.shape[-1] == planes else _shortcut_a(x, planes)
     return jax.nn.relu(y + shortcut)

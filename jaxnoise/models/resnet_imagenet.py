@@ -38,6 +38,7 @@ def _downsample(s: Scope, x, out: int, stride: int):
 
 def basic_block(s: Scope, x, planes: int, stride: int):
     y = jax.nn.relu(s.batch_norm("bn1", s.conv("conv1", x, planes, 3, stride)))
+    y = s.inner("mid", y)   # between conv1 and conv2 (a tap point, not a returned feature)
     y = s.batch_norm("bn2", s.conv("conv2", y, planes, 3, 1))
     return jax.nn.relu(y + _downsample(s, x, planes, stride))
 
@@ -45,7 +46,9 @@ def basic_block(s: Scope, x, planes: int, stride: int):
 def bottleneck_block(s: Scope, x, planes: int, stride: int):
     """1x1 (planes) -> 3x3 (planes, stride) -> 1x1 (4 planes), torchvision's ``Bottleneck``."""
     y = jax.nn.relu(s.batch_norm("bn1", s.conv("conv1", x, planes, 1, 1, padding=0)))
+    y = s.inner("mid1", y)   # tap points inside the branch: after conv1, after conv2
     y = jax.nn.relu(s.batch_norm("bn2", s.conv("conv2", y, planes, 3, stride)))
+    y = s.inner("mid2", y)
     y = s.batch_norm("bn3", s.conv("conv3", y, planes * 4, 1, 1, padding=0))
     return jax.nn.relu(y + _downsample(s, x, planes * 4, stride))
 

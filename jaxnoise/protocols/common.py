@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 from jaxnoise import data, report
@@ -39,7 +40,7 @@ def load(tiny, name, data_dir, stream, resolution, workers) -> data.Dataset:
         return data.load_dataset("digits") if tiny else data.load_dataset(name, data_dir=data_dir or None)
     if tiny and not data_dir:
         from jaxnoise import stream as stream_lib  # noqa: PLC0415
-        data_dir = os.path.join(data._cache_dir(), "mock_tfds")
+        data_dir = os.path.join(data.cache_dir(), "mock_tfds")
         stream_lib.write_mock_tfds(data_dir)
     return data.load_dataset(name, data_dir=data_dir or None, streaming=True, resolution=resolution,
                              workers=None if workers < 0 else workers)
@@ -98,3 +99,13 @@ def first_held_out(config, ds: data.Dataset) -> int:
     (in tiny mode at most a fifth)."""
     n = len(ds.train)
     return n - (min(int(config.held_out), n // 5) if config.tiny else int(config.held_out))
+
+
+def cap(config, n, tiny_max: int) -> int:
+    """``n`` as an int, at most ``tiny_max`` in tiny mode."""
+    return min(int(n), tiny_max) if config.tiny else int(n)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

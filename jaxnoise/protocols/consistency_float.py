@@ -102,9 +102,6 @@ def test_split(config, ds: data.Dataset) -> data.Split:
     return data.Split(ds.test.images[:n], ds.test.labels[:n])
 
 
-def _cap(config, n, tiny_max: int) -> int:
-    return min(int(n), tiny_max) if config.tiny else int(n)
-
 
 def _max_steps(config) -> int | None:
     """The step limit of the arms' training: ``max_steps`` (0: none); in tiny mode at most 4."""
@@ -171,10 +168,10 @@ def _read_arms(path: str) -> dict[str, dict]:
 
 
 def search_protocol(config, n_held_out: int, n_first: int) -> str:
-    steps = _cap(config, config.search.steps, TINY_SEARCH_STEPS)
+    steps = common.cap(config, config.search.steps, TINY_SEARCH_STEPS)
     return (f"fine-tune from the pretrained weights for {steps} steps, constant lr {config.train.lr}, batch "
             f"{config.train.batch_size}, training images 0-{n_first - 1}; accuracy at additive_rel_max eta "
-            f"{config.eval.target_eta} over {_cap(config, config.search.n_chips, TINY_CHIPS)} chips on training "
+            f"{config.eval.target_eta} over {common.cap(config, config.search.n_chips, TINY_CHIPS)} chips on training "
             f"images {n_first}-{n_first + n_held_out - 1} (held out; never the test split)")
 
 
@@ -187,11 +184,11 @@ def short_run(ctx, model, ds: data.Dataset, slug: str, loss_fn) -> robustness.MC
     search_ds = dataclasses.replace(ds, train=data.Split(ds.train.images[:cut], ds.train.labels[:cut]))
     out, _ = train.train(model, search_ds, train_config(config, epochs=1, schedule="constant"),
                          workdir=ctx.work_path(slug, ""), variables=pretrained(config, model), loss_fn=loss_fn,
-                         max_steps=_cap(config, config.search.steps, TINY_SEARCH_STEPS), progress=False)
+                         max_steps=common.cap(config, config.search.steps, TINY_SEARCH_STEPS), progress=False)
     return robustness.evaluate(model, out, ds.train.images[cut:], ds.train.labels[cut:],
                                weight_spec("additive_rel_max", config.eval.target_eta),
                                key=jax.random.key(1000 + int(config.seed)),
-                               n_chips=_cap(config, config.search.n_chips, TINY_CHIPS),
+                               n_chips=common.cap(config, config.search.n_chips, TINY_CHIPS),
                                batch_size=int(config.eval.batch_size), preprocess=ds.preprocess)
 
 
@@ -219,7 +216,7 @@ def stage_search(ctx):
             continue
         res = short_run(ctx, model, ds, f"search_{eta}", make_loss(config, model, "forward_noise", eta))
         done[name] = report.arm(name, model, "forward_noise", model.param_count(), [res],
-                                train={"eta_train": eta, "steps": _cap(config, config.search.steps,
+                                train={"eta_train": eta, "steps": common.cap(config, config.search.steps,
                                                                        TINY_SEARCH_STEPS),
                                        "lr": float(config.train.lr), "schedule": "constant",
                                        "seed": int(config.seed)})
@@ -303,8 +300,8 @@ def eval_plan(config) -> list[tuple[str | None, float, int]]:
     claim), then the noise-free accuracy, then the rest of the grid."""
     etas = [float(e) for e in config.eval.etas]
     target = float(config.eval.target_eta)
-    n_target = _cap(config, config.eval.n_chips, TINY_CHIPS)
-    n_grid = _cap(config, config.eval.grid_chips, TINY_CHIPS)
+    n_target = common.cap(config, config.eval.n_chips, TINY_CHIPS)
+    n_grid = common.cap(config, config.eval.grid_chips, TINY_CHIPS)
     plan = [(kind, target, n_target) for kind in config.eval.kinds if target in etas]
     plan.append((None, 0.0, 1))
     plan += [(kind, eta, n_grid) for kind in config.eval.kinds for eta in etas if eta not in (0.0, target)]
@@ -385,10 +382,6 @@ def comparisons(entries: dict, kinds) -> list[dict]:
     return out
 
 
-def _load(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
 
 def stage_report(ctx):
     config = ctx.config
@@ -397,21 +390,21 @@ def stage_report(ctx):
     kinds = list(config.eval.kinds)
     arms, entries = [], {}
     for name in config.arms:
-        arm = _load(ctx.result_path("eval", f"{name}.json"))["arms"][0]
+        arm = common.read_json(ctx.result_path("eval", f"{name}.json"))["arms"][0]
         arm["eval"].sort(key=lambda e: ((e["weight_noise"] or {}).get("kind", ""),
                                         (e["weight_noise"] or {}).get("eta", 0)))
         for e in arm["eval"]:
             kind, eta, _ = _setting(e)
             entries[(name, kind, eta)] = e
         arms.append(arm)
-    search = _load(ctx.result_path("search.json"))
+    search = common.read_json(ctx.result_path("search.json"))
     search_record = {"candidates": {str(a["train"]["eta_train"]): a["eval"][0] for a in search["arms"]},
                      "chosen": search["chosen"], "protocol": search["protocol"]}
     mapping = eta_mapping(pretrained(config, model))
     n_test = len(test_split(config, ds).labels)
     record = _result(config, arms, "test", n_test, eta_train_search=search_record, eta_mapping=mapping)
     if os.path.exists(ctx.result_path("ablation.json")):
-        ablation = _load(ctx.result_path("ablation.json"))
+        ablation = common.read_json(ctx.result_path("ablation.json"))
         record["ablation"] = {"runs": {a["name"]: {**{k: a["train"][k] for k in ("method", "overrides", "eta_train")},
                                                    **a["eval"][0]} for a in ablation["arms"]},
                               "protocol": ablation["protocol"]}

@@ -25,16 +25,22 @@ Stages:
 
 ``variants`` maps each variant's name (letters, digits, ``_``) to what it changes (against ``baseline``, a name):
 ``kind`` (``residual`` | ``probabilistic``), ``reduction`` (bottleneck C/reduction), ``sites`` (``"every_block"``:
-after every residual block; ``"every_other_block"``: after blocks 0, 2, 4, ... in forward order; or a tuple of
-site names), ``feature_weight``, ``kl_weight``, ``nll_weight``, ``act_eta_spread``
+after every residual block; ``"every_other_block"``: after blocks 0, 2, 4, ... in forward order;
+``"inside_every_block"``: inside every residual branch, between its first and second MVM (``layerS/B/mid``: the
+block cleans conv1's output before conv2 reads it, and the shortcut path is left alone); or a tuple of tap names,
+``Model.tap_names``), ``feature_weight`` (matching at the placed sites), ``kl_weight``, ``nll_weight``,
+``act_eta_spread``
 (:func:`jaxnoise.denoise.denoiser_loss`), ``lr``. Missing keys take ``denoiser.*`` / ``train.lr``. Each variant's
 stages depend on its own entry only: adding a variant leaves the others cached.
 
 ``tiny=True``: digits, the one-block CNN from random weights, chunks of 2 steps (2 for the baseline, 1 for the
-other variants), at most 2 chips (the tests).
+other variants), at most 2 chips (the tests). The CNN has no residual branch: ``"inside_every_block"`` places its
+blocks as ``"every_block"`` does there.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -46,7 +52,7 @@ from jaxnoise.protocols import denoise_placement as dp
 
 VARIANT_KEYS = ("kind", "reduction", "sites", "feature_weight", "kl_weight", "nll_weight", "act_eta_spread",
                 "lr")
-SITE_RULES = ("every_block", "every_other_block")
+SITE_RULES = ("every_block", "every_other_block", "inside_every_block")
 
 
 def variants(config) -> list[dict]:
@@ -81,17 +87,40 @@ def _variant(config, name: str) -> dict:
     return next(v for v in variants(config) if v["name"] == name)
 
 
+def _needs_inner(dm_backbone, sites) -> bool:
+    if sites == "inside_every_block":
+        return True
+    return not isinstance(sites, str) and any(s not in dm_backbone.feature_names for s in sites)
+
+
 def variant_model(config, v: dict):
-    """``(dmodel, gates)`` of a variant: the backbone with blocks of its kind and width, and its placement."""
-    dm = dp._denoised(dp._backbone_args(config), v["kind"], int(v["reduction"]))
+    """``(dmodel, gates)`` of a variant: the backbone with blocks of its kind and width, and its placement. A
+    variant inside the residual branches gets candidate blocks at every tap point (``Model.tap_names``), the others
+    at the features only (the committed placements' candidate list)."""
+    args = dp.backbone_args(config)
+    inner = _needs_inner(dp.backbone(*args)[1], v["sites"])
+    dm = dp.blocks_model(args, v["kind"], int(v["reduction"]), inner)
     return dm, gates_for(dm, v["sites"], v.get("name", "?"))
 
 
+def inner_points(dm) -> list[str]:
+    """The candidate sites inside a residual branch: tap points below a residual block's feature
+    (``layerS/B/...``) that are not themselves features."""
+    features = set(dm.backbone.feature_names)
+    return [s for s in dm.candidate_sites if s not in features and re.fullmatch(r"layer\d+/\d+/.+", s)]
+
+
 def gates_for(dm, sites, name: str = "?") -> np.ndarray:
-    """The gates of a site rule (``"every_block"``, ``"every_other_block"``) or an explicit tuple of sites."""
+    """The gates of a site rule (``"every_block"``, ``"every_other_block"``, ``"inside_every_block"``) or an
+    explicit tuple of sites."""
     every = placement.every_block_placement(dm)
     if sites == "every_block":
         return every
+    if sites == "inside_every_block":
+        inner = inner_points(dm)
+        if not inner:   # no residual branch (the tiny CNN): the blocks go where every_block puts them
+            return every
+        return np.asarray([s in inner for s in dm.candidate_sites], np.float32)
     if sites == "every_other_block":
         gates = np.zeros_like(every)
         gates[np.flatnonzero(every)[::2]] = 1.0
@@ -102,8 +131,10 @@ def gates_for(dm, sites, name: str = "?") -> np.ndarray:
     return np.asarray([s in sites for s in dm.candidate_sites], np.float32)
 
 
-def _loss(config, s, dm, v: dict, eta: float):
+def _loss(config, s, dm, v: dict, eta: float, gates):
+    placed = tuple(site for site, g in zip(dm.candidate_sites, gates) if g)
     return denoise.denoiser_loss(dm, act_eta_train=float(eta), act_ref=s.ref, feature_weight=v["feature_weight"],
+                                 feature_sites=placed,
                                  kl_weight=v["kl_weight"], nll_weight=v["nll_weight"],
                                  act_eta_spread=v["act_eta_spread"], sampler=dp.sampler(config))
 
@@ -116,7 +147,7 @@ def stage_train(name: str):
         eta = float(ctx.summaries["level"]["target"])
         dm, gates = variant_model(config, v)
         chunk, max_chunks, per_epoch = dp.chunking(config, s, name)
-        return dp.train_until_plateau(ctx, s, name, dm, gates, _loss(config, s, dm, v, eta), lr=v["lr"], eta=eta,
+        return dp.train_until_plateau(ctx, s, name, dm, gates, _loss(config, s, dm, v, eta, gates), lr=v["lr"], eta=eta,
                                    chunk=chunk, max_chunks=max_chunks, per_epoch=per_epoch,
                                    meta={"stage": f"train_{name}", "variant": v})
     return run
@@ -124,9 +155,9 @@ def stage_train(name: str):
 
 def eval_plan(config, level: dict) -> list[tuple[float, int]]:
     target = float(level["target"])
-    sides = [(float(e), dp._cap(config, config.eval.side_chips, dp.TINY_CHIPS)) for e in level["levels"]
+    sides = [(float(e), common.cap(config, config.eval.side_chips, dp.TINY_CHIPS)) for e in level["levels"]
              if float(e) != target]
-    return [(target, dp._cap(config, config.eval.n_chips, dp.TINY_CHIPS))] + sides
+    return [(target, common.cap(config, config.eval.n_chips, dp.TINY_CHIPS))] + sides
 
 
 def stage_eval(name: str):
@@ -138,21 +169,21 @@ def stage_eval(name: str):
         else:
             model = variant_model(config, _variant(config, name))[0]
             variables = checkpoint.load_variables(ctx.result_path("weights", f"{name}.npz"), model)
-        return dp.evaluate_arm(ctx, s, name, model, variables, eval_plan(config, dp._level(ctx)), noise_free=True)
+        return dp.evaluate_arm(ctx, s, name, model, variables, eval_plan(config, dp.level_record(ctx)), noise_free=True)
     return run
 
 
 def _at(entries: list[dict], eta: float) -> dict | None:
-    return next((e for e in entries if dp._act(e) == eta), None)
+    return next((e for e in entries if dp.act_eta(e) == eta), None)
 
 
 def stage_report(ctx):
     config = ctx.config
     s = dp.setup(config)
-    level = dp._level(ctx)
+    level = dp.level_record(ctx)
     target = float(level["target"])
     backbone_params = s.model.param_count()
-    plain = dp._load(ctx.result_path("eval", "plain.json"))["arms"][0]["eval"]
+    plain = common.read_json(ctx.result_path("eval", "plain.json"))["arms"][0]["eval"]
     arms = [report.arm("plain", s.model, "clean", backbone_params, plain,
                        train={"pretrained": "random (tiny)" if config.tiny else config.pretrained})]
     rows, curves = [], {}
@@ -161,7 +192,7 @@ def stage_report(ctx):
     for v in vs:
         dm, gates = variant_model(config, v)
         over = denoise.overhead(dm, gates)
-        evals = dp._load(ctx.result_path("eval", f"{v['name']}.json"))["arms"][0]["eval"]
+        evals = common.read_json(ctx.result_path("eval", f"{v['name']}.json"))["arms"][0]["eval"]
         curve = dp.read_jsonl(ctx.result_path("curves", f"{v['name']}.jsonl"))
         curves[v["name"]] = curve
         best = max(curve, key=lambda p: p["mean"])
@@ -255,7 +286,7 @@ def plot_curves(curves: dict, plain_at_target: dict, path: str, target: float) -
 @protocol("denoise_ablation")
 def stages(config) -> list[Stage]:
     vs = variants(config)   # checked before anything runs
-    level = dp._BACKBONE + ("level", "eval.batch_size")
+    level = dp.BACKBONE_SETTINGS + ("level", "eval.batch_size")
     trained = level + ("denoiser", "train", "curve")
     out = [Stage("level", dp.stage_level, settings=level, outputs=("level.json",))]
     for v in vs:

@@ -66,7 +66,7 @@ TINY_CHIPS = 2             # the level's chips: its program then serves the plai
 TINY_TOP_K = 2
 TINY_CALIB_IMAGES = 256
 
-_BACKBONE = ("tiny", "model", "pretrained", "dataset", "data_dir", "held_out", "seed", "noise")
+BACKBONE_SETTINGS = ("tiny", "model", "pretrained", "dataset", "data_dir", "held_out", "seed", "noise")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,29 +87,26 @@ class Setup(NamedTuple):
     key: jax.Array
 
 
-def _cap(config, n, tiny_max: int) -> int:
-    return min(int(n), tiny_max) if config.tiny else int(n)
 
-
-def _backbone_args(config) -> tuple:
+def backbone_args(config) -> tuple:
     c = config
     return bool(c.tiny), c.model, c.pretrained, common.data_args(c), int(c.seed)
 
 
 def setup(config) -> Setup:
     c = config
-    return _setup(_backbone_args(c), int(c.held_out), _cap(c, c.noise.calib_images, TINY_CALIB_IMAGES),
+    return _setup(backbone_args(c), int(c.held_out), common.cap(c, c.noise.calib_images, TINY_CALIB_IMAGES),
                   c.denoiser.kind, int(c.denoiser.reduction))
 
 
 def denoised_model(config, reduction: int) -> denoise.DenoisedModel:
     """The backbone with a block (bottleneck C/``reduction``) at every candidate site; the same object for the same
     settings, so stages reuse each other's compiled programs."""
-    return _denoised(_backbone_args(config), config.denoiser.kind, int(reduction))
+    return blocks_model(backbone_args(config), config.denoiser.kind, int(reduction))
 
 
 @functools.lru_cache(maxsize=4)
-def _backbone(tiny, model_name, pretrained, data_args, seed):
+def backbone(tiny, model_name, pretrained, data_args, seed):
     """``(dataset, model, variables)``: the pretrained network (random weights from ``seed`` in tiny mode)."""
     ds = common.load(*data_args)
     if tiny:
@@ -125,19 +122,22 @@ def _backbone(tiny, model_name, pretrained, data_args, seed):
 
 
 @functools.lru_cache(maxsize=16)
-def _denoised(backbone_args: tuple, kind: str, reduction: int) -> denoise.DenoisedModel:
-    return denoise.denoised(_backbone(*backbone_args)[1], config=denoise.DenoiserConfig(kind=kind, reduction=reduction))
+def blocks_model(backbone_args: tuple, kind: str, reduction: int, inner: bool = False) -> denoise.DenoisedModel:
+    """A block at every feature (``inner``: at every tap point, the residual branches' inner points included)."""
+    net = backbone(*backbone_args)[1]
+    return denoise.denoised(net, sites=net.tap_names if inner else None,
+                            config=denoise.DenoiserConfig(kind=kind, reduction=reduction))
 
 
 @functools.lru_cache(maxsize=4)
 def _setup(backbone_args: tuple, held_out: int, calib_images: int, kind: str, reduction: int) -> Setup:
-    ds, model, variables = _backbone(*backbone_args)
+    ds, model, variables = backbone(*backbone_args)
     if backbone_args[0]:   # tiny: at most a fifth of the training images
         held_out = min(held_out, len(ds.train) // 5)
     train_part, held = data.holdout(ds.train, held_out)
     images = data.calibration_images(train_part, n=calib_images, seed=0)
     ref = noise.calibrate_activations(model.apply, variables, jax.jit(ds.preprocess)(jax.numpy.asarray(images)))
-    dmodel = _denoised(backbone_args, kind, reduction)
+    dmodel = blocks_model(backbone_args, kind, reduction)
     key = jax.random.key(backbone_args[-1])
     dvars = denoise.init_variables(dmodel, variables, noise.name_key(key, "init"))
     # The selection set (level, sensitivity, search) is held in memory: decoded once when the dataset streams.
@@ -174,10 +174,6 @@ def budget(config) -> float:
 # Result records
 
 
-def _load(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
 
 def test_split(config, s: Setup) -> data.Split:
     """The evaluation images: the test split; in tiny mode its first ones, as many as the held-out images (one
@@ -191,7 +187,7 @@ def _held_out_split(s: Setup) -> str:
     return f"train[{len(s.train_part)}:] (held out)"
 
 
-def _act(entry: dict) -> float | None:
+def act_eta(entry: dict) -> float | None:
     a = entry["activation_noise"]
     return None if a is None else float(a["eta"])
 
@@ -208,7 +204,7 @@ def stage_level(ctx):
     results, rows = [clean], []
     for eta in map(float, config.level.grid):
         r = robustness.evaluate(s.model, s.variables, x, y, spec(config, s, eta), key=noise.name_key(s.key, "level"),
-                                n_chips=_cap(config, config.level.n_chips, TINY_CHIPS),
+                                n_chips=common.cap(config, config.level.n_chips, TINY_CHIPS),
                                 batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
         results.append(r)
         rows.append({"eta": eta, "mean": r.mean, "drop": clean.mean - r.mean})
@@ -216,16 +212,16 @@ def stage_level(ctx):
     target = min(rows, key=lambda r: abs(r["drop"] - float(config.level.target_drop)))["eta"]
     sides = [round(target * float(f), 4) for f in config.level.side_factors]
     level = {"clean_selection": clean.mean, "grid": rows, "target": target, "levels": sorted([target] + sides),
-             "protocol": f"plain model, {_cap(config, config.level.n_chips, TINY_CHIPS)} chips, last {len(y)} "
+             "protocol": f"plain model, {common.cap(config, config.level.n_chips, TINY_CHIPS)} chips, last {len(y)} "
                          f"training images"}
     arm = report.arm("plain", s.model, "clean", s.model.param_count(), results)
     report.write_json(ctx.result_path("level.json"), _result(config, [arm], _held_out_split(s), len(y), **level))
     return {"target": target, "levels": level["levels"]}
 
 
-def _level(ctx) -> dict:
+def level_record(ctx) -> dict:
     """The ``level`` stage's record (clean_selection, grid, target, levels, protocol)."""
-    record = _load(ctx.result_path("level.json"))
+    record = common.read_json(ctx.result_path("level.json"))
     return {k: record[k] for k in ("clean_selection", "grid", "target", "levels", "protocol")}
 
 
@@ -236,7 +232,7 @@ def stage_sensitivity(ctx):
     x, y = s.selection.images, s.selection.labels
     rem = placement.removal_sensitivity(s.model, s.variables, x, y, spec(config, s, eta),
                                         key=noise.name_key(s.key, "sensitivity"),
-                                        n_chips=_cap(config, config.search.n_chips, TINY_CHIPS),
+                                        n_chips=common.cap(config, config.search.n_chips, TINY_CHIPS),
                                         batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
     grads = placement.gradient_sensitivity(s.model, s.variables, x, y, spec(config, s, eta),
                                            key=noise.name_key(s.key, "gradient"),
@@ -271,9 +267,9 @@ def stage_search(ctx):
                               key=noise.name_key(s.key, "search"), candidates=candidates,
                               strategy=config.search.get("strategy", "greedy"),
                               beam_width=int(config.search.get("beam_width", 2)),
-                              steps=_cap(config, config.search.steps, TINY_STEPS),
+                              steps=common.cap(config, config.search.steps, TINY_STEPS),
                               batch_size=common.batch(config, config.search.batch_size), learning_rate=float(config.train.lr),
-                              n_chips=_cap(config, config.search.n_chips, TINY_CHIPS),
+                              n_chips=common.cap(config, config.search.n_chips, TINY_CHIPS),
                               eval_batch_size=int(config.eval.batch_size), split=s.train_part, max_rounds=max_rounds,
                               log=lambda line: ctx.log("search: " + line))
     out = {**result.to_dict(), "seconds": time.time() - t0}
@@ -324,7 +320,7 @@ def arm_placement(ctx, name: str):
 
 
 def _train_steps(config) -> int:
-    return _cap(config, config.train.steps, TINY_STEPS)
+    return common.cap(config, config.train.steps, TINY_STEPS)
 
 
 def stage_train(name: str):
@@ -412,7 +408,7 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
     curve_path = ctx.result_path("curves", f"{name}.jsonl")
     curve = read_jsonl(curve_path)
     curve_spec = spec(config, s, eta)
-    n_chips = _cap(config, config.curve.n_chips, TINY_CHIPS)
+    n_chips = common.cap(config, config.curve.n_chips, TINY_CHIPS)
     meta = {"model": dm.name, "model_config": dict(dm.config), "experiment": config.name, "act_eta_train": eta,
             "sites": [site for site, g in zip(dm.candidate_sites, gates) if g], "gates": [float(g) for g in gates],
             **meta}
@@ -444,10 +440,10 @@ def eval_plan(config, level: dict, name: str) -> list[tuple[float, int]]:
     """``[(eta, n_chips)]`` of one arm: the target level, then (plain and searched) the side levels."""
     target = float(level["target"])
     if name in ("plain", "searched"):
-        sides = [(float(e), _cap(config, config.eval.level_chips, TINY_CHIPS)) for e in level["levels"]
+        sides = [(float(e), common.cap(config, config.eval.level_chips, TINY_CHIPS)) for e in level["levels"]
                  if float(e) != target]
-        return [(target, _cap(config, config.eval.n_chips, TINY_CHIPS))] + sides
-    return [(target, _cap(config, config.eval.side_chips, TINY_CHIPS))]
+        return [(target, common.cap(config, config.eval.n_chips, TINY_CHIPS))] + sides
+    return [(target, common.cap(config, config.eval.side_chips, TINY_CHIPS))]
 
 
 def evaluate_arm(ctx, s: Setup, name: str, model, variables, plan: list[tuple[float, int]], *,
@@ -458,12 +454,12 @@ def evaluate_arm(ctx, s: Setup, name: str, model, variables, plan: list[tuple[fl
     config = ctx.config
     test = test_split(config, s)
     path = ctx.result_path("eval", f"{name}.json")
-    entries = _load(path)["arms"][0]["eval"] if os.path.exists(path) else []
+    entries = common.read_json(path)["arms"][0]["eval"] if os.path.exists(path) else []
     if noise_free and not entries:
         entries.append(robustness.evaluate(model, variables, *common.eval_data(test), None,
                                            batch_size=int(config.eval.batch_size),
                                            preprocess=s.ds.preprocess).to_dict())
-    done = {(_act(e), int(e["n_chips"])) for e in entries}
+    done = {(act_eta(e), int(e["n_chips"])) for e in entries}
     for eta, n_chips in plan:
         if (eta, n_chips) in done:
             continue
@@ -475,7 +471,7 @@ def evaluate_arm(ctx, s: Setup, name: str, model, variables, plan: list[tuple[fl
         report.write_json(path, _result(config, [arm], "test", len(test)))
         ctx.log(f"eval: {name} at eta {eta}: {100 * r.mean:.2f}% {robustness.format_ci95(r.ci95)} "
                 f"({n_chips} chips)")
-    return {str(_act(e)): e["mean"] for e in entries}
+    return {str(act_eta(e)): e["mean"] for e in entries}
 
 
 def stage_eval(name: str):
@@ -487,7 +483,7 @@ def stage_eval(name: str):
         else:
             model = arm_placement(ctx, name)[0]
             variables = checkpoint.load_variables(ctx.result_path("weights", f"{name}.npz"), model)
-        return evaluate_arm(ctx, s, name, model, variables, eval_plan(config, _level(ctx), name),
+        return evaluate_arm(ctx, s, name, model, variables, eval_plan(config, level_record(ctx), name),
                             noise_free=name == "plain")
     return run
 
@@ -499,10 +495,10 @@ def stage_eval(name: str):
 def stage_report(ctx):
     config = ctx.config
     s = setup(config)
-    level = _level(ctx)
-    sens = _load(ctx.result_path("sensitivity.json"))
-    search = _load(ctx.result_path("search.json"))
-    plain = _load(ctx.result_path("eval", "plain.json"))["arms"][0]["eval"]
+    level = level_record(ctx)
+    sens = common.read_json(ctx.result_path("sensitivity.json"))
+    search = common.read_json(ctx.result_path("search.json"))
+    plain = common.read_json(ctx.result_path("eval", "plain.json"))["arms"][0]["eval"]
     clean = plain[0]
     backbone_params = s.model.param_count()
     record_arms = [report.arm("plain", s.model, "clean", backbone_params, plain,
@@ -515,7 +511,7 @@ def stage_report(ctx):
         over = denoise.overhead(dm, gates)
         sites = [site for site, g in zip(dm.candidate_sites, gates) if g]
         costs[name] = engine.placement_cost(denoise.block_shapes(dm, sites), layers, backbone_params=backbone_params)
-        evals = _load(ctx.result_path("eval", f"{name}.json"))["arms"][0]["eval"]
+        evals = common.read_json(ctx.result_path("eval", f"{name}.json"))["arms"][0]["eval"]
         record_arms.append(report.arm(name, s.model, "denoiser", backbone_params, evals,
                                       extra_param_count=over["params"],
                                       train={"sites": sites, "kind": config.denoiser.kind, **extra,
@@ -539,7 +535,7 @@ def stage_report(ctx):
                              markdown(config, record, sens, search, costs, clean["mean"], backbone_params))
     plot_pareto(record, search, clean["mean"], backbone_params, ctx.result_path("pareto.png"))
     target = level["target"]
-    return {a["name"]: next((e["mean"] for e in a["eval"] if _act(e) == target), None) for a in record_arms}
+    return {a["name"]: next((e["mean"] for e in a["eval"] if act_eta(e) == target), None) for a in record_arms}
 
 
 def _length(config, summary: dict, steps: int) -> dict:
@@ -566,12 +562,12 @@ def markdown(config, record, sens, search, costs, clean_acc: float, backbone_par
              f"{[e for e in level['levels'] if e != target]}.",
              "", "| arm | sites | params (% of backbone) | eta | n_chips | mean (%) | 95% CI (%) | p5 (%) | "
              "drop recovered |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    plain_at = {_act(e): e for e in record["arms"][0]["eval"] if e["activation_noise"] is not None}
+    plain_at = {act_eta(e): e for e in record["arms"][0]["eval"] if e["activation_noise"] is not None}
     for a in record["arms"]:
         for e in a["eval"]:
             if e["activation_noise"] is None:
                 continue
-            eta = _act(e)
+            eta = act_eta(e)
             rec = ""
             if a["name"] != "plain" and eta in plain_at:
                 drop = clean_acc - plain_at[eta]["mean"]
@@ -625,7 +621,7 @@ def plot_pareto(record, search, clean_acc: float, backbone_params: int, path: st
     ax.legend()
     for i, a in enumerate(record["arms"]):
         for e in a["eval"]:
-            if e["activation_noise"] and _act(e) == target:
+            if e["activation_noise"] and act_eta(e) == target:
                 ci = e["ci95"]  # None with one chip: no error bar
                 ax2.errorbar([100 * a["extra_param_count"] / backbone_params], [100 * e["mean"]],
                              yerr=None if ci is None else [[100 * (e["mean"] - ci[0])], [100 * (ci[1] - e["mean"])]],
@@ -650,7 +646,7 @@ def stages(config) -> list[Stage]:
     unknown = [a for a in config.arms if a not in ARMS]
     if unknown:
         raise ValueError(f"denoise_placement: unknown arms {unknown}; choose among {ARMS} (set arms=...).")
-    level = _BACKBONE + common.stream_settings(config) + ("level", "eval.batch_size")
+    level = BACKBONE_SETTINGS + common.stream_settings(config) + ("level", "eval.batch_size")
     sensitivity = level + ("search.n_chips", "search.grad_draws")
     search = sensitivity + ("denoiser", "search", "train.lr")
     arms = search + ("train",)

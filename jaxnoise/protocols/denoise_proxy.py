@@ -61,7 +61,7 @@ def _recipe(config) -> dict:
 
 
 def _dmodel(config):
-    return dp._denoised(dp._backbone_args(config), config.denoiser.kind, int(config.denoiser.reduction))
+    return dp.blocks_model(dp.backbone_args(config), config.denoiser.kind, int(config.denoiser.reduction))
 
 
 def _fill(dm, order, limit: float, costs=None) -> np.ndarray:
@@ -114,7 +114,7 @@ def make_placements(dm, budget: float, gains: dict, grads: dict, n: int, seed: i
 def stage_placements(ctx):
     config = ctx.config
     dm = _dmodel(config)
-    sens = dp._load(ctx.result_path("sensitivity.json"))
+    sens = common.read_json(ctx.result_path("sensitivity.json"))
     gains = {k: v["gain"] for k, v in sens["removal"]["sites"].items()}
     out = make_placements(dm, dp.budget(config), gains, sens["gradient_norm"], n_placements(config),
                           int(config.seed))
@@ -142,7 +142,7 @@ def stage_proxy(ctx):
     done = dp.read_jsonl(path)
     dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"))
     loss_fn = da._loss(config, s, dm, _recipe(config), eta)
-    n_chips = dp._cap(config, config.proxy.n_chips, dp.TINY_CHIPS)
+    n_chips = common.cap(config, config.proxy.n_chips, dp.TINY_CHIPS)
     for steps in _proxy_steps(config):
         if any(d["steps"] == steps for d in done):
             continue
@@ -200,7 +200,7 @@ def stage_report(ctx):
     ps = _placements(ctx)
     finals, arms = [], []
     n_sel = len(s.selection.labels)
-    spec_desc = dp.spec(config, s, float(dp._level(ctx)["target"])).describe()
+    spec_desc = dp.spec(config, s, float(dp.level_record(ctx)["target"])).describe()
     for i, p in enumerate(ps):
         curve = dp.read_jsonl(ctx.result_path("curves", f"final_{i}.jsonl"))
         best = max(curve, key=lambda c: c["mean"])
@@ -261,7 +261,7 @@ def plot(rows, proxies, finals, path: str) -> None:
 
 @protocol("denoise_proxy")
 def stages(config) -> list[Stage]:
-    level = dp._BACKBONE + ("level", "eval.batch_size")
+    level = dp.BACKBONE_SETTINGS + ("level", "eval.batch_size")
     sensitivity = level + ("search.n_chips", "search.grad_draws")
     chosen = sensitivity + ("denoiser", "search.budget", "proxy.n_placements")
     trained = chosen + ("train", "curve")

@@ -31,7 +31,6 @@ the first 100 test images, 256 calibration images and the default I/O numerics (
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import time
@@ -60,9 +59,6 @@ TINY_CALIB_IMAGES = 256
 
 _BASE = ("tiny", "model", "pretrained", "dataset", "data_dir", "seed", "io_numerics")
 
-
-def _cap(config, n, tiny_max: int) -> int:
-    return min(int(n), tiny_max) if config.tiny else int(n)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,16 +108,12 @@ def inference_spec(config, compensation: str | None) -> device.DeviceSpec:
 def training_spec(config, model, variables, ds: data.Dataset) -> device.DeviceSpec:
     """``preset(hwa.preset).training()`` with input ranges calibrated on ``variables`` and the config's numerics."""
     images = np.asarray(ds.preprocess(data.calibration_images(
-        ds.train, n=_cap(config, config.hwa.calib_images, TINY_CALIB_IMAGES), seed=0)))
+        ds.train, n=common.cap(config, config.hwa.calib_images, TINY_CALIB_IMAGES), seed=0)))
     ranges = device.calibrate_input_ranges(model.apply, variables, images, statistic=config.hwa.range_statistic,
                                            alpha=float(config.hwa.range_alpha))
     spec = device.preset(config.hwa.preset).training()
     return with_numerics(config, spec.replace(io=spec.io.replace(inp_ranges=ranges)))
 
-
-def _load(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,7 +121,7 @@ def _load(path: str) -> dict:
 
 
 def _steps(config) -> int:
-    return _cap(config, config.train.steps, TINY_STEPS)
+    return common.cap(config, config.train.steps, TINY_STEPS)
 
 
 def stage_train(arm: str):
@@ -173,7 +165,7 @@ def _train_info(ctx, arm: str) -> dict:
 
 
 def eval_images(config, ds: data.Dataset):
-    n = _cap(config, config.eval.n_images or len(ds.test.labels), TINY_IMAGES)
+    n = common.cap(config, config.eval.n_images or len(ds.test.labels), TINY_IMAGES)
     return ds.test.images[:n], ds.test.labels[:n]
 
 
@@ -186,7 +178,7 @@ def stage_eval(arm: str):
                      else checkpoint.load_variables(ctx.result_path("weights", f"{arm}.npz"), model))
         x, y = eval_images(config, ds)
         path = ctx.result_path("eval", f"{arm}.json")
-        done = {a["name"]: a for a in _load(path)["arms"]} if os.path.exists(path) else {}
+        done = {a["name"]: a for a in common.read_json(path)["arms"]} if os.path.exists(path) else {}
         method = "hwa_forward_noise" if arm == "hwa" else "clean"
         for suffix, mode in COMPENSATION.items():
             name = arm if suffix == "comp" else f"{arm}_nocomp"
@@ -197,7 +189,7 @@ def stage_eval(arm: str):
             traces, t0 = robustness.trace_count(), time.time()
             res = robustness.evaluate_device(model, variables, x, y, inference_spec(config, mode),
                                              times=[float(t) for t in config.eval.times], key=int(config.seed),
-                                             n_chips=_cap(config, config.eval.n_chips, TINY_CHIPS),
+                                             n_chips=common.cap(config, config.eval.n_chips, TINY_CHIPS),
                                              batch_size=int(config.eval.batch_size),
                                              chip_batch_size=int(config.eval.chip_batch_size) or None,
                                              preprocess=ds.preprocess)
@@ -220,7 +212,7 @@ def stage_report(ctx):
     config = ctx.config
     arms = {}
     for arm in config.arms:
-        for a in _load(ctx.result_path("eval", f"{arm}.json"))["arms"]:
+        for a in common.read_json(ctx.result_path("eval", f"{arm}.json"))["arms"]:
             arms[a["name"]] = a
     order = [arm if suffix == "comp" else f"{arm}_nocomp" for suffix in COMPENSATION for arm in config.arms]
     arms = [arms[name] for name in order]
