@@ -578,7 +578,8 @@ def build_loss(args, model, variables, dataset):
     if args.train_device is not None:
         # aihwkit's training view: I/O non-idealities (and modifiers), PCM and compensation off.
         dev = device.preset(args.train_device).training()
-        if dev.io is not None and dev.io.noise_management == "constant":
+        # Layers with learned input ranges (--learn-input-ranges, or a checkpoint that has them) use those.
+        if dev.io is not None and dev.io.noise_management == "constant" and not model.input_ranges:
             if variables is None:
                 raise UsageError("--train-device with constant input ranges calibrates them on the starting "
                                  "weights: give --weights or --checkpoint.")
@@ -617,9 +618,29 @@ def run_workdir(args, setting: str) -> str:
     return path
 
 
+def learned_input_ranges(args, model, variables, dataset):
+    """``--learn-input-ranges``: ``(model, variables)`` with aihwkit's learned input ranges per tile, initialised
+    from data (``device.init_input_ranges``, ``init_from_data``: the first batches of 1024 calibration training
+    images); a model that has them already (a checkpoint of such a run) keeps its ranges."""
+    dev = device.preset(args.train_device).training()
+    if dev.io is None or dev.io.input_range is None:
+        raise UsageError(f"--learn-input-ranges: preset {args.train_device} has no learned input ranges "
+                         f"(aihwkit's InputRangeParameter); use --train-device hwa_standard.")
+    if model.input_ranges:
+        return model, variables
+    if variables is None:
+        raise UsageError("--learn-input-ranges initialises the ranges from data on the starting weights: give "
+                         "--weights or --checkpoint.")
+    images = jax.jit(dataset.preprocess)(jnp.asarray(data.calibration_images(dataset.train, n=1024, seed=0)))
+    return device.init_input_ranges(model, variables, dev, np.asarray(images), method="init_from_data",
+                                    batch_size=args.train_batch_size)
+
+
 def cmd_train(args) -> Any:
     workdir = run_workdir(args, args.method)
     model, variables, dataset, _ = load_model(args, default_model="mlp", weights_required=False)
+    if args.learn_input_ranges:
+        model, variables = learned_input_ranges(args, model, variables, dataset)
     start = args.weights or args.checkpoint
     loss_fn = build_loss(args, model, variables, dataset)
     mesh = None
@@ -818,6 +839,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-device", default=None, choices=sorted(device.PRESETS),
                    help="hardware-aware training under a device preset's training view (I/O non-idealities with "
                         "straight-through quantisers; constant input ranges = max|x| of the starting weights)")
+    g.add_argument("--learn-input-ranges", action="store_true",
+                   help="with --train-device hwa_standard: learn aihwkit's input ranges per tile (InputRange"
+                        "Parameter: initialised from data, clip gradient, decay), saved in the checkpoint and used "
+                        "by eval/sweep --device hwa_standard")
     g.add_argument("--train-act-noise", default=None, choices=sorted(noise.ACTIVATION_KINDS),
                    help="also inject activation noise of this kind (off by default)")
     g.add_argument("--act-eta-train", type=_scale, default=0.0)
@@ -950,6 +975,7 @@ _RULES: dict[str, list[tuple[str, Any, str]]] = {
          f"{_TRAIN_NOISE} (with a --train-weight-noise kind)"),
         ("train_weight_noise", _noisy_method, _TRAIN_NOISE),
         ("train_device", _noisy_method, _TRAIN_NOISE),
+        ("learn_input_ranges", lambda a: a.train_device is not None, "--train-device PRESET"),
         ("train_act_noise", _noisy_method, _TRAIN_NOISE),
         ("num_draws", _noisy_method, _TRAIN_NOISE),
         ("draw_batch_size", _noisy_method, _TRAIN_NOISE),
