@@ -388,8 +388,10 @@ class InputRange:
     ``x_c = clip(x_i, -r, r)``, then the tile's I/O at input scale ``r`` (``noise_management="constant"``: the DAC
     sees ``x_c / r``; ``"abs_max"``: abs-max scaling of ``x_c``), output times ``r``.
 
-    Gradients (aihwkit's RPUCuda tile, ``TileWithPeriphery.post_backward``), with ``d = g_j W_ij^T`` the gradient at
-    the tile's input and sums over every entry of the tile's input (every conv patch entry, padding included)::
+    Gradients (aihwkit's RPUCuda tile, ``TileWithPeriphery.pre_backward``/``post_backward``/``update``), with
+    ``d = g'_j W_ij^T`` the gradient at the tile's input, ``g'_j`` the output gradient zeroed where the tile's output
+    is at ``|y| >= 0.999 out_bound`` (aihwkit's ``handle_output_bound``), and sums over every entry of the tile's
+    input (every conv patch entry, padding included)::
 
         grad_r = sum(min(d, 0) [x >= r]) - sum(max(d, 0) [x <= -r])
         if gradient_relative: grad_r *= r * gradient_scale
@@ -398,8 +400,9 @@ class InputRange:
 
     with ``p_out = 1 - (outputs at |y| >= 0.999 out_bound) / (entries of the tile input)`` (aihwkit divides by the
     size of ``d``). The input gradient is the straight-through ``sum_j d`` (not masked outside the range, as aihwkit's
-    RPUCuda tile); the kernel gradient uses the clipped input ``x_c``. The decay and output terms are added once
-    per differentiated forward pass (aihwkit: per backward call).
+    RPUCuda tile); the kernel gradient is ``x_c^T g_j`` (the clipped input, the unmasked output gradient, as
+    aihwkit's update, here in the kernel's own units). The decay and output terms are added once per
+    differentiated forward pass (aihwkit: per backward call).
 
     Attributes:
       init_value: the range of a new leaf before any data (aihwkit ``init_value``).
@@ -1653,9 +1656,10 @@ def tiled_mvm(key: jax.Array | None, x: jax.Array, w: jax.Array, scale: jax.Arra
     return _tiled_forward(key, x, w, scale, io, layout, geometry, inp_scale, noise_flags, ranges, False)[0]
 
 
-def _tiled_forward(key, x, w, scale, io, layout, geometry, inp_scale, noise_flags, ranges, count_clipped: bool):
-    """:func:`tiled_mvm`, and with ``count_clipped`` the number of outputs of each tile at ``|y| >= 0.999
-    out_bound`` in tile units, ``(T_in, T_out)`` (aihwkit's output-clip mask; padding columns excluded)."""
+def _tiled_forward(key, x, w, scale, io, layout, geometry, inp_scale, noise_flags, ranges, clip_mask: bool):
+    """:func:`tiled_mvm`, and with ``clip_mask`` (and ``ranges``) each tile's outputs at ``|y| >= 0.999 out_bound``
+    in the tile's output units (aihwkit ``post_forward``'s mask: its output for input ``x_c / r``), ``(T_in, T_out,
+    ..., L_out)`` bool, or None."""
     if io is None:
         return _linear(x, from_tiles(w * scale, layout), geometry), None
     keys = None if key is None else tile_keys(key, layout.shape[:2])
@@ -1669,34 +1673,31 @@ def _tiled_forward(key, x, w, scale, io, layout, geometry, inp_scale, noise_flag
                 xv = jnp.clip(xv, -rv, rv)
                 s = rv
             y = analog_mvm(k, xv, wv, io, geometry=geo, inp_scale=s, noise_flags=noise_flags)
-            if not count_clipped:
+            if not clip_mask or rv is None or io.out_bound is None:
                 return y, None
-            # constant scale s = r: y / r is the tile's output in tile units (aihwkit post_forward's mask)
-            bound = 0.999 * jnp.asarray(io.out_bound, y.dtype)
-            clipped = jnp.abs(y / rv) >= bound
-            return y, jnp.sum(clipped, axis=tuple(range(y.ndim - 1)), dtype=jnp.float32)
+            return y, jnp.abs(y / rv) >= 0.999 * jnp.asarray(io.out_bound, y.dtype)
         return one
 
     if geometry is None:
-        y, counts = _over_tiles(fn(None), keys, w, _split(x, layout.in_sizes, -1), ranges)
+        y, mask = _over_tiles(fn(None), keys, w, _split(x, layout.in_sizes, -1), ranges)
     elif layout.channel_groups:   # tile i: a conv on channels [i cg, (i + 1) cg)
         kh, kw, cin, _ = layout.kernel_shape
         cg = cin // t_in
         wk = w.reshape(t_in, t_out, cg, kh, kw, l_out).transpose(0, 1, 3, 4, 2, 5)
-        y, counts = _over_tiles(fn(dict(geometry)), keys, wk, x.reshape(x.shape[:-1] + (t_in, cg)), ranges)
+        y, mask = _over_tiles(fn(dict(geometry)), keys, wk, x.reshape(x.shape[:-1] + (t_in, cg)), ranges)
     else:   # the im2col patches ((cin, kh, kw) order, as aihwkit's unfold), as dense vectors
-        y, counts = _over_tiles(fn(None), keys, w, _split(_patches(x, layout, geometry), layout.in_sizes, -1),
-                                ranges)
-    if counts is not None:   # real output columns only: (T_in, T_out, L_out) -> (T_in, T_out)
+        y, mask = _over_tiles(fn(None), keys, w, _split(_patches(x, layout, geometry), layout.in_sizes, -1),
+                              ranges)
+    if mask is not None:   # padding columns never count
         cols = np.arange(l_out)[None, :] < np.asarray(layout.out_sizes)[:, None]
-        counts = jnp.sum(counts * jnp.asarray(cols, counts.dtype)[None], axis=-1)
+        mask = mask & jnp.asarray(cols)[None, :].reshape((1, t_out) + (1,) * (mask.ndim - 3) + (l_out,))
     y = y * scale.reshape(scale.shape[:2] + (1,) * (y.ndim - 3) + scale.shape[-1:])
     # The input tiles' outputs added in tile order, as aihwkit's result.add_ (T_in is a few; a jnp.sum over the
     # tile axis crashed XLA:CPU 0.10.2's YNNPACK reduce fusion with chips vmapped: tools/aihwkit_crosscheck.py,
     # preset_hwa conv, segfaulted).
     y = functools.reduce(jnp.add, [y[i] for i in range(t_in)])
     y = jnp.moveaxis(y, 0, -2)   # (..., T_out, L_out)
-    return _unsplit(y, layout.out_sizes, y.ndim - 2), counts
+    return _unsplit(y, layout.out_sizes, y.ndim - 2), mask
 
 
 def _patches(x: jax.Array, layout: TileLayout, geometry: Mapping[str, int]) -> jax.Array:
@@ -1737,50 +1738,55 @@ def _ranged_ste(x, k, w, scale, key, io, r, geometry, layout, flags):
 
 
 def _ranged_ste_fwd(x, k, w, scale, key, io, r, geometry, layout, flags):
-    count = io.input_range.manage_output_clipping and io.input_range.learn_input_range
-    y, counts = _tiled_forward(key, x, w, scale, io, layout, None if geometry is None else dict(geometry), None,
-                               flags, r, count)
-    return y, (x, k, r, io, counts)
+    y, mask = _tiled_forward(key, x, w, scale, io, layout, None if geometry is None else dict(geometry), None,
+                             flags, r, io.input_range.learn_input_range)
+    return y, (x, k, r, io, mask)
 
 
 def _ranged_ste_bwd(geometry, layout, flags, res, g):
-    x, k, r, io, counts = res
+    """aihwkit's backward of a tile with an input range (``TileWithPeriphery.pre_backward``, ``post_backward``,
+    ``update``): the output gradient of tile (i, j) zeroed where its output is at the bound, ``d_ij = g_ij
+    W_ij^T``; input gradient ``sum_j d_ij`` (straight-through: not masked outside the range); range gradient
+    :class:`InputRange`'s rule on ``d_ij``; kernel gradient ``clip(x_i, -r_ij, r_ij)^T g_j`` (the update uses the
+    unmasked output gradient)."""
+    x, k, r, io, mask = res
     geo = None if geometry is None else dict(geometry)
     ir = io.input_range
     dt = x.dtype
+    t_in, t_out = layout.shape[:2]
     # The tile inputs as rows (R, T_in, L_in): a dense input, or a conv's im2col patches (every patch entry).
     rows = _patches(x, layout, geo) if geo is not None else x
-    xt = _split(rows.reshape(-1, rows.shape[-1]), layout.in_sizes, -1)
-    gt = _split(g.reshape(-1, g.shape[-1]).astype(dt), layout.out_sizes, -1)     # (R, T_out, L_out)
-    kt = to_tiles(k.astype(dt), layout)                                            # (T_in, T_out, L_in, L_out)
-    rr = r.astype(dt)[None, :, :, None]                                            # (1, T_in, T_out, 1)
-    xr = xt[:, :, None, :]                                                         # (R, T_in, 1, L_in)
-    xc = jnp.clip(xr, -rr, rr)                                                     # (R, T_in, T_out, L_in)
-    # The kernel gradient with the clipped input of each tile (aihwkit's update sees clamp(x, -r, r)).
-    dk = from_tiles(jnp.einsum("rijl,rjo->ijlo", xc, gt), layout).astype(k.dtype)
-    # The input gradient: straight-through sum_j g_j W_ij^T (aihwkit's RPUCuda tile does not mask it).
-    _, vjp = jax.vjp(lambda x_: _linear(x_, k.astype(dt), geo), x)
-    dx = vjp(g.astype(dt))[0]
+    n_rows = math.prod(rows.shape[:-1])
+    xt = _split(rows.reshape(n_rows, rows.shape[-1]), layout.in_sizes, -1)
+    gt = _split(g.reshape(n_rows, g.shape[-1]).astype(dt), layout.out_sizes, -1)     # (R, T_out, L_out)
+    kt = to_tiles(k.astype(dt), layout)                                                # (T_in, T_out, L_in, L_out)
+    rr = r.astype(dt)[None, :, :, None]                                                # (1, T_in, T_out, 1)
+    xr = xt[:, :, None, :]                                                             # (R, T_in, 1, L_in)
+    dk = from_tiles(jnp.einsum("rijl,rjo->ijlo", jnp.clip(xr, -rr, rr), gt), layout).astype(k.dtype)
+    gm = jnp.broadcast_to(gt[:, None], (n_rows, t_in) + gt.shape[1:])                 # (R, T_in, T_out, L_out)
+    if mask is not None:
+        gm = jnp.where(jnp.moveaxis(mask.reshape(t_in, t_out, n_rows, -1), 2, 0), 0.0, gm)
+    d = jnp.einsum("rijo,ijlo->rijl", gm, kt)                                         # at each tile's input
+    dx = _unsplit(jnp.sum(d, axis=2), layout.in_sizes, 1).reshape(rows.shape)
+    if geo is not None:   # patch gradients back onto the input (the transpose of im2col)
+        dx = jax.vjp(lambda x_: _patches(x_, layout, geo), x)[1](dx)[0]
     if not ir.learn_input_range:
         return dx, dk, None, None, None, None, jnp.zeros_like(r)
-    d = jnp.einsum("rjo,ijlo->rijl", gt, kt)                                      # the gradient at each tile's input
     zero = jnp.zeros((), dt)
     gr = (jnp.sum(jnp.where(xr >= rr, jnp.minimum(d, zero), zero), axis=(0, 3))
           - jnp.sum(jnp.where(xr <= -rr, jnp.maximum(d, zero), zero), axis=(0, 3)))   # (T_in, T_out)
     r2 = r.astype(dt)
     if ir.gradient_relative:
         gr = gr * r2 * jnp.asarray(ir.gradient_scale, dt)
-    n_rows = xt.shape[0]
-    sizes = jnp.asarray(layout.in_sizes, dt)[:, None]                            # real entries per input tile
-    entries = n_rows * sizes
-    if counts is not None:   # aihwkit: 1 - clipped outputs / numel(d), d being the tile-input gradient
-        p_out = 1.0 - counts.astype(dt) / entries
+    entries = n_rows * jnp.asarray(layout.in_sizes, dt)[:, None]                     # real entries of each d_ij
+    if ir.manage_output_clipping and mask is not None:   # aihwkit: 1 - clipped outputs / numel(d_ij)
+        clipped = jnp.sum(mask.reshape(t_in, t_out, -1), axis=-1).astype(dt)
+        p_out = 1.0 - clipped / entries
         gr = gr - (1.0 - p_out) * r2 * (p_out < jnp.asarray(ir.output_min_percentage, dt))
     real = jnp.asarray(np.arange(xt.shape[-1])[None, :] < np.asarray(layout.in_sizes)[:, None])   # (T_in, L_in)
     inside = jnp.sum((jnp.abs(xr) < rr) & real[None, :, None, :], axis=(0, 3)).astype(dt)
-    pct = inside / entries
-    gr = gr + jnp.asarray(ir.decay, dt) * r2 * (pct > jnp.asarray(ir.input_min_percentage, dt))
-    return dx, dk, None, None, None, None, gr.astype(r.dtype)
+    gr = gr + jnp.asarray(ir.decay, dt) * r2 * (inside / entries > jnp.asarray(ir.input_min_percentage, dt))
+    return dx.astype(x.dtype), dk, None, None, None, None, gr.astype(r.dtype)
 
 
 _ranged_ste.defvjp(_ranged_ste_fwd, _ranged_ste_bwd)
