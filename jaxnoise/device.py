@@ -79,7 +79,7 @@ IO_SEMANTICS = ("aihwkit", "v0")
 # IOParams fields that reproduce the I/O numerics before 2026-12 bit for bit (committed results made then).
 LEGACY_IO = {"sampler": "threefry/erfinv", "conv_sum": "taps", "semantics": "v0"}
 MAPPINGS = ("tensor", "column")
-COMPENSATIONS = (None, "global", "column")
+COMPENSATIONS = (None, "global", "column", "global_exact")
 MODIFIER_KINDS: dict[str, str] = {
     "add_normal": "w + std * A * N(0,1) (aihwkit ADD_NORMAL)",
     "mult_normal": "w * (1 + std * N(0,1)) (aihwkit MULT_NORMAL)",
@@ -972,7 +972,10 @@ class DeviceSpec:
         ``SinglePairConductanceConverter``; one per layer when it is one tile) or ``"column"`` one per output column
         of each tile, static.
       compensation: None, ``"global"`` or ``"column"`` drift compensation (one factor per tile, or per output column
-        of each tile), static.
+        of each tile; aihwkit ``GlobalDriftCompensation``, ``PerColumnDriftCompensation``), or ``"global_exact"``
+        (aihwkit ``GlobalDriftCompensationWithExactReference``: one factor per tile whose reference ``r0`` is the
+        exact readout of the unprogrammed tile weights, ``max(mean|w_target|, 1e-4)``, instead of the programmed
+        weights through the tile's I/O; the readout at time t is that of "global"). Static.
       weight_scaling_omega: aihwkit ``MappingParameter.weight_scaling_omega``: 0 (aihwkit's default) puts the raw
         weights on the tiles and applies no digital output scale; ``omega > 0`` puts ``W / a`` on each tile and
         multiplies its outputs by ``a`` after the ADC, ``a = max|W_tile| / omega`` (per tile column with
@@ -1016,6 +1019,9 @@ class DeviceSpec:
     def __post_init__(self):
         _choice(self.mapping, MAPPINGS, "mapping")
         _choice(self.compensation, COMPENSATIONS, "drift compensation")
+        if self.compensation == "global_exact" and self.io is not None and self.io.semantics == "v0":
+            raise ValueError("compensation='global_exact' (aihwkit's exact reference) needs IOParams(semantics="
+                             "'aihwkit'); the 'v0' pipeline has 'global' and 'column' only.")
         _check_positive(self.g_max, "g_max", "the largest device conductance in uS (aihwkit default 25)")
         _check_nonnegative(self.g_min, "g_min")
         if _concrete(self.g_max) and _concrete(self.g_min) and float(np.max(self.g_min)) >= float(
@@ -1498,7 +1504,8 @@ def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) ->
     cut into tiles (:class:`TileLayout`); tile weights ``w = W_tile / a`` (:attr:`DeviceSpec.weight_scaling_omega`;
     ``a = 1``: the raw weights); conductances per tile ``g+- = clip(+-w s, 0, g_max) + g_min``, ``s = (g_max -
     g_min) / max|w|``; programming noise ``g_p = max(g + sigma_prog(g) N, 0)`` and drift exponents from the targets;
-    the drift-compensation reference ``r0`` of each tile from its programmed weights ``(g+_p - g-_p) / s``.
+    the drift-compensation reference ``r0`` of each tile from its programmed weights ``(g+_p - g-_p) / s``
+    (``compensation="global_exact"``: from its target weights, without I/O).
 
     Args:
       key: the chip key; layer ``site``, tile ``(i, j)``: programming noise from ``name_key(name_key(name_key(
@@ -1556,7 +1563,11 @@ def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) ->
         else:
             nu_plus = nu_minus = jnp.zeros_like(g_plus)
             w_prog = target
-        if spec.compensation is not None:
+        if spec.compensation == "global_exact":   # aihwkit: eye @ reference_combined_weights, no I/O, no noise
+            m = mask.astype(target.dtype)
+            r0 = jnp.maximum(jnp.sum(jnp.abs(target) * m, axis=(2, 3), keepdims=True)
+                             / jnp.maximum(jnp.sum(m, axis=(2, 3), keepdims=True), 1.0), COMPENSATION_FLOOR)
+        elif spec.compensation is not None:
             r0 = _tile_readout(k_comp[i], w_prog, spec, mask)
         else:
             r0 = jnp.ones(lay.shape[:2] + (1, 1), dt)
