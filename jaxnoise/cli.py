@@ -429,11 +429,17 @@ def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | 
                              f"{', '.join(layers)}.")
     times = args.times if args.times is not None else [0.0]
     images, labels = test_arrays(dataset, args.n_images)
+    calib = None
+    if args.recalibrate is not None:   # training images only (the evaluation is on the test split)
+        if getattr(dataset, "streaming", False):
+            raise UsageError("--recalibrate evaluates in memory: drop --streaming (or --recalibrate).")
+        calib = data.calibration_images(dataset.train, n=args.calibration_images, seed=0)
     t0 = time.time()
     results = robustness.evaluate_device(model, variables, images, labels, dev, times=times,
                                          key=jax.random.key(args.seed), n_chips=args.n_chips, noise=spec,
                                          batch_size=args.batch_size, chip_batch_size=args.chip_batch_size,
-                                         preprocess=dataset.preprocess, mesh=build_mesh(args, args.n_chips))
+                                         preprocess=dataset.preprocess, mesh=build_mesh(args, args.n_chips),
+                                         recalibrate=args.recalibrate, calibration_images=calib)
     applied = "" if spec is None else "".join(
         f", {which} noise {d['kind']} eta {d['eta']:g}" for which, d in
         (("weight", spec.describe()["weight_noise"]), ("activation", spec.describe()["activation_noise"])) if d)
@@ -907,6 +913,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(one compiled program for all; eval default 0)")
         g.add_argument("--no-drift-compensation", action="store_true", help="turn the preset's compensation off")
         g.add_argument("--digital-layers", default=None, help="layers kept digital, comma-separated (e.g. conv1,fc)")
+        g.add_argument("--recalibrate", default=None, choices=sorted(robustness.RECALIBRATIONS),
+                       help="after each read: re-estimate BatchNorm statistics through the chip on "
+                            "--calibration-images training images, then evaluate (not in aihwkit)")
+        g.add_argument("--calibration-images", type=_positive_int, default=256,
+                       help="training images of --recalibrate (data.calibration_images, seed 0; default 256)")
         _add_mesh_args(p)
         if name == "eval":
             p.add_argument("--weight-eta", type=_scale, default=0.0)
@@ -999,6 +1010,8 @@ _RULES: dict[str, list[tuple[str, Any, str]]] = {
         ("times", lambda a: a.device is not None, "--device PRESET"),
         ("no_drift_compensation", lambda a: a.device is not None, "--device PRESET"),
         ("digital_layers", lambda a: a.device is not None, "--device PRESET"),
+        ("recalibrate", lambda a: a.device is not None, "--device PRESET"),
+        ("calibration_images", lambda a: a.recalibrate is not None, "--recalibrate batch_norm"),
     ],
     "sweep": [
         ("weight_noise", lambda a: a.weight_etas is not None and a.device is None, "--weight-etas"),
@@ -1010,6 +1023,8 @@ _RULES: dict[str, list[tuple[str, Any, str]]] = {
         ("times", lambda a: a.device is not None, "--device PRESET"),
         ("no_drift_compensation", lambda a: a.device is not None, "--device PRESET"),
         ("digital_layers", lambda a: a.device is not None, "--device PRESET"),
+        ("recalibrate", lambda a: a.device is not None, "--device PRESET"),
+        ("calibration_images", lambda a: a.recalibrate is not None, "--recalibrate batch_norm"),
     ],
     "sensitivity": [
         ("weight_noise", lambda a: a.noise == "weight", "--noise weight"),
