@@ -24,6 +24,11 @@ the measured agreement):
    input scaling, DAC, output-referred read noise, output noise, ADC and bound management); its output times ``a``
    and ``alpha``; the input tiles' outputs summed in float; the bias (digital) added by the layer.
 
+**Learned input ranges** (:class:`InputRange`, aihwkit ``InputRangeParameter``; on in ``hwa_standard``): a layer
+whose parameters hold ``input_range`` leaves (one per tile, :func:`init_input_ranges`) clips each tile's input to
+its range and runs the tile at that input scale; the ranges train with aihwkit's gradient rule (custom VJP).
+**Drift compensation** ``"global"``, ``"column"`` or ``"global_exact"`` (reference from the unprogrammed weights).
+
 ``IOParams(semantics="v0")`` (:data:`LEGACY_IO`) keeps the pipeline before 2026-12-02 bit for bit: one tile per
 layer holding ``W / A`` (``A = max|W|`` per tensor or column), drift and read noise on both programmed devices, the
 readout's one-hot divided by the input range.

@@ -85,3 +85,25 @@ def test_recalibration_errors_are_named(small_cnn, digits):
     mlp = get_model("mlp", input_shape=(8, 8, 1), num_classes=10)
     with pytest.raises(ValueError, match="mlp has no BatchNorm statistics"):
         run(mlp, mlp.init(jax.random.key(0)), recalibrate="batch_norm", calibration_images=calib)
+
+
+def test_cli_calibration_images_needs_recalibrate(capsys):
+    from jaxnoise import cli
+    assert cli.main(["eval", "--model", "cnn", "--device", "aihwkit_inference_default",
+                     "--calibration-images", "64"]) == 2
+    assert "--calibration-images" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~40 s: trains a CNN for 3 steps, then a recalibrated device evaluation from the command line
+def test_cli_recalibrate_records_its_training_images(tmp_path):
+    import json
+
+    from jaxnoise import cli
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "cnn", "--epochs", "1", "--max-steps", "3", "--workdir", str(run)]) == 0
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--checkpoint", str(run), "--device", "aihwkit_inference_default", "--times", "3.15e7",
+                     "--recalibrate", "batch_norm", "--calibration-images", "64", "--n-chips", "1",
+                     "--n-images", "30", "--out", str(out)]) == 0
+    entry = json.loads((out / "results.json").read_text())["arms"][0]["eval"][0]
+    assert entry["recalibration"] == {"method": "batch_norm", "n_images": 64, "batch_size": 64, "split": "train"}
