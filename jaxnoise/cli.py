@@ -429,11 +429,17 @@ def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | 
                              f"{', '.join(layers)}.")
     times = args.times if args.times is not None else [0.0]
     images, labels = test_arrays(dataset, args.n_images)
+    calib = None
+    if args.recalibrate is not None:   # training images only (the evaluation is on the test split)
+        if getattr(dataset, "streaming", False):
+            raise UsageError("--recalibrate evaluates in memory: drop --streaming (or --recalibrate).")
+        calib = data.calibration_images(dataset.train, n=args.calibration_images, seed=0)
     t0 = time.time()
     results = robustness.evaluate_device(model, variables, images, labels, dev, times=times,
                                          key=jax.random.key(args.seed), n_chips=args.n_chips, noise=spec,
                                          batch_size=args.batch_size, chip_batch_size=args.chip_batch_size,
-                                         preprocess=dataset.preprocess, mesh=build_mesh(args, args.n_chips))
+                                         preprocess=dataset.preprocess, mesh=build_mesh(args, args.n_chips),
+                                         recalibrate=args.recalibrate, calibration_images=calib)
     applied = "" if spec is None else "".join(
         f", {which} noise {d['kind']} eta {d['eta']:g}" for which, d in
         (("weight", spec.describe()["weight_noise"]), ("activation", spec.describe()["activation_noise"])) if d)
@@ -578,7 +584,8 @@ def build_loss(args, model, variables, dataset):
     if args.train_device is not None:
         # aihwkit's training view: I/O non-idealities (and modifiers), PCM and compensation off.
         dev = device.preset(args.train_device).training()
-        if dev.io is not None and dev.io.noise_management == "constant":
+        # Layers with learned input ranges (--learn-input-ranges, or a checkpoint that has them) use those.
+        if dev.io is not None and dev.io.noise_management == "constant" and not model.input_ranges:
             if variables is None:
                 raise UsageError("--train-device with constant input ranges calibrates them on the starting "
                                  "weights: give --weights or --checkpoint.")
@@ -617,9 +624,29 @@ def run_workdir(args, setting: str) -> str:
     return path
 
 
+def learned_input_ranges(args, model, variables, dataset):
+    """``--learn-input-ranges``: ``(model, variables)`` with aihwkit's learned input ranges per tile, initialised
+    from data (``device.init_input_ranges``, ``init_from_data``: the first batches of 1024 calibration training
+    images); a model that has them already (a checkpoint of such a run) keeps its ranges."""
+    dev = device.preset(args.train_device).training()
+    if dev.io is None or dev.io.input_range is None:
+        raise UsageError(f"--learn-input-ranges: preset {args.train_device} has no learned input ranges "
+                         f"(aihwkit's InputRangeParameter); use --train-device hwa_standard.")
+    if model.input_ranges:
+        return model, variables
+    if variables is None:
+        raise UsageError("--learn-input-ranges initialises the ranges from data on the starting weights: give "
+                         "--weights or --checkpoint.")
+    images = jax.jit(dataset.preprocess)(jnp.asarray(data.calibration_images(dataset.train, n=1024, seed=0)))
+    return device.init_input_ranges(model, variables, dev, np.asarray(images), method="init_from_data",
+                                    batch_size=args.train_batch_size)
+
+
 def cmd_train(args) -> Any:
     workdir = run_workdir(args, args.method)
     model, variables, dataset, _ = load_model(args, default_model="mlp", weights_required=False)
+    if args.learn_input_ranges:
+        model, variables = learned_input_ranges(args, model, variables, dataset)
     start = args.weights or args.checkpoint
     loss_fn = build_loss(args, model, variables, dataset)
     mesh = None
@@ -818,6 +845,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-device", default=None, choices=sorted(device.PRESETS),
                    help="hardware-aware training under a device preset's training view (I/O non-idealities with "
                         "straight-through quantisers; constant input ranges = max|x| of the starting weights)")
+    g.add_argument("--learn-input-ranges", action="store_true",
+                   help="with --train-device hwa_standard: learn aihwkit's input ranges per tile (InputRange"
+                        "Parameter: initialised from data, clip gradient, decay), saved in the checkpoint and used "
+                        "by eval/sweep --device hwa_standard")
     g.add_argument("--train-act-noise", default=None, choices=sorted(noise.ACTIVATION_KINDS),
                    help="also inject activation noise of this kind (off by default)")
     g.add_argument("--act-eta-train", type=_scale, default=0.0)
@@ -882,6 +913,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(one compiled program for all; eval default 0)")
         g.add_argument("--no-drift-compensation", action="store_true", help="turn the preset's compensation off")
         g.add_argument("--digital-layers", default=None, help="layers kept digital, comma-separated (e.g. conv1,fc)")
+        g.add_argument("--recalibrate", default=None, choices=sorted(robustness.RECALIBRATIONS),
+                       help="after each read: re-estimate BatchNorm statistics through the chip on "
+                            "--calibration-images training images, then evaluate (not in aihwkit)")
+        g.add_argument("--calibration-images", type=_positive_int, default=256,
+                       help="training images of --recalibrate (data.calibration_images, seed 0; default 256)")
         _add_mesh_args(p)
         if name == "eval":
             p.add_argument("--weight-eta", type=_scale, default=0.0)
@@ -950,6 +986,7 @@ _RULES: dict[str, list[tuple[str, Any, str]]] = {
          f"{_TRAIN_NOISE} (with a --train-weight-noise kind)"),
         ("train_weight_noise", _noisy_method, _TRAIN_NOISE),
         ("train_device", _noisy_method, _TRAIN_NOISE),
+        ("learn_input_ranges", lambda a: a.train_device is not None, "--train-device PRESET"),
         ("train_act_noise", _noisy_method, _TRAIN_NOISE),
         ("num_draws", _noisy_method, _TRAIN_NOISE),
         ("draw_batch_size", _noisy_method, _TRAIN_NOISE),
@@ -973,6 +1010,8 @@ _RULES: dict[str, list[tuple[str, Any, str]]] = {
         ("times", lambda a: a.device is not None, "--device PRESET"),
         ("no_drift_compensation", lambda a: a.device is not None, "--device PRESET"),
         ("digital_layers", lambda a: a.device is not None, "--device PRESET"),
+        ("recalibrate", lambda a: a.device is not None, "--device PRESET"),
+        ("calibration_images", lambda a: a.recalibrate is not None, "--recalibrate batch_norm"),
     ],
     "sweep": [
         ("weight_noise", lambda a: a.weight_etas is not None and a.device is None, "--weight-etas"),
@@ -984,6 +1023,8 @@ _RULES: dict[str, list[tuple[str, Any, str]]] = {
         ("times", lambda a: a.device is not None, "--device PRESET"),
         ("no_drift_compensation", lambda a: a.device is not None, "--device PRESET"),
         ("digital_layers", lambda a: a.device is not None, "--device PRESET"),
+        ("recalibrate", lambda a: a.device is not None, "--device PRESET"),
+        ("calibration_images", lambda a: a.recalibrate is not None, "--recalibrate batch_norm"),
     ],
     "sensitivity": [
         ("weight_noise", lambda a: a.noise == "weight", "--noise weight"),

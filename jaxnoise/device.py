@@ -24,6 +24,11 @@ the measured agreement):
    input scaling, DAC, output-referred read noise, output noise, ADC and bound management); its output times ``a``
    and ``alpha``; the input tiles' outputs summed in float; the bias (digital) added by the layer.
 
+**Learned input ranges** (:class:`InputRange`, aihwkit ``InputRangeParameter``; on in ``hwa_standard``): a layer
+whose parameters hold ``input_range`` leaves (one per tile, :func:`init_input_ranges`) clips each tile's input to
+its range and runs the tile at that input scale; the ranges train with aihwkit's gradient rule (custom VJP).
+**Drift compensation** ``"global"``, ``"column"`` or ``"global_exact"`` (reference from the unprogrammed weights).
+
 ``IOParams(semantics="v0")`` (:data:`LEGACY_IO`) keeps the pipeline before 2026-12-02 bit for bit: one tile per
 layer holding ``W / A`` (``A = max|W|`` per tensor or column), drift and read noise on both programmed devices, the
 readout's one-hot divided by the input range.
@@ -79,7 +84,7 @@ IO_SEMANTICS = ("aihwkit", "v0")
 # IOParams fields that reproduce the I/O numerics before 2026-12 bit for bit (committed results made then).
 LEGACY_IO = {"sampler": "threefry/erfinv", "conv_sum": "taps", "semantics": "v0"}
 MAPPINGS = ("tensor", "column")
-COMPENSATIONS = (None, "global", "column")
+COMPENSATIONS = (None, "global", "column", "global_exact")
 MODIFIER_KINDS: dict[str, str] = {
     "add_normal": "w + std * A * N(0,1) (aihwkit ADD_NORMAL)",
     "mult_normal": "w * (1 + std * N(0,1)) (aihwkit MULT_NORMAL)",
@@ -367,6 +372,87 @@ def _normals(draws: list[tuple[jax.Array, tuple[int, ...]]], dtype) -> list[jax.
 # Analog MVM I/O (aihwkit IOParameters)
 
 
+INPUT_RANGE = "input_range"   # the parameter leaf of a learned input range, beside the layer's kernel
+INPUT_RANGE_METHODS: dict[str, str] = {
+    "init_from_data": "aihwkit InputRangeParameter.init_from_data: the mean over the first init_from_data batches "
+                      "of init_std_alpha * std(tile input), std over every entry (unbiased)",
+    "moving_std": "aihwkit calibrate_input_ranges(MOVING_STD): the mean over batches of alpha * std(tile input), "
+                  "all-zero input vectors left out (unbiased)",
+    "max": "aihwkit calibrate_input_ranges(MAX): max |tile input| over every batch",
+}
+
+
+@struct.dataclass
+class InputRange:
+    """Learned input ranges of HWA training, aihwkit ``InputRangeParameter`` (``pre_post.input_range``; defaults =
+    ``StandardHWATrainingPreset``'s). Set as :attr:`IOParams.input_range` (aihwkit ``enable=True``); the range
+    values are parameters of the model, one per tile, ``params[layer]["input_range"]`` of shape ``(T_in, T_out)``
+    (:func:`init_input_ranges` adds them; trained, checkpointed and loaded like any parameter).
+
+    Forward (aihwkit ``apply_input_range`` + ``pre_forward``/``post_forward``), tile ``(i, j)`` with range ``r``:
+    ``x_c = clip(x_i, -r, r)``, then the tile's I/O at input scale ``r`` (``noise_management="constant"``: the DAC
+    sees ``x_c / r``; ``"abs_max"``: abs-max scaling of ``x_c``), output times ``r``.
+
+    Gradients (aihwkit's RPUCuda tile, ``TileWithPeriphery.pre_backward``/``post_backward``/``update``), with
+    ``d = g'_j W_ij^T`` the gradient at the tile's input, ``g'_j`` the output gradient zeroed where the tile's output
+    is at ``|y| >= 0.999 out_bound`` (aihwkit's ``handle_output_bound``), and sums over every entry of the tile's
+    input (every conv patch entry, padding included)::
+
+        grad_r = sum(min(d, 0) [x >= r]) - sum(max(d, 0) [x <= -r])
+        if gradient_relative: grad_r *= r * gradient_scale
+        if manage_output_clipping: grad_r -= (1 - p_out) r [p_out < output_min_percentage]
+        grad_r += decay r [mean(|x| < r) > input_min_percentage]
+
+    with ``p_out = 1 - (outputs at |y| >= 0.999 out_bound) / (entries of the tile input)`` (aihwkit divides by the
+    size of ``d``). The input gradient is the straight-through ``sum_j d`` (not masked outside the range, as aihwkit's
+    RPUCuda tile); the kernel gradient is ``x_c^T g_j`` (the clipped input, the unmasked output gradient, as
+    aihwkit's update, here in the kernel's own units). The decay and output terms are added once per
+    differentiated forward pass (aihwkit: per backward call).
+
+    Attributes:
+      init_value: the range of a new leaf before any data (aihwkit ``init_value``).
+      init_std_alpha: the multiple of the input std of the data-driven init (``init_std_alpha``).
+      decay: the range's decay rate (``decay``; 0 off).
+      input_min_percentage: the decay applies only while more than this fraction of inputs is inside the range.
+      output_min_percentage: ``manage_output_clipping`` acts only while fewer outputs than this fraction are
+        unclipped.
+      gradient_scale: multiplies the clip gradient (aihwkit applies it only with ``gradient_relative``; so here).
+      init_from_data: batches of the data-driven init (:func:`init_input_ranges` ``method="init_from_data"``);
+        aihwkit updates the range during its first training batches, here the init runs once before training.
+        Static.
+      learn_input_range: False: the ranges clip and scale but get no gradient (aihwkit's buffer). Static.
+      manage_output_clipping: grow the range while outputs clip (needs ``noise_management="constant"``,
+        ``bound_management="none"`` and an ``out_bound``, as aihwkit's NONE / NONE). Static.
+      gradient_relative: the clip gradient relative to ``r`` (times ``r``). Static.
+    """
+
+    init_value: Any = 3.0
+    init_std_alpha: Any = 3.0
+    decay: Any = 0.001
+    input_min_percentage: Any = 0.95
+    output_min_percentage: Any = 0.95
+    gradient_scale: Any = 1.0
+    init_from_data: int = struct.field(pytree_node=False, default=100)
+    learn_input_range: bool = struct.field(pytree_node=False, default=True)
+    manage_output_clipping: bool = struct.field(pytree_node=False, default=False)
+    gradient_relative: bool = struct.field(pytree_node=False, default=True)
+
+    def __post_init__(self):
+        _check_positive(self.init_value, "InputRange.init_value")
+        _check_positive(self.init_std_alpha, "InputRange.init_std_alpha")
+        _check_nonnegative(self.decay, "InputRange.decay")
+        _check_nonnegative(self.gradient_scale, "InputRange.gradient_scale")
+        for name in ("input_min_percentage", "output_min_percentage"):
+            value = getattr(self, name)
+            if _concrete(value) and not 0.0 <= float(np.max(value)) <= 1.0:
+                raise ValueError(f"InputRange.{name}={value!r} must be a fraction in [0, 1] (aihwkit: 0.95).")
+        _checks.integer(self.init_from_data, "InputRange.init_from_data", minimum=0,
+                        fix="the number of batches of the data-driven init (aihwkit: 100)")
+        for name in ("learn_input_range", "manage_output_clipping", "gradient_relative"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"InputRange.{name}={getattr(self, name)!r} must be True or False.")
+
+
 @struct.dataclass
 class IOParams:
     """Non-idealities of one analog MVM, aihwkit ``IOParameters`` (defaults = ``IOParameters()``).
@@ -381,8 +467,12 @@ class IOParams:
       w_noise: output-referred PCM read noise (aihwkit ``w_noise_type=PCM_READ``):
         ``y_i += w_noise sqrt(sum_j |w_ij| x_j^2) N(0,1)``; 0 off.
       nm_scale: the constant input scale of ``noise_management="constant"`` (aihwkit ``nm_thres``).
-      inp_ranges: optional ``{site: range}``: per-layer constant input scales (learned/calibrated input ranges of
-        HWA training) overriding ``nm_scale`` for ``noise_management="constant"``.
+      inp_ranges: optional ``{site: range}``: per-layer constant input scales (calibrated input ranges of HWA
+        training) overriding ``nm_scale`` for ``noise_management="constant"``.
+      input_range: :class:`InputRange`: learned input ranges (aihwkit ``pre_post.input_range`` enabled). A layer
+        whose parameters hold ``input_range`` leaves (:func:`init_input_ranges`) clips its input to them and
+        scales by them, overriding ``nm_scale`` and ``inp_ranges``; other layers as without it. None (default,
+        aihwkit ``enable=False``): such leaves are ignored.
       max_bm_factor: largest input down-scaling of iterative bound management (aihwkit ``max_bm_factor``).
       max_bm_res: aihwkit's ``max_bm_res``: bound management also stops once the factor exceeds
         ``max_bm_res / DAC step`` (0.25 x 63 = 15.75 at 7 bits, so the last factor is 16); None: no such limit.
@@ -418,6 +508,7 @@ class IOParams:
     w_noise: Any = 0.0
     nm_scale: Any = 1.0
     inp_ranges: Mapping[str, Any] | None = None
+    input_range: InputRange | None = None
     max_bm_factor: Any = 1000.0
     max_bm_res: Any = 0.25
     noise_management: str = struct.field(pytree_node=False, default="abs_max")
@@ -450,6 +541,19 @@ class IOParams:
         _checks.mapping(self.inp_ranges, "IOParams.inp_ranges", "site")
         for site, r in (self.inp_ranges or {}).items():
             _check_positive(r, f"IOParams.inp_ranges[{site!r}]")
+        ir = self.input_range
+        if ir is not None:
+            if not isinstance(ir, InputRange):
+                raise ValueError(f"IOParams.input_range must be a jaxnoise.device.InputRange or None, got "
+                                 f"{type(ir).__name__}.")
+            if self.semantics == "v0":
+                raise ValueError("IOParams.input_range (learned input ranges) needs semantics='aihwkit'; the 'v0' "
+                                 "pipeline has no tiles to hold them: drop input_range or use semantics='aihwkit'.")
+            if ir.manage_output_clipping and (self.noise_management != "constant" or self.bound_management != "none"
+                                              or self.out_bound is None):
+                raise ValueError("InputRange.manage_output_clipping needs noise_management='constant', "
+                                 "bound_management='none' and an out_bound (aihwkit: noise and bound management "
+                                 "NONE): change those fields or set manage_output_clipping=False.")
 
     def last_bm_factor_bound(self) -> Any:
         """``L``: bound management accepts a vector at factor ``f > L`` even when it clipped (aihwkit: ``min(
@@ -873,7 +977,10 @@ class DeviceSpec:
         ``SinglePairConductanceConverter``; one per layer when it is one tile) or ``"column"`` one per output column
         of each tile, static.
       compensation: None, ``"global"`` or ``"column"`` drift compensation (one factor per tile, or per output column
-        of each tile), static.
+        of each tile; aihwkit ``GlobalDriftCompensation``, ``PerColumnDriftCompensation``), or ``"global_exact"``
+        (aihwkit ``GlobalDriftCompensationWithExactReference``: one factor per tile whose reference ``r0`` is the
+        exact readout of the unprogrammed tile weights, ``max(mean|w_target|, 1e-4)``, instead of the programmed
+        weights through the tile's I/O; the readout at time t is that of "global"). Static.
       weight_scaling_omega: aihwkit ``MappingParameter.weight_scaling_omega``: 0 (aihwkit's default) puts the raw
         weights on the tiles and applies no digital output scale; ``omega > 0`` puts ``W / a`` on each tile and
         multiplies its outputs by ``a`` after the ADC, ``a = max|W_tile| / omega`` (per tile column with
@@ -917,6 +1024,9 @@ class DeviceSpec:
     def __post_init__(self):
         _choice(self.mapping, MAPPINGS, "mapping")
         _choice(self.compensation, COMPENSATIONS, "drift compensation")
+        if self.compensation == "global_exact" and self.io is not None and self.io.semantics == "v0":
+            raise ValueError("compensation='global_exact' (aihwkit's exact reference) needs IOParams(semantics="
+                             "'aihwkit'); the 'v0' pipeline has 'global' and 'column' only.")
         _check_positive(self.g_max, "g_max", "the largest device conductance in uS (aihwkit default 25)")
         _check_nonnegative(self.g_min, "g_min")
         if _concrete(self.g_max) and _concrete(self.g_min) and float(np.max(self.g_min)) >= float(
@@ -1339,17 +1449,20 @@ def _layer_tile_keys(key: jax.Array, base: str, sites: tuple[str, ...], grids: l
     return out
 
 
-def _over_tiles(fn, keys: jax.Array | None, w: jax.Array, x: jax.Array | None = None) -> jax.Array:
-    """``fn(key, x_tile, w_tile)`` of every tile, stacked ``(T_in, T_out, ...)``: ``w`` is ``(T_in, T_out, ...)``,
-    ``keys`` ``(T_in, T_out)`` or None, ``x`` None or with its input-tile axis at -2. One tile: a direct call;
-    more: ``vmap`` over input and output tiles."""
+def _over_tiles(fn, keys: jax.Array | None, w: jax.Array, x: jax.Array | None = None,
+                r: jax.Array | None = None) -> Any:
+    """``fn(key, x_tile, w_tile, r_tile)`` of every tile, stacked ``(T_in, T_out, ...)`` (a pytree of such): ``w``
+    is ``(T_in, T_out, ...)``, ``keys`` and ``r`` (per-tile input ranges) ``(T_in, T_out)`` or None, ``x`` None or
+    with its input-tile axis at -2. One tile: a direct call; more: ``vmap`` over input and output tiles."""
     t_in, t_out = w.shape[:2]
     if t_in * t_out == 1:
-        y = fn(None if keys is None else keys[0, 0], None if x is None else x[..., 0, :], w[0, 0])
-        return y[None, None]
+        y = fn(None if keys is None else keys[0, 0], None if x is None else x[..., 0, :], w[0, 0],
+               None if r is None else r[0, 0])
+        return jax.tree.map(lambda a: a[None, None], y)
     k_axis = None if keys is None else 0
-    inner = jax.vmap(fn, in_axes=(k_axis, None, 0))
-    return jax.vmap(inner, in_axes=(k_axis, None if x is None else -2, 0))(keys, x, w)
+    r_axis = None if r is None else 0
+    inner = jax.vmap(fn, in_axes=(k_axis, None, 0, r_axis))
+    return jax.vmap(inner, in_axes=(k_axis, None if x is None else -2, 0, r_axis))(keys, x, w, r)
 
 
 def _weight_scales(w: jax.Array, spec: DeviceSpec) -> jax.Array:
@@ -1382,7 +1495,7 @@ def _tile_readout(keys: jax.Array | None, w: jax.Array, spec: DeviceSpec, mask: 
     if spec.io is None:
         y = w
     else:
-        y = _over_tiles(lambda k, _, wt: analog_mvm(k, None, wt, spec.io), keys, w)
+        y = _over_tiles(lambda k, _, wt, __: analog_mvm(k, None, wt, spec.io), keys, w)
     m = mask.astype(y.dtype)
     axes = (2,) if spec.compensation == "column" else (2, 3)
     count = jnp.maximum(jnp.sum(m, axis=axes, keepdims=True), 1.0)
@@ -1396,7 +1509,8 @@ def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) ->
     cut into tiles (:class:`TileLayout`); tile weights ``w = W_tile / a`` (:attr:`DeviceSpec.weight_scaling_omega`;
     ``a = 1``: the raw weights); conductances per tile ``g+- = clip(+-w s, 0, g_max) + g_min``, ``s = (g_max -
     g_min) / max|w|``; programming noise ``g_p = max(g + sigma_prog(g) N, 0)`` and drift exponents from the targets;
-    the drift-compensation reference ``r0`` of each tile from its programmed weights ``(g+_p - g-_p) / s``.
+    the drift-compensation reference ``r0`` of each tile from its programmed weights ``(g+_p - g-_p) / s``
+    (``compensation="global_exact"``: from its target weights, without I/O).
 
     Args:
       key: the chip key; layer ``site``, tile ``(i, j)``: programming noise from ``name_key(name_key(name_key(
@@ -1454,7 +1568,11 @@ def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) ->
         else:
             nu_plus = nu_minus = jnp.zeros_like(g_plus)
             w_prog = target
-        if spec.compensation is not None:
+        if spec.compensation == "global_exact":   # aihwkit: eye @ reference_combined_weights, no I/O, no noise
+            m = mask.astype(target.dtype)
+            r0 = jnp.maximum(jnp.sum(jnp.abs(target) * m, axis=(2, 3), keepdims=True)
+                             / jnp.maximum(jnp.sum(m, axis=(2, 3), keepdims=True), 1.0), COMPENSATION_FLOOR)
+        elif spec.compensation is not None:
             r0 = _tile_readout(k_comp[i], w_prog, spec, mask)
         else:
             r0 = jnp.ones(lay.shape[:2] + (1, 1), dt)
@@ -1524,7 +1642,7 @@ def read_chip(key: jax.Array, chip: Mapping[str, Mapping[str, jax.Array]], t_inf
 
 def tiled_mvm(key: jax.Array | None, x: jax.Array, w: jax.Array, scale: jax.Array, io: IOParams | None,
               layout: TileLayout, *, geometry: Mapping[str, int] | None = None, inp_scale: Any = None,
-              noise_flags: tuple[bool, bool] | None = None) -> jax.Array:
+              noise_flags: tuple[bool, bool] | None = None, ranges: jax.Array | None = None) -> jax.Array:
     """The analog output of one tiled layer (aihwkit ``TileModuleArray.forward``), in the units of ``x`` (no bias).
 
     Input tile ``i`` sees its slice of each input vector (a dense row, or a conv patch in (cin, kh, kw) order);
@@ -1544,37 +1662,66 @@ def tiled_mvm(key: jax.Array | None, x: jax.Array, w: jax.Array, scale: jax.Arra
       geometry: ``{"stride", "padding"}`` of a conv layer, None for dense.
       inp_scale: the constant input scale (``noise_management="constant"``), default ``io.nm_scale``.
       noise_flags: internal (see :func:`analog_mvm`).
+      ranges: learned input ranges ``(T_in, T_out)`` (:class:`InputRange`), or None: tile ``(i, j)`` clips its
+        input to ``+-ranges[i, j]`` and runs at that input scale (``"constant"``; ``"abs_max"`` scales the clipped
+        input by its abs-max), in place of ``inp_scale``.
 
     Returns:
       ``(..., n_out)`` (dense) or NHWC.
     """
+    return _tiled_forward(key, x, w, scale, io, layout, geometry, inp_scale, noise_flags, ranges, False)[0]
+
+
+def _tiled_forward(key, x, w, scale, io, layout, geometry, inp_scale, noise_flags, ranges, clip_mask: bool):
+    """:func:`tiled_mvm`, and with ``clip_mask`` (and ``ranges``) each tile's outputs at ``|y| >= 0.999 out_bound``
+    in the tile's output units (aihwkit ``post_forward``'s mask: its output for input ``x_c / r``), ``(T_in, T_out,
+    ..., L_out)`` bool, or None."""
     if io is None:
-        return _linear(x, from_tiles(w * scale, layout), geometry)
+        return _linear(x, from_tiles(w * scale, layout), geometry), None
     keys = None if key is None else tile_keys(key, layout.shape[:2])
     t_in, t_out, _, l_out = layout.shape
 
     def fn(geo):
-        return lambda k, xv, wv: analog_mvm(k, xv, wv, io, geometry=geo, inp_scale=inp_scale, noise_flags=noise_flags)
+        def one(k, xv, wv, rv):
+            s = inp_scale
+            if rv is not None:   # aihwkit's clamp(x, -r, r), then the DAC at input scale r
+                rv = rv.astype(xv.dtype)
+                xv = jnp.clip(xv, -rv, rv)
+                s = rv
+            y = analog_mvm(k, xv, wv, io, geometry=geo, inp_scale=s, noise_flags=noise_flags)
+            if not clip_mask or rv is None or io.out_bound is None:
+                return y, None
+            return y, jnp.abs(y / rv) >= 0.999 * jnp.asarray(io.out_bound, y.dtype)
+        return one
 
     if geometry is None:
-        y = _over_tiles(fn(None), keys, w, _split(x, layout.in_sizes, -1))
+        y, mask = _over_tiles(fn(None), keys, w, _split(x, layout.in_sizes, -1), ranges)
     elif layout.channel_groups:   # tile i: a conv on channels [i cg, (i + 1) cg)
         kh, kw, cin, _ = layout.kernel_shape
         cg = cin // t_in
         wk = w.reshape(t_in, t_out, cg, kh, kw, l_out).transpose(0, 1, 3, 4, 2, 5)
-        y = _over_tiles(fn(dict(geometry)), keys, wk, x.reshape(x.shape[:-1] + (t_in, cg)))
+        y, mask = _over_tiles(fn(dict(geometry)), keys, wk, x.reshape(x.shape[:-1] + (t_in, cg)), ranges)
     else:   # the im2col patches ((cin, kh, kw) order, as aihwkit's unfold), as dense vectors
-        s, p = geometry["stride"], geometry["padding"]
-        patches = jax.lax.conv_general_dilated_patches(x, layout.kernel_shape[:2], (s, s), ((p, p), (p, p)),
-                                                       dimension_numbers=("NHWC", "OIHW", "NHWC"))
-        y = _over_tiles(fn(None), keys, w, _split(patches, layout.in_sizes, -1))
+        y, mask = _over_tiles(fn(None), keys, w, _split(_patches(x, layout, geometry), layout.in_sizes, -1),
+                              ranges)
+    if mask is not None:   # padding columns never count
+        cols = np.arange(l_out)[None, :] < np.asarray(layout.out_sizes)[:, None]
+        mask = mask & jnp.asarray(cols)[None, :].reshape((1, t_out) + (1,) * (mask.ndim - 3) + (l_out,))
     y = y * scale.reshape(scale.shape[:2] + (1,) * (y.ndim - 3) + scale.shape[-1:])
     # The input tiles' outputs added in tile order, as aihwkit's result.add_ (T_in is a few; a jnp.sum over the
     # tile axis crashed XLA:CPU 0.10.2's YNNPACK reduce fusion with chips vmapped: tools/aihwkit_crosscheck.py,
     # preset_hwa conv, segfaulted).
     y = functools.reduce(jnp.add, [y[i] for i in range(t_in)])
     y = jnp.moveaxis(y, 0, -2)   # (..., T_out, L_out)
-    return _unsplit(y, layout.out_sizes, y.ndim - 2)
+    return _unsplit(y, layout.out_sizes, y.ndim - 2), mask
+
+
+def _patches(x: jax.Array, layout: TileLayout, geometry: Mapping[str, int]) -> jax.Array:
+    """The im2col patches of a conv input, ``(N, H_out, W_out, cin * kh * kw)`` in (cin, kh, kw) order (aihwkit's
+    ``unfold``), padding as zeros."""
+    s, p = geometry["stride"], geometry["padding"]
+    return jax.lax.conv_general_dilated_patches(x, layout.kernel_shape[:2], (s, s), ((p, p), (p, p)),
+                                                dimension_numbers=("NHWC", "OIHW", "NHWC"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -1597,6 +1744,68 @@ def _tiled_ste_bwd(geometry, layout, flags, res, g):
 
 
 _tiled_ste.defvjp(_tiled_ste_fwd, _tiled_ste_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ranged_ste(x, k, w, scale, key, io, r, geometry, layout, flags):
+    """:func:`tiled_mvm` with learned input ranges ``r`` ``(T_in, T_out)``; gradients of :class:`InputRange`."""
+    return tiled_mvm(key, x, w, scale, io, layout, geometry=None if geometry is None else dict(geometry),
+                     noise_flags=flags, ranges=r)
+
+
+def _ranged_ste_fwd(x, k, w, scale, key, io, r, geometry, layout, flags):
+    y, mask = _tiled_forward(key, x, w, scale, io, layout, None if geometry is None else dict(geometry), None,
+                             flags, r, io.input_range.learn_input_range)
+    return y, (x, k, r, io, mask)
+
+
+def _ranged_ste_bwd(geometry, layout, flags, res, g):
+    """aihwkit's backward of a tile with an input range (``TileWithPeriphery.pre_backward``, ``post_backward``,
+    ``update``): the output gradient of tile (i, j) zeroed where its output is at the bound, ``d_ij = g_ij
+    W_ij^T``; input gradient ``sum_j d_ij`` (straight-through: not masked outside the range); range gradient
+    :class:`InputRange`'s rule on ``d_ij``; kernel gradient ``clip(x_i, -r_ij, r_ij)^T g_j`` (the update uses the
+    unmasked output gradient)."""
+    x, k, r, io, mask = res
+    geo = None if geometry is None else dict(geometry)
+    ir = io.input_range
+    dt = x.dtype
+    t_in, t_out = layout.shape[:2]
+    # The tile inputs as rows (R, T_in, L_in): a dense input, or a conv's im2col patches (every patch entry).
+    rows = _patches(x, layout, geo) if geo is not None else x
+    n_rows = math.prod(rows.shape[:-1])
+    xt = _split(rows.reshape(n_rows, rows.shape[-1]), layout.in_sizes, -1)
+    gt = _split(g.reshape(n_rows, g.shape[-1]).astype(dt), layout.out_sizes, -1)     # (R, T_out, L_out)
+    kt = to_tiles(k.astype(dt), layout)                                                # (T_in, T_out, L_in, L_out)
+    rr = r.astype(dt)[None, :, :, None]                                                # (1, T_in, T_out, 1)
+    xr = xt[:, :, None, :]                                                             # (R, T_in, 1, L_in)
+    dk = from_tiles(jnp.einsum("rijl,rjo->ijlo", jnp.clip(xr, -rr, rr), gt), layout).astype(k.dtype)
+    gm = jnp.broadcast_to(gt[:, None], (n_rows, t_in) + gt.shape[1:])                 # (R, T_in, T_out, L_out)
+    if mask is not None:
+        gm = jnp.where(jnp.moveaxis(mask.reshape(t_in, t_out, n_rows, -1), 2, 0), 0.0, gm)
+    d = jnp.einsum("rijo,ijlo->rijl", gm, kt)                                         # at each tile's input
+    dx = _unsplit(jnp.sum(d, axis=2), layout.in_sizes, 1).reshape(rows.shape)
+    if geo is not None:   # patch gradients back onto the input (the transpose of im2col)
+        dx = jax.vjp(lambda x_: _patches(x_, layout, geo), x)[1](dx)[0]
+    if not ir.learn_input_range:
+        return dx, dk, None, None, None, None, jnp.zeros_like(r)
+    zero = jnp.zeros((), dt)
+    gr = (jnp.sum(jnp.where(xr >= rr, jnp.minimum(d, zero), zero), axis=(0, 3))
+          - jnp.sum(jnp.where(xr <= -rr, jnp.maximum(d, zero), zero), axis=(0, 3)))   # (T_in, T_out)
+    r2 = r.astype(dt)
+    if ir.gradient_relative:
+        gr = gr * r2 * jnp.asarray(ir.gradient_scale, dt)
+    entries = n_rows * jnp.asarray(layout.in_sizes, dt)[:, None]                     # real entries of each d_ij
+    if ir.manage_output_clipping and mask is not None:   # aihwkit: 1 - clipped outputs / numel(d_ij)
+        clipped = jnp.sum(mask.reshape(t_in, t_out, -1), axis=-1).astype(dt)
+        p_out = 1.0 - clipped / entries
+        gr = gr - (1.0 - p_out) * r2 * (p_out < jnp.asarray(ir.output_min_percentage, dt))
+    real = jnp.asarray(np.arange(xt.shape[-1])[None, :] < np.asarray(layout.in_sizes)[:, None])   # (T_in, L_in)
+    inside = jnp.sum((jnp.abs(xr) < rr) & real[None, :, None, :], axis=(0, 3)).astype(dt)
+    gr = gr + jnp.asarray(ir.decay, dt) * r2 * (inside / entries > jnp.asarray(ir.input_min_percentage, dt))
+    return dx.astype(x.dtype), dk, None, None, None, None, gr.astype(r.dtype)
+
+
+_ranged_ste.defvjp(_ranged_ste_fwd, _ranged_ste_bwd)
 
 
 @struct.dataclass
@@ -1645,16 +1854,26 @@ class AnalogContext:
     def handles(self, site: str) -> bool:
         return site in self.chip.layers
 
-    def mvm(self, site: str, x: jax.Array, kernel: jax.Array, geometry: Mapping[str, int] | None) -> jax.Array:
+    def mvm(self, site: str, x: jax.Array, kernel: jax.Array, geometry: Mapping[str, int] | None,
+            input_range: jax.Array | None = None) -> jax.Array:
         """The analog layer's output ``~ op(x, kernel)``: per tile the I/O on the tile weights, times the tile's
         weight scale and drift-compensation factor, summed over the input tiles (:func:`tiled_mvm`); the value is
-        the chip's, the gradient that of the exact map to ``x`` and the clean ``kernel`` (straight-through)."""
+        the chip's, the gradient that of the exact map to ``x`` and the clean ``kernel`` (straight-through).
+
+        ``input_range``: the layer's learned input ranges ``(T_in, T_out)`` (``params[site]["input_range"]``),
+        used when ``spec.io.input_range`` is set (:class:`InputRange`: clip, scale and their gradients)."""
         spec = self.chip.spec
+        learned = input_range is not None and spec.io is not None and spec.io.input_range is not None
         if spec.v0:
             return self._mvm_v0(site, x, kernel, geometry)
         layer = self.chip.layers[site]
         dt = x.dtype
         layout = tile_layout(kernel.shape, spec)
+        if learned and tuple(input_range.shape) != layout.shape[:2]:
+            raise ValueError(f"params[{site!r}]['input_range'] has shape {tuple(input_range.shape)} but this "
+                             f"device cuts the layer into {layout.shape[:2]} tiles (max_input_size "
+                             f"{spec.max_input_size}, max_output_size {spec.max_output_size}): initialise the "
+                             f"ranges under this device (device.init_input_ranges).")
         w = jax.lax.stop_gradient(layer["w_tile"]).astype(dt)
         alpha = jax.lax.stop_gradient(layer["alpha"]).astype(dt)
         scale = jax.lax.stop_gradient(layer["w_scale"]).astype(dt) * alpha
@@ -1667,6 +1886,8 @@ class AnalogContext:
             return _linear(x, k, geometry)
         key = self._site_keys.get(site)
         geo = None if geometry is None else tuple(geometry.items())
+        if learned:
+            return _ranged_ste(x, k, w, scale, key, spec.io, input_range, geo, layout, _noise_flags(key, spec.io))
         return _tiled_ste(x, k, w, scale, key, spec.io, _inp_scale(spec, site), geo, layout, _noise_flags(key, spec.io))
 
     def _mvm_v0(self, site: str, x: jax.Array, kernel: jax.Array, geometry: Mapping[str, int] | None) -> jax.Array:
@@ -1700,8 +1921,11 @@ def _aihwkit_inference_default() -> DeviceSpec:
 
 
 def _hwa_standard() -> DeviceSpec:
+    # aihwkit's InputRangeParameter of the preset: learned per tile for layers with input_range leaves
+    # (init_input_ranges); layers without them use inp_ranges / nm_scale.
     io = IOParams(inp_bound=1.0, inp_res=1.0 / 254, out_bound=10.0, out_res=1.0 / 254, out_noise=0.04,
-                  w_noise=0.0175, nm_scale=1.0, noise_management="constant", bound_management="none")
+                  w_noise=0.0175, nm_scale=1.0, noise_management="constant", bound_management="none",
+                  input_range=InputRange())
     # aihwkit MappingParameter(weight_scaling_omega=1.0, weight_scaling_columnwise=True, max_input_size=512,
     # max_output_size=0): every tile column remapped to max |w| = 1, so per-column conductances equal per-tile ones.
     return DeviceSpec(io=io, pcm=PCMModel(), mapping="column", compensation="global", weight_scaling_omega=1.0,
@@ -1728,8 +1952,9 @@ def preset(name: str) -> DeviceSpec:
       name: one of ``PRESETS``: ``ideal``, ``aihwkit_inference_default``, ``hwa_standard``.
 
     Returns:
-      The :class:`DeviceSpec`. ``hwa_standard``'s input ranges are not set: calibrate them with
-      :func:`calibrate_input_ranges` (aihwkit initialises them from data, ``init_std_alpha = 3``).
+      The :class:`DeviceSpec`. ``hwa_standard`` has aihwkit's learned input ranges (``io.input_range``): a model
+      gets them with :func:`init_input_ranges` (per tile, trained and checkpointed); a model without them runs at
+      the constant ``io.inp_ranges`` (:func:`calibrate_input_ranges`) or ``nm_scale``.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown device preset {name!r}; choose one of {sorted(PRESETS)}.")
@@ -1780,3 +2005,118 @@ def calibrate_input_ranges(apply_fn, variables, images, *, statistic: str = "std
         value = math.sqrt(max(s2 / n - mean * mean, 0.0)) if statistic == "std" else amax
         out[site] = jnp.float32(alpha * value if value > 0 else 1.0)
     return out
+
+
+def init_input_ranges(model, variables, spec: DeviceSpec, images, *, method: str = "init_from_data",
+                      alpha: float | None = None, batch_size: int = 128, key: jax.Array | None = None):
+    """Learned input ranges from data (aihwkit's data-driven init and post-training calibration), per tile.
+
+    Adds ``input_range`` leaves ``(T_in, T_out)`` (the tile grid under ``spec``) beside the kernel of every analog
+    layer of ``spec`` (replacing any already there) and sets them from the tile inputs that ``images`` give, in
+    batches of ``batch_size`` (the last one may be smaller), by ``method`` (:data:`INPUT_RANGE_METHODS`):
+
+    * ``"init_from_data"``: what aihwkit does during its first ``InputRange.init_from_data`` training batches
+      (``apply_input_range``): the mean over those batches of ``alpha * std(x_tile)``, the unbiased std over every
+      entry of the tile's input (a conv's im2col patches, padding included); batches with std 0 are skipped. With
+      ``init_from_data = 0`` the ranges are ``init_value``. Start HWA training from this.
+    * ``"moving_std"``: aihwkit ``calibrate_input_ranges(InputRangeCalibrationType.MOVING_STD)`` after training:
+      the same mean over all batches with the all-zero input vectors of each tile left out. aihwkit continues the
+      mean from the tile's update counter (after its training-time init, weighting the learned range by
+      ``init_from_data`` batches); this starts afresh.
+    * ``"max"``: ``calibrate_input_ranges(MAX)``: ``max |x_tile|`` over all batches (nothing clips on them).
+
+    A tile whose inputs are all zero keeps its current range (``init_value`` for a new leaf).
+
+    Args:
+      model: a ``jaxnoise.models.Model``.
+      variables: its variables (ranges already present are the upstream layers' ranges when ``key`` is given).
+      spec: the device spec; its ``io.input_range`` (:class:`InputRange`) must be set (the training view,
+        ``preset("hwa_standard").training()``, has it).
+      images: preprocessed training images (never the test split; the library uses ``data.calibration_images``).
+      method: a key of :data:`INPUT_RANGE_METHODS`.
+      alpha: the std multiple (default ``InputRange.init_std_alpha``); ignored by ``"max"``.
+      batch_size: images per batch (aihwkit's are the training / calibration loader's batches).
+      key: None: the layer inputs of the clean network (exact MVMs). A key: those of the analog forward under
+        ``spec`` (each batch ``b`` from ``fold_in(name_key(key, "jaxnoise/device/input_range"), b)``), as aihwkit
+        sees them (its ranges of upstream layers change during the pass; here they are those of ``variables``).
+
+    Returns:
+      ``(model, variables)``: the model with these layers' ranges recorded (:meth:`Model.with_input_ranges`) and
+      the variables with the ``input_range`` leaves (float32).
+    """
+    if spec.io is None or spec.io.input_range is None:
+        raise ValueError("init_input_ranges needs a device spec with IOParams(input_range=InputRange()) (aihwkit's "
+                         "input_range enabled; preset('hwa_standard') has it).")
+    _choice(method, tuple(INPUT_RANGE_METHODS), "input-range method")
+    ir = spec.io.input_range
+    alpha = float(ir.init_std_alpha if alpha is None else alpha)
+    _check_positive(alpha, "alpha")
+    batch_size = _checks.positive_int(batch_size, "batch_size")
+    images = jnp.asarray(images)
+    if images.shape[0] == 0:
+        raise ValueError("init_input_ranges needs at least one image.")
+    params = variables["params"]
+    sites = analog_sites(params, spec)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    layouts = {s: tile_layout(flat[f"{s}/kernel" if s else "kernel"].shape, spec) for s in sites}
+    shapes = {s: lay.shape[:2] for s, lay in layouts.items()}
+    new_model = model.with_input_ranges({**dict(model.input_ranges or {}), **shapes})
+    geometry = new_model.mvm_geometry
+    init = float(np.max(ir.init_value))
+    flat = dict(flat)
+    for s, shape in shapes.items():   # the current ranges (a new or re-shaped leaf starts at init_value)
+        path = f"{s}/{INPUT_RANGE}" if s else INPUT_RANGE
+        if path not in flat or tuple(np.shape(flat[path])) != shape:
+            flat[path] = jnp.full(shape, init, jnp.float32)
+    work = dict(variables, params=traverse_util.unflatten_dict(flat, sep="/"))
+
+    @jax.jit
+    def stats(v, x, k):
+        if k is None:
+            _, feats = new_model.apply(v, x, capture_mvm=True)
+        else:
+            _, feats = new_model.apply(v, x, key=k, device=spec, capture_mvm=True)
+        out = {}
+        for s in sites:
+            lay, xin = layouts[s], feats["mvm_inputs"][s]
+            rows = _patches(xin, lay, geometry[s]) if geometry[s] is not None else xin
+            xt = _split(rows.reshape(-1, rows.shape[-1]).astype(jnp.float32), lay.in_sizes, -1)   # (R, T_in, L_in)
+            real = jnp.asarray(np.arange(xt.shape[-1])[None, :] < np.asarray(lay.in_sizes)[:, None])
+            sizes = jnp.asarray(lay.in_sizes, jnp.float32)
+            nz = jnp.any(xt != 0, axis=-1)                                                  # (R, T_in)
+            n_all = xt.shape[0] * sizes
+            n_nz = jnp.sum(nz, axis=0).astype(jnp.float32) * sizes
+            mean_all = jnp.sum(xt, axis=(0, 2)) / n_all
+            mean_nz = jnp.sum(xt, axis=(0, 2)) / jnp.maximum(n_nz, 1.0)    # zero vectors add nothing to the sum
+            ss_all = jnp.sum(jnp.where(real, xt - mean_all[:, None], 0.0) ** 2, axis=(0, 2))
+            ss_nz = jnp.sum(jnp.where(real & nz[..., None], xt - mean_nz[:, None], 0.0) ** 2, axis=(0, 2))
+            out[s] = {"std_all": jnp.sqrt(ss_all / jnp.maximum(n_all - 1, 1.0)),
+                      "std_nz": jnp.where(n_nz > 1, jnp.sqrt(ss_nz / jnp.maximum(n_nz - 1, 1.0)), 0.0),
+                      "amax": jnp.max(jnp.abs(xt), axis=(0, 2))}
+        return out
+
+    n = images.shape[0]
+    starts = list(range(0, n, batch_size))
+    if method == "init_from_data":
+        starts = starts[:ir.init_from_data]
+    base = None if key is None else noise_lib.name_key(key, "jaxnoise/device/input_range")
+    acc = {s: [] for s in sites}
+    for b, start in enumerate(starts):
+        k = None if base is None else jax.random.fold_in(base, b)
+        for s, st in stats(work, images[start:start + batch_size], k).items():
+            acc[s].append(jax.tree.map(lambda a: np.asarray(a, np.float64), st))
+    out_flat = dict(traverse_util.flatten_dict(work["params"], sep="/"))
+    for s in sites:
+        path = f"{s}/{INPUT_RANGE}" if s else INPUT_RANGE
+        current = np.asarray(out_flat[path], np.float64)
+        value = np.full(shapes[s][:1], np.nan)   # per input tile; NaN: keep the current range
+        if acc[s] and method == "max":
+            amax = np.max([a["amax"] for a in acc[s]], axis=0)
+            value = np.where(amax > 0, amax, np.nan)
+        elif acc[s]:
+            vals = np.stack([alpha * a["std_all" if method == "init_from_data" else "std_nz"] for a in acc[s]])
+            used = vals > 0
+            count = used.sum(axis=0)
+            value = np.where(count > 0, np.where(used, vals, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
+        out_flat[path] = jnp.asarray(np.where(np.isnan(value)[:, None], current, value[:, None]), jnp.float32)
+    return new_model, dict(work, params=traverse_util.unflatten_dict(out_flat, sep="/"))

@@ -617,10 +617,11 @@ class SiteContext:
         self.captured: dict[str, jax.Array] = {}
         self.captured_inputs: dict[str, jax.Array] = {}
         self.sites: list[str] = []
+        self.geometry: dict[str, Mapping[str, int] | None] = {}   # each MVM's conv geometry (None: dense)
         self.analog = analog  # a jaxnoise.device.AnalogContext, or None: every MVM exact
 
     def mvm(self, name: str, x: jax.Array, kernel: jax.Array, exact: Callable[[jax.Array, jax.Array], jax.Array],
-            geometry: Mapping[str, int] | None = None) -> jax.Array:
+            geometry: Mapping[str, int] | None = None, input_range: jax.Array | None = None) -> jax.Array:
         """The output of the analog MVM ``name``: ``exact(x, kernel)``, or the device's analog MVM when ``name`` is an
         analog layer of ``self.analog``; then the activation-noise site ``name`` (:meth:`__call__`).
 
@@ -630,11 +631,14 @@ class SiteContext:
           kernel: the layer's (possibly noisy) kernel.
           exact: the exact linear map ``exact(x, kernel)``.
           geometry: ``{"stride", "padding"}`` for a convolution, None for a dense layer.
+          input_range: the layer's learned input ranges (``jaxnoise.device.InputRange``), or None; only an analog
+            layer uses them.
         """
+        self.geometry[name] = None if geometry is None else dict(geometry)
         if self.capture:
             self.captured_inputs[name] = x
         if self.analog is not None and self.analog.handles(name):
-            y = self.analog.mvm(name, x, kernel, geometry)
+            y = self.analog.mvm(name, x, kernel, geometry, input_range)
         else:
             y = exact(x, kernel)
         return self(name, y)

@@ -407,8 +407,43 @@ def _mc_chip_fn(static: _Static, variables, images_b, labels_b, valid_b, spec, b
     return one_chip
 
 
-def _device_chip_fn(static: _Static, variables, images_b, labels_b, valid_b, spec, device, times, batch_ids=None):
-    """``chip_key -> (n_times,) numbers correct``: program the chip once, read it at every time."""
+RECALIBRATIONS = {
+    "batch_norm": "BatchNorm running statistics re-estimated through the read chip on calibration training images "
+                  "(train-mode passes, the mean over batches of each batch's mean and unbiased variance, as "
+                  "torch.optim.swa_utils.update_bn; Joshi et al. 2020's AdaBS), per chip and time",
+}
+
+
+def recalibrated_batch_stats(model: Model, variables: Variables, chip_weights: Any, chip: device_lib.ChipRead,
+                             calib_b: jax.Array, key: jax.Array, *, preprocess: Callable | None = None,
+                             noise: noise_lib.NoiseSpec | None = None) -> Any:
+    """BatchNorm running statistics re-estimated through a programmed and read chip (``recalibrate="batch_norm"``).
+
+    Each calibration batch ``b`` of ``calib_b`` (``(n_batches, B, ...)``, training images only) runs the chip's
+    forward in train mode (pass key ``fold_in(key, b)``: I/O and activation noise as in evaluation; BatchNorm
+    normalises by the batch's own statistics); the result is the mean over batches of each BatchNorm layer's batch
+    mean and unbiased variance (``torch.optim.swa_utils.update_bn`` with equal batches). Jax-traceable.
+
+    Returns:
+      A tree like ``variables["batch_stats"]``.
+    """
+    def body(total, xs):
+        b, x = xs
+        x = x if preprocess is None else preprocess(x)
+        _, feats = model.apply(variables, x, key=jax.random.fold_in(key, b), noise=noise, device=chip,
+                               chip_weights=chip_weights, train=True, bn_momentum=1.0)
+        return jax.tree.map(jnp.add, total, feats["batch_stats"]), None
+
+    zeros = jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), variables["batch_stats"])
+    n = calib_b.shape[0]
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(n, dtype=jnp.uint32), calib_b))
+    return jax.tree.map(lambda t: t / n, total)
+
+
+def _device_chip_fn(static: _Static, variables, images_b, labels_b, valid_b, spec, device, times, batch_ids=None,
+                    calib_b=None):
+    """``chip_key -> (n_times,) numbers correct``: program the chip once, read it at every time (with ``calib_b``,
+    its BatchNorm statistics re-estimated after each read, :func:`recalibrated_batch_stats`)."""
     def one_chip(chip_key):
         # The chip's weights (quantized, then its weight-noise draw) are what gets programmed.
         params = static.model.chip_weights(variables["params"], chip_key,
@@ -422,9 +457,15 @@ def _device_chip_fn(static: _Static, variables, images_b, labels_b, valid_b, spe
             read_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/read"), k)
             layers = device_lib.read_chip(read_key, chip, t, device)
             pass_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/time"), k)
-            return static.chip_correct(chip_vars, images_b, labels_b, valid_b, act_spec, pass_key,
-                                       device_lib.ChipRead(device, layers), batch_ids=batch_ids,
-                                       chip_weights=params)
+            read = device_lib.ChipRead(device, layers)
+            vars_t = chip_vars
+            if calib_b is not None:
+                calib_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/robustness/recalibrate"), k)
+                vars_t = dict(chip_vars, batch_stats=recalibrated_batch_stats(
+                    static.model, chip_vars, params, read, calib_b, calib_key, preprocess=static.preprocess,
+                    noise=act_spec))
+            return static.chip_correct(vars_t, images_b, labels_b, valid_b, act_spec, pass_key, read,
+                                       batch_ids=batch_ids, chip_weights=params)
 
         return jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), times))
     return one_chip
@@ -866,7 +907,7 @@ def _sharded_data(data: _Batched, mesh: jax.sharding.Mesh) -> tuple[jax.Array, .
 def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec | None, key: jax.Array,
                start: int, n_chips: int, chip_batch_size: int, mesh: jax.sharding.Mesh | None = None,
                device: device_lib.DeviceSpec | None = None, times: np.ndarray | None = None,
-               setting_batch_size: int | None = None) -> np.ndarray:
+               setting_batch_size: int | None = None, calib_b: jax.Array | None = None) -> np.ndarray:
     """Accuracy of chips ``start .. start + n_chips - 1``: (n_chips,), or (n_chips, n_times) with a device, or
     (n_settings, n_chips) when ``spec`` is stacked (leading axis on every leaf) and ``setting_batch_size`` is set.
 
@@ -892,7 +933,7 @@ def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec |
                                   chip_batch_size=cbs)
         else:
             correct = _device_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec,
-                                      device, keys, times, chip_batch_size=cbs)
+                                      device, keys, times, chip_batch_size=cbs, calib_b=calib_b)
         return np.asarray(correct, dtype=np.float64) / data.n_images
     mesh = _check_mesh(mesh)
     shards = mesh.shape[distributed.CHIPS]
@@ -1387,12 +1428,12 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
 
 @functools.partial(jax.jit, static_argnames=("static", "chip_batch_size"))
 def _device_program(static: _Static, variables, images_b, labels_b, valid_b, spec, device, keys, times, *,
-                    chip_batch_size: int):
+                    chip_batch_size: int, calib_b=None):
     """Number correct of each chip at each time: (n_chips, n_times) int32. One trace for any times / scales."""
     global _TRACE_COUNT
     _TRACE_COUNT += 1
-    return _map_chips(_device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times), keys,
-                      chip_batch_size)
+    return _map_chips(_device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times,
+                                      calib_b=calib_b), keys, chip_batch_size)
 
 
 def describe_device(device: device_lib.DeviceSpec, t_inference: float) -> dict[str, Any]:
@@ -1408,7 +1449,9 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
                     noise: noise_lib.NoiseSpec | None = None, batch_size: int = 500,
                     chip_batch_size: int | None = None,
                     preprocess: Callable[[jax.Array], jax.Array] | None = None,
-                    mesh: jax.sharding.Mesh | None = None) -> list[MCResult]:
+                    mesh: jax.sharding.Mesh | None = None, recalibrate: str | None = None,
+                    calibration_images: Any = None,
+                    calibration_batch_size: int | None = None) -> list[MCResult]:
     """Monte Carlo accuracy of programmed chips read at several inference times, as one compiled program.
 
     Chip ``i`` (key ``fold_in(key, i)``) is programmed once (``jaxnoise.device.program_chip`` with
@@ -1426,10 +1469,20 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
       n_chips: chips (each evaluated at every time).
       noise: an optional ``NoiseSpec`` composed with the device (weight noise before programming, activation
         noise after each analog MVM).
+      recalibrate: None, or a post-processing after each read (:data:`RECALIBRATIONS`): ``"batch_norm"``
+        re-estimates the model's BatchNorm statistics through that chip at that time on ``calibration_images``
+        (:func:`recalibrated_batch_stats`; passes keyed ``fold_in(fold_in(name_key(chip_key,
+        "jaxnoise/robustness/recalibrate"), k), b)`` for time ``k``, batch ``b``), then evaluates. aihwkit has no
+        such feature. In-memory data on one device only (no mesh, no streamed split).
+      calibration_images: raw (or preprocessed, as ``images``) TRAINING images for ``recalibrate`` (a few hundred:
+        ``data.calibration_images(ds.train, n=256)``); never the evaluated split.
+      calibration_batch_size: images per calibration pass (default: the largest number <= ``batch_size`` that
+        divides their number); must divide their number.
 
     Returns:
       One :class:`MCResult` per time; its ``noise`` holds ``weight_noise`` = :func:`describe_device`, the
-      ``activation_noise`` of ``noise`` and ``device`` = ``device.describe()``.
+      ``activation_noise`` of ``noise`` and ``device`` = ``device.describe()`` (and ``recalibration``: the method
+      and number of calibration images, when ``recalibrate`` is set).
 
     Raises:
       ValueError: the errors of :func:`evaluate`, no key, empty or negative times, and a ``device`` whose
@@ -1465,15 +1518,56 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
     _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
                   n_chips=n_chips, mesh=mesh, n_times=int(t.size), device=device)
     data = _prepare(model, images, labels, batch_size, preprocess)
-    acc = _run_chips(data, variables, noise, key, 0, n_chips, chip_batch_size, mesh, device, t)
+    calib_b, recal = _calibration_batches(model, variables, data, mesh, recalibrate, calibration_images,
+                                          calibration_batch_size, batch_size, preprocess)
+    acc = _run_chips(data, variables, noise, key, 0, n_chips, chip_batch_size, mesh, device, t, calib_b=calib_b)
     act = None if noise is None else noise.describe()["activation_noise"]
     results = []
     for k, tk in enumerate(t):
         desc = {"weight_noise": describe_device(device, tk), "activation_noise": act,
                 "device": device.replace(t_inference=float(tk)).describe()}
+        if recal is not None:
+            desc["recalibration"] = recal
         if noise is not None and noise.has_weight_noise:
             desc["weight_noise_spec"] = noise.describe()["weight_noise"]
         if getattr(model, "quant", None) is not None:
             desc["weight_noise"] = dict(desc["weight_noise"], quant=model.quant.describe())
         results.append(MCResult.from_per_chip(acc[:, k], data.n_images, desc))
     return results
+
+
+def _calibration_batches(model: Model, variables: Variables, data: Any, mesh: Any, recalibrate: str | None,
+                         calibration_images: Any, calibration_batch_size: int | None, batch_size: int,
+                         preprocess: Callable | None) -> tuple[jax.Array | None, dict[str, Any] | None]:
+    """``(calib_b, description)`` of ``evaluate_device``'s ``recalibrate`` (both None without it), checked."""
+    if recalibrate is None:
+        if calibration_images is not None or calibration_batch_size is not None:
+            raise ValueError("calibration_images / calibration_batch_size count only with recalibrate='batch_norm'; "
+                             "add it or drop them.")
+        return None, None
+    if recalibrate not in RECALIBRATIONS:
+        raise ValueError(f"recalibrate={recalibrate!r}: choose one of {sorted(RECALIBRATIONS)} or None.")
+    if mesh is not None or isinstance(data, _StreamData):
+        raise ValueError("recalibrate works on in-memory test data on one device: drop mesh= (or materialise the "
+                         "streamed split).")
+    if not jax.tree.leaves(variables.get("batch_stats", {})):
+        raise ValueError(f"recalibrate='batch_norm': {model.name} has no BatchNorm statistics to re-estimate.")
+    if calibration_images is None:
+        raise ValueError("recalibrate='batch_norm' needs calibration_images: a few hundred training images, e.g. "
+                         "data.calibration_images(ds.train, n=256) (never the test split).")
+    x = np.asarray(calibration_images)
+    if x.ndim < 2 or x.shape[1:] != tuple(data.images_b.shape[2:]):
+        raise ValueError(f"calibration_images have shape {x.shape}; the evaluated images are (n,) + "
+                         f"{tuple(data.images_b.shape[2:])}: give training images of the same kind.")
+    n = len(x)
+    if calibration_batch_size is None:   # the largest batch <= batch_size that splits them evenly
+        cb = max(d for d in range(1, max(1, min(batch_size, n)) + 1) if n % d == 0) if n else 1
+    else:
+        cb = _check_count("calibration_batch_size", calibration_batch_size)
+    if n == 0 or n % cb:
+        raise ValueError(f"{n} calibration images do not split into batches of {cb}: give a multiple of "
+                         f"calibration_batch_size (BatchNorm statistics need equal batches).")
+    if preprocess is None and not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"calibration_images have dtype {x.dtype} and no preprocess was given: pass preprocess=.")
+    return (jnp.asarray(x.reshape((n // cb, cb) + x.shape[1:])),
+            {"method": recalibrate, "n_images": int(n), "batch_size": int(cb), "split": "train"})

@@ -1104,6 +1104,32 @@ def test_compensation_readout_is_per_tile_at_input_one():
         i0 += ni
 
 
+def test_exact_reference_compensation_reads_the_target_weights():
+    """compensation="global_exact" (aihwkit GlobalDriftCompensationWithExactReference): r0 = max(mean|w_target|,
+    1e-4) per tile, no I/O and no programming noise; the readout at t is "global"'s (same keys, same r_t)."""
+    io = device.IOParams(out_noise=0.2)   # a noisy readout, which the exact reference does not see
+    base = device.DeviceSpec(io=io, pcm=device.PCMModel(), compensation="global", max_input_size=11,
+                             max_output_size=3, weight_scaling_omega=1.0, weight_scaling_columnwise=True)
+    exact = base.replace(compensation="global_exact")
+    w = jax.random.uniform(jax.random.key(58), (21, 5), minval=-0.5, maxval=0.5)
+    params = {"fc": {"kernel": w}}
+    chip_g = device.program_chip(jax.random.key(59), params, base)
+    chip_e = device.program_chip(jax.random.key(59), params, exact)
+    lay = device.tile_layout(w.shape, exact)
+    target, mask = np.asarray(chip_e["fc"]["w_target"], np.float64), np.asarray(chip_e["fc"]["mask"])
+    want = np.array([[np.mean(np.abs(target[i, j][mask[i, j]])) for j in range(2)] for i in range(2)])
+    np.testing.assert_allclose(np.asarray(chip_e["fc"]["r0"])[..., 0, 0], want, rtol=1e-6)
+    assert lay.shape[:2] == (2, 2) and not np.allclose(chip_g["fc"]["r0"], chip_e["fc"]["r0"], rtol=1e-3)
+    for name in ("g_plus", "g_minus", "nu_plus", "nu_minus"):   # the same chip otherwise
+        np.testing.assert_array_equal(chip_g["fc"][name], chip_e["fc"][name])
+    read_g = device.read_chip(jax.random.key(60), chip_g, 86400.0, base)["fc"]
+    read_e = device.read_chip(jax.random.key(60), chip_e, 86400.0, exact)["fc"]
+    r_t = np.asarray(chip_g["fc"]["r0"]) / np.asarray(read_g["alpha"])
+    np.testing.assert_allclose(np.asarray(read_e["alpha"]), np.asarray(chip_e["fc"]["r0"]) / r_t, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"global_exact.*needs IOParams\(semantics='aihwkit'\)"):
+        device.DeviceSpec(io=device.IOParams(**device.LEGACY_IO), compensation="global_exact")
+
+
 @pytest.mark.parametrize("shape, geo, max_in", [
     pytest.param((30, 7), None, 8, id="dense"),
     pytest.param((3, 3, 4, 5), {"stride": 1, "padding": 1}, 10, id="conv_patches"),

@@ -72,13 +72,14 @@ class Config:
     drift: float = 0.0
     read: float = 0.0
     t: float = 0.0
-    compensation: str | None = None   # None, "global", "column"
+    compensation: str | None = None   # None, "global", "column", "global_exact"
     max_in: int = 0              # tile sizes (0: one tile)
     max_out: int = 0
     omega: float = 0.0
     columnwise: bool = False
     gain: float = 1.0            # weight multiplier (4: outputs past the ADC bound, bound management re-runs)
     preset: str | None = None    # "default": InferenceRPUConfig() as it is; "hwa": StandardHWATrainingPreset
+    ranges: tuple[float, ...] | None = None   # "hwa": one input range per tile, jaxnoise's learned-range leaves
     layers: tuple[str, ...] = ("dense", "conv")
 
     @property
@@ -108,6 +109,10 @@ CONFIGS = [
            compensation="global"),
     Config("comp_column", "PCM at 1 day + per-column drift compensation", prog=1.0, drift=1.0, read=1.0, t=86400.0,
            compensation="column"),
+    Config("comp_exact", "PCM at 1 day + GlobalDriftCompensationWithExactReference (global_exact), DAC/ADC and "
+           "output noise 0.06 on weights of gain 0.25 (the noise moves the I/O readout: 'global' fails here)",
+           dac=True, adc=True, out_noise=0.06, prog=1.0, drift=1.0, read=1.0, t=86400.0, gain=0.25,
+           compensation="global_exact"),
     Config("tiles", "DAC + ADC + noise + BM on tiles of 32 x 16 (dense 3 x 2, inputs 27/27/26; conv 3 x 1, "
            "24 inputs each, splitting channels)", dac=True, adc=True, out_noise=0.06, bm=True, max_in=32, max_out=16,
            gain=2.0),
@@ -123,6 +128,8 @@ CONFIGS = [
            preset="default", t=3600.0),
     Config("preset_hwa", "StandardHWATrainingPreset (ir_drop 0, input range 3) vs hwa_standard, at 1 h; 40 -> "
            "2 tiles of 40 inputs", preset="hwa", t=3600.0, max_in=40),
+    Config("preset_hwa_ranges", "the same with learned input ranges 1.5 / 2.5 on the two tiles (jaxnoise: "
+           "input_range leaves)", preset="hwa", t=3600.0, max_in=40, ranges=(1.5, 2.5)),
 ]
 CONFIG_NAMES = [c.name for c in CONFIGS]
 
@@ -166,7 +173,9 @@ def exact(layer: dict, w: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def aihwkit_rpu_config(cfg: Config):
-    from aihwkit.inference.compensation.drift import GlobalDriftCompensation, PerColumnDriftCompensation
+    from aihwkit.inference.compensation.drift import (GlobalDriftCompensation,
+                                                      GlobalDriftCompensationWithExactReference,
+                                                      PerColumnDriftCompensation)
     from aihwkit.inference.noise.pcm import PCMLikeNoiseModel
     from aihwkit.simulator.configs import InferenceRPUConfig
     from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType, WeightNoiseType
@@ -191,7 +200,8 @@ def aihwkit_rpu_config(cfg: Config):
         c.noise_model = PCMLikeNoiseModel(prog_noise_scale=cfg.prog, read_noise_scale=cfg.read,
                                           drift_scale=cfg.drift)
         c.drift_compensation = {None: None, "global": GlobalDriftCompensation(),
-                                "column": PerColumnDriftCompensation()}[cfg.compensation]
+                                "column": PerColumnDriftCompensation(),
+                                "global_exact": GlobalDriftCompensationWithExactReference()}[cfg.compensation]
         c.mapping.weight_scaling_omega = cfg.omega
         c.mapping.weight_scaling_columnwise = cfg.columnwise
     if cfg.preset != "default":
@@ -218,8 +228,9 @@ def aihwkit_draws(cfg: Config, layer: dict, w: np.ndarray, x: np.ndarray, draws:
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     m.eval()
     if cfg.preset == "hwa":
-        for tile in m.analog_tiles():
-            tile.set_input_range(3.0)
+        tiles = list(m.analog_tiles())
+        for tile, r in zip(tiles, cfg.ranges or (3.0,) * len(tiles)):
+            tile.set_input_range(r)
 
     def flat(y):   # conv outputs NCHW -> NHWC, the order of jaxnoise's
         y = y.detach().numpy().astype(np.float64)
@@ -274,9 +285,14 @@ def jaxnoise_draws(cfg: Config, layer: dict, w: np.ndarray, x: np.ndarray, draws
     xj = jnp.asarray(x)
     geo = None if layer["kind"] == "dense" else {"stride": layer["stride"], "padding": layer["padding"]}
 
+    ranges = None
+    if cfg.ranges is not None:   # learned input ranges, one per tile (T_in, T_out)
+        grid = device.tile_layout(w.shape, spec).shape[:2]
+        ranges = jnp.asarray(cfg.ranges, jnp.float32).reshape(grid)
+
     def one(key):
         chip = device.read(device.chip_key(key), params, spec, spec.t_inference)
-        return device.AnalogContext(chip, key).mvm("layer", xj, params["layer"]["kernel"], geo).reshape(-1)
+        return device.AnalogContext(chip, key).mvm("layer", xj, params["layer"]["kernel"], geo, ranges).reshape(-1)
 
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(draws, dtype=jnp.uint32))
     return np.asarray(jax.jit(jax.vmap(one))(keys), np.float64)

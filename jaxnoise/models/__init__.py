@@ -27,7 +27,7 @@ CIFAR_MODELS = tuple(f"resnet{d}" for d in CIFAR_SHORT_DEPTHS)
 MODELS = ("mlp", "cnn", *CIFAR_MODELS, *IMAGENET_MODELS)
 
 
-def get_model(name: str, *, quant=None, **kwargs) -> Model:
+def get_model(name: str, *, quant=None, input_ranges=None, **kwargs) -> Model:
     """Builds a model by name.
 
     Args:
@@ -37,13 +37,16 @@ def get_model(name: str, *, quant=None, **kwargs) -> Model:
         224x224x3 by default; ``input_shape=(H, W, 3)`` for another resolution).
       quant: a :class:`jaxnoise.quant.QuantSpec` (or its ``to_config()`` dict, as checkpoints record it) to
         quantize weights and activations; None: float.
+      input_ranges: ``{layer: (T_in, T_out)}``: learned input ranges (:meth:`Model.with_input_ranges`, as
+        checkpoints record them); None: none.
       **kwargs: ``num_classes``, ``input_shape`` and model-specific options.
 
     Raises:
       ValueError: for an unknown or ambiguous name, listing the known ones.
     """
     model = _build(name, **kwargs)
-    return model if quant is None else model.with_quant(quant)
+    model = model if quant is None else model.with_quant(quant)
+    return model if not input_ranges else model.with_input_ranges(input_ranges)
 
 
 def _build(name: str, **kwargs) -> Model:

@@ -32,6 +32,10 @@ class Model:
       quant: weight/activation quantization (:class:`~jaxnoise.quant.QuantSpec`), or None for float. The
         kernels are quantized before any weight noise, so noise acts on the quantized weights; learned steps are
         parameters (``w_step``/``a_step``, see :func:`jaxnoise.quant.init_steps`). Use :meth:`with_quant`.
+      input_ranges: ``{layer: (T_in, T_out)}``: layers with learned input ranges (aihwkit's
+        ``InputRangeParameter``), a parameter ``input_range`` of that shape (one per tile) beside each kernel, used
+        by an analog MVM under ``IOParams(input_range=...)``. Use :meth:`with_input_ranges` (or
+        ``jaxnoise.device.init_input_ranges``).
     """
 
     name: str
@@ -40,8 +44,9 @@ class Model:
     num_classes: int
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     quant: quant_lib.QuantSpec | None = None
+    input_ranges: Mapping[str, tuple[int, int]] | None = None
 
-    def with_quant(self, quant: "quant_lib.QuantSpec | Mapping[str, Any] | None") -> "Model":
+    def with_quant(self, quant: quant_lib.QuantSpec | Mapping[str, Any] | None) -> Model:
         """The same model with ``quant`` (a QuantSpec, its ``to_config()`` dict, or None for float), recorded in
         ``config["quant"]`` so checkpoints and result files rebuild it."""
         quant = quant_lib.QuantSpec.from_config(quant)
@@ -49,6 +54,33 @@ class Model:
         if quant is not None:
             config["quant"] = quant.to_config()
         return dataclasses.replace(self, config=config, quant=quant)
+
+    def with_input_ranges(self, shapes: Mapping[str, Any] | None) -> Model:
+        """The same model with learned input ranges at the layers of ``shapes`` (``{layer: (T_in, T_out)}``, the
+        tile grid of each layer; None or empty: none), recorded in ``config["input_ranges"]`` so checkpoints and
+        result files rebuild it. Unknown layer names or bad shapes raise a ValueError."""
+        config = {k: v for k, v in self.config.items() if k != "input_ranges"}
+        if not shapes:
+            return dataclasses.replace(self, config=config, input_ranges=None)
+        if not isinstance(shapes, Mapping):
+            raise ValueError(f"input_ranges must map layer names to (T_in, T_out) tile grids, got "
+                             f"{type(shapes).__name__}.")
+        clean = {}
+        for site, shape in shapes.items():
+            shape = tuple(shape) if isinstance(shape, (tuple, list)) else shape
+            if (not isinstance(shape, tuple) or len(shape) != 2
+                    or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
+                raise ValueError(f"input_ranges[{site!r}]={shapes[site]!r}: give the layer's tile grid (T_in, T_out) "
+                                 f"as two integers >= 1 (jaxnoise.device.tile_layout(kernel.shape, spec).shape[:2]).")
+            clean[str(site)] = shape
+        model = dataclasses.replace(self, config={**config, "input_ranges": {k: list(v) for k, v in clean.items()}},
+                                    input_ranges=clean)
+        layers = device_lib.layer_names(jax.eval_shape(self.init, jax.random.key(0))["params"])
+        unknown = sorted(set(clean) - set(layers))
+        if unknown:
+            raise ValueError(f"input_ranges names layers {unknown[:5]} that {self.name} does not have; its layers: "
+                             f"{', '.join(layers)}.")
+        return model
 
     def chip_weights(self, params: Mapping[str, Any], key: jax.Array | None = None,
                      noise: noise_lib.NoiseSpec | None = None) -> Any:
@@ -66,7 +98,7 @@ class Model:
         return self._jitted_init(key, batch_size=batch_size)
 
     def _init(self, key: jax.Array, batch_size: int) -> Variables:
-        scope = Scope(init_key=key, quant=self.quant)
+        scope = Scope(init_key=key, quant=self.quant, input_ranges=self.input_ranges)
         self.forward(scope, jnp.zeros((batch_size,) + tuple(self.input_shape), jnp.float32))
         params = scope.created_params
         if self.quant is not None:
@@ -82,7 +114,7 @@ class Model:
               noise: noise_lib.NoiseSpec | None = None, train: bool = False,
               capture_mvm: bool = False, tap: Callable | None = None,
               device: device_lib.DeviceSpec | device_lib.ChipRead | None = None,
-              chip_weights: Any = None) -> tuple[jax.Array, dict[str, Any]]:
+              chip_weights: Any = None, bn_momentum: float = 0.1) -> tuple[jax.Array, dict[str, Any]]:
         """Runs the model, noisy when both ``key`` and ``noise`` are given.
 
         Args:
@@ -106,6 +138,8 @@ class Model:
             used as they are in place of ``variables["params"]``: no quantization and no weight noise here
             (``noise`` then applies its activation noise only). The Monte Carlo evaluator draws them once per
             chip.
+          bn_momentum: with ``train``, the weight of this batch's statistics in the updated running statistics
+            (PyTorch's 0.1; 1.0 returns the batch's own mean and unbiased variance).
 
         Returns:
           ``(logits, features)``: logits (batch, num_classes); features maps each name of
@@ -125,7 +159,8 @@ class Model:
                 raise TypeError(f"device must be a jaxnoise.device.DeviceSpec or ChipRead, got {type(device).__name__}.")
             analog = None if chip is None else device_lib.AnalogContext(chip, key)
         sites = noise_lib.SiteContext(key, noise, capture=capture_mvm, analog=analog)
-        scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap, quant=self.quant)
+        scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap, quant=self.quant,
+                      input_ranges=self.input_ranges, bn_momentum=bn_momentum)
         logits, features = self.forward(scope, x)
         features = dict(features)
         if train:
@@ -148,7 +183,7 @@ class Model:
                              f"go through dataset.preprocess (scaling and normalisation) first.")
 
     @functools.cached_property
-    def _names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    def _names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], dict[str, Any], tuple[str, ...]]:
         variables = jax.eval_shape(self.init, jax.random.key(0))
         ctx = noise_lib.SiteContext()
 
@@ -160,14 +195,19 @@ class Model:
             return h
 
         def run(v, x):
-            logits, feats = self.forward(Scope(v["params"], v["batch_stats"], sites=ctx, quant=self.quant, tap=tap),
-                                         x)
+            logits, feats = self.forward(Scope(v["params"], v["batch_stats"], sites=ctx, quant=self.quant,
+                                               input_ranges=self.input_ranges, tap=tap), x)
             order.extend(k for k, v in feats.items() if not isinstance(v, dict))
             return logits
 
         jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1,) + tuple(self.input_shape), jnp.float32))
         weight_paths = noise_lib.weight_noise_sites(variables["params"])
-        return tuple(ctx.sites), tuple(order), weight_paths, tuple(taps)
+        return tuple(ctx.sites), tuple(order), weight_paths, dict(ctx.geometry), tuple(taps)
+
+    @property
+    def mvm_geometry(self) -> dict[str, dict[str, int] | None]:
+        """``{site: {"stride", "padding"}}`` of every conv MVM, None for a dense one."""
+        return {k: None if v is None else dict(v) for k, v in self._names[3].items()}
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -184,7 +224,7 @@ class Model:
         """Every point where a ``tap`` hook is called, in forward order: the features (``feature_names``) and the
         inner points of the residual branches (``"layer1/0/mid"``; ImageNet bottlenecks ``.../mid1``, ``/mid2``),
         which are not returned features. Denoising blocks may sit at any of them."""
-        return self._names[3]
+        return self._names[4]
 
     @property
     def weight_noise_paths(self) -> tuple[str, ...]:

@@ -37,12 +37,15 @@ class Scope:
         the hook where denoising blocks are inserted or gradient probes attached. None: identity.
       quant: the model's quantization; a selected layer's input goes through its LSQ quantizer (learned step
         ``a_step`` beside the kernel) before the MVM. Kernels arrive already quantized (``Model.apply``).
+      input_ranges: ``{layer: (T_in, T_out)}``: the layers with learned input ranges (a leaf ``input_range`` of
+        that shape beside the kernel, created at init with aihwkit's ``init_value`` 3.0), passed to the MVM
+        (``jaxnoise.device.InputRange``).
     """
 
     def __init__(self, params=None, batch_stats=None, *, sites: noise_lib.SiteContext | None = None,
                  train: bool = False, init_key: jax.Array | None = None, bn_momentum: float = 0.1,
-                 tap=None, quant: quant_lib.QuantSpec | None = None, _path: tuple[str, ...] = (),
-                 _root: "Scope | None" = None):
+                 tap=None, quant: quant_lib.QuantSpec | None = None, input_ranges=None,
+                 _path: tuple[str, ...] = (), _root: "Scope | None" = None):
         self.params = {} if params is None else params
         self.batch_stats = {} if batch_stats is None else batch_stats
         self.sites = sites or noise_lib.SiteContext()
@@ -54,6 +57,7 @@ class Scope:
         if _root is None:
             self.tap = tap
             self.quant = quant
+            self.input_ranges = dict(input_ranges or {})
             self.new_stats: dict[str, Any] = {}
             self.created_params: dict[str, Any] = {}
             self.created_stats: dict[str, Any] = {}
@@ -89,6 +93,13 @@ class Scope:
             return x
         step = self._get("params", name, quant_lib.ACT_STEP, (), ones)
         return quant_lib.quantize_input(x, step, quant.act_bits, quant.input_signed(site))
+
+    def input_range(self, name: str):
+        """The learned input ranges of layer ``name`` (``params[name]["input_range"]``), or None without them."""
+        shape = self.root.input_ranges.get(self.name(name))
+        if shape is None:
+            return None
+        return self._get("params", name, "input_range", tuple(shape), input_range_init)
 
     def name(self, *parts: str) -> str:
         return "/".join(self.path + tuple(str(p) for p in parts))
@@ -130,7 +141,8 @@ class Scope:
                 padding=((padding, padding), (padding, padding)),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-        y = self.sites.mvm(self.name(name), x, kernel, exact, {"stride": stride, "padding": padding})
+        y = self.sites.mvm(self.name(name), x, kernel, exact, {"stride": stride, "padding": padding},
+                           self.input_range(name))
         if bias:
             y = y + self._get("params", name, "bias", (features,), zeros).astype(y.dtype)
         return y
@@ -139,7 +151,8 @@ class Scope:
         """Fully connected layer, an analog MVM: noise site ``self.name(name)``; bias added digitally after."""
         kernel = self._get("params", name, "kernel", (x.shape[-1], features), lecun_normal)
         x = self.quantized_input(name, x)
-        y = self.sites.mvm(self.name(name), x, kernel, lambda x, k: x @ k.astype(x.dtype))
+        y = self.sites.mvm(self.name(name), x, kernel, lambda x, k: x @ k.astype(x.dtype), None,
+                           self.input_range(name))
         if bias:
             y = y + self._get("params", name, "bias", (features,), zeros).astype(y.dtype)
         return y
@@ -255,6 +268,12 @@ def lecun_normal(key, shape):
 def zeros(key, shape):
     del key
     return jnp.zeros(shape, jnp.float32)
+
+
+def input_range_init(key, shape):
+    """A new learned input range: aihwkit's ``InputRangeParameter.init_value`` (3.0) on every tile."""
+    del key
+    return jnp.full(shape, 3.0, jnp.float32)
 
 
 def ones(key, shape):
