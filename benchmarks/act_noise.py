@@ -51,7 +51,7 @@ GOAL = 0.6
 
 def interleaved(fns: dict[str, Callable[[int], Any]], rounds: int) -> dict[str, list[float]]:
     """Wall seconds of each ``fns[name](round)`` per round; one warm-up call each; order rotated every round."""
-    for name, fn in fns.items():
+    for fn in fns.values():
         jax.block_until_ready(fn(-1))
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         noise.check_sampler(s)
     if min(args.n_images, args.n_chips, args.batch_size, args.rounds) < 1:
         p.error("--n-images, --n-chips, --batch-size and --rounds must be >= 1")
-    load = "; load average %.2f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    load = f"; load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device_description()}{load}; default "
           f"activation sampler {noise.default_sampler()}{', QUICK mode' if args.quick else ''}")
     if not args.skip_micro:

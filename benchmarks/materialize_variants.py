@@ -6,11 +6,18 @@ Run on an otherwise idle machine.
 
 Usage: python benchmarks/materialize_variants.py [dot rw dus off] [--log FILE]
 """
-import statistics, sys, time
-import jax, jax.numpy as jnp, numpy as np
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
 from jaxnoise import methods, train
 from jaxnoise.models import get_model, layers
+
 
 def make(kind):
     @jax.custom_vjp

@@ -705,7 +705,7 @@ def run(args, torch, report: Report) -> int:
     # ---- summary
     issue = {"clean eval": "0.76x", "weight MC": "0.79x", "activation noise": "488 vs 214 img/s",
              "device MC": "0.09x of clean", "train clean step": "0.24x"}
-    report(f"\n== summary (jaxnoise/PyTorch > 1: jaxnoise faster; device: vs aihwkit)")
+    report("\n== summary (jaxnoise/PyTorch > 1: jaxnoise faster; device: vs aihwkit)")
     report(f"{'job':28s} {'jaxnoise':>10s} {'PyTorch':>10s}  {'unit':20s} {'jaxnoise/PyTorch':>16s}  issue's table")
     for job, rj, rt, unit in rows:
         ref = next((v for k, v in issue.items() if job.startswith(k)), "")

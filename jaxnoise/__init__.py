@@ -49,6 +49,7 @@ _EXPORTS = {
     "PCMModel": "jaxnoise.device",
     "device_preset": ("jaxnoise.device", "preset"),
     "calibrate_input_ranges": "jaxnoise.device",
+    "init_input_ranges": "jaxnoise.device",
     # models and data
     "Model": "jaxnoise.models",
     "get_model": "jaxnoise.models",

@@ -245,7 +245,7 @@ class CheckpointManager:
         """Waits for pending work and releases orbax's resources."""
         self._manager.close()
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc) -> None:

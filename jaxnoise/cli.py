@@ -41,11 +41,25 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
-from jaxnoise import (checkpoint, data, denoise, device, distributed, experiment, io, methods, models, noise,
-                      placement, report, robustness, sensitivity, train)
+from jaxnoise import (
+    checkpoint,
+    data,
+    denoise,
+    device,
+    distributed,
+    experiment,
+    io,
+    methods,
+    models,
+    noise,
+    placement,
+    report,
+    robustness,
+    sensitivity,
+    train,
+)
 
 DEMO_WEIGHT_ETAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
 

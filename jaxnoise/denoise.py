@@ -48,9 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxnoise import _checks
-from jaxnoise import engine
-from jaxnoise import methods
+from jaxnoise import _checks, engine, methods
 from jaxnoise import noise as noise_lib
 from jaxnoise import train as train_lib
 from jaxnoise.models.base import Model

@@ -1063,7 +1063,7 @@ class DeviceSpec:
         return (any(re.search(p, site) for p in self.analog_layers)
                 and not any(re.search(p, site) for p in self.digital_layers))
 
-    def training(self) -> "DeviceSpec":
+    def training(self) -> DeviceSpec:
         """The spec as aihwkit trains with it: I/O non-idealities and modifier on; PCM and compensation are
         inference-only (``InferenceRPUConfig``)."""
         return self.replace(pcm=None, compensation=None)

@@ -42,7 +42,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = ["CHIPS", "DATA", "P", "global_array", "initialize", "is_main_process", "mc_mesh", "make_mesh",
            "replicate", "to_host"]

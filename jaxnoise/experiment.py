@@ -62,7 +62,7 @@ class Stage(NamedTuple):
     """
 
     name: str
-    run: Callable[["Context"], Any]
+    run: Callable[[Context], Any]
     settings: tuple[str, ...] | None = None
     outputs: tuple[str, ...] = ()
 
@@ -239,7 +239,7 @@ def _reruns(results_dir: str, stage: str) -> int:
     return sum(1 for h in read_history(results_dir, stage) if h.get("status") == SUPERSEDED)
 
 
-def supersede(results_dir: str, stage: "Stage", log: Callable[[str], None] = print) -> None:
+def supersede(results_dir: str, stage: Stage, log: Callable[[str], None] = print) -> None:
     """Marks the stage's current record superseded and moves its outputs to ``superseded/<time>/`` (a rerun)."""
     outputs = [o for o in stage.outputs if os.path.exists(os.path.join(results_dir, o))]
     if read_record(results_dir, stage.name) is None and not outputs:
@@ -320,7 +320,8 @@ def set_aside_unresumable(stage_work_dir: str, work_dir: str) -> list[str]:
     ``<work_dir>/stale/<stage dir>-<sub dir>-<time>``, kept, so the stage starts that training over instead of
     being refused by :func:`jaxnoise.train.train`'s guard. A dir whose lock another process holds is left alone
     (that run is alive). Returns one line per move."""
-    from jaxnoise import checkpoint, train, workdir as workdir_lib   # the runner itself needs neither
+    from jaxnoise import checkpoint, train  # the runner itself needs neither
+    from jaxnoise import workdir as workdir_lib
 
     lines = []
     if not os.path.isdir(stage_work_dir):

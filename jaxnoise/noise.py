@@ -385,11 +385,11 @@ class NoiseSpec:
     def has_activation_noise(self) -> bool:
         return self.act_kind is not None
 
-    def activation_only(self) -> "NoiseSpec":
+    def activation_only(self) -> NoiseSpec:
         """The same spec with weight noise switched off (statically)."""
         return self.replace(weight_kind=None, weight_eta=0.0, weight_mask=None)
 
-    def weight_only(self) -> "NoiseSpec":
+    def weight_only(self) -> NoiseSpec:
         """The same spec with activation noise switched off (statically)."""
         return self.replace(act_kind=None, act_eta=0.0, act_mask=None)
 

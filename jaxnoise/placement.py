@@ -32,12 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnoise import _checks
+from jaxnoise import _checks, denoise, methods, robustness
 from jaxnoise import data as data_lib
-from jaxnoise import denoise
-from jaxnoise import methods
 from jaxnoise import noise as noise_lib
-from jaxnoise import robustness
 from jaxnoise import train as train_lib
 from jaxnoise.models.base import Model
 from jaxnoise.models.layers import Scope
@@ -91,7 +88,7 @@ def site_groups(model: Model) -> dict[str, tuple[str, ...]]:
 class _Program:
     """A jitted Monte Carlo program over (chips x variants), cached per (model, variant_fn, preprocess, sizes)."""
 
-    _cache: dict[tuple, "_Program"] = {}
+    _cache: dict[tuple, _Program] = {}
 
     def __init__(self, model, variant_fn, preprocess, batch_size, chip_batch_size, variant_batch_size):
         chip_correct = robustness.make_chip_eval(model, batch_size=batch_size, preprocess=preprocess)
@@ -387,7 +384,7 @@ def train_candidates(dmodel: denoise.DenoisedModel, variables: Mapping[str, Any]
             if s >= steps:
                 break
         epoch += 1
-    tail = np.mean(np.stack([np.asarray(l) for l in losses[-min(10, steps):]]), axis=0)
+    tail = np.mean(np.stack([np.asarray(loss) for loss in losses[-min(10, steps):]]), axis=0)
     return block_params, tail
 
 

@@ -221,7 +221,7 @@ class QuantSpec:
                 for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_config(cls, config: "QuantSpec | Mapping[str, Any] | None") -> "QuantSpec | None":
+    def from_config(cls, config: QuantSpec | Mapping[str, Any] | None) -> QuantSpec | None:
         if config is None or isinstance(config, QuantSpec):
             return config
         if not isinstance(config, Mapping):

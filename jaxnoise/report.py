@@ -73,7 +73,7 @@ def device_description() -> str:
 
 
 def _utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def arm(name: str, model: Any, method: str, param_count: int, eval_results: Sequence[MCResult | Mapping],

@@ -64,9 +64,8 @@ import numpy as np
 import scipy.stats
 from flax import traverse_util
 
-from jaxnoise import _checks
+from jaxnoise import _checks, distributed
 from jaxnoise import device as device_lib
-from jaxnoise import distributed
 from jaxnoise import noise as noise_lib
 from jaxnoise.models.base import Model, Variables
 
@@ -321,7 +320,7 @@ class MCResult:
 
     @classmethod
     def from_per_chip(cls, per_chip: Sequence[float] | np.ndarray, n_images: int,
-                      noise: dict[str, Any] | None = None) -> "MCResult":
+                      noise: dict[str, Any] | None = None) -> MCResult:
         """Builds a result (with its statistics, :func:`summarize`) from per-chip accuracies in [0, 1]."""
         a = np.asarray(per_chip, dtype=np.float64).ravel()
         s = summarize(a)
@@ -807,7 +806,7 @@ def _check_memory(where: str, model: Model, variables: Variables, images: Any, *
 
 
 def _prepare(model: Model, images: Any, labels: Any, batch_size: int, preprocess: Callable | None
-             ) -> "_Batched | _StreamData":
+             ) -> _Batched | _StreamData:
     """Validates the data and pads it into (n_batches, B, ...) device arrays with a validity mask; a streamed split
     (``images`` a :class:`jaxnoise.stream.StreamSplit`, ``labels`` None) is checked and kept as a stream."""
     batch_size = _check_count("batch_size", batch_size)

@@ -25,9 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxnoise import _checks
+from jaxnoise import _checks, report, robustness
 from jaxnoise import noise as noise_lib
-from jaxnoise import report, robustness
 from jaxnoise.models.base import Model, Variables
 from jaxnoise.robustness import MCResult
 

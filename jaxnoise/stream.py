@@ -197,7 +197,7 @@ class StreamSplit:
         whole = self.start == 0 and self.stop == self._source_len()
         return self.split if whole else f"{self.split}[{self.start}:{self.stop}]"
 
-    def select(self, start: int, stop: int | None = None) -> "StreamSplit":
+    def select(self, start: int, stop: int | None = None) -> StreamSplit:
         """Records ``[start, stop)`` of this split (relative indices, as a slice)."""
         lo, hi, _ = slice(start, stop).indices(len(self))
         return dataclasses.replace(self, start=self.start + lo, stop=self.start + max(lo, hi))

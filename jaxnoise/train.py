@@ -48,16 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from jaxnoise import checkpoint as ckpt_lib
 from jaxnoise import data as data_lib
-from jaxnoise import distributed
-from jaxnoise import io
-from jaxnoise import methods
+from jaxnoise import distributed, io, methods, robustness
 from jaxnoise import noise as noise_lib
-from jaxnoise import robustness
 from jaxnoise import workdir as workdir_lib
 from jaxnoise.workdir import TrainingInterrupted, WorkdirError, WorkdirLockedError
 
@@ -870,7 +868,7 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
                 while s < stop:
                     epoch = s // steps_per_epoch
                     first = s - epoch * steps_per_epoch  # batches of this epoch already done before a resume
-                    for b, (images, labels) in _epoch(dataset, data_key, config.batch_size, epoch, first, own_rows):
+                    for _, (images, labels) in _epoch(dataset, data_key, config.batch_size, epoch, first, own_rows):
                         state, metrics = train_step(state, place(images), place(labels), base_key, hparams_array)
                         window.append(metrics)
                         epoch_window.append(metrics)

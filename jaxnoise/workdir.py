@@ -187,7 +187,7 @@ def workdir_lock(workdir: str | os.PathLike, *,
                 notify(f"{workdir}: taking over the stale lock of {_describe(stale)}, which no longer holds it "
                        f"(that process has exited).")
         owner = {"pid": os.getpid(), "host": socket.gethostname(),
-                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                  "command": " ".join(sys.argv)}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)

@@ -24,7 +24,9 @@ if os.environ.get("JAXNOISE_TEST_COMPILATION_CACHE"):  # identical programs (re-
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from _helpers import he_variables  # noqa: E402  (tests/ is sys.path[0] of this script)
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxnoise import checkpoint as ckpt  # noqa: E402
 from jaxnoise import methods  # noqa: E402
@@ -32,8 +34,6 @@ from jaxnoise.data import Split, load_dataset  # noqa: E402
 from jaxnoise.distributed import make_mesh  # noqa: E402
 from jaxnoise.models import get_model  # noqa: E402
 from jaxnoise.train import TrainConfig, train  # noqa: E402
-
-from _helpers import he_variables  # noqa: E402  (tests/ is sys.path[0] of this script)
 
 N_TRAIN = 384  # 6 steps of 64: one epoch, so the epoch-end evaluation runs too
 BATCH = 64

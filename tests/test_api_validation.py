@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _helpers import he_variables
+
 from jaxnoise import denoise, device, methods, noise, placement, robustness, sensitivity
 from jaxnoise.models import get_model
 

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxnoise import checkpoint as ckpt
 from jaxnoise import distributed
@@ -124,6 +125,7 @@ def test_two_processes(tmp_path, digits):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-4000:] for log in logs)
 
     import dataclasses
+
     from jaxnoise.data import Split
     data = dataclasses.replace(digits, train=Split(digits.train.images[:384], digits.train.labels[:384]))
     model = get_model("cnn", input_shape=data.image_shape, num_classes=10)
@@ -174,6 +176,7 @@ def test_restore_with_sharding(tmp_path):
 def small(digits):
     """MLP on 384 digits: 6 steps of 64 per epoch."""
     import dataclasses
+
     from jaxnoise.data import Split
     data = dataclasses.replace(digits, train=Split(digits.train.images[:384], digits.train.labels[:384]))
     model = get_model("mlp", input_shape=data.image_shape, num_classes=10)

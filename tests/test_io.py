@@ -6,6 +6,7 @@ import pytest
 
 from jaxnoise.io import write_text_atomic
 
+
 def test_write_creates_folders_and_replaces(tmp_path):
     path = tmp_path / "a" / "b.txt"
     write_text_atomic(path, "one")

@@ -433,6 +433,7 @@ def test_evaluate_many_equals_separate_evaluations_and_vmapped_settings():
 
 def _stream_setup(mock_imagenet):
     import dataclasses as dc
+
     from jaxnoise import data as data_lib
     ds = data_lib.load_dataset("imagenet2012", data_dir=mock_imagenet, resolution=32, workers=0)
     model = get_model("cnn", input_shape=(32, 32, 3), num_classes=1000, channels=(8,))

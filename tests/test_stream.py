@@ -163,7 +163,7 @@ def test_two_processes_stream_the_same_batches(mock_imagenet):
     for images, labels in ds.train.train_batches(jax.random.key(7), 0, 16):
         h.update(images.tobytes())
         h.update(labels.tobytes())
-    for b, images, labels, valid in ds.test.eval_batches(16):
+    for _, images, labels, _valid in ds.test.eval_batches(16):
         h.update(images.tobytes())
         h.update(labels.tobytes())
     assert digests[0] == digests[1] == h.hexdigest()

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import he_variables
 
 from jaxnoise import checkpoint as ckpt
 from jaxnoise import train as train_lib
@@ -17,8 +18,6 @@ from jaxnoise.data import load_dataset
 from jaxnoise.models import get_model
 from jaxnoise.train import TrainConfig, evaluate_clean, train
 from jaxnoise.workdir import LOCK_FILE, TrainingInterrupted, WorkdirError
-
-from _helpers import he_variables
 
 
 @pytest.fixture(scope="module")

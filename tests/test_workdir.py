@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-from jaxnoise import distributed
-from jaxnoise import io
+from jaxnoise import distributed, io
 from jaxnoise import workdir as workdir_lib
 from jaxnoise.workdir import TrainingInterrupted, WorkdirError, WorkdirLockedError, workdir_lock
 
@@ -71,7 +70,7 @@ def test_lock_file_names_the_owner_and_is_removed(tmp_path, umask_027):
         assert owner["command"] == " ".join(sys.argv)
         started = datetime.datetime.fromisoformat(owner["started"])
         assert started.utcoffset() == datetime.timedelta(0)
-        assert abs((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()) < 60
+        assert abs((datetime.datetime.now(datetime.UTC) - started).total_seconds()) < 60
         assert os.stat(lock_path(work)).st_mode & 0o777 == 0o640  # the umask applies
     assert not os.path.exists(lock_path(work))
     assert os.listdir(work) == []

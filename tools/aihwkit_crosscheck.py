@@ -173,9 +173,11 @@ def exact(layer: dict, w: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def aihwkit_rpu_config(cfg: Config):
-    from aihwkit.inference.compensation.drift import (GlobalDriftCompensation,
-                                                      GlobalDriftCompensationWithExactReference,
-                                                      PerColumnDriftCompensation)
+    from aihwkit.inference.compensation.drift import (
+        GlobalDriftCompensation,
+        GlobalDriftCompensationWithExactReference,
+        PerColumnDriftCompensation,
+    )
     from aihwkit.inference.noise.pcm import PCMLikeNoiseModel
     from aihwkit.simulator.configs import InferenceRPUConfig
     from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType, WeightNoiseType

@@ -19,8 +19,13 @@ from jaxnoise.models.resnet_cifar import CIFAR_SHORT_DEPTHS, resnet_cifar
 from jaxnoise.models.resnet_imagenet import DEPTHS as IMAGENET_DEPTHS
 from jaxnoise.models.resnet_imagenet import resnet18, resnet50, resnet_imagenet
 from jaxnoise.models.small import cnn, mlp
-from jaxnoise.models.torch_import import (WeightsMismatchError, convert_torch_state, load_torch_npz,
-                                         read_torch_checkpoint, torch_checkpoint_to_npz)
+from jaxnoise.models.torch_import import (
+    WeightsMismatchError,
+    convert_torch_state,
+    load_torch_npz,
+    read_torch_checkpoint,
+    torch_checkpoint_to_npz,
+)
 
 IMAGENET_MODELS = tuple(f"resnet{d}" for d in IMAGENET_DEPTHS)
 CIFAR_MODELS = tuple(f"resnet{d}" for d in CIFAR_SHORT_DEPTHS)

@@ -45,7 +45,7 @@ class Scope:
     def __init__(self, params=None, batch_stats=None, *, sites: noise_lib.SiteContext | None = None,
                  train: bool = False, init_key: jax.Array | None = None, bn_momentum: float = 0.1,
                  tap=None, quant: quant_lib.QuantSpec | None = None, input_ranges=None,
-                 _path: tuple[str, ...] = (), _root: "Scope | None" = None):
+                 _path: tuple[str, ...] = (), _root: Scope | None = None):
         self.params = {} if params is None else params
         self.batch_stats = {} if batch_stats is None else batch_stats
         self.sites = sites or noise_lib.SiteContext()
@@ -62,7 +62,7 @@ class Scope:
             self.created_params: dict[str, Any] = {}
             self.created_stats: dict[str, Any] = {}
 
-    def child(self, name: str | int) -> "Scope":
+    def child(self, name: str | int) -> Scope:
         name = str(name)
         return Scope(self.params.get(name, {}) if self.params else {},
                      self.batch_stats.get(name, {}) if self.batch_stats else {},

@@ -2,6 +2,7 @@ import torch
 from aihwkit.nn import AnalogLinear
 from aihwkit.simulator.configs import InferenceRPUConfig
 from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType
+
 torch.manual_seed(0)
 def mk(nin, nout, **fw):
     c = InferenceRPUConfig()

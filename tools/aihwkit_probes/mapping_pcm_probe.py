@@ -1,7 +1,8 @@
 import torch
+from aihwkit.inference.noise.pcm import PCMLikeNoiseModel
 from aihwkit.nn import AnalogLinear
 from aihwkit.simulator.configs import InferenceRPUConfig
-from aihwkit.inference.noise.pcm import PCMLikeNoiseModel
+
 torch.manual_seed(0)
 c = InferenceRPUConfig()
 m = AnalogLinear(8, 3, bias=True, rpu_config=c); m.eval()
@@ -23,5 +24,6 @@ print("collapsed pair (min(g+,g-) all zero):", torch.all(torch.minimum(gp, gm) =
 print("alpha:", t.alpha, "mapping_scales", t.mapping_scales, "out_scaling_alpha", t.out_scaling_alpha)
 print("split sizes 576:", [len(x) for x in [1]], end=" ")
 from aihwkit.simulator.tiles.array import TileModuleArray
+
 print(TileModuleArray.get_split_sizes(None, 576, 512), TileModuleArray.get_split_sizes(None, 1152, 512), TileModuleArray.get_split_sizes(None, 512, 512))
 m2 = AnalogLinear(600, 10, rpu_config=c); print(type(m2.analog_module).__name__, m2.analog_module.in_sizes, m2.analog_module.out_sizes)

@@ -2,6 +2,7 @@ import torch
 from aihwkit.nn import AnalogLinear
 from aihwkit.simulator.configs import InferenceRPUConfig
 from aihwkit.simulator.tiles.array import TileModuleArray
+
 torch.manual_seed(0)
 c = InferenceRPUConfig()
 m = AnalogLinear(64, 32, bias=False, rpu_config=c); m.eval()

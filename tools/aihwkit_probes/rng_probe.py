@@ -5,6 +5,7 @@ import torch
 from aihwkit.nn import AnalogLinear
 from aihwkit.simulator.configs import InferenceRPUConfig
 from aihwkit.simulator.parameters.enums import BoundManagementType
+
 torch.manual_seed(0)
 for trial in range(3):
     c = InferenceRPUConfig()
