@@ -426,7 +426,7 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
                   eta_train: float = 0.0, weight_kind: str | None = None, weight_paths: Sequence[str] | None = None,
                   feature_weight: float = 0.0, feature_sites: Sequence[str] | None = None,
                   nll_weight: float = 0.0, kl_weight: float = 0.0, act_eta_spread: float = 0.0,
-                  sampler: str | None = None) -> train_lib.LossFn:
+                  sampler: str | None = None) -> methods.Loss:
     """The loss of denoiser training: frozen backbone in inference mode, one noise draw per step.
 
     ``loss = CE(noisy denoised logits, y) + feature_weight * mean_s nmse(f_s(noisy denoised), f_s(clean backbone))
@@ -542,14 +542,11 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
                 metrics["nll"] = nll
         return loss, (logits, batch_stats, metrics)
 
-    loss_fn.name = "denoiser"
-    loss_fn.config = {"noise": {"act_kind": act_kind, "weight_kind": weight_kind,
-                                "weight_paths": list(spec.weight_paths),
-                                "prng": methods.sampler_record(spec)},
-                      "feature_sites": list(feature_sites), "denoiser": dmodel.denoiser.to_dict(),
-                      "act_eta_spread": act_eta_spread}
-    loss_fn.hparams = defaults
-    return loss_fn
+    return methods.Loss(loss_fn, "denoiser",
+                        {"noise": {"act_kind": act_kind, "weight_kind": weight_kind,
+                                   "weight_paths": list(spec.weight_paths), "prng": methods.sampler_record(spec)},
+                         "feature_sites": list(feature_sites), "denoiser": dmodel.denoiser.to_dict(),
+                         "act_eta_spread": act_eta_spread}, defaults)
 
 
 def _recorder():

@@ -1,6 +1,7 @@
 """Noise-aware training losses: clean, forward-noise (noise injection) and consistency regularisation.
 
-Every factory returns a loss function for :func:`jaxnoise.train.make_train_step` / :func:`jaxnoise.train.train`::
+Every factory returns a :class:`Loss` for :func:`jaxnoise.train.make_train_step` / :func:`jaxnoise.train.train`,
+callable as::
 
     loss_fn(params, batch_stats, images, labels, key, hparams) -> (loss, (logits, new_batch_stats, metrics))
 
@@ -8,8 +9,9 @@ Every factory returns a loss function for :func:`jaxnoise.train.make_train_step`
   ``Model.apply``: weight noise from ``weight_key``, activation noise from ``activation_key``). Forward-noise and
   consistency draw the *same* noise for the same key, so ``lambda = 0`` reproduces forward-noise exactly.
 * ``hparams`` is a dict of float32 scalars, passed to the jitted step as array data: a new ``eta_train`` or
-  ``lambda`` reuses the compiled step. Each loss function carries its defaults in ``loss_fn.hparams`` and a
-  JSON-ready description in ``loss_fn.config`` (both recorded in checkpoint metadata).
+  ``lambda`` reuses the compiled step. A :class:`Loss` carries its method ``name``, its defaults ``hparams`` and a
+  JSON-ready description ``config`` (all recorded in checkpoint metadata); a plain function is a loss too
+  (:func:`as_loss`: its ``__name__``, no config, no hyperparameters).
 
 **K noise draws per step** (``num_draws``): the K noisy forward passes run in chunks of ``draw_batch_size``, each
 chunk one ``vmap`` over its draws, the chunks unrolled in the one compiled step (``draw_batch_size = K``: a
@@ -35,6 +37,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -59,6 +62,61 @@ LOGITS_SITE = "logits"  # the model output, usable as a consistency site
 NMSE_EPS = 1e-8
 
 LossFn = Callable[..., tuple[jax.Array, tuple[jax.Array, Any, dict[str, jax.Array]]]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Loss:
+    """A training loss and what describes it.
+
+    A frozen dataclass compared and hashed by identity (the compiled train step is cached per loss object), not a
+    NamedTuple: a tuple would be a JAX pytree and its dict ``config`` would make it unhashable.
+
+    Attributes:
+      fn: ``fn(params, batch_stats, images, labels, key, hparams) -> (loss, (logits, new_batch_stats, metrics))``.
+      name: the method (``"clean"``, ``"forward_noise"``, ``"consistency"``, ``"denoiser"``, ...).
+      config: a JSON-ready description (noise kinds and samplers, sites, distance, ...), recorded in checkpoints.
+      hparams: the default hyperparameters ``{name: float}``; the step receives them as float32 arrays.
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> def mse(params, batch_stats, images, labels, key, hparams):
+      ...     out = images @ params["w"]
+      ...     return jnp.mean((out - labels) ** 2) * hparams["scale"], (out, batch_stats, {})
+      >>> loss = Loss(mse, "mse", {"kind": "toy"}, {"scale": 1.0})
+      >>> float(loss({"w": jnp.ones((2, 1))}, {}, jnp.ones((3, 2)), jnp.zeros((3, 1)), None, {"scale": 0.5})[0])
+      2.0
+      >>> loss.replace(hparams={"scale": 2.0}).hparams
+      {'scale': 2.0}
+    """
+
+    fn: LossFn
+    name: str
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise ValueError(f"Loss.fn must be the loss function, got a {type(self.fn).__name__}.")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Loss.name must be a non-empty string (the method), got {self.name!r}.")
+
+    def __call__(self, params, batch_stats, images, labels, key, hparams):
+        return self.fn(params, batch_stats, images, labels, key, hparams)
+
+    def replace(self, **changes: Any) -> Loss:
+        """A new loss with fields replaced (a new object: a new compiled step)."""
+        return dataclasses.replace(self, **changes)
+
+
+def as_loss(loss_fn: Loss | LossFn) -> Loss:
+    """``loss_fn`` as a :class:`Loss`: itself, or a plain function wrapped (name = its ``__name__``, no config,
+    no hyperparameters)."""
+    if isinstance(loss_fn, Loss):
+        return loss_fn
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be a jaxnoise.methods.Loss or a function, got a {type(loss_fn).__name__}.")
+    return Loss(loss_fn, getattr(loss_fn, "__name__", None) or type(loss_fn).__name__, None, {})
 
 
 def default_draw_batch_size(num_draws: int, backend: str | None = None) -> int:
@@ -189,11 +247,12 @@ def check_hparams(hparams: Mapping[str, Any], expected: Sequence[str]) -> dict[s
 def resolve_hparams(loss_fn: Any, hparams: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
     """A loss's hyperparameters as float32 scalar arrays: ``hparams`` (default ``loss_fn.hparams``), checked
     against the names ``loss_fn.hparams`` declares (:func:`check_hparams`)."""
-    values = dict(getattr(loss_fn, "hparams", {}) if hparams is None else hparams)
-    return check_hparams(values, tuple(getattr(loss_fn, "hparams", values)))
+    declared = as_loss(loss_fn).hparams
+    values = dict(declared if hparams is None else hparams)
+    return check_hparams(values, tuple(declared))
 
 
-def clean(model: Any) -> LossFn:
+def clean(model: Any) -> Loss:
     """Noise-free cross-entropy, BatchNorm in training mode.
 
     Args:
@@ -207,10 +266,7 @@ def clean(model: Any) -> LossFn:
         logits, features = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True)
         return cross_entropy(logits, labels), (logits, features["batch_stats"], {})
 
-    loss_fn.name = "clean"
-    loss_fn.config = {}
-    loss_fn.hparams = {}
-    return loss_fn
+    return Loss(loss_fn, "clean", {}, {})
 
 
 def _draws(per_draw: Callable, key: jax.Array, num_draws: int, draw_batch_size: int):
@@ -254,7 +310,7 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
                   act_eta_train: float = 0.0, act_kind: str | None = None,
                   act_ref: Mapping[str, Any] | None = None, weight_paths: Sequence[str] | None = None,
                   num_draws: int = 1, draw_batch_size: int | None = None,
-                  device: device_lib.DeviceSpec | None = None, weight_truncate: float | None = None) -> LossFn:
+                  device: device_lib.DeviceSpec | None = None, weight_truncate: float | None = None) -> Loss:
     """Forward-noise (noise-injection) training: the cross-entropy of freshly drawn noisy chips.
 
     Every step draws ``num_draws`` chips (weight noise of ``weight_kind`` at ``eta_train``, and optionally
@@ -285,8 +341,8 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
       metrics ``{"ce"}`` (mean over draws) and its running statistics are averaged over draws (module docstring).
 
     Examples:
-      >>> loss_fn = forward_noise(model, eta_train=0.1, num_draws=4)
-      >>> loss, aux = loss_fn(params, stats, x, y, key, {"eta_train": jnp.float32(0.2)})   # no recompilation
+      >>> loss_fn = forward_noise(model, eta_train=0.1, num_draws=4)  # doctest: +SKIP
+      >>> loss, aux = loss_fn(params, stats, x, y, key, {"eta_train": jnp.float32(0.2)})  # doctest: +SKIP
     """
     spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths, device, weight_truncate)
     num_draws, draw_batch_size = _check_draws(num_draws, draw_batch_size)
@@ -306,12 +362,9 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
         loss = jnp.mean(ce)
         return loss, (logits[0], _mean_over_draws(stats), {"ce": loss})
 
-    loss_fn.name = "forward_noise"
-    loss_fn.config = {"noise": _noise_config(spec),
-                      "num_draws": num_draws, "draw_batch_size": draw_batch_size,
-                      "device": None if device is None else device.describe()}
-    loss_fn.hparams = defaults
-    return loss_fn
+    return Loss(loss_fn, "forward_noise",
+                {"noise": _noise_config(spec), "num_draws": num_draws, "draw_batch_size": draw_batch_size,
+                 "device": None if device is None else device.describe()}, defaults)
 
 
 def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: Sequence[str] | None = None,
@@ -320,7 +373,7 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
                 act_kind: str | None = None, act_ref: Mapping[str, Any] | None = None,
                 weight_paths: Sequence[str] | None = None, num_draws: int = 1, draw_batch_size: int | None = None,
                 teacher: Mapping[str, Any] | None = None, teacher_model: Any = None,
-                device: device_lib.DeviceSpec | None = None, weight_truncate: float | None = None) -> LossFn:
+                device: device_lib.DeviceSpec | None = None, weight_truncate: float | None = None) -> Loss:
     """Consistency regularisation (Hou et al. 2024): noisy cross-entropy plus a pull toward clean features.
 
     ``loss = mean over K draws of [CE(noisy logits, y) + lambda * sum_s w_s * d(f_s(noisy), stop_gradient(f_s(clean)))]``
@@ -410,17 +463,14 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
         loss = ce + hparams["lambda"] * reg
         return loss, (logits[0], _mean_over_draws(stats), {"ce": ce, "consistency": reg})
 
-    loss_fn.name = "consistency"
-    loss_fn.config = {"noise": _noise_config(spec),
-                      "num_draws": num_draws, "draw_batch_size": draw_batch_size, "sites": list(sites),
-                      "site_weights": weights, "distance": distance,
-                      "target": "teacher" if teacher is not None else "same weights, noise off",
-                      "device": None if device is None else device.describe()}
-    loss_fn.hparams = defaults
-    return loss_fn
+    return Loss(loss_fn, "consistency",
+                {"noise": _noise_config(spec), "num_draws": num_draws, "draw_batch_size": draw_batch_size,
+                 "sites": list(sites), "site_weights": weights, "distance": distance,
+                 "target": "teacher" if teacher is not None else "same weights, noise off",
+                 "device": None if device is None else device.describe()}, defaults)
 
 
-def make_loss(method: str, model: Any, **kwargs: Any) -> LossFn:
+def make_loss(method: str, model: Any, **kwargs: Any) -> Loss:
     """The loss of ``method`` (a key of ``METHODS``) with its keyword arguments."""
     factories = {"clean": clean, "forward_noise": forward_noise, "consistency": consistency}
     if method not in factories:
@@ -428,5 +478,5 @@ def make_loss(method: str, model: Any, **kwargs: Any) -> LossFn:
     return factories[method](model, **kwargs)
 
 
-__all__ = ["DISTANCES", "LOGITS_SITE", "METHODS", "check_hparams", "clean", "consistency", "cross_entropy",
+__all__ = ["DISTANCES", "LOGITS_SITE", "METHODS", "Loss", "as_loss", "check_hparams", "clean", "consistency", "cross_entropy",
            "default_draw_batch_size", "feature_distance", "forward_noise", "make_loss", "sampler_record"]

@@ -280,3 +280,27 @@ def test_default_draw_batch_size_per_backend_and_bad_values(cnn_setup):
     assert methods.forward_noise(model, num_draws=4, draw_batch_size=9).config["draw_batch_size"] == 4
     with pytest.raises(ValueError, match="draw_batch_size=0"):
         methods.forward_noise(model, num_draws=2, draw_batch_size=0)
+
+
+def test_losses_are_typed_values_and_plain_functions_are_losses_too(digits):
+    """Every factory returns a Loss (name, config, hparams as fields, compared by identity); a plain function is
+    wrapped by as_loss; a Loss's fields are checked; replace makes a new loss."""
+    model = get_model("mlp", input_shape=digits.image_shape)
+    for loss in (methods.clean(model), methods.make_loss("forward_noise", model, eta_train=0.1),
+                 methods.make_loss("consistency", model, eta_train=0.1, lam=2.0)):
+        assert isinstance(loss, methods.Loss) and loss.name in methods.METHODS
+        assert loss == loss and loss != loss.replace()   # identity: a new object is a new compiled step
+        hash(loss)
+    assert methods.make_loss("consistency", model, lam=2.0).hparams["lambda"] == 2.0
+
+    def my_loss(params, batch_stats, images, labels, key, hparams):
+        return 0.0, (None, batch_stats, {})
+
+    wrapped = methods.as_loss(my_loss)
+    assert (wrapped.name, wrapped.config, dict(wrapped.hparams)) == ("my_loss", None, {})
+    assert methods.as_loss(wrapped) is wrapped
+    assert methods.resolve_hparams(my_loss) == {}
+    with pytest.raises(ValueError, match="Loss.name"):
+        methods.Loss(my_loss, "")
+    with pytest.raises(ValueError, match="must be a jaxnoise.methods.Loss or a function"):
+        methods.as_loss(3)

@@ -283,8 +283,7 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, mlp_run, digi
         with pytest.raises(WorkdirError, match=rf"train_config.{field}: checkpoint .*, now "):
             train(model, digits, dataclasses.replace(MLP_CONFIG, **change), workdir=run, progress=False)
     # A changed loss only warns.
-    other_loss = train_lib.clean_loss(model)
-    other_loss.config = {"variant": 1}
+    other_loss = train_lib.clean_loss(model).replace(config={"variant": 1})
     with pytest.warns(UserWarning, match=r"loss_config: \{\} -> \{'variant': 1\}"):
         train(model, digits, MLP_CONFIG, workdir=run, progress=False, loss_fn=other_loss)
     assert not (run / LOCK_FILE).exists()
