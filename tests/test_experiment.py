@@ -261,6 +261,7 @@ def test_device_config_keeps_the_legacy_io_numerics_of_its_committed_results(tra
     train_spec = device_drift.training_spec(config, model, variables, digits)
     assert train_spec.name == "hwa_standard" and train_spec.pcm is None and train_spec.io.inp_ranges
     assert {k: getattr(train_spec.io, k) for k in numerics} == numerics
+    assert train_spec.io.input_range is None   # the legacy pipeline has no learned ranges (nor had the results)
     tiny = device_drift.inference_spec(_config("device_resnet32", "tiny=True"), "global")
     assert tiny.io == device.preset("aihwkit_inference_default").io
 

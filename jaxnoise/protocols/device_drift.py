@@ -97,7 +97,15 @@ def io_numerics(config) -> dict:
 
 
 def with_numerics(config, spec: device.DeviceSpec) -> device.DeviceSpec:
-    return spec if spec.io is None else spec.replace(io=spec.io.replace(**io_numerics(config)))
+    """``spec`` with the config's I/O numerics. The legacy pipeline (``semantics="v0"``) predates learned input
+    ranges (they live on tiles, which it has not): under it a preset's ``input_range`` is dropped, as the committed
+    results had none (their ranges are the constant ``inp_ranges``)."""
+    if spec.io is None:
+        return spec
+    numerics = io_numerics(config)
+    if numerics.get("semantics") == "v0":
+        numerics = {**numerics, "input_range": None}
+    return spec.replace(io=spec.io.replace(**numerics))
 
 
 def inference_spec(config, compensation: str | None) -> device.DeviceSpec:
