@@ -424,7 +424,7 @@ def overhead(dmodel: DenoisedModel, placement: Any) -> dict[str, float]:
 def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str | None = "additive",
                   act_ref: Mapping[str, Any] | None = None, act_mask: Mapping[str, Any] | None = None,
                   eta_train: float = 0.0, weight_kind: str | None = None, weight_paths: Sequence[str] | None = None,
-                  feature_weight: float = 0.0, feature_sites: Sequence[str] | None = None,
+                  feature_weight: float = 0.0, feature_sites: Sequence[str] | str | None = None,
                   nll_weight: float = 0.0, kl_weight: float = 0.0, act_eta_spread: float = 0.0,
                   sampler: str | None = None) -> methods.Loss:
     """The loss of denoiser training: frozen backbone in inference mode, one noise draw per step.
@@ -449,7 +449,9 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
       weight_kind: optional weight noise on the backbone (blocks are digital and never noisy).
       weight_paths: regexes of the noisy backbone parameters.
       feature_weight: default weight of the feature-matching term (``hparams["feature_weight"]``).
-      feature_sites: features matched; default every candidate site.
+      feature_sites: tap points matched; default every candidate site. ``"placed"``: the placed blocks' outputs,
+        i.e. the mean over candidate sites weighted by their gates (read from ``params``, so one loss serves
+        vmapped placements; with gates 0/1 it is the mean over the placed sites).
       nll_weight: default weight of the noise-likelihood term (``hparams["nll_weight"]``).
       kl_weight: default weight of the KL term to the clean backbone's predictions (``hparams["kl_weight"]``).
       act_eta_spread: relative half-width of the per-step activation-noise scale, in [0, 1) (0: fixed).
@@ -467,7 +469,8 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
     spec = noise_lib.NoiseSpec(act_kind=act_kind, act_ref=act_ref, act_mask=act_mask, weight_kind=weight_kind,
                                sampler=sampler, **({} if weight_paths is None else
                                   {"weight_paths": _checks.names(weight_paths, "weight_paths", example="kernel")}))
-    feature_sites = (tuple(dmodel.candidate_sites) if feature_sites is None
+    placed_only = isinstance(feature_sites, str) and feature_sites == "placed"
+    feature_sites = (tuple(dmodel.candidate_sites) if feature_sites is None or placed_only
                      else _checks.names(feature_sites, "feature_sites", example=dmodel.candidate_sites[0]))
     unknown = [s for s in feature_sites if s not in dmodel.backbone.tap_names]
     if unknown:
@@ -514,7 +517,13 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
             clean_logits, _ = dmodel.backbone.apply(
                 jax.lax.stop_gradient({"params": backbone_params, "batch_stats": batch_stats}), images, tap=clean_tap)
             if feature_weight:
-                fm = sum(methods.feature_distance(noisy_at[s], clean[s]) for s in feature_sites) / len(feature_sites)
+                dists = [methods.feature_distance(noisy_at[s], clean[s]) for s in feature_sites]
+                if placed_only:   # gate-weighted: the placed blocks' outputs only
+                    flat_p = traverse_util.flatten_dict(params, sep="/")
+                    g = [jax.lax.stop_gradient(flat_p[f"{DENOISE_KEY}/{s}/{GATE}"]) for s in feature_sites]
+                    fm = sum(gi * d for gi, d in zip(g, dists)) / jnp.maximum(sum(g), 1.0)
+                else:
+                    fm = sum(dists) / len(dists)
                 loss = loss + hparams["feature_weight"] * fm
                 metrics["feature"] = fm
             if kl_weight:
@@ -545,7 +554,8 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
     return methods.Loss(loss_fn, "denoiser",
                         {"noise": {"act_kind": act_kind, "weight_kind": weight_kind,
                                    "weight_paths": list(spec.weight_paths), "prng": methods.sampler_record(spec)},
-                         "feature_sites": list(feature_sites), "denoiser": dmodel.denoiser.to_dict(),
+                         "feature_sites": "placed" if placed_only else list(feature_sites),
+                         "denoiser": dmodel.denoiser.to_dict(),
                          "act_eta_spread": act_eta_spread}, defaults)
 
 

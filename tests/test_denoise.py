@@ -303,6 +303,12 @@ def test_a_block_inside_a_residual_branch_acts_there_and_its_feature_term_compar
     assert abs(float(quiet["feature"])) < 1e-7
     _, (_, _, m) = step(dvars["params"], hp)
     assert float(m["feature"]) > 1e-3
+    # "placed": gate-weighted over the candidates, here the one placed block at the inner point
+    placed = denoise.denoiser_loss(dmodel, act_eta_train=0.3, act_ref=ref, feature_weight=1.0, feature_sites="placed")
+    _, (_, _, mp) = jax.jit(lambda p, h: placed(p, dvars["batch_stats"], x, y, jax.random.key(4), h))(dvars["params"],
+                                                                                                     hp)
+    np.testing.assert_allclose(float(mp["feature"]), float(m["feature"]), rtol=1e-6)
+    assert placed.config["feature_sites"] == "placed"
     grads = jax.jit(jax.grad(lambda p: step(p, hp)[1][2]["feature"]))(dvars["params"])
     flat = traverse_util.flatten_dict(grads, sep="/")
     assert any(np.any(np.asarray(g) != 0) for p, g in flat.items() if p.startswith("denoise/layer1/0/mid/"))

@@ -131,10 +131,11 @@ def gates_for(dm, sites, name: str = "?") -> np.ndarray:
     return np.asarray([s in sites for s in dm.candidate_sites], np.float32)
 
 
-def _loss(config, s, dm, v: dict, eta: float, gates):
-    placed = tuple(site for site, g in zip(dm.candidate_sites, gates) if g)
+def variant_loss(config, s, dm, v: dict, eta: float):
+    """A variant's training loss at activation-noise scale ``eta``; feature matching compares the placed blocks'
+    outputs (``feature_sites="placed"``: gate-weighted, so one loss also serves vmapped placements)."""
     return denoise.denoiser_loss(dm, act_eta_train=float(eta), act_ref=s.ref, feature_weight=v["feature_weight"],
-                                 feature_sites=placed,
+                                 feature_sites="placed",
                                  kl_weight=v["kl_weight"], nll_weight=v["nll_weight"],
                                  act_eta_spread=v["act_eta_spread"], sampler=dp.sampler(config))
 
@@ -147,7 +148,7 @@ def stage_train(name: str):
         eta = float(ctx.summaries["level"]["target"])
         dm, gates = variant_model(config, v)
         chunk, max_chunks, per_epoch = dp.chunking(config, s, name)
-        return dp.train_until_plateau(ctx, s, name, dm, gates, _loss(config, s, dm, v, eta, gates), lr=v["lr"], eta=eta,
+        return dp.train_until_plateau(ctx, s, name, dm, gates, variant_loss(config, s, dm, v, eta), lr=v["lr"], eta=eta,
                                    chunk=chunk, max_chunks=max_chunks, per_epoch=per_epoch,
                                    meta={"stage": f"train_{name}", "variant": v})
     return run

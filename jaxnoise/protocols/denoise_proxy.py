@@ -141,7 +141,7 @@ def stage_proxy(ctx):
     path = ctx.result_path("proxy.jsonl")
     done = dp.read_jsonl(path)
     dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"))
-    loss_fn = da._loss(config, s, dm, _recipe(config), eta)
+    loss_fn = da.variant_loss(config, s, dm, _recipe(config), eta)
     n_chips = common.cap(config, config.proxy.n_chips, dp.TINY_CHIPS)
     for steps in _proxy_steps(config):
         if any(d["steps"] == steps for d in done):
@@ -169,7 +169,8 @@ def stage_final(i: int):
         p = _placements(ctx)[i]
         gates = np.asarray(p["gates"], np.float32)
         chunk, max_chunks, per_epoch = dp.chunking(config, s, f"final_{i}")   # tiny: one chunk
-        return dp.train_until_plateau(ctx, s, f"final_{i}", dm, gates, da._loss(config, s, dm, _recipe(config), eta),
+        loss_fn = da.variant_loss(config, s, dm, _recipe(config), eta)
+        return dp.train_until_plateau(ctx, s, f"final_{i}", dm, gates, loss_fn,
                                       lr=float(config.train.lr), eta=eta, chunk=chunk, max_chunks=max_chunks,
                                       per_epoch=per_epoch, meta={"stage": f"final_{i}", "rule": p["rule"]})
     return run
