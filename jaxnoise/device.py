@@ -570,6 +570,19 @@ class IOParams:
         return noise_lib.default_sampler(backend) if self.sampler is None else self.sampler
 
 
+def legacy_io(io: IOParams | None, **overrides: Any) -> IOParams | None:
+    """``io`` on the pipeline before 2026-12-02 (:data:`LEGACY_IO`, then ``overrides``). That pipeline predates
+    learned input ranges (they live on tiles, which it has not), so ``input_range`` is dropped: the results made with
+    it had none (their ranges are the constant ``inp_ranges``). ``None`` (digital) stays ``None``.
+
+    >>> legacy_io(preset("hwa_standard").io).input_range is None
+    True
+    """
+    if io is None:
+        return None
+    return io.replace(**{**LEGACY_IO, **overrides}, input_range=None)
+
+
 def quantize(x: jax.Array, res: Any, bound: Any) -> jax.Array:
     """Uniform quantiser of aihwkit's DAC/ADC: steps ``res * 2 * bound``, round half to even, clip to ``+-bound``.
 

@@ -5,7 +5,7 @@ their tolerances (from the sample sizes, with aihwkit's finite list of normals) 
 docstring. Skipped unless torch and aihwkit 1.2.0 are importable (they are not in the project's venv or CI); run it
 in the peer venv (benchmarks/peer_torch.py says how to make one):
 
-  PYTHONPATH=. /work/.venv-peer/bin/python -m pytest -q tests/test_aihwkit_crosscheck.py
+  PYTHONPATH=. <peer venv>/bin/python -m pytest -q tests/test_aihwkit_crosscheck.py
 """
 
 import importlib.util
@@ -13,14 +13,9 @@ import os
 import sys
 
 import pytest
+from _helpers import require_aihwkit
 
-try:
-    import aihwkit  # noqa: F401
-    import torch  # noqa: F401
-except Exception as e:   # ImportError, or OSError when aihwkit's libopenblas is missing
-    pytest.skip(f"the aihwkit cross-check needs torch and aihwkit 1.2.0 ({type(e).__name__}: {e}); run it in the "
-                f"peer venv: PYTHONPATH=. /work/.venv-peer/bin/python -m pytest tests/test_aihwkit_crosscheck.py",
-                allow_module_level=True)
+torch = require_aihwkit("the aihwkit cross-check", __file__)
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "aihwkit_crosscheck.py")
 _spec = importlib.util.spec_from_file_location("aihwkit_crosscheck", _PATH)

@@ -4,25 +4,19 @@ so that both sides are deterministic).
 
 Skipped unless torch and aihwkit are importable (not in the project's venv or CI); run it in the peer venv:
 
-  PYTHONPATH=. /work/.venv-peer/bin/python -m pytest -q tests/test_aihwkit_input_ranges.py
+  PYTHONPATH=. <peer venv>/bin/python -m pytest -q tests/test_aihwkit_input_ranges.py
 """
-
-import numpy as np
-import pytest
-
-try:
-    import aihwkit  # noqa: F401
-    import torch
-except Exception as e:   # ImportError, or OSError when aihwkit's libopenblas is missing
-    pytest.skip(f"the aihwkit input-range check needs torch and aihwkit 1.2.0 ({type(e).__name__}: {e}); run it in "
-                f"the peer venv: PYTHONPATH=. /work/.venv-peer/bin/python -m pytest tests/test_aihwkit_input_ranges.py",
-                allow_module_level=True)
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from _helpers import require_aihwkit
 
 from jaxnoise import device
 from jaxnoise.models import get_model
+
+torch = require_aihwkit("the aihwkit input-range check", __file__)
 
 GEO = {"stride": 1, "padding": 1}
 

@@ -673,7 +673,7 @@ def _reference_device():
 
 def _legacy(spec):
     """``spec`` on the legacy pipeline, which predates learned input ranges (hwa_standard's are dropped)."""
-    return spec.replace(io=None if spec.io is None else spec.io.replace(**LEGACY_IO, input_range=None))
+    return spec.replace(io=device.legacy_io(spec.io))
 
 
 @pytest.fixture(scope="module")
@@ -1189,6 +1189,17 @@ def test_presets_use_aihwkits_mapping_and_tiles():
     assert device.tile_layout((3, 3, 64, 600), hwa).shape == (2, 1, 288, 600)
     assert default.describe()["max_input_size"] == 512 and not default.v0
     assert default.replace(io=default.io.replace(**LEGACY_IO)).v0
+
+
+def test_legacy_io_sets_the_legacy_numerics_and_drops_the_learned_input_range():
+    io = device.preset("hwa_standard").io
+    assert io.input_range is not None
+    legacy = device.legacy_io(io)
+    assert legacy.input_range is None and legacy.semantics == "v0"
+    assert {k: getattr(legacy, k) for k in LEGACY_IO} == LEGACY_IO
+    assert legacy.replace(input_range=io.input_range, **{k: getattr(io, k) for k in LEGACY_IO}) == io   # nothing else
+    assert device.legacy_io(io, sampler="rbg/icdf16").sampler == "rbg/icdf16"
+    assert device.legacy_io(None) is None
 
 
 @pytest.mark.parametrize("kwargs, match", [({"weight_scaling_omega": -1.0}, "weight_scaling_omega"),

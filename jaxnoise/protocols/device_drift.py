@@ -97,14 +97,13 @@ def io_numerics(config) -> dict:
 
 
 def with_numerics(config, spec: device.DeviceSpec) -> device.DeviceSpec:
-    """``spec`` with the config's I/O numerics. The legacy pipeline (``semantics="v0"``) predates learned input
-    ranges (they live on tiles, which it has not): under it a preset's ``input_range`` is dropped, as the committed
-    results had none (their ranges are the constant ``inp_ranges``)."""
+    """``spec`` with the config's I/O numerics; under the legacy pipeline (``semantics="v0"``) through
+    :func:`jaxnoise.device.legacy_io`, which drops a preset's learned ``input_range``."""
     if spec.io is None:
         return spec
     numerics = io_numerics(config)
     if numerics.get("semantics") == "v0":
-        numerics = {**numerics, "input_range": None}
+        return spec.replace(io=device.legacy_io(spec.io, **numerics))
     return spec.replace(io=spec.io.replace(**numerics))
 
 
