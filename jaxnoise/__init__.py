@@ -28,6 +28,14 @@ The same key gives the same chips; a scale sweep compiles one program::
   ...                  key=0, n_chips=4, preprocess=ds.preprocess)
   >>> [r.n_chips for r in sweep]
   [4, 4]
+
+One evaluator batches the test set once and serves every call (the functions above are one-call adapters)::
+
+  >>> mc = jn.MonteCarlo(model, ds.test.images, ds.test.labels, preprocess=ds.preprocess)
+  >>> bool((mc.evaluate(variables, spec, key=0, n_chips=4).per_chip == res.per_chip).all())
+  True
+  >>> mc.clean(variables).n_chips                   # noise-free: one "chip", no interval
+  1
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ _EXPORTS = {
     "save_variables": "jaxnoise.checkpoint",
     # Monte Carlo evaluation
     "MCResult": "jaxnoise.robustness",
+    "MonteCarlo": "jaxnoise.robustness",
     "evaluate": "jaxnoise.robustness",
     "evaluate_many": "jaxnoise.robustness",
     "sweep": "jaxnoise.robustness",

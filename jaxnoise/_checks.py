@@ -24,9 +24,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["abstract_variables", "choice", "integer", "is_concrete_number", "is_tracer", "listing", "mapping",
+__all__ = ["abstract_variables", "as_key", "choice", "integer", "is_concrete_number", "is_tracer", "listing", "mapping",
            "names", "nonnegative", "number", "positive", "positive_int", "scale"]
 
 
@@ -39,6 +40,28 @@ def is_concrete_number(x: Any) -> bool:
     if is_tracer(x) or x is None or isinstance(x, (bool, np.bool_)):
         return False
     return isinstance(x, (int, float, np.ndarray, np.number, jax.Array))
+
+
+def as_key(key: Any) -> jax.Array:
+    """A PRNG key from a key (typed, or raw uint32 as from ``jax.random.PRNGKey``) or an int seed.
+
+    Raises:
+      ValueError: anything else (None, a float, a string, a bool, a batch of keys), naming the fix.
+    """
+    if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+        return jax.random.key(int(key))
+    if is_tracer(key):
+        return key
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.ndim == 0:
+                return key
+            raise ValueError(f"key is an array of {key.shape} keys: pass one PRNG key (jax.random.key(0)) or an int "
+                             f"seed; the chips' keys are derived from it (robustness.chip_keys).")
+        if key.dtype == np.uint32 and key.ndim == 1:
+            return key  # a raw key (jax.random.PRNGKey)
+    raise ValueError(f"key={key!r:.80} is neither a PRNG key nor an int seed: pass jax.random.key(0) or an int "
+                     f"(e.g. key=0).")
 
 
 def _suffix(fix: str) -> str:

@@ -85,41 +85,6 @@ def site_groups(model: Model) -> dict[str, tuple[str, ...]]:
 # Vmapped evaluation of variants
 
 
-class _Program:
-    """A jitted Monte Carlo program over (chips x variants), cached per (model, variant_fn, preprocess, sizes)."""
-
-    _cache: dict[tuple, _Program] = {}
-
-    def __init__(self, model, variant_fn, preprocess, batch_size, chip_batch_size, variant_batch_size):
-        chip_correct = robustness.make_chip_eval(model, batch_size=batch_size, preprocess=preprocess)
-        self.traces = 0
-
-        def program(variables, images_b, labels_b, valid_b, spec, keys, variant_data):
-            self.traces += 1
-
-            def one_chip(chip_key):
-                def one_variant(d):
-                    v, sp = variant_fn(variables, spec, d)
-                    return chip_correct(v, images_b, labels_b, valid_b, sp, chip_key)
-                if variant_batch_size is None:
-                    return jax.vmap(one_variant)(variant_data)
-                return jax.lax.map(one_variant, variant_data, batch_size=variant_batch_size)
-
-            return jax.lax.map(one_chip, keys, batch_size=None if chip_batch_size == 1 else chip_batch_size)
-
-        self.run = jax.jit(program)
-
-    @classmethod
-    def get(cls, model, variant_fn, preprocess, batch_size, chip_batch_size, variant_batch_size):
-        key = (id(model), id(variant_fn), id(preprocess), batch_size, chip_batch_size, variant_batch_size)
-        entry = cls._cache.get(key)
-        if entry is None or entry[0] is not model or entry[1] is not variant_fn or entry[2] is not preprocess:
-            entry = (model, variant_fn, preprocess,
-                     cls(model, variant_fn, preprocess, batch_size, chip_batch_size, variant_batch_size))
-            cls._cache[key] = entry
-        return entry[3]
-
-
 def evaluate_variants(model: Model, variables: Mapping[str, Any], images: Any, labels: Any,
                       spec: noise_lib.NoiseSpec, variant_fn: Callable, variant_data: Any, *, key: jax.Array | int,
                       n_chips: int, batch_size: int = 500, preprocess: Callable | None = None,
@@ -146,27 +111,10 @@ def evaluate_variants(model: Model, variables: Mapping[str, Any], images: Any, l
         key, a spec that is not a ``NoiseSpec`` or whose selectors name nothing, incomplete variables, counts that
         are not integers >= 1); ``InsufficientMemoryError`` when the V x chip chunk would not fit.
     """
-    where = "evaluate_variants"
-    robustness._check_spec_type(spec, "spec", where)
-    key = robustness._check_key(spec, key, where)
-    if key is None:
-        raise ValueError(f"{where} needs key=... (a PRNG key or an int seed, the chips' base key).")
-    n_chips, chip_batch_size = robustness._check_chips(n_chips, chip_batch_size, spec, "spec")
-    batch_size = _checks.positive_int(batch_size, "batch_size")
-    if variant_batch_size is not None:
-        variant_batch_size = _checks.positive_int(variant_batch_size, "variant_batch_size",
-                                                  "or None to vmap every variant at once")
-    robustness.check_inputs(model, variables, [spec], where=where)
-    n_variants = int(jax.tree.leaves(variant_data)[0].shape[0]) if jax.tree.leaves(variant_data) else 1
-    robustness._check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
-                             n_chips=n_chips, n_settings=n_variants,
-                             setting_batch_size=n_variants if variant_batch_size is None else variant_batch_size)
-    images_b, labels_b, valid_b, n = robustness.batch_data(model, images, labels, batch_size, preprocess)
-    prog = _Program.get(model, variant_fn, preprocess, int(images_b.shape[1]), chip_batch_size, variant_batch_size)
-    keys = robustness.chip_keys(key, n_chips)
-    correct = prog.run(variables, images_b, labels_b, valid_b, robustness.spec_as_arrays(spec), keys,
-                       jax.tree.map(jnp.asarray, variant_data))
-    return np.asarray(correct, np.float64).T / n
+    mc = robustness.MonteCarlo(model, images, labels, batch_size=batch_size, chip_batch_size=chip_batch_size,
+                               preprocess=preprocess, caller="evaluate_variants")
+    return mc.variants(variables, spec, variant_fn, variant_data, key=key, n_chips=n_chips,
+                       variant_batch_size=variant_batch_size)
 
 
 _VARIANT_FNS: dict[tuple[str, int], tuple[Model, Callable]] = {}
@@ -174,7 +122,7 @@ _VARIANT_FNS: dict[tuple[str, int], tuple[Model, Callable]] = {}
 
 def _variant_fn(kind: str, model: Model) -> Callable:
     """The variant map of ``kind`` for ``model``, one function object per (kind, model) so that
-    :func:`evaluate_variants` reuses its compiled program (cached by identity, like ``_Program``).
+    :func:`evaluate_variants` reuses its compiled program (cached by the function object).
 
     ``"gates"``: variant data ``(placement, block_params)`` of a denoised model; ``"noise_mask"``: a row of
     activation-noise multipliers over ``model.sites``.
@@ -242,7 +190,7 @@ def removal_sensitivity(model: Model, variables: Mapping[str, Any], images: Any,
       "noise_sites": [...]}}}`` (accuracies as fractions; the CI of a gain is clipped to [-1, 1]; every
       ``ci95`` is None with one chip).
     """
-    robustness._check_spec_type(spec, "spec", "removal_sensitivity")
+    robustness.check_spec_type(spec, "spec", "removal_sensitivity")
     if spec is None or not spec.has_activation_noise:
         raise ValueError("removal_sensitivity removes activation noise: give a spec with act_kind set.")
     groups = site_groups(model)
@@ -282,10 +230,10 @@ def gradient_sensitivity(model: Model, variables: Mapping[str, Any], images: Any
       ``{site: mean gradient norm}`` in forward order.
     """
     where = "gradient_sensitivity"
-    robustness._check_spec_type(spec, "spec", where)
-    key = robustness._check_key(spec, key, where)
+    robustness.check_spec_type(spec, "spec", where)
+    key = robustness.check_key(spec, key, where)
     if key is None:
-        key = robustness._as_key(0)  # a clean model draws nothing: the key is unused
+        key = _checks.as_key(0)  # a clean model draws nothing: the key is unused
     n_draws = _checks.positive_int(n_draws, "n_draws")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     robustness.check_inputs(model, variables, [spec], where=where)
@@ -298,7 +246,7 @@ def gradient_sensitivity(model: Model, variables: Mapping[str, Any], images: Any
     x = np.asarray(images[:batch_size])
     y = jnp.asarray(np.asarray(labels[:batch_size]), jnp.int32)
     x = jnp.asarray(x) if preprocess is None else preprocess(jnp.asarray(x))
-    base = robustness._as_key(key)
+    base = _checks.as_key(key)
     shapes = denoise.feature_shapes(model)
 
     def per_draw(k, x, y):  # data as arguments, not closed-over constants (XLA would constant-fold the convs)
@@ -358,7 +306,7 @@ def train_candidates(dmodel: denoise.DenoisedModel, variables: Mapping[str, Any]
     v = int(placements.shape[0])
     if key is None:
         raise ValueError("train_candidates needs key=... (a PRNG key or an int seed: batches and noise draws).")
-    key = robustness._as_key(key)
+    key = _checks.as_key(key)
     steps = _checks.positive_int(steps, "steps")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     backbone_params, fresh = denoise.split_params(variables["params"])
@@ -511,13 +459,13 @@ def search(dmodel: denoise.DenoisedModel, variables: Mapping[str, Any], dataset:
     width = 1 if strategy == "greedy" else _checks.positive_int(beam_width, "beam_width")
     if key is None:
         raise ValueError("search needs key=... (a PRNG key or an int seed: training and evaluation draws).")
-    key = robustness._as_key(key)
+    key = _checks.as_key(key)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("n_chips", n_chips),
                         ("eval_batch_size", eval_batch_size)):
         _checks.positive_int(value, name)
     if max_rounds is not None:
         _checks.positive_int(max_rounds, "max_rounds", "or None: until the budget or no gain")
-    robustness._check_spec_type(spec, "spec", "search")
+    robustness.check_spec_type(spec, "spec", "search")
     sites = dmodel.candidate_sites
     candidates = (tuple(sites) if candidates is None
                   else _checks.names(candidates, "candidates", example=sites[0] if sites else None, allow_empty=False))

@@ -69,9 +69,10 @@ from jaxnoise import device as device_lib
 from jaxnoise import noise as noise_lib
 from jaxnoise.models.base import Model, Variables
 
-__all__ = ["InsufficientMemoryError", "MCResult", "MEMORY_SAFETY_FACTOR", "available_memory_bytes", "batch_data",
-           "check_inputs", "chip_keys", "ci_halfwidth", "estimate_memory_bytes", "evaluate", "evaluate_device",
-           "evaluate_many", "format_ci95", "make_chip_eval", "spec_as_arrays", "summarize", "sweep", "trace_count"]
+__all__ = ["InsufficientMemoryError", "MCResult", "MEMORY_SAFETY_FACTOR", "MonteCarlo", "available_memory_bytes",
+           "batch_data", "check_inputs", "check_key", "check_scales", "check_spec_type", "chip_keys", "ci_halfwidth",
+           "estimate_memory_bytes", "evaluate", "evaluate_device", "evaluate_many", "format_ci95", "make_chip_eval",
+           "spec_as_arrays", "summarize", "sweep", "trace_count"]
 
 _TRACE_COUNT = 0  # traces of the jitted evaluation programs (see trace_count)
 
@@ -82,28 +83,6 @@ def trace_count() -> int:
     A call that reuses a compiled program leaves it unchanged, so tests can check that a sweep compiles once.
     """
     return _TRACE_COUNT
-
-
-def _as_key(key: Any) -> jax.Array:
-    """A PRNG key from a key (typed, or raw uint32 as from ``jax.random.PRNGKey``) or an int seed.
-
-    Raises:
-      ValueError: anything else (None, a float, a string, a bool, a batch of keys), naming the fix.
-    """
-    if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
-        return jax.random.key(int(key))
-    if _checks.is_tracer(key):
-        return key
-    if isinstance(key, (jax.Array, np.ndarray)):
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            if key.ndim == 0:
-                return key
-            raise ValueError(f"key is an array of {key.shape} keys: pass one PRNG key (jax.random.key(0)) or an int "
-                             f"seed; the chips' keys are derived from it (chip_keys).")
-        if key.dtype == np.uint32 and key.ndim == 1:
-            return key  # a raw key (jax.random.PRNGKey)
-    raise ValueError(f"key={key!r:.80} is neither a PRNG key nor an int seed: pass jax.random.key(0) or an int "
-                     f"(e.g. key=0).")
 
 
 def chip_keys(key: jax.Array | int, n_chips: int, start: int = 0) -> jax.Array:
@@ -125,7 +104,7 @@ def chip_keys(key: jax.Array | int, n_chips: int, start: int = 0) -> jax.Array:
     if start + n_chips > 2 ** 32:
         raise ValueError(f"chips {start}..{start + n_chips - 1} pass the 2**32 chip indices of fold_in (uint32): "
                          f"chip i and i + 2**32 would be the same chip; use fewer chips or another base key.")
-    key = _as_key(key)
+    key = _checks.as_key(key)
     idx = jnp.arange(start, start + n_chips, dtype=jnp.uint32)
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
 
@@ -540,35 +519,66 @@ def _clean_program(static: _Static, variables, images_b, labels_b, valid_b):
     return static.chip_correct(variables, images_b, labels_b, valid_b, None, None)
 
 
+@functools.partial(jax.jit, static_argnames=("static", "chip_batch_size"))
+def _device_program(static: _Static, variables, images_b, labels_b, valid_b, spec, device, keys, times, *,
+                    chip_batch_size: int, calib_b=None):
+    """Number correct of each chip at each time: (n_chips, n_times) int32. One trace for any times / scales."""
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+    return _map_chips(_device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times,
+                                      calib_b=calib_b), keys, chip_batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "variant_fn", "chip_batch_size", "variant_batch_size"))
+def _variants_program(static: _Static, variables, images_b, labels_b, valid_b, spec, keys, variant_data, *,
+                      variant_fn: Callable, chip_batch_size: int, variant_batch_size: int | None):
+    """Number correct of each chip under each variant ``variant_fn(variables, spec, variant_data[k])``:
+    (n_chips, n_variants) int32."""
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+
+    def one_chip(chip_key):
+        def one_variant(d):
+            v, sp = variant_fn(variables, spec, d)
+            return static.chip_correct(v, images_b, labels_b, valid_b, sp, chip_key)
+        if variant_batch_size is None:
+            return jax.vmap(one_variant)(variant_data)
+        return jax.lax.map(one_variant, variant_data, batch_size=variant_batch_size)
+
+    return jax.lax.map(one_chip, keys, batch_size=None if chip_batch_size == 1 else chip_batch_size)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Public entry points
+# Data
 
 
 @dataclasses.dataclass(frozen=True)
 class _Batched:
+    """In-memory test data padded into ``(n_batches, B, ...)`` host arrays; on a device once a program needs it."""
     static: _Static
-    images_b: jax.Array
-    labels_b: jax.Array
-    valid_b: jax.Array
+    images_h: np.ndarray
+    labels_h: np.ndarray
+    valid_h: np.ndarray
     n_images: int
     sharded: dict = dataclasses.field(default_factory=dict, compare=False)  # mesh -> global arrays
+
+    # On the default device at the first use (after the calling method's checks, the memory guard included).
+    @functools.cached_property
+    def images_b(self) -> jax.Array:
+        return jnp.asarray(self.images_h)
+
+    @functools.cached_property
+    def labels_b(self) -> jax.Array:
+        return jnp.asarray(self.labels_h)
+
+    @functools.cached_property
+    def valid_b(self) -> jax.Array:
+        return jnp.asarray(self.valid_h)
 
 
 def _check_count(name: str, value: Any) -> int:
     """An integer count >= 1 (not a bool, not a float): ``jaxnoise._checks.positive_int``."""
     return _checks.positive_int(value, name)
-
-
-def _check_chips(n_chips: Any, chip_batch_size: Any, spec: noise_lib.NoiseSpec | None,
-                 spec_name: str) -> tuple[int, int]:
-    """Checked ``(n_chips, chip_batch_size)`` (the latter defaulted per backend), and the spec's scales."""
-    n_chips = _check_count("n_chips", n_chips)
-    chip_batch_size = _check_count("chip_batch_size", noise_lib.default_chip_batch_size()
-                                   if chip_batch_size is None else chip_batch_size)
-    if isinstance(spec, noise_lib.NoiseSpec):
-        noise_lib.check_eta(spec.weight_eta, f"{spec_name}.weight_eta")
-        noise_lib.check_eta(spec.act_eta, f"{spec_name}.act_eta")
-    return n_chips, chip_batch_size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -642,21 +652,23 @@ def _check_variables(model: Model, variables: Any, where: str) -> None:
                                  f"architecture.")
 
 
-def _check_spec_type(spec: Any, name: str, where: str) -> None:
+def check_spec_type(spec: Any, name: str, where: str) -> None:
+    """Raises ValueError (naming ``where`` and the fix) unless ``spec`` is a ``NoiseSpec`` or None."""
     if spec is not None and not isinstance(spec, noise_lib.NoiseSpec):
         how = " (build it with jaxnoise.noise.NoiseSpec(**...))" if isinstance(spec, Mapping) else ""
         raise ValueError(f"{where}: {name} must be a jaxnoise.noise.NoiseSpec, or None for a clean evaluation; got "
                          f"a {type(spec).__name__}{how}.")
 
 
-def _check_key(spec: Any, key: Any, where: str, name: str = "spec") -> jax.Array | None:
-    """The checked key (None when absent); a noise spec without a key is an error, never a clean evaluation."""
+def check_key(spec: Any, key: Any, where: str, name: str = "spec") -> jax.Array | None:
+    """The checked key (None when absent); a noise spec without a key is an error (naming ``where``), never a clean
+    evaluation."""
     if key is None:
         if spec is not None:
             raise ValueError(f"{where}: a noise spec needs key=... (a PRNG key or an int seed, the chips' base key); "
                              f"a clean evaluation is {name}=None.")
         return None
-    return _as_key(key)
+    return _checks.as_key(key)
 
 
 def check_inputs(model: Model, variables: Variables, specs: Sequence[noise_lib.NoiseSpec | None], *,
@@ -672,7 +684,7 @@ def check_inputs(model: Model, variables: Variables, specs: Sequence[noise_lib.N
     _check_variables(model, variables, where)
     for i, sp in enumerate(specs):
         name = spec_name if len(specs) == 1 else f"{spec_name}[{i}]"
-        _check_spec_type(sp, name, where)
+        check_spec_type(sp, name, where)
         noise_lib.check_spec(sp, variables["params"], model.sites, what=name)
 
 
@@ -840,9 +852,9 @@ def _prepare(model: Model, images: Any, labels: Any, batch_size: int, preprocess
         labels = np.concatenate([labels, np.repeat(labels[-1:], pad)])
     return _Batched(
         static=_Static(model, preprocess, b),
-        images_b=jnp.asarray(images.reshape((n_batches, b) + images.shape[1:])),
-        labels_b=jnp.asarray(labels.astype(np.int32).reshape(n_batches, b)),
-        valid_b=jnp.asarray(valid.reshape(n_batches, b)),
+        images_h=images.reshape((n_batches, b) + images.shape[1:]),
+        labels_h=labels.astype(np.int32).reshape(n_batches, b),
+        valid_h=valid.reshape(n_batches, b),
         n_images=n,
     )
 
@@ -869,7 +881,7 @@ def _spec_as_arrays(spec: noise_lib.NoiseSpec) -> noise_lib.NoiseSpec:
 
 def _typed_key(key: Any) -> jax.Array:
     """A typed PRNG key from a typed key, a raw uint32 key or an int seed."""
-    key = _as_key(key)
+    key = _checks.as_key(key)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
     return key
@@ -890,9 +902,9 @@ def _sharded_data(data: _Batched, mesh: jax.sharding.Mesh) -> tuple[jax.Array, .
     """
     if mesh not in data.sharded:
         shards = mesh.shape[distributed.DATA]
-        nb = data.images_b.shape[0]
+        nb = data.images_h.shape[0]
         pad = -nb % shards
-        images, labels, valid = (np.asarray(x) for x in (data.images_b, data.labels_b, data.valid_b))
+        images, labels, valid = data.images_h, data.labels_h, data.valid_h
         if pad:
             images = np.concatenate([images, np.repeat(images[:1], pad, axis=0)])
             labels = np.concatenate([labels, np.repeat(labels[:1], pad, axis=0)])
@@ -1117,6 +1129,309 @@ def described(spec: noise_lib.NoiseSpec | None, model: Any) -> dict[str, Any]:
     return desc
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluator
+
+
+class MonteCarlo:
+    """The Monte Carlo evaluator of one model on one test set: the data is checked and batched once (and sharded
+    over ``mesh`` once), and each call counts every chip's correct answers, per setting and read time, in one of
+    this module's compiled programs. Programs are cached by (model, preprocess, batch size, shapes), not by
+    evaluator, so new evaluators, other variables of the model and other scales reuse them (:func:`trace_count`).
+
+    :func:`evaluate`, :func:`evaluate_many`, :func:`sweep` and :func:`evaluate_device` are one-call adapters over
+    it; :func:`jaxnoise.placement.evaluate_variants` and :func:`jaxnoise.sensitivity.sensitivity_map` evaluate
+    through it. Keep one to evaluate several checkpoints or settings on the same images.
+
+    Args:
+      model: the model (``jaxnoise.models.get_model``).
+      images, labels, batch_size, chip_batch_size, preprocess, mesh: as in :func:`evaluate`; ``chip_batch_size``
+        None takes ``noise.default_chip_batch_size()``.
+      caller: the name error messages begin with (the adapters give theirs).
+
+    Raises:
+      ValueError: at construction, for the model, the counts, the mesh and the data (as :func:`evaluate`); each
+        call then checks its own arguments and its memory before anything is traced or moved to a device.
+
+    Examples:
+      >>> mc = MonteCarlo(model, ds.test.images, ds.test.labels, preprocess=ds.preprocess)
+      >>> mc.clean(variables).mean                                            # noise-free
+      >>> mc.evaluate(variables, NoiseSpec(weight_eta=0.1), key=0, n_chips=32).ci95
+      >>> mc.sweep(variables, NoiseSpec(), weight_etas=[0.05, 0.1], key=0)    # the same chips at every scale
+    """
+
+    def __init__(self, model: Model, images: Any, labels: Any = None, *, batch_size: int = 500,
+                 chip_batch_size: int | None = None, preprocess: Callable[[jax.Array], jax.Array] | None = None,
+                 mesh: jax.sharding.Mesh | None = None, caller: str = "MonteCarlo"):
+        self.caller = str(caller)
+        _check_model(model, self.caller)
+        self.model = model
+        self.batch_size = _check_count("batch_size", batch_size)
+        self.chip_batch_size = _check_count("chip_batch_size", noise_lib.default_chip_batch_size()
+                                            if chip_batch_size is None else chip_batch_size)
+        self.mesh = None if mesh is None else _check_mesh(mesh)
+        self.preprocess = preprocess
+        self._data = _prepare(model, images, labels, self.batch_size, preprocess)
+        # The memory guard reads the images' shape and dtype only: a zero-strided stand-in (no copy kept).
+        self._images_like = (None if isinstance(self._data, _StreamData)
+                             else np.broadcast_to(np.zeros((), self._data.images_h.dtype),
+                                                  (self._data.n_images,) + self._data.images_h.shape[2:]))
+
+    @property
+    def n_images(self) -> int:
+        """The number of test images each chip is evaluated on."""
+        return self._data.n_images
+
+    def _where(self, method: str) -> str:
+        return method if self.caller == "MonteCarlo" else self.caller
+
+    def _check_memory(self, where: str, variables: Variables, *, n_chips: int, chip_batch_size: int | None = None,
+                      mesh: Any = "own", **kw: Any) -> None:
+        _check_memory(where, self.model, variables, self._images_like, batch_size=self.batch_size,
+                      chip_batch_size=self.chip_batch_size if chip_batch_size is None else chip_batch_size,
+                      n_chips=n_chips, mesh=self.mesh if mesh == "own" else mesh, **kw)
+
+    def _chips(self, variables: Variables, spec: Any, key: jax.Array, start: int, n_chips: int, **kw: Any
+               ) -> np.ndarray:
+        return _run_chips(self._data, variables, spec, key, start, n_chips, self.chip_batch_size, self.mesh, **kw)
+
+    def clean(self, variables: Variables) -> MCResult:
+        """Accuracy of the exact model (one "chip", no interval)."""
+        where = self._where("MonteCarlo.clean")
+        check_inputs(self.model, variables, [None], where=where)
+        self._check_memory(where, variables, n_chips=1, chip_batch_size=1, mesh=None)
+        data = self._data
+        if isinstance(data, _StreamData):
+            correct = _stream_pass(data, variables, None, None, 1)
+        else:
+            correct = _clean_program(data.static, variables, data.images_b, data.labels_b, data.valid_b)
+        return MCResult.from_per_chip([int(correct) / data.n_images], data.n_images, described(None, self.model))
+
+    def evaluate(self, variables: Variables, spec: noise_lib.NoiseSpec | None = None, *,
+                 key: jax.Array | int | None = None, n_chips: int = 32, target_ci_halfwidth: float | None = None,
+                 max_chips: int | None = None) -> MCResult:
+        """:func:`evaluate` on this evaluator's data (the arguments and result are those of :func:`evaluate`)."""
+        where = self._where("MonteCarlo.evaluate")
+        check_spec_type(spec, "spec", where)
+        key = check_key(spec, key, where)
+        n_chips = _check_count("n_chips", n_chips)
+        _check_etas(spec, "spec")
+        if target_ci_halfwidth is not None:
+            try:
+                target = _checks.number(target_ci_halfwidth, "target_ci_halfwidth", minimum=None)
+            except ValueError:
+                target = math.nan
+            if not (math.isfinite(target) and target > 0):
+                raise ValueError(f"target_ci_halfwidth={target_ci_halfwidth!r} must be a positive number (a "
+                                 f"fraction of accuracy: 0.002 means +/-0.2 points), or None for a fixed number of "
+                                 f"chips.")
+            if n_chips < 2:
+                raise ValueError(f"n_chips={n_chips} is the round size of an adaptive evaluation and must be >= 2 "
+                                 f"(a confidence interval needs two chips); >= 16 is recommended.")
+            max_chips = 64 * n_chips if max_chips is None else _check_count("max_chips", max_chips)
+            if max_chips < n_chips:
+                raise ValueError(f"max_chips={max_chips} is below the first round of n_chips={n_chips}: raise "
+                                 f"max_chips or lower n_chips.")
+            if max_chips > 2 ** 32:
+                raise ValueError(f"max_chips={max_chips} passes the 2**32 chip indices of fold_in (uint32).")
+        elif max_chips is not None:
+            raise ValueError("max_chips is the cap of an adaptive evaluation: give target_ci_halfwidth too.")
+        if spec is None:
+            return self.clean(variables)
+        check_inputs(self.model, variables, [spec], where=where)
+        self._check_memory(where, variables, n_chips=n_chips)
+        if target_ci_halfwidth is None:
+            per_chip = self._chips(variables, spec, key, 0, n_chips)
+            return MCResult.from_per_chip(per_chip, self.n_images, described(spec, self.model))
+        values: list[np.ndarray] = []
+        drawn, rounds = 0, 0
+        while True:
+            # Every round has n_chips chips (one compiled program); the last is cut to the cap.
+            values.append(self._chips(variables, spec, key, drawn, n_chips)[:max_chips - drawn])
+            drawn += len(values[-1])
+            rounds += 1
+            halfwidth = ci_halfwidth(np.concatenate(values))
+            if halfwidth <= target or drawn >= max_chips:
+                break
+        stopping = {"rule": "t95_halfwidth", "target_ci_halfwidth": target, "max_chips": max_chips,
+                    "round_chips": n_chips, "rounds": rounds, "ci_halfwidth": halfwidth,
+                    "met_target": halfwidth <= target}
+        result = MCResult.from_per_chip(np.concatenate(values), self.n_images, described(spec, self.model))
+        return dataclasses.replace(result, stopping=stopping)
+
+    def evaluate_many(self, variables: Variables, specs: Sequence[noise_lib.NoiseSpec], *, key: jax.Array | int,
+                      n_chips: int = 32, setting_batch_size: int = 1) -> list[MCResult]:
+        """:func:`evaluate_many` on this evaluator's data."""
+        where = self._where("MonteCarlo.evaluate_many")
+        if isinstance(specs, (noise_lib.NoiseSpec, Mapping, str)):
+            raise ValueError(f"{where}: specs must be a list of NoiseSpecs, got one {type(specs).__name__}: pass "
+                             f"[spec] (or use evaluate for one spec).")
+        specs = list(specs)
+        if not specs:
+            raise ValueError(f"{where} needs at least one NoiseSpec.")
+        for i, sp in enumerate(specs):
+            if not isinstance(sp, noise_lib.NoiseSpec):
+                raise ValueError(f"specs[{i}] is a {type(sp).__name__}, not a NoiseSpec.")
+        key = check_key(specs[0], key, where, "specs")
+        structure = jax.tree.structure(specs[0])
+        for i, sp in enumerate(specs):
+            if jax.tree.structure(sp) != structure:
+                raise ValueError(f"specs[{i}] differs in structure from specs[0] (kinds, weight_paths, sampler or "
+                                 f"the keys of act_ref/weight_mask/act_mask): {jax.tree.structure(sp)} vs "
+                                 f"{structure}. Give every spec the same kinds, sampler and mask/reference keys "
+                                 f"(missing keys as 1.0).")
+            _check_etas(sp, f"specs[{i}]")
+        n_chips = _check_count("n_chips", n_chips)
+        setting_batch_size = _check_count("setting_batch_size", setting_batch_size)
+        check_inputs(self.model, variables, specs, where=where, spec_name="specs")
+        self._check_memory(where, variables, n_chips=n_chips, n_settings=len(specs),
+                           setting_batch_size=setting_batch_size)
+        acc = self._chips(variables, _stacked(specs), key, 0, n_chips,
+                          setting_batch_size=min(setting_batch_size, len(specs)))
+        return [MCResult.from_per_chip(acc[i], self.n_images, described(sp, self.model)) for i, sp in enumerate(specs)]
+
+    def sweep(self, variables: Variables, spec: noise_lib.NoiseSpec, *, weight_etas: Sequence[float] | None = None,
+              act_etas: Sequence[float] | None = None, key: jax.Array | int, n_chips: int = 32,
+              grid: str = "product") -> list[MCResult]:
+        """:func:`sweep` on this evaluator's data."""
+        where = self._where("MonteCarlo.sweep")
+        if spec is None:
+            raise ValueError(f"{where} needs a NoiseSpec (the kinds of the swept noise).")
+        check_spec_type(spec, "spec", where)
+        w = check_scales("weight_etas", weight_etas)
+        a = check_scales("act_etas", act_etas)
+        if w is None and a is None:
+            raise ValueError(f"{where} needs weight_etas and/or act_etas.")
+        if w is not None and spec.weight_kind is None:
+            raise ValueError("weight_etas given but spec.weight_kind is None: set a weight noise kind.")
+        if a is not None and spec.act_kind is None:
+            raise ValueError("act_etas given but spec.act_kind is None: set an activation noise kind, e.g. "
+                             "NoiseSpec(act_kind='multiplicative').")
+        if grid not in ("product", "zip"):
+            raise ValueError(f"grid={grid!r}; choose 'product' or 'zip'.")
+        if w is not None and a is not None:
+            if grid == "zip" and len(w) != len(a):
+                raise ValueError(f"grid='zip' needs equally long lists, got {len(w)} weight and {len(a)} act "
+                                 f"scales.")
+            pairs = list(zip(w, a)) if grid == "zip" else list(itertools.product(w, a))
+        elif w is not None:
+            pairs = [(e, None) for e in w]
+        else:
+            pairs = [(None, e) for e in a]
+        key = check_key(spec, key, where)  # the same chips at every scale (common random numbers)
+        n_chips = _check_count("n_chips", n_chips)
+        _check_etas(spec, "spec")
+        check_inputs(self.model, variables, [spec], where=where)
+        self._check_memory(where, variables, n_chips=n_chips)
+        exacts = []
+        for we, ae in pairs:
+            exact = spec  # Python floats: exact numbers in the description
+            if we is not None:
+                exact = exact.replace(weight_eta=we)
+            if ae is not None:
+                exact = exact.replace(act_eta=ae)
+            exacts.append(exact)
+        if isinstance(self._data, _StreamData):   # every scale in one pass over the stream per chip group
+            acc = self._chips(variables, _stacked(exacts), key, 0, n_chips, setting_batch_size=1)
+            return [MCResult.from_per_chip(acc[i], self.n_images, described(e, self.model))
+                    for i, e in enumerate(exacts)]
+        return [MCResult.from_per_chip(self._chips(variables, exact, key, 0, n_chips), self.n_images,
+                                       described(exact, self.model)) for exact in exacts]
+
+    def evaluate_device(self, variables: Variables, device: device_lib.DeviceSpec, *, times: Sequence[float],
+                        key: jax.Array | int, n_chips: int = 32, noise: noise_lib.NoiseSpec | None = None,
+                        recalibrate: str | None = None, calibration_images: Any = None,
+                        calibration_batch_size: int | None = None) -> list[MCResult]:
+        """:func:`evaluate_device` on this evaluator's data."""
+        if not isinstance(device, device_lib.DeviceSpec):
+            raise ValueError(f"device must be a jaxnoise.device.DeviceSpec (e.g. jaxnoise.device.preset("
+                             f"'aihwkit_inference_default')), got {type(device).__name__}.")
+        try:
+            t = np.asarray(times, dtype=np.float64).ravel()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"times={times!r} must be a sequence of seconds: {e}") from e
+        if t.size == 0:
+            raise ValueError("times is empty: give at least one inference time in seconds (e.g. [1, 3600]).")
+        device_lib.check_times(t, "times")
+        where = self._where("MonteCarlo.evaluate_device")
+        check_spec_type(noise, "noise", where)
+        if key is None:
+            raise ValueError(f"{where}: a device evaluation needs key=... (a PRNG key or an int seed, the chips' "
+                             f"base key): every chip is a programming draw.")
+        key = _checks.as_key(key)
+        n_chips = _check_count("n_chips", n_chips)
+        _check_etas(noise, "noise")
+        check_inputs(self.model, variables, [noise], where=where, spec_name="noise")
+        device_lib.check_selectors(variables["params"], device)  # analog/digital layer patterns must match layers
+        self._check_memory(where, variables, n_chips=n_chips, n_times=int(t.size), device=device)
+        calib_b, recal = _calibration_batches(self.model, variables, self._data, self.mesh, recalibrate,
+                                              calibration_images, calibration_batch_size, self.batch_size,
+                                              self.preprocess)
+        acc = self._chips(variables, noise, key, 0, n_chips, device=device, times=t, calib_b=calib_b)
+        act = None if noise is None else noise.describe()["activation_noise"]
+        results = []
+        for k, tk in enumerate(t):
+            desc = {"weight_noise": describe_device(device, tk), "activation_noise": act,
+                    "device": device.replace(t_inference=float(tk)).describe()}
+            if recal is not None:
+                desc["recalibration"] = recal
+            if noise is not None and noise.has_weight_noise:
+                desc["weight_noise_spec"] = noise.describe()["weight_noise"]
+            if getattr(self.model, "quant", None) is not None:
+                desc["weight_noise"] = dict(desc["weight_noise"], quant=self.model.quant.describe())
+            results.append(MCResult.from_per_chip(acc[:, k], self.n_images, desc))
+        return results
+
+    def variants(self, variables: Variables, spec: noise_lib.NoiseSpec, variant_fn: Callable, variant_data: Any, *,
+                 key: jax.Array | int, n_chips: int, variant_batch_size: int | None = None) -> np.ndarray:
+        """Per-chip accuracies of V variants of the model on common chips: float64 (V, n_chips).
+
+        Variant ``k`` is ``variant_fn(variables, spec, variant_data[k]) -> (variables_k, spec_k)`` (traceable: a
+        placement's gates, a noise mask); chip ``i`` has key ``fold_in(key, i)`` in every variant (paired
+        comparisons), as in :meth:`evaluate`. Keep the same ``variant_fn`` object across calls: the compiled
+        program is cached by it. ``variant_batch_size`` None vmaps every variant at once; an integer maps them in
+        chunks of that size (1: one after another inside the program). In-memory data on one device.
+        """
+        where = self._where("MonteCarlo.variants")
+        check_spec_type(spec, "spec", where)
+        key = check_key(spec, key, where)
+        if key is None:
+            raise ValueError(f"{where} needs key=... (a PRNG key or an int seed, the chips' base key).")
+        n_chips = _check_count("n_chips", n_chips)
+        _check_etas(spec, "spec")
+        if variant_batch_size is not None:
+            variant_batch_size = _checks.positive_int(variant_batch_size, "variant_batch_size",
+                                                      "or None to vmap every variant at once")
+        if isinstance(self._data, _StreamData) or self.mesh is not None:
+            raise ValueError(f"{where} runs on in-memory test data on one device: materialise the streamed split "
+                             f"and drop mesh=.")
+        check_inputs(self.model, variables, [spec], where=where)
+        n_variants = int(jax.tree.leaves(variant_data)[0].shape[0]) if jax.tree.leaves(variant_data) else 1
+        self._check_memory(where, variables, n_chips=n_chips, n_settings=n_variants,
+                           setting_batch_size=n_variants if variant_batch_size is None else variant_batch_size)
+        data = self._data
+        correct = _variants_program(data.static, variables, data.images_b, data.labels_b, data.valid_b,
+                                    _spec_as_arrays(spec), chip_keys(key, n_chips),
+                                    jax.tree.map(jnp.asarray, variant_data), variant_fn=variant_fn,
+                                    chip_batch_size=self.chip_batch_size, variant_batch_size=variant_batch_size)
+        return np.asarray(correct, np.float64).T / data.n_images
+
+
+def _check_etas(spec: noise_lib.NoiseSpec | None, name: str) -> None:
+    if isinstance(spec, noise_lib.NoiseSpec):
+        noise_lib.check_eta(spec.weight_eta, f"{name}.weight_eta")
+        noise_lib.check_eta(spec.act_eta, f"{name}.act_eta")
+
+
+def _stacked(specs: Sequence[noise_lib.NoiseSpec]) -> noise_lib.NoiseSpec:
+    """Specs of one structure as one spec whose leaves have a leading settings axis (float32)."""
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x, np.float32) for x in xs]), *specs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One-call entry points (adapters over MonteCarlo)
+
+
 def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
              spec: noise_lib.NoiseSpec | None = None, *, key: jax.Array | int | None = None, n_chips: int = 32,
              batch_size: int = 500, chip_batch_size: int | None = None,
@@ -1184,62 +1499,10 @@ def evaluate(model: Model, variables: Variables, images: Any, labels: Any,
       >>> res = evaluate(..., n_chips=16, target_ci_halfwidth=0.002, max_chips=1024)   # adaptive
       >>> res.n_chips, res.stopping["met_target"]
     """
-    where = "evaluate"
-    batch_size = _check_count("batch_size", batch_size)
-    _check_spec_type(spec, "spec", where)
-    key = _check_key(spec, key, where)
-    n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, spec, "spec")
-    if target_ci_halfwidth is not None:
-        try:
-            target = _checks.number(target_ci_halfwidth, "target_ci_halfwidth", minimum=None)
-        except ValueError:
-            target = math.nan
-        if not (math.isfinite(target) and target > 0):
-            raise ValueError(f"target_ci_halfwidth={target_ci_halfwidth!r} must be a positive number (a fraction "
-                             f"of accuracy: 0.002 means +/-0.2 points), or None for a fixed number of chips.")
-        if n_chips < 2:
-            raise ValueError(f"n_chips={n_chips} is the round size of an adaptive evaluation and must be >= 2 "
-                             f"(a confidence interval needs two chips); >= 16 is recommended.")
-        max_chips = 64 * n_chips if max_chips is None else _check_count("max_chips", max_chips)
-        if max_chips < n_chips:
-            raise ValueError(f"max_chips={max_chips} is below the first round of n_chips={n_chips}: raise "
-                             f"max_chips or lower n_chips.")
-        if max_chips > 2 ** 32:
-            raise ValueError(f"max_chips={max_chips} passes the 2**32 chip indices of fold_in (uint32).")
-    elif max_chips is not None:
-        raise ValueError("max_chips is the cap of an adaptive evaluation: give target_ci_halfwidth too.")
-    if mesh is not None:
-        _check_mesh(mesh)
-    check_inputs(model, variables, [spec], where=where)
-    if spec is None:
-        _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=1, n_chips=1)
-        data = _prepare(model, images, labels, batch_size, preprocess)
-        if isinstance(data, _StreamData):
-            correct = _stream_pass(data, variables, None, None, 1)
-        else:
-            correct = _clean_program(data.static, variables, data.images_b, data.labels_b, data.valid_b)
-        return MCResult.from_per_chip([int(correct) / data.n_images], data.n_images, described(None, model))
-    _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
-                  n_chips=n_chips, mesh=mesh)
-    data = _prepare(model, images, labels, batch_size, preprocess)
-    if target_ci_halfwidth is None:
-        per_chip = _run_chips(data, variables, spec, key, 0, n_chips, chip_batch_size, mesh)
-        return MCResult.from_per_chip(per_chip, data.n_images, described(spec, model))
-    values: list[np.ndarray] = []
-    drawn, rounds = 0, 0
-    while True:
-        # Every round has n_chips chips (one compiled program); the last is cut to the cap.
-        values.append(_run_chips(data, variables, spec, key, drawn, n_chips, chip_batch_size, mesh)
-                      [:max_chips - drawn])
-        drawn += len(values[-1])
-        rounds += 1
-        halfwidth = ci_halfwidth(np.concatenate(values))
-        if halfwidth <= target or drawn >= max_chips:
-            break
-    stopping = {"rule": "t95_halfwidth", "target_ci_halfwidth": target, "max_chips": max_chips,
-                "round_chips": n_chips, "rounds": rounds, "ci_halfwidth": halfwidth, "met_target": halfwidth <= target}
-    return dataclasses.replace(MCResult.from_per_chip(np.concatenate(values), data.n_images, described(spec, model)),
-                               stopping=stopping)
+    mc = MonteCarlo(model, images, labels, batch_size=batch_size, chip_batch_size=chip_batch_size,
+                    preprocess=preprocess, mesh=mesh, caller="evaluate")
+    return mc.evaluate(variables, spec, key=key, n_chips=n_chips, target_ci_halfwidth=target_ci_halfwidth,
+                       max_chips=max_chips)
 
 
 def evaluate_many(model: Model, variables: Variables, images: Any, labels: Any,
@@ -1272,40 +1535,14 @@ def evaluate_many(model: Model, variables: Variables, images: Any, labels: Any,
       >>> specs = [NoiseSpec(weight_eta=0.1, weight_mask={p: float(p == q) for p in paths}) for q in paths]
       >>> results = evaluate_many(model, variables, x, y, specs, key=0, n_chips=8)
     """
-    where = "evaluate_many"
-    if isinstance(specs, (noise_lib.NoiseSpec, Mapping, str)):
-        raise ValueError(f"{where}: specs must be a list of NoiseSpecs, got one {type(specs).__name__}: pass [spec] "
-                         f"(or use evaluate for one spec).")
-    specs = list(specs)
-    if not specs:
-        raise ValueError("evaluate_many needs at least one NoiseSpec.")
-    for i, sp in enumerate(specs):
-        if not isinstance(sp, noise_lib.NoiseSpec):
-            raise ValueError(f"specs[{i}] is a {type(sp).__name__}, not a NoiseSpec.")
-    key = _check_key(specs[0], key, where, "specs")
-    batch_size = _check_count("batch_size", batch_size)
-    structure = jax.tree.structure(specs[0])
-    for i, sp in enumerate(specs):
-        if jax.tree.structure(sp) != structure:
-            raise ValueError(f"specs[{i}] differs in structure from specs[0] (kinds, weight_paths, sampler or the "
-                             f"keys of act_ref/weight_mask/act_mask): {jax.tree.structure(sp)} vs {structure}. Give "
-                             f"every spec the same kinds, sampler and mask/reference keys (missing keys as 1.0).")
-        checked = _check_chips(n_chips, chip_batch_size, sp, f"specs[{i}]")
-    n_chips, chip_batch_size = checked
-    setting_batch_size = _check_count("setting_batch_size", setting_batch_size)
-    if mesh is not None:
-        _check_mesh(mesh)
-    check_inputs(model, variables, specs, where=where, spec_name="specs")
-    _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
-                  n_chips=n_chips, mesh=mesh, n_settings=len(specs), setting_batch_size=setting_batch_size)
-    data = _prepare(model, images, labels, batch_size, preprocess)
-    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x, np.float32) for x in xs]), *specs)
-    acc = _run_chips(data, variables, stacked, key, 0, n_chips, chip_batch_size, mesh,
-                     setting_batch_size=min(setting_batch_size, len(specs)))
-    return [MCResult.from_per_chip(acc[i], data.n_images, described(sp, model)) for i, sp in enumerate(specs)]
+    mc = MonteCarlo(model, images, labels, batch_size=batch_size, chip_batch_size=chip_batch_size,
+                    preprocess=preprocess, mesh=mesh, caller="evaluate_many")
+    return mc.evaluate_many(variables, specs, key=key, n_chips=n_chips, setting_batch_size=setting_batch_size)
 
 
-def _check_grid(name: str, etas: Sequence[float] | None) -> list[float] | None:
+def check_scales(name: str, etas: Sequence[float] | None) -> list[float] | None:
+    """``etas`` as a list of Python floats (None stays None), each a valid noise scale; a ValueError naming
+    ``name[i]`` and the fix otherwise (not a list, empty, not a number, negative, NaN or infinite)."""
     if etas is None:
         return None
     if isinstance(etas, (np.ndarray, jax.Array)):
@@ -1370,69 +1607,9 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
       ...                 key=jax.random.key(0), n_chips=32)
       >>> [round(r.mean, 3) for r in results]
     """
-    where = "sweep"
-    if spec is None:
-        raise ValueError("sweep needs a NoiseSpec (the kinds of the swept noise).")
-    _check_spec_type(spec, "spec", where)
-    w = _check_grid("weight_etas", weight_etas)
-    a = _check_grid("act_etas", act_etas)
-    if w is None and a is None:
-        raise ValueError("sweep needs weight_etas and/or act_etas.")
-    if w is not None and spec.weight_kind is None:
-        raise ValueError("weight_etas given but spec.weight_kind is None: set a weight noise kind.")
-    if a is not None and spec.act_kind is None:
-        raise ValueError("act_etas given but spec.act_kind is None: set an activation noise kind, e.g. "
-                         "NoiseSpec(act_kind='multiplicative').")
-    if grid not in ("product", "zip"):
-        raise ValueError(f"grid={grid!r}; choose 'product' or 'zip'.")
-    if w is not None and a is not None:
-        if grid == "zip" and len(w) != len(a):
-            raise ValueError(f"grid='zip' needs equally long lists, got {len(w)} weight and {len(a)} act scales.")
-        pairs = list(zip(w, a)) if grid == "zip" else list(itertools.product(w, a))
-    elif w is not None:
-        pairs = [(e, None) for e in w]
-    else:
-        pairs = [(None, e) for e in a]
-    key = _check_key(spec, key, where)  # the same chips at every scale (common random numbers)
-    n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, spec, "spec")
-    batch_size = _check_count("batch_size", batch_size)
-    if mesh is not None:
-        _check_mesh(mesh)
-    check_inputs(model, variables, [spec], where=where)
-    _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
-                  n_chips=n_chips, mesh=mesh)
-    data = _prepare(model, images, labels, batch_size, preprocess)
-    exacts = []
-    for we, ae in pairs:
-        exact = spec  # Python floats: exact numbers in the description
-        if we is not None:
-            exact = exact.replace(weight_eta=we)
-        if ae is not None:
-            exact = exact.replace(act_eta=ae)
-        exacts.append(exact)
-    if isinstance(data, _StreamData):   # every scale in one pass over the stream per chip group
-        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x, np.float32) for x in xs]), *exacts)
-        acc = _run_chips(data, variables, stacked, key, 0, n_chips, chip_batch_size, mesh, setting_batch_size=1)
-        return [MCResult.from_per_chip(acc[i], data.n_images, described(e, model)) for i, e in enumerate(exacts)]
-    results = []
-    for exact in exacts:
-        per_chip = _run_chips(data, variables, exact, key, 0, n_chips, chip_batch_size, mesh)
-        results.append(MCResult.from_per_chip(per_chip, data.n_images, described(exact, model)))
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Device time sweeps
-
-
-@functools.partial(jax.jit, static_argnames=("static", "chip_batch_size"))
-def _device_program(static: _Static, variables, images_b, labels_b, valid_b, spec, device, keys, times, *,
-                    chip_batch_size: int, calib_b=None):
-    """Number correct of each chip at each time: (n_chips, n_times) int32. One trace for any times / scales."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
-    return _map_chips(_device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times,
-                                      calib_b=calib_b), keys, chip_batch_size)
+    mc = MonteCarlo(model, images, labels, batch_size=batch_size, chip_batch_size=chip_batch_size,
+                    preprocess=preprocess, mesh=mesh, caller="sweep")
+    return mc.sweep(variables, spec, weight_etas=weight_etas, act_etas=act_etas, key=key, n_chips=n_chips, grid=grid)
 
 
 def describe_device(device: device_lib.DeviceSpec, t_inference: float) -> dict[str, Any]:
@@ -1492,47 +1669,11 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
       >>> res = evaluate_device(model, variables, x, y, jaxnoise.device.preset("aihwkit_inference_default"),
       ...                       times=[1, 3600, 86400], key=0, n_chips=32, preprocess=ds.preprocess)
     """
-    if not isinstance(device, device_lib.DeviceSpec):
-        raise ValueError(f"device must be a jaxnoise.device.DeviceSpec (e.g. jaxnoise.device.preset("
-                         f"'aihwkit_inference_default')), got {type(device).__name__}.")
-    try:
-        t = np.asarray(times, dtype=np.float64).ravel()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"times={times!r} must be a sequence of seconds: {e}") from e
-    if t.size == 0:
-        raise ValueError("times is empty: give at least one inference time in seconds (e.g. [1, 3600]).")
-    device_lib.check_times(t, "times")
-    where = "evaluate_device"
-    _check_spec_type(noise, "noise", where)
-    if key is None:
-        raise ValueError(f"{where}: a device evaluation needs key=... (a PRNG key or an int seed, the chips' base "
-                         f"key): every chip is a programming draw.")
-    key = _as_key(key)
-    n_chips, chip_batch_size = _check_chips(n_chips, chip_batch_size, noise, "noise")
-    batch_size = _check_count("batch_size", batch_size)
-    if mesh is not None:
-        _check_mesh(mesh)
-    check_inputs(model, variables, [noise], where=where, spec_name="noise")
-    device_lib.check_selectors(variables["params"], device)  # analog/digital layer patterns must match layers
-    _check_memory(where, model, variables, images, batch_size=batch_size, chip_batch_size=chip_batch_size,
-                  n_chips=n_chips, mesh=mesh, n_times=int(t.size), device=device)
-    data = _prepare(model, images, labels, batch_size, preprocess)
-    calib_b, recal = _calibration_batches(model, variables, data, mesh, recalibrate, calibration_images,
-                                          calibration_batch_size, batch_size, preprocess)
-    acc = _run_chips(data, variables, noise, key, 0, n_chips, chip_batch_size, mesh, device, t, calib_b=calib_b)
-    act = None if noise is None else noise.describe()["activation_noise"]
-    results = []
-    for k, tk in enumerate(t):
-        desc = {"weight_noise": describe_device(device, tk), "activation_noise": act,
-                "device": device.replace(t_inference=float(tk)).describe()}
-        if recal is not None:
-            desc["recalibration"] = recal
-        if noise is not None and noise.has_weight_noise:
-            desc["weight_noise_spec"] = noise.describe()["weight_noise"]
-        if getattr(model, "quant", None) is not None:
-            desc["weight_noise"] = dict(desc["weight_noise"], quant=model.quant.describe())
-        results.append(MCResult.from_per_chip(acc[:, k], data.n_images, desc))
-    return results
+    mc = MonteCarlo(model, images, labels, batch_size=batch_size, chip_batch_size=chip_batch_size,
+                    preprocess=preprocess, mesh=mesh, caller="evaluate_device")
+    return mc.evaluate_device(variables, device, times=times, key=key, n_chips=n_chips, noise=noise,
+                              recalibrate=recalibrate, calibration_images=calibration_images,
+                              calibration_batch_size=calibration_batch_size)
 
 
 def _calibration_batches(model: Model, variables: Variables, data: Any, mesh: Any, recalibrate: str | None,
@@ -1555,9 +1696,9 @@ def _calibration_batches(model: Model, variables: Variables, data: Any, mesh: An
         raise ValueError("recalibrate='batch_norm' needs calibration_images: a few hundred training images, e.g. "
                          "data.calibration_images(ds.train, n=256) (never the test split).")
     x = np.asarray(calibration_images)
-    if x.ndim < 2 or x.shape[1:] != tuple(data.images_b.shape[2:]):
+    if x.ndim < 2 or x.shape[1:] != tuple(data.images_h.shape[2:]):
         raise ValueError(f"calibration_images have shape {x.shape}; the evaluated images are (n,) + "
-                         f"{tuple(data.images_b.shape[2:])}: give training images of the same kind.")
+                         f"{tuple(data.images_h.shape[2:])}: give training images of the same kind.")
     n = len(x)
     if calibration_batch_size is None:   # the largest batch <= batch_size that splits them evenly
         cb = max(d for d in range(1, max(1, min(batch_size, n)) + 1) if n % d == 0) if n else 1

@@ -266,10 +266,10 @@ def sensitivity_map(model: Model, variables: Variables, images: Any, labels: Any
     """
     where = "sensitivity_map"
     _checks.choice(noise, NOISE_TYPES, "noise type (noise=)")
-    grid = robustness._check_grid("scales", [] if scales is None else scales)  # the sweep's scale-list checks
-    robustness._check_spec_type(spec, "spec", where)
+    grid = robustness.check_scales("scales", [] if scales is None else scales)  # the sweep's scale-list checks
+    robustness.check_spec_type(spec, "spec", where)
     spec = _default_spec(noise) if spec is None else spec
-    key = robustness._check_key(spec, key, where)  # every cell is noisy: a key is required
+    key = robustness.check_key(spec, key, where)  # every cell is noisy: a key is required
     robustness.check_inputs(model, variables, [spec], where=where)
     if noise == "weight":
         if spec.weight_kind is None:
@@ -290,14 +290,10 @@ def sensitivity_map(model: Model, variables: Variables, images: Any, labels: Any
     all_mask = {n: 1.0 for n in masks[0]}
     field_eta, field_mask = ("weight_eta", "weight_mask") if noise == "weight" else ("act_eta", "act_mask")
     cells = [spec.replace(**{field_eta: s, field_mask: m}) for m in [*masks, all_mask] for s in grid]
-    n_chips, cbs = robustness._check_chips(n_chips, chip_batch_size, spec, "spec")
-    robustness._check_memory(where, model, variables, images, batch_size=_checks.positive_int(batch_size, "batch_size"),
-                             chip_batch_size=cbs, n_chips=n_chips, mesh=mesh, n_settings=len(cells),
-                             setting_batch_size=_checks.positive_int(setting_batch_size, "setting_batch_size"))
-    results = robustness.evaluate_many(model, variables, images, labels, cells, key=key, n_chips=n_chips,
-                                       batch_size=batch_size, chip_batch_size=chip_batch_size,
-                                       setting_batch_size=setting_batch_size, preprocess=preprocess, mesh=mesh)
-    clean = robustness.evaluate(model, variables, images, labels, None, batch_size=batch_size, preprocess=preprocess)
+    mc = robustness.MonteCarlo(model, images, labels, batch_size=batch_size, chip_batch_size=chip_batch_size,
+                               preprocess=preprocess, mesh=mesh, caller=where)
+    results = mc.evaluate_many(variables, cells, key=key, n_chips=n_chips, setting_batch_size=setting_batch_size)
+    clean = mc.clean(variables)
     s = len(grid)
     rows = [results[i * s:(i + 1) * s] for i in range(len(chosen) + 1)]
     return SensitivityMap(noise=noise, kind=kind, layers=chosen, scales=np.asarray(grid), results=rows[:-1],

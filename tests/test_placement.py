@@ -35,14 +35,16 @@ def test_evaluate_placements_equals_sequential_and_compiles_once(digits, setup):
     placements = np.eye(4, dtype=np.float32)
     kw = dict(key=3, n_chips=3, batch_size=300, preprocess=digits.preprocess)
     images, labels = digits.test.images, digits.test.labels
+    traces = robustness.trace_count()
     vm = placement.evaluate_placements(dmodel, dvars_b, placements, images, labels, spec, **kw)
+    assert robustness.trace_count() == traces + 1   # every placement in one compiled program
     for k, p in enumerate(placements):
         seq = robustness.evaluate(dmodel, denoise.with_placement(dmodel, dvars_b, p), images, labels, spec, **kw)
         np.testing.assert_allclose(vm[k], seq.per_chip, atol=1.5 / len(labels))
-    prog_before = dict(placement._Program._cache)
-    placement.evaluate_placements(dmodel, dvars_b, placements[::-1].copy(), images, labels, spec, **kw)
-    prog = [e[3] for e in placement._Program._cache.values() if e[0] is dmodel]
-    assert len(prog) == 1 and prog[0].traces == 1 and len(placement._Program._cache) == len(prog_before)
+    traces = robustness.trace_count()
+    again = placement.evaluate_placements(dmodel, dvars_b, placements[::-1].copy(), images, labels, spec, **kw)
+    assert robustness.trace_count() == traces   # other placements: the same compiled program
+    np.testing.assert_array_equal(again, vm[::-1])
 
 
 def test_removal_sensitivity_finds_the_noisy_site(digits, setup):

@@ -235,6 +235,51 @@ def test_sweep_compiles_once_and_matches_evaluate(trained_mlp, data):
     assert all(b <= a + 0.03 for a, b in zip(means, means[1:]))          # monotone up to MC noise
 
 
+def test_one_evaluator_gives_the_adapters_numbers_and_reuses_their_programs(trained_mlp, data):
+    """MonteCarlo batches the data once; its methods give the one-call functions' per-chip values bit for bit,
+    through the same compiled programs (other variables of the model included)."""
+    model, variables = trained_mlp
+    images, labels, pre = data
+    kw = dict(batch_size=BATCH, chip_batch_size=1, preprocess=pre)
+    mc = robustness.MonteCarlo(model, images, labels, **kw)
+    assert mc.n_images == N_IMAGES
+    key = jax.random.key(1)
+    spec = W_SPEC.replace(act_kind="multiplicative", act_eta=0.2)
+    one = robustness.evaluate(model, variables, images, labels, spec, key=key, n_chips=N_CHIPS, **kw)
+    before = robustness.trace_count()
+    np.testing.assert_array_equal(mc.evaluate(variables, spec, key=key, n_chips=N_CHIPS).per_chip, one.per_chip)
+    untrained = model.init(jax.random.key(5))   # other variables of the architecture
+    assert mc.evaluate(untrained, spec, key=key, n_chips=N_CHIPS).mean < one.mean - 0.1
+    assert robustness.trace_count() == before
+    assert mc.clean(variables).mean == robustness.evaluate(model, variables, images, labels, **kw).mean
+    etas = [0.1, 0.3]
+    swept = mc.sweep(variables, W_SPEC, weight_etas=etas, key=key, n_chips=N_CHIPS)
+    ref = robustness.sweep(model, variables, images, labels, W_SPEC, weight_etas=etas, key=key, n_chips=N_CHIPS, **kw)
+    for a, b in zip(swept, ref):
+        np.testing.assert_array_equal(a.per_chip, b.per_chip)
+    specs = [W_SPEC.replace(weight_eta=e) for e in etas]
+    many = mc.evaluate_many(variables, specs, key=key, n_chips=N_CHIPS)
+    ref = robustness.evaluate_many(model, variables, images, labels, specs, key=key, n_chips=N_CHIPS, **kw)
+    for a, b in zip(many, ref):
+        np.testing.assert_array_equal(a.per_chip, b.per_chip)
+
+
+def test_an_evaluator_checks_its_data_at_once_and_each_call_before_the_data_moves(trained_mlp, data, monkeypatch):
+    model, variables = trained_mlp
+    images, labels, pre = data
+    with pytest.raises(ValueError, match="same length"):
+        robustness.MonteCarlo(model, images, labels[:-1], preprocess=pre)
+    with pytest.raises(ValueError, match="chip_batch_size"):
+        robustness.MonteCarlo(model, images, labels, preprocess=pre, chip_batch_size=0)
+    mc = robustness.MonteCarlo(model, images, labels, preprocess=pre, batch_size=BATCH)
+    with pytest.raises(ValueError, match="^MonteCarlo.evaluate: a noise spec needs key"):
+        mc.evaluate(variables, W_SPEC)
+    monkeypatch.setattr(robustness, "available_memory_bytes", lambda device=None: 1)
+    with pytest.raises(robustness.InsufficientMemoryError, match="^MonteCarlo.evaluate: this call needs"):
+        mc.evaluate(variables, W_SPEC, key=0, n_chips=2)
+    assert "images_b" not in vars(mc._data)   # refused before the images were put on the device
+
+
 def test_sweep_grids(trained_mlp, data):
     model, variables = trained_mlp
     images, labels, pre = data
