@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["abstract_variables", "as_key", "choice", "integer", "is_concrete_number", "is_tracer", "listing", "mapping",
-           "names", "nonnegative", "number", "positive", "positive_int", "scale"]
+           "names", "nonnegative", "number", "object_cache", "positive", "positive_int", "scale"]
 
 
 def is_tracer(x: Any) -> bool:
@@ -211,13 +211,18 @@ def listing(items: Iterable[Any], limit: int = 12) -> str:
     return ", ".join(items[:limit]) + f", ... ({len(items) - limit} more)"
 
 
-_ABSTRACT: dict[int, tuple[Any, Any]] = {}  # id(model) -> (model, abstract variables)
+def object_cache(obj: Any, name: str) -> dict:
+    """A dict named ``name`` kept on ``obj`` itself (in its ``__dict__``, frozen dataclasses included): what is
+    cached for a model lives and dies with the model, instead of in a module-global table keyed by ``id()`` that
+    keeps every model alive. ``dataclasses.replace`` makes a new object with empty caches."""
+    caches = vars(obj).setdefault("_jaxnoise_caches", {})
+    return caches.setdefault(name, {})
 
 
 def abstract_variables(model: Any) -> Any:
-    """``jax.eval_shape(model.init, key)``: the model's variables as shapes (nothing computed), cached per model."""
-    entry = _ABSTRACT.get(id(model))
-    if entry is None or entry[0] is not model:
-        entry = (model, jax.eval_shape(model.init, jax.random.key(0)))
-        _ABSTRACT[id(model)] = entry
-    return entry[1]
+    """``jax.eval_shape(model.init, key)``: the model's variables as shapes (nothing computed), cached on the
+    model (:func:`object_cache`)."""
+    cache = object_cache(model, "abstract_variables")
+    if "value" not in cache:
+        cache["value"] = jax.eval_shape(model.init, jax.random.key(0))
+    return cache["value"]

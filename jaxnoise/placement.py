@@ -117,19 +117,17 @@ def evaluate_variants(model: Model, variables: Mapping[str, Any], images: Any, l
                        variant_batch_size=variant_batch_size)
 
 
-_VARIANT_FNS: dict[tuple[str, int], tuple[Model, Callable]] = {}
-
-
 def _variant_fn(kind: str, model: Model) -> Callable:
-    """The variant map of ``kind`` for ``model``, one function object per (kind, model) so that
-    :func:`evaluate_variants` reuses its compiled program (cached by the function object).
+    """The variant map of ``kind`` for ``model``, one function object per (kind, model), kept on the model
+    (``_checks.object_cache``), so that :func:`evaluate_variants` reuses its compiled program (cached by the
+    function object).
 
     ``"gates"``: variant data ``(placement, block_params)`` of a denoised model; ``"noise_mask"``: a row of
     activation-noise multipliers over ``model.sites``.
     """
-    entry = _VARIANT_FNS.get((kind, id(model)))
-    if entry is not None and entry[0] is model:
-        return entry[1]
+    cache = _checks.object_cache(model, "placement.variant_fns")
+    if kind in cache:
+        return cache[kind]
     if kind == "gates":
         def fn(variables, spec, d):
             placement, block_params = d
@@ -144,7 +142,7 @@ def _variant_fn(kind: str, model: Model) -> Callable:
             base = dict(spec.act_mask or {})
             mask = {s: row[i] * base.get(s, 1.0) for i, s in enumerate(sites)}
             return variables, spec.replace(act_mask=mask)
-    _VARIANT_FNS[(kind, id(model))] = (model, fn)
+    cache[kind] = fn
     return fn
 
 
@@ -336,16 +334,14 @@ def train_candidates(dmodel: denoise.DenoisedModel, variables: Mapping[str, Any]
     return block_params, tail
 
 
-_STEPS: dict[tuple, tuple] = {}
-
-
 def _candidate_step(dmodel, loss_fn, dataset, momentum: float):
     """The jitted vmapped step of :func:`train_candidates`, cached per (model, loss, dataset, momentum): settings
     that change between calls (placements, learning rate, steps, keys, hyperparameters) are arguments."""
-    cache_key = (id(dmodel), id(loss_fn), id(dataset), momentum)
-    entry = _STEPS.get(cache_key)
-    if entry is not None and entry[0] is dmodel and entry[1] is loss_fn and entry[2] is dataset:
-        return entry[3]
+    cache = _checks.object_cache(dmodel, "placement.candidate_steps")   # lives and dies with the model
+    cache_key = (id(loss_fn), id(dataset), momentum)
+    entry = cache.get(cache_key)
+    if entry is not None and entry[0] is loss_fn and entry[1] is dataset:
+        return entry[2]
     tracer = optax.trace(decay=momentum)
 
     def one(blocks, opt, gates, backbone_params, batch_stats, x, labels, loss_key, lr_s, hparams):
@@ -366,7 +362,7 @@ def _candidate_step(dmodel, loss_fn, dataset, momentum: float):
         return jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None, None, None, None))(
             blocks, opt, placements, backbone_params, batch_stats, x, labels, loss_key, lr_s, hparams)
 
-    _STEPS[cache_key] = (dmodel, loss_fn, dataset, step)
+    cache[cache_key] = (loss_fn, dataset, step)
     return step
 
 

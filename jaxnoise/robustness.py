@@ -584,20 +584,17 @@ def _check_count(name: str, value: Any) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Argument checks shared by the entry points (raised before anything is traced)
 
-_MODEL_INFO: dict[int, tuple[Model, dict[str, Any]]] = {}  # id(model) -> (model, abstract shapes)
-
-
 def _model_info(model: Model) -> dict[str, Any]:
     """The model's abstract variables (``jax.eval_shape(model.init)``) and the bytes of one image's activations
-    (every captured MVM input and output and every named feature, from ``jax.eval_shape``), cached per model."""
-    entry = _MODEL_INFO.get(id(model))
-    if entry is not None and entry[0] is model:
-        return entry[1]
+    (every captured MVM input and output and every named feature, from ``jax.eval_shape``), cached on the model."""
+    cache = _checks.object_cache(model, "robustness.model_info")
+    if "value" in cache:
+        return cache["value"]
     abstract = _checks.abstract_variables(model)
     x = jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32)
     _, feats = jax.eval_shape(lambda v, x: model.apply(v, x, capture_mvm=True), abstract, x)
     info = {"variables": abstract, "activation_bytes": _tree_bytes(feats), "input_bytes": _tree_bytes(x)}
-    _MODEL_INFO[id(model)] = (model, info)
+    cache["value"] = info
     return info
 
 

@@ -280,6 +280,20 @@ def test_an_evaluator_checks_its_data_at_once_and_each_call_before_the_data_move
     assert "images_b" not in vars(mc._data)   # refused before the images were put on the device
 
 
+def test_what_is_cached_for_a_model_dies_with_it():
+    """The memory guard's and the checks' per-model caches live on the model, not in global id()-keyed tables."""
+    import gc
+    import weakref
+    model = get_model("mlp", input_shape=(8, 8, 1), hidden=(7,))
+    variables = model.init(jax.random.key(0))
+    assert robustness.estimate_memory_bytes(model, variables, 10, 1, 2) > 0   # fills the caches
+    robustness.check_inputs(model, variables, [None])
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
 def test_sweep_grids(trained_mlp, data):
     model, variables = trained_mlp
     images, labels, pre = data
