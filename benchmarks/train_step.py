@@ -13,7 +13,7 @@ rounds of the different configurations are interleaved so that machine-load drif
 Data: random uint8 images (the step time does not depend on the pixel values), so it runs without CIFAR-10.
 
 Usage (from the repository root):
-  python benchmarks/train_step.py --steps 3 --repeats 3    # K in {1, 2, 4}; the figures in README.md
+  python benchmarks/train_step.py --steps 3 --repeats 3    # K in {1, 2, 4}; the figures in docs/benchmarks.md
   python benchmarks/train_step.py --quick         # smoke test: small batch, K in {1, 2}
   python benchmarks/train_step.py --scan-check    # K=2 gradient: draws in lax.map vs unrolled
 """

@@ -6,8 +6,8 @@ Command (resumes where it stopped; each stage's outputs land in experiments/resu
   jaxnoise run experiments/configs/imagenet_consistency_resnet18.py --set tiny=True   # the mock imagenet2012, 32 px
 
 Data: ``imagenet2012`` prepared as array_record (``tfds build imagenet2012 --manual_dir MANUAL_DIR --data_dir DIR
---file_format array_record``, see README), streamed by ``jaxnoise.stream`` at ``resolution`` (train: random-resized
-crop + flip; evaluation: the validation split, resize 256, centre crop 224). ``pretrained``: torchvision's
+--file_format array_record``, see docs/concepts.md, "Streamed datasets"), streamed by ``jaxnoise.stream`` at
+``resolution`` (train: random-resized crop + flip; evaluation: the validation split, resize 256, centre crop 224). ``pretrained``: torchvision's
 ResNet-18 weights converted with ``jaxnoise convert-torch resnet18.pth resnet18_imagenet.npz --model resnet18``.
 
 Protocol ``consistency_quantized`` (jaxnoise/protocols/consistency_quantized.py), the authors' group's convention:

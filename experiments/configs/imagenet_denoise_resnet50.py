@@ -6,9 +6,9 @@ Command (resumes where it stopped; each stage's outputs land in experiments/resu
   jaxnoise run experiments/configs/imagenet_denoise_resnet50.py --set tiny=True   # the mock imagenet2012, 32 px
 
 Data: ``imagenet2012`` prepared as array_record (``tfds build imagenet2012 --manual_dir MANUAL_DIR --data_dir DIR
---file_format array_record``, see README), streamed by ``jaxnoise.stream``; the selection set (the last
-``held_out`` training images, evaluation preprocessing) is decoded into memory (10,000 x 224 x 224 x 3 bytes = 1.5
-GB). ``pretrained``: torchvision's ResNet-50 converted with ``jaxnoise convert-torch resnet50.pth
+--file_format array_record``, see docs/concepts.md, "Streamed datasets"), streamed by ``jaxnoise.stream``; the
+selection set (the last ``held_out`` training images, evaluation preprocessing) is decoded into memory (10,000 x 224
+x 224 x 3 bytes = 1.5 GB). ``pretrained``: torchvision's ResNet-50 converted with ``jaxnoise convert-torch resnet50.pth
 resnet50_imagenet.npz --model resnet50``.
 
 Protocol ``denoise_placement`` (jaxnoise/protocols/denoise_placement.py): ``level`` (the eta where the plain model
