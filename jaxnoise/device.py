@@ -985,7 +985,7 @@ class DeviceSpec:
       pcm: the PCM conductance model (:class:`PCMModel`), or None for exact conductances.
       modifier: a training-time weight modifier (:class:`WeightModifier`), or None.
       g_max, g_min: conductance range of the mapping (uS).
-      t_inference: seconds after programming at which ``Model.apply(..., device=spec)`` reads its chip.
+      t_inference: seconds after programming at which ``Model.pass_chip(..., device=spec)`` reads its chip.
       mapping: the conductance scale ``s = (g_max - g_min) / max|w|``: ``"tensor"`` one per tile (aihwkit's
         ``SinglePairConductanceConverter``; one per layer when it is one tile) or ``"column"`` one per output column
         of each tile, static.
@@ -2088,7 +2088,8 @@ def init_input_ranges(model, variables, spec: DeviceSpec, images, *, method: str
         if k is None:
             _, feats = new_model.apply(v, x, capture_mvm=True)
         else:
-            _, feats = new_model.apply(v, x, key=k, device=spec, capture_mvm=True)
+            _, feats = new_model.apply(v, x, key=k, chip=new_model.pass_chip(k, v["params"], None, spec),
+                                       capture_mvm=True)
         out = {}
         for s in sites:
             lay, xin = layouts[s], feats["mvm_inputs"][s]

@@ -269,6 +269,12 @@ def clean(model: Any) -> Loss:
     return Loss(loss_fn, "clean", {}, {})
 
 
+def _pass_chip(model, draw_key, params, spec, device):
+    """The chip of one training pass on ``device`` (``Model.pass_chip``), or None without one: ``apply`` then
+    draws the weights from the pass key itself."""
+    return None if device is None else model.pass_chip(draw_key, params, spec, device)
+
+
 def _draws(per_draw: Callable, key: jax.Array, num_draws: int, draw_batch_size: int):
     """Runs ``per_draw(fold_in(key, k))`` for k < num_draws; outputs stacked on a leading axis of size K.
 
@@ -355,7 +361,7 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
 
         def per_draw(draw_key):
             logits, features = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
-                                           device=device)
+                                           chip=_pass_chip(model, draw_key, params, noisy_spec, device))
             return cross_entropy(logits, labels), logits, features["batch_stats"]
 
         ce, logits, stats = _draws(per_draw, key, num_draws, draw_batch_size)
@@ -453,7 +459,7 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
 
         def per_draw(draw_key):
             logits, features = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
-                                           device=device)
+                                           chip=_pass_chip(model, draw_key, params, noisy_spec, device))
             noisy = pick(logits, features)
             reg = sum(weights[s] * feature_distance(noisy[s], targets[s], distance) for s in sites)
             return cross_entropy(logits, labels), reg, logits, features["batch_stats"]

@@ -5,11 +5,12 @@ Semantics (fixed by :mod:`jaxnoise.noise`):
 * **One chip = one weight-noise draw**, fixed for every input that chip sees. Chip ``i`` of an evaluation with
   base key ``K`` has ``chip_key = fold_in(K, i)``, so its draw does not depend on ``n_chips`` or on how chips are
   chunked: the first 3 chips of a 5-chip run are the 3 chips of a 3-chip run.
-* Its weights, ``model.chip_weights(params, chip_key, spec)`` (quantized, then
-  ``perturb_weights(weight_key(chip_key), ., spec)``), are computed **once per chip**.
+* The chip is a value, ``chip = model.sample_chip(chip_key, params, spec, device)`` (:class:`jaxnoise.models.Chip`:
+  its weights quantized, then ``perturb_weights(weight_key(chip_key), ., spec)``; on a device, programmed once and
+  read at each time with ``chip.read(t, key)``), made **once per chip**.
 * **Activation noise is fresh for every forward pass**: data batch ``b`` runs
-  ``model.apply(noisy_variables, x, key=fold_in(chip_key, b), noise=spec.activation_only())``;
-  ``activation_only`` statically switches weight noise off, so the chip's weights are not re-drawn.
+  ``model.apply(variables, x, key=fold_in(chip_key, b), noise=spec.activation_only(), chip=chip)``;
+  ``activation_only`` statically switches weight noise off, and the chip's weights are used as they are.
   Consequently, with activation noise the per-chip accuracy depends on the data batch size (each batch is one
   draw); with weight noise only it does not. The normals come from the spec's sampler
   (``NoiseSpec.sampler``, resolved per backend by ``noise.default_sampler``), recorded as ``"prng"`` in each
@@ -67,7 +68,7 @@ from flax import traverse_util
 from jaxnoise import _checks, distributed
 from jaxnoise import device as device_lib
 from jaxnoise import noise as noise_lib
-from jaxnoise.models.base import Model, Variables
+from jaxnoise.models.base import Chip, Model, Variables
 
 __all__ = ["InsufficientMemoryError", "MCResult", "MEMORY_SAFETY_FACTOR", "MonteCarlo", "available_memory_bytes",
            "batch_data", "check_inputs", "check_key", "check_scales", "check_spec_type", "chip_keys", "ci_halfwidth",
@@ -119,14 +120,15 @@ def make_chip_eval(model: Model, *, batch_size: int,
     * ``labels_b``: (n_batches, batch_size) int labels,
     * ``valid_b``: (n_batches, batch_size) bool, False on the padding of the last batch,
     * ``spec``: a :class:`~jaxnoise.noise.NoiseSpec`, or None for exact computation,
-    * ``chip_key``: the chip's key (``fold_in(K, i)``); None only for exact computation (``spec`` and ``device``
+    * ``chip_key``: the chip's key (``fold_in(K, i)``); None only for exact computation (``spec`` and ``chip``
       None: a spec without a key is an error, never a silent clean count),
-    * ``device`` (optional): a programmed and read chip (``jaxnoise.device.ChipRead``); pass ``k`` then draws its
-      I/O noise from ``fold_in(chip_key, b)`` too,
+    * ``chip`` (optional): the chip (:class:`jaxnoise.models.Chip`, ``model.sample_chip``; read, with a device):
+      its weights are used as they are and, when read, pass ``b`` draws its I/O noise from ``fold_in(chip_key, b)``
+      too; None draws the chip's weights here (``model.chip_weights(params, chip_key, spec)``),
     * ``batch_ids`` (optional): the global index ``b`` of each batch (default ``arange(n_batches)``), so a device
       holding a shard of the batches draws the same noise as one holding them all,
 
-    draws the chip's weights once, scans the batches with fresh activation noise per batch
+    uses the chip's weights for every batch, scans the batches with fresh activation noise per batch
     (key ``fold_in(chip_key, b)``) and returns the int32 number of correct valid predictions. It has no Python
     side effects on values, so it can be jitted and vmapped over chip keys, over the scale leaves of ``spec`` and
     over masks in ``spec`` (e.g. ``spec.act_mask``).
@@ -148,31 +150,31 @@ def make_chip_eval(model: Model, *, batch_size: int,
     batch_size = _checks.positive_int(batch_size, "batch_size")
 
     def chip_correct(variables: Variables, images_b, labels_b, valid_b, spec: noise_lib.NoiseSpec | None,
-                     chip_key: jax.Array | None, device: device_lib.ChipRead | None = None,
-                     batch_ids: jax.Array | None = None, chip_weights=None) -> jax.Array:
+                     chip_key: jax.Array | None, chip: Chip | None = None,
+                     batch_ids: jax.Array | None = None) -> jax.Array:
         if images_b.shape[1] != batch_size:
             raise ValueError(f"images_b has batches of {images_b.shape[1]} images, make_chip_eval was built for "
                              f"batch_size={batch_size}: pre-batch the data as (n_batches, batch_size, ...).")
-        if chip_key is None and (spec is not None or device is not None):
-            raise ValueError("chip_correct: a noise spec or device needs a chip_key (fold_in(key, i)); a clean "
-                             "evaluation is spec=None, device=None, chip_key=None.")
+        analog = chip is not None and chip.state is not None
+        if chip_key is None and (spec is not None or analog):
+            raise ValueError("chip_correct: a noise spec or a read chip needs a chip_key (fold_in(key, i)); a clean "
+                             "evaluation is spec=None, chip=None, chip_key=None.")
         noisy = chip_key is not None and spec is not None
-        weights = chip_weights
         if noisy:
-            if weights is None:
+            if chip is None:
                 # One weight draw per chip on the quantized weights (Model.chip_weights), shared by every batch.
-                weights = model.chip_weights(variables["params"], chip_key, spec)
+                chip = Chip(model.chip_weights(variables["params"], chip_key, spec))
             act_spec = spec.activation_only() if spec.has_activation_noise else None
         else:
             act_spec = None
-        per_pass = chip_key is not None and (act_spec is not None or device is not None)
+        per_pass = chip_key is not None and (act_spec is not None or analog)
 
         def body(total, xs):
             b, x, y, valid = xs
             if preprocess is not None:
                 x = preprocess(x)
             key = jax.random.fold_in(chip_key, b) if per_pass else None
-            logits, _ = model.apply(variables, x, key=key, noise=act_spec, device=device, chip_weights=weights)
+            logits, _ = model.apply(variables, x, key=key, noise=act_spec, chip=chip)
             hit = (jnp.argmax(logits, axis=-1) == y) & valid
             return total + jnp.sum(hit, dtype=jnp.int32), None
 
@@ -392,10 +394,10 @@ RECALIBRATIONS = {
 }
 
 
-def recalibrated_batch_stats(model: Model, variables: Variables, chip_weights: Any, chip: device_lib.ChipRead,
-                             calib_b: jax.Array, key: jax.Array, *, preprocess: Callable | None = None,
-                             noise: noise_lib.NoiseSpec | None = None) -> Any:
-    """BatchNorm running statistics re-estimated through a programmed and read chip (``recalibrate="batch_norm"``).
+def recalibrated_batch_stats(model: Model, variables: Variables, chip: Chip, calib_b: jax.Array, key: jax.Array, *,
+                             preprocess: Callable | None = None, noise: noise_lib.NoiseSpec | None = None) -> Any:
+    """BatchNorm running statistics re-estimated through a programmed and read chip (``recalibrate="batch_norm"``;
+    ``chip`` a read :class:`jaxnoise.models.Chip`).
 
     Each calibration batch ``b`` of ``calib_b`` (``(n_batches, B, ...)``, training images only) runs the chip's
     forward in train mode (pass key ``fold_in(key, b)``: I/O and activation noise as in evaluation; BatchNorm
@@ -408,8 +410,8 @@ def recalibrated_batch_stats(model: Model, variables: Variables, chip_weights: A
     def body(total, xs):
         b, x = xs
         x = x if preprocess is None else preprocess(x)
-        _, feats = model.apply(variables, x, key=jax.random.fold_in(key, b), noise=noise, device=chip,
-                               chip_weights=chip_weights, train=True, bn_momentum=1.0)
+        _, feats = model.apply(variables, x, key=jax.random.fold_in(key, b), noise=noise, chip=chip, train=True,
+                               bn_momentum=1.0)
         return jax.tree.map(jnp.add, total, feats["batch_stats"]), None
 
     zeros = jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), variables["batch_stats"])
@@ -424,26 +426,20 @@ def _device_chip_fn(static: _Static, variables, images_b, labels_b, valid_b, spe
     its BatchNorm statistics re-estimated after each read, :func:`recalibrated_batch_stats`)."""
     def one_chip(chip_key):
         # The chip's weights (quantized, then its weight-noise draw) are what gets programmed.
-        params = static.model.chip_weights(variables["params"], chip_key,
-                                           spec if spec is not None and spec.has_weight_noise else None)
-        chip_vars = variables
+        chip = static.model.sample_chip(chip_key, variables["params"], spec, device)
         act_spec = spec.activation_only() if spec is not None and spec.has_activation_noise else None
-        chip = device_lib.program_chip(device_lib.chip_key(chip_key), params, device)
 
         def one_time(k_t):
             k, t = k_t
-            read_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/read"), k)
-            layers = device_lib.read_chip(read_key, chip, t, device)
+            read = chip.read(t, jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/read"), k))
             pass_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/time"), k)
-            read = device_lib.ChipRead(device, layers)
-            vars_t = chip_vars
+            vars_t = variables
             if calib_b is not None:
                 calib_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/robustness/recalibrate"), k)
-                vars_t = dict(chip_vars, batch_stats=recalibrated_batch_stats(
-                    static.model, chip_vars, params, read, calib_b, calib_key, preprocess=static.preprocess,
-                    noise=act_spec))
+                vars_t = dict(variables, batch_stats=recalibrated_batch_stats(
+                    static.model, variables, read, calib_b, calib_key, preprocess=static.preprocess, noise=act_spec))
             return static.chip_correct(vars_t, images_b, labels_b, valid_b, act_spec, pass_key, read,
-                                       batch_ids=batch_ids, chip_weights=params)
+                                       batch_ids=batch_ids)
 
         return jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), times))
     return one_chip
@@ -1023,16 +1019,14 @@ def _stream_state_program(static: _Static, variables, spec, keys, device, times,
         return jax.lax.map(lambda sp: _stream_weights(static, variables, sp, keys, chip_batch_size), spec)
 
     def one_chip(chip_key):   # as _device_chip_fn: program once, read at every time
-        params = static.model.chip_weights(variables["params"], chip_key,
-                                           spec if spec is not None and spec.has_weight_noise else None)
-        chip = device_lib.program_chip(device_lib.chip_key(chip_key), params, device)
+        chip = static.model.sample_chip(chip_key, variables["params"], spec, device)
 
         def one_time(k_t):
             k, t = k_t
-            read_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/read"), k)
-            return device_lib.read_chip(read_key, chip, t, device)
+            return chip.read(t, jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/read"),
+                                                   k)).state.layers
 
-        return params, jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), times))
+        return chip.weights, jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), times))
     return _chip_map(one_chip, keys, chip_batch_size)
 
 
@@ -1048,8 +1042,8 @@ def _stream_batch_program(static: _Static, variables, state, images, labels, val
         return static.chip_correct(variables, *xs, None, None)
     if mode in ("mc", "settings"):
         def chips(sp, weights):
-            return _chip_map(lambda wk: static.chip_correct(variables, *xs, sp, wk[1], batch_ids=ids,
-                                                            chip_weights=wk[0]), (weights, keys), chip_batch_size)
+            return _chip_map(lambda wk: static.chip_correct(variables, *xs, sp, wk[1], Chip(wk[0]), batch_ids=ids),
+                             (weights, keys), chip_batch_size)
         if mode == "mc":
             return chips(spec, state)
         return jax.lax.map(lambda a: chips(*a), (spec, state))
@@ -1061,8 +1055,8 @@ def _stream_batch_program(static: _Static, variables, state, images, labels, val
         def one_time(k_l):
             k, lay = k_l
             pass_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/time"), k)
-            return static.chip_correct(variables, *xs, act_spec, pass_key, device_lib.ChipRead(device, lay),
-                                       batch_ids=ids, chip_weights=params)
+            return static.chip_correct(variables, *xs, act_spec, pass_key, Chip(params, device, state=device_lib.ChipRead(device, lay)),
+                                       batch_ids=ids)
 
         return jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), layers))
     return _chip_map(one_chip, (state[0], state[1], keys), chip_batch_size)

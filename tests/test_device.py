@@ -368,14 +368,25 @@ def cnn(digits):
     return model, model.init(jax.random.key(0))
 
 
-def test_ideal_preset_and_no_key_are_the_exact_model(cnn, digits):
+def test_ideal_preset_is_the_exact_model_and_a_chip_runs_once_read(cnn, digits):
     model, variables = cnn
     x = digits.preprocess(digits.test.images[:8])
     exact, _ = model.apply(variables, x)
-    ideal, _ = model.apply(variables, x, key=jax.random.key(1), device=device.preset("ideal"))
-    nokey, _ = model.apply(variables, x, device=device.preset("aihwkit_inference_default"))
+    k = jax.random.key(1)
+    ideal, _ = model.apply(variables, x, key=k, chip=model.pass_chip(k, variables["params"], None,
+                                                                      device.preset("ideal")))
     np.testing.assert_array_equal(ideal, exact)
-    np.testing.assert_array_equal(nokey, exact)
+    spec = device.preset("aihwkit_inference_default")
+    with pytest.raises(ValueError, match="programmed but not read"):
+        model.apply(variables, x, key=k, chip=model.sample_chip(k, variables["params"], None, spec))
+    with pytest.raises(TypeError, match="model.sample_chip"):
+        model.apply(variables, x, key=k, chip=spec)
+    read = model.pass_chip(k, variables["params"], None, spec)
+    a, _ = model.apply(variables, x, chip=read)   # no pass key: analog MVMs without I/O noise
+    np.testing.assert_array_equal(a, model.apply(variables, x, chip=read)[0])
+    assert not np.array_equal(a, exact)
+    noisy, _ = model.apply(variables, x, key=k, chip=read)
+    assert not np.array_equal(noisy, a)
 
 
 def test_noise_free_io_matches_exact_model_and_gradient(cnn, digits):
@@ -387,7 +398,8 @@ def test_noise_free_io_matches_exact_model_and_gradient(cnn, digits):
 
     def loss(params, dev):
         key = None if dev is None else jax.random.key(2)
-        logits, _ = model.apply({**variables, "params": params}, x, key=key, device=dev)
+        chip = None if dev is None else model.pass_chip(key, params, None, dev)
+        logits, _ = model.apply({**variables, "params": params}, x, key=key, chip=chip)
         return methods.cross_entropy(logits, y)
 
     np.testing.assert_allclose(loss(variables["params"], spec), loss(variables["params"], None), rtol=1e-5)
@@ -659,7 +671,7 @@ def _ref_read_chip(key, chip, t_inference, spec):
 
 @contextlib.contextmanager
 def _reference_device():
-    """Every device computation (evaluate_device, Model.apply(device=...)) runs the frozen code above. Traces are
+    """Every device computation (evaluate_device, Model.apply(chip=Model.pass_chip(...))) runs the frozen code above. Traces are
     cached per function, so the caches are cleared on the way in and out."""
     saved = device.analog_mvm, device.program_chip, device.read_chip
     device.analog_mvm, device.program_chip, device.read_chip = _ref_analog_mvm, _ref_program_chip, _ref_read_chip
@@ -707,7 +719,8 @@ def test_per_chip_results_and_logits_equal_the_code_before_the_speedup(name, tra
     def run():
         per_chip = [r.per_chip for r in robustness.evaluate_device(model, variables, x, y, spec, **kw)]
         layers = jax.jit(lambda v: device.read(k, v["params"], spec, 86400.0).layers)(variables)
-        logits = jax.jit(lambda v, xb: model.apply(v, xb, key=k, device=spec)[0])(variables, xb)
+        logits = jax.jit(lambda v, xb: model.apply(v, xb, key=k, chip=model.pass_chip(k, v["params"], None,
+                                                                                     spec))[0])(variables, xb)
         return per_chip, layers, logits
 
     new = run()

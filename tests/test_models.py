@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxnoise import noise
-from jaxnoise.models import WeightsMismatchError, get_model, load_torch_npz
+from jaxnoise.models import Chip, WeightsMismatchError, get_model, load_torch_npz
 from jaxnoise.models.resnet_cifar import _shortcut_a
 
 PRETRAINED = "../shared/pretrained"
@@ -234,3 +234,26 @@ def test_materialized_conv_inputs_are_exact_and_leave_the_gradient_unchanged(mon
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     monkeypatch.setattr(layers, "MATERIALIZE_CONV_INPUTS", None)
     assert layers.materialize_conv_inputs() == (jax.default_backend() == "cpu")
+
+
+def test_a_chip_is_a_value_one_weight_draw_fixed_for_every_input():
+    """Model.sample_chip is the weight draw apply(key=...) makes per call, as a value: applied to any batch it gives
+    the same weights; it is a pytree (chips map and vmap); another key is another chip."""
+    model = get_model("mlp", input_shape=(8, 8, 1), hidden=(16,))
+    variables = model.init(jax.random.key(0))
+    spec = noise.NoiseSpec(weight_eta=0.3)
+    x = jax.random.normal(jax.random.key(1), (6, 8, 8, 1))
+    k = jax.random.key(2)
+    chip = model.sample_chip(k, variables["params"], spec)
+    assert isinstance(chip, Chip) and chip.device is None and chip.state is None
+    fresh, _ = model.apply(variables, x, key=k, noise=spec)          # the chip apply draws from this key
+    np.testing.assert_array_equal(model.apply(variables, x, chip=chip)[0], fresh)
+    np.testing.assert_array_equal(model.apply(variables, x[:3], chip=chip)[0], fresh[:3])   # fixed per input
+    other = model.sample_chip(jax.random.key(3), variables["params"], spec)
+    assert not np.array_equal(model.apply(variables, x, chip=other)[0], fresh)
+    keys = jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(2, dtype=jnp.uint32))
+    chips = jax.vmap(lambda kk: model.sample_chip(kk, variables["params"], spec))(keys)
+    assert isinstance(chips, Chip) and chips.weights["fc1"]["kernel"].shape[0] == 2
+    act = noise.NoiseSpec(weight_kind=None, act_kind="multiplicative", act_eta=0.2)
+    a, _ = model.apply(variables, x, key=jax.random.key(4), noise=act, chip=chip)   # activation noise on top
+    assert not np.array_equal(a, fresh)

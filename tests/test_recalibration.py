@@ -24,11 +24,9 @@ def test_recalibrated_statistics_are_the_calibration_images_own(small_cnn, digit
     model, variables = small_cnn
     calib = data.calibration_images(digits.train, n=64, seed=0)
     exact = device.DeviceSpec(name="exact")
-    params = model.chip_weights(variables["params"])
-    chip = device.ChipRead(exact, device.read_chip(jax.random.key(1), device.program_chip(
-        jax.random.key(2), params, exact), 0.0, exact))
+    chip = model.sample_chip(jax.random.key(2), variables["params"], None, exact).read(0.0, jax.random.key(1))
     calib_b = jnp.asarray(calib.reshape((2, 32) + calib.shape[1:]))
-    stats = robustness.recalibrated_batch_stats(model, variables, params, chip, calib_b, jax.random.key(3),
+    stats = robustness.recalibrated_batch_stats(model, variables, chip, calib_b, jax.random.key(3),
                                                 preprocess=digits.preprocess)
     y = np.asarray(model.apply(variables, digits.preprocess(jnp.asarray(calib)), capture_mvm=True)[1]["mvm"]["conv1"],
                    np.float64).reshape(2, -1, 4)

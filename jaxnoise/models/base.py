@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,36 @@ from jaxnoise import quant as quant_lib
 from jaxnoise.models.layers import Scope
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
+
+
+class Chip(NamedTuple):
+    """One simulated chip: a value, fixed for every input it sees (a pytree: map, scan or jit over chips).
+
+    Made by :meth:`Model.sample_chip` (a Monte Carlo index, or a training draw) and used by
+    :meth:`Model.apply` (``chip=``), which then draws only the pass's own noise from its ``key`` (activation noise,
+    and the analog I/O noise of a read chip).
+
+    Attributes:
+      weights: the weights its MVMs use: the parameters quantized (``Model.quant``), then one weight-noise draw.
+      device: the analog device it is programmed on (``jaxnoise.device.DeviceSpec``), or None: digital MVMs.
+      programmed: ``jaxnoise.device.program_chip``'s state (conductances and drift exponents), or None.
+      state: the chip read at one time (``jaxnoise.device.ChipRead``, from :meth:`read`), or None. A chip with a
+        device runs analog MVMs once read; unread, it is refused by ``apply``.
+    """
+
+    weights: Any
+    device: device_lib.DeviceSpec | None = None
+    programmed: Any = None
+    state: device_lib.ChipRead | None = None
+
+    def read(self, t_inference: Any, key: jax.Array) -> Chip:
+        """This chip read ``t_inference`` seconds after programming, read noise from ``key``
+        (``jaxnoise.device.read_chip``): drift is fixed by the chip, read noise is fresh per read. A digital chip
+        is returned as it is."""
+        if self.device is None:
+            return self
+        return self._replace(state=device_lib.ChipRead(self.device, device_lib.read_chip(
+            key, self.programmed, t_inference, self.device)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +123,32 @@ class Model:
             params = noise_lib.perturb_weights(noise_lib.weight_key(key), params, noise)
         return params
 
+    def sample_chip(self, key: jax.Array, params: Mapping[str, Any], noise: noise_lib.NoiseSpec | None = None,
+                    device: device_lib.DeviceSpec | None = None) -> Chip:
+        """The chip of ``key``: its weights (:meth:`chip_weights`: quantized, then the weight-noise draw of
+        ``weight_key(key)`` when ``noise`` has weight noise) and, with a ``device``, those weights programmed
+        from ``device.chip_key(key)`` (:func:`jaxnoise.device.program_chip`); :meth:`Chip.read` reads it.
+
+        Examples:
+          >>> chip = model.sample_chip(chip_key, variables["params"], NoiseSpec(weight_eta=0.1))  # doctest: +SKIP
+          >>> logits, _ = model.apply(variables, x, chip=chip)   # the same weights for every batch  # doctest: +SKIP
+        """
+        weights = self.chip_weights(params, key, noise if noise is not None and noise.has_weight_noise else None)
+        if device is None:
+            return Chip(weights)
+        return Chip(weights, device, device_lib.program_chip(device_lib.chip_key(key), weights, device))
+
+    def pass_chip(self, key: jax.Array, params: Mapping[str, Any], noise: noise_lib.NoiseSpec | None = None,
+                  device: device_lib.DeviceSpec | None = None) -> Chip:
+        """A fresh chip for one forward pass (training draws one per step and draw): :meth:`sample_chip` read at
+        ``device.t_inference`` with the read key ``name_key(device.chip_key(key), "jaxnoise/device/read_pass")``
+        (:func:`jaxnoise.device.read`); an ideal device, or none, gives a digital chip."""
+        if device is None or device.is_ideal:
+            return self.sample_chip(key, params, noise)
+        chip = self.sample_chip(key, params, noise, device)
+        read_key = noise_lib.name_key(device_lib.chip_key(key), "jaxnoise/device/read_pass")
+        return chip.read(device.t_inference, read_key)
+
     def init(self, key: jax.Array, batch_size: int = 2) -> Variables:
         """Fresh variables; every leaf's initialisation key is derived from its path."""
         return self._jitted_init(key, batch_size=batch_size)
@@ -111,33 +167,28 @@ class Model:
         return jax.jit(self._init, static_argnames="batch_size")
 
     def apply(self, variables: Variables, x: jax.Array, *, key: jax.Array | None = None,
-              noise: noise_lib.NoiseSpec | None = None, train: bool = False,
+              noise: noise_lib.NoiseSpec | None = None, chip: Chip | None = None, train: bool = False,
               capture_mvm: bool = False, tap: Callable | None = None,
-              device: device_lib.DeviceSpec | device_lib.ChipRead | None = None,
-              chip_weights: Any = None, bn_momentum: float = 0.1) -> tuple[jax.Array, dict[str, Any]]:
+              bn_momentum: float = 0.1) -> tuple[jax.Array, dict[str, Any]]:
         """Runs the model, noisy when both ``key`` and ``noise`` are given.
 
         Args:
           variables: ``{"params": ..., "batch_stats": ...}``.
           x: preprocessed inputs, float, shape (batch,) + ``input_shape``.
-          key: the forward pass key; weight noise uses ``noise.weight_key(key)`` (a fresh chip per call) and
-            activation noise ``noise.activation_key(key)``. None means exact.
+          key: the forward pass key: activation noise uses ``noise.activation_key(key)`` and a read chip's I/O
+            noise ``name_key(key, "jaxnoise/device/io")``; without ``chip``, weight noise uses
+            ``noise.weight_key(key)`` (a fresh chip per call). None means exact.
           noise: a :class:`~jaxnoise.noise.NoiseSpec` or None.
+          chip: a :class:`Chip` (:meth:`sample_chip`, read with :meth:`Chip.read` when it has a device): its
+            weights are used as they are in place of ``variables["params"]`` (no quantization or weight noise
+            here; ``noise`` then applies its activation noise only), and a read chip's MVMs are analog. The
+            Monte Carlo evaluator makes one per chip; training makes one per pass (:meth:`pass_chip`).
           train: BatchNorm in training mode; ``features["batch_stats"]`` then holds the updated running
             statistics (same structure as ``variables["batch_stats"]``).
           capture_mvm: put the clean (pre-noise) output of every activation site in ``features["mvm"]``.
           tap: ``tap(scope, name, x) -> x`` called at every named feature (``self.feature_names``) with the root
             :class:`~jaxnoise.models.layers.Scope`; what it returns flows on (and is the reported feature).
             Used to insert denoising blocks (``jaxnoise.denoise``) and gradient probes. None: identity.
-          device: analog device non-idealities (``jaxnoise.device``), applied when ``key`` is given. A
-            ``DeviceSpec`` programs a fresh chip from ``device.chip_key(key)`` and reads it at
-            ``spec.t_inference``; a ``ChipRead`` (an already programmed and read chip, as the Monte Carlo evaluator
-            uses) only draws the pass's I/O noise from ``key``. Composes with ``noise`` (weight noise is applied to
-            the weights before they are programmed; activation noise after the analog MVM).
-          chip_weights: one chip's weights as :meth:`chip_weights` returns them (quantized, then perturbed),
-            used as they are in place of ``variables["params"]``: no quantization and no weight noise here
-            (``noise`` then applies its activation noise only). The Monte Carlo evaluator draws them once per
-            chip.
           bn_momentum: with ``train``, the weight of this batch's statistics in the updated running statistics
             (PyTorch's 0.1; 1.0 returns the batch's own mean and unbiased variance).
 
@@ -146,18 +197,19 @@ class Model:
           ``self.feature_names`` to its array (plus ``"batch_stats"``/``"mvm"`` when asked for).
         """
         self.check_input(x)
-        if chip_weights is None:
-            params = self.chip_weights(variables["params"], key, noise)
-        else:
-            params = chip_weights
         analog = None
-        if device is not None and key is not None:
-            chip = device
-            if isinstance(device, device_lib.DeviceSpec):
-                chip = None if device.is_ideal else device_lib.read(device_lib.chip_key(key), params, device)
-            elif not isinstance(device, device_lib.ChipRead):
-                raise TypeError(f"device must be a jaxnoise.device.DeviceSpec or ChipRead, got {type(device).__name__}.")
-            analog = None if chip is None else device_lib.AnalogContext(chip, key)
+        if chip is None:
+            params = self.chip_weights(variables["params"], key, noise)
+        elif not isinstance(chip, Chip):
+            raise TypeError(f"chip must be a jaxnoise.models.Chip (model.sample_chip(...)), got "
+                            f"{type(chip).__name__}.")
+        else:
+            params = chip.weights
+            if chip.device is not None and chip.state is None:
+                raise ValueError("this chip is programmed but not read: pass chip.read(t_inference, read_key) "
+                                 "(drift and read noise at that time).")
+            if chip.state is not None:   # analog MVMs; without a pass key, no I/O noise (quantisation still applies)
+                analog = device_lib.AnalogContext(chip.state, key)
         sites = noise_lib.SiteContext(key, noise, capture=capture_mvm, analog=analog)
         scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap, quant=self.quant,
                       input_ranges=self.input_ranges, bn_momentum=bn_momentum)
