@@ -2001,21 +2001,10 @@ def calibrate_input_ranges(apply_fn, variables, images, *, statistic: str = "std
     if len(images) == 0:
         raise ValueError("calibrate_input_ranges needs at least one image.")
 
-    @jax.jit
-    def stats(x):
-        _, feats = apply_fn(variables, x, capture_mvm=True)
-        return {s: (jnp.sum(v), jnp.sum(v * v), jnp.float32(v.size), jnp.max(jnp.abs(v)))
-                for s, v in feats["mvm_inputs"].items()}
-
-    total = None
-    for start in range(0, len(images), batch_size):
-        s = jax.tree.map(lambda a: np.asarray(a, np.float64), stats(jnp.asarray(images[start:start + batch_size])))
-        total = s if total is None else {k: (a[0] + b[0], a[1] + b[1], a[2] + b[2], max(a[3], b[3]))
-                                         for (k, a), b in zip(total.items(), s.values())}
+    pooled = noise_lib.pooled_statistics(apply_fn, variables, images, of="mvm_inputs", batch_size=batch_size)
     out = {}
-    for site, (s1, s2, n, amax) in total.items():
-        mean = s1 / n
-        value = math.sqrt(max(s2 / n - mean * mean, 0.0)) if statistic == "std" else amax
+    for site, st in pooled.items():
+        value = st.std if statistic == "std" else st.absmax
         out[site] = jnp.float32(alpha * value if value > 0 else 1.0)
     return out
 

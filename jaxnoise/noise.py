@@ -48,7 +48,7 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend.random
@@ -693,33 +693,66 @@ def calibrate_activations(apply_fn: Callable[..., Any], variables: Any, images: 
     if n == 0:
         raise ValueError("calibrate_activations needs at least one image.")
 
+    pooled = pooled_statistics(apply_fn, variables, images, of="mvm", batch_size=batch_size)
+    return {site: jnp.float32(st.std if statistic == "std" else st.absmax) for site, st in pooled.items()}
+
+
+class PooledStats(NamedTuple):
+    """One site's values pooled over every image, position and channel (sums in float64)."""
+
+    std: float      # population standard deviation, sqrt(E[v^2] - E[v]^2)
+    absmax: float   # max |v|
+    count: float    # number of values
+
+
+MVM_VALUES = ("mvm", "mvm_inputs")
+
+
+def pooled_statistics(apply_fn: Callable[..., Any], variables: Any, images: Any, *, of: str = "mvm",
+                      batch_size: int = 256) -> dict[str, PooledStats]:
+    """The clean network's MVM outputs (``of="mvm"``) or inputs (``"mvm_inputs"``) at every site, pooled over
+    ``images``: the one calibration pass behind :func:`calibrate_activations` (activation-noise references) and
+    ``jaxnoise.device.calibrate_input_ranges`` (DAC input ranges).
+
+    Args:
+      apply_fn: ``apply(variables, x, *, capture_mvm=True) -> (logits, features)`` with ``features[of]`` a dict
+        ``{site: array}`` (every model of ``jaxnoise.models``).
+      variables: the model variables.
+      images: preprocessed inputs, (N, ...) float, N >= 1.
+      of: ``"mvm"`` or ``"mvm_inputs"``.
+      batch_size: images per forward pass.
+
+    Returns:
+      ``{site: PooledStats}`` in the order of ``features[of]``.
+    """
+    _checks.choice(of, MVM_VALUES, "pooled values (of=)")
+    batch_size = _checks.positive_int(batch_size, "batch_size")
+    if len(images) == 0:
+        raise ValueError("pooled_statistics needs at least one image.")
+
     @jax.jit
     def stats(x):
         _, feats = apply_fn(variables, x, capture_mvm=True)
         out = {}
-        for site, y in feats["mvm"].items():
+        for site, y in feats[of].items():
             y = y.astype(jnp.float32)
             out[site] = (jnp.sum(y), jnp.sum(y * y), jnp.max(jnp.abs(y)), jnp.float32(y.size))
         return out
 
     total = None
-    for start in range(0, n, batch_size):
-        s = stats(jnp.asarray(images[start:start + batch_size]))
-        s = jax.tree.map(lambda a: np.asarray(a, np.float64), s)
+    for start in range(0, len(images), batch_size):
+        s = jax.tree.map(lambda a: np.asarray(a, np.float64), stats(jnp.asarray(images[start:start + batch_size])))
         if total is None:
             total = s
         else:
             total = {k: (a[0] + b[0], a[1] + b[1], max(a[2], b[2]), a[3] + b[3]) for (k, a), b in
                      zip(total.items(), s.values())}
-    ref = {}
+    out = {}
     for site, (s1, s2, amax, count) in total.items():
-        if statistic == "std":
-            mean = s1 / count
-            value = math.sqrt(max(s2 / count - mean * mean, 0.0))
-        else:
-            value = float(amax)
-        ref[site] = jnp.float32(value)
-    return ref
+        mean = s1 / count
+        out[site] = PooledStats(std=math.sqrt(max(s2 / count - mean * mean, 0.0)), absmax=float(amax),
+                                count=float(count))
+    return out
 
 
 def default_chip_batch_size(backend: str | None = None) -> int:

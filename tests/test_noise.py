@@ -241,6 +241,32 @@ def test_calibration_matches_numpy():
         noise.calibrate_activations(model.apply, variables, x, statistic="rms")
 
 
+def test_one_pooled_pass_behind_both_calibrations():
+    """calibrate_activations (MVM outputs) and device.calibrate_input_ranges (MVM inputs) read pooled_statistics;
+    its values match numpy over batches that do not divide the images."""
+    from jaxnoise import device
+    model = get_model("cnn")
+    variables = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (37, 8, 8, 1))
+    _, feats = model.apply(variables, x, capture_mvm=True)
+    for of in noise.MVM_VALUES:
+        pooled = noise.pooled_statistics(model.apply, variables, x, of=of, batch_size=10)
+        assert list(pooled) == list(feats[of])
+        for site, v in feats[of].items():
+            v = np.asarray(v, np.float64)
+            np.testing.assert_allclose(pooled[site].std, v.std(), rtol=1e-4)
+            np.testing.assert_allclose(pooled[site].absmax, np.abs(v).max(), rtol=1e-5)   # batched forward rounding
+            assert pooled[site].count == v.size
+    outputs = noise.pooled_statistics(model.apply, variables, x, of="mvm", batch_size=10)
+    inputs = noise.pooled_statistics(model.apply, variables, x, of="mvm_inputs", batch_size=10)
+    ref = noise.calibrate_activations(model.apply, variables, x, statistic="absmax", batch_size=10)
+    assert {s: float(r) for s, r in ref.items()} == {s: float(np.float32(p.absmax)) for s, p in outputs.items()}
+    ranges = device.calibrate_input_ranges(model.apply, variables, x, statistic="std", alpha=3.0, batch_size=10)
+    assert {s: float(r) for s, r in ranges.items()} == {s: float(np.float32(3.0 * p.std)) for s, p in inputs.items()}
+    with pytest.raises(ValueError, match="of="):
+        noise.pooled_statistics(model.apply, variables, x, of="features")
+
+
 def test_model_activation_noise_has_calibrated_std_at_every_site():
     model = get_model("mlp")
     variables = model.init(jax.random.key(0))
