@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Coverage of the adaptive Monte Carlo confidence interval on a problem with a known answer.
 
-``jaxnoise.models.small.threshold_problem`` gives a model whose per-chip accuracy is distributed as sqrt(U) (skewed)
+``jaxnoise.testing.threshold_problem`` gives a model whose per-chip accuracy is distributed as sqrt(U) (skewed)
 with a known mean. For several (first-round size, target half-width) settings, this runs ``--reps`` independent
 adaptive evaluations (``robustness.evaluate(..., target_ci_halfwidth=...)``) and prints how often the reported 95%
 CI covers the true mean, with the binomial 95% margin of that estimate, and the mean number of chips used.
@@ -15,8 +15,8 @@ import argparse
 import numpy as np
 
 from jaxnoise import robustness
-from jaxnoise.models.small import threshold_problem
 from jaxnoise.noise import NoiseSpec
+from jaxnoise.testing import threshold_problem
 
 
 def main() -> None:

@@ -384,8 +384,8 @@ def test_bad_input_raises_clear_errors(trained_mlp, data):
 
 
 def _threshold_model(n_images: int = 100):
-    """The synthetic model with a known per-chip accuracy distribution (``jaxnoise.models.small``)."""
-    from jaxnoise.models.small import threshold_problem
+    """The synthetic model with a known per-chip accuracy distribution (``jaxnoise.testing``)."""
+    from jaxnoise.testing import threshold_problem
     return threshold_problem(n_images)
 
 
