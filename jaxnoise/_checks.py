@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["abstract_variables", "as_key", "choice", "integer", "is_concrete_number", "is_tracer", "listing", "mapping",
+__all__ = ["abstract_variables", "as_key", "choice", "key_name", "integer", "is_concrete_number", "is_tracer", "listing", "mapping",
            "names", "nonnegative", "number", "object_cache", "positive", "positive_int", "scale"]
 
 
@@ -62,6 +62,14 @@ def as_key(key: Any) -> jax.Array:
             return key  # a raw key (jax.random.PRNGKey)
     raise ValueError(f"key={key!r:.80} is neither a PRNG key nor an int seed: pass jax.random.key(0) or an int "
                      f"(e.g. key=0).")
+
+
+def key_name(key: Any) -> str:
+    """The name of one entry of a pytree path (``jax.tree_util`` ``DictKey``/``GetAttrKey``/``SequenceKey``)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def _suffix(fix: str) -> str:

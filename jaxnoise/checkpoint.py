@@ -43,7 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.path import atomicity as ocp_atomicity
 
-from jaxnoise import distributed
+from jaxnoise import _checks, distributed
 from jaxnoise.io import write_atomic, write_text_atomic
 
 _STATE = "state"
@@ -102,24 +102,18 @@ def _resolve(directory: str | os.PathLike) -> str:
     return path
 
 
-def _key_str(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+def flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     """``{"a/b/0/c": (shape, dtype)}`` for every leaf; dict keys, attribute names and indices alike."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     out = {}
     for path, leaf in leaves:
-        name = "/".join(_key_str(k) for k in path)
+        name = "/".join(_checks.key_name(k) for k in path)
         out[name] = (tuple(np.shape(leaf)), getattr(leaf, "dtype", None))
     return out
 
 
-def _describe_mismatch(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+def describe_mismatch(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Lines naming the leaves missing, unexpected and of the wrong shape between two :func:`flat_shapes`."""
     missing = [k for k in wanted if k not in stored]
     unexpected = [k for k in stored if k not in wanted]
     misshaped = [f"{k}: checkpoint {stored[k][0]}, target {wanted[k][0]}" for k in wanted
@@ -144,7 +138,7 @@ def _write_json_atomic(path: str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """``obj`` with tuples as lists and numpy scalars as Python numbers; raises TypeError for the rest."""
     return json.loads(json.dumps(obj, default=_json_default))
 
@@ -317,7 +311,7 @@ class CheckpointManager:
             raise ValueError(
                 f"cannot save step {step} in {self.directory!r}: step {latest} already exists there and "
                 f"checkpoints are never overwritten. Save a later step, or use a fresh directory.")
-        meta = _jsonable(dict(metadata or {}))
+        meta = jsonable(dict(metadata or {}))
         self._manager.save(step, args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(meta)}), force=True)
         self._manager.wait_until_finished()
@@ -370,7 +364,7 @@ class CheckpointManager:
         step = self._check_step(step)
         stored = self.stored_structure(step)
         if target is not None:
-            lines = _describe_mismatch(_flat_shapes(stored), _flat_shapes(target))
+            lines = describe_mismatch(flat_shapes(stored), flat_shapes(target))
             if lines:
                 raise CheckpointMismatchError(
                     f"checkpoint {self.step_path(step)!r} does not match the structure it is restored into:\n"
@@ -570,7 +564,7 @@ def _load_jaxnoise_npz(path: str, model: Any) -> dict[str, Any]:
     if model is not None:
         abstract = jax.eval_shape(model.init, jax.random.key(0))
         wanted = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-        lines = _describe_mismatch(_flat_shapes(out), _flat_shapes(wanted))
+        lines = describe_mismatch(flat_shapes(out), flat_shapes(wanted))
         if lines:
             raise CheckpointMismatchError(f"{path!r} does not match model {model.name} ({model.config}):\n"
                                           + "\n".join(lines) + "\nCheck read_npz_metadata(path)['model'].")
@@ -624,7 +618,7 @@ def load_variables(path: str | os.PathLike, model: Any = None, step: int | None 
             abstract = jax.eval_shape(model.init, jax.random.key(0))
             wanted = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
             have = {"params": stored["params"], "batch_stats": stored.get("batch_stats", {})}
-            lines = _describe_mismatch(_flat_shapes(have), _flat_shapes(wanted))
+            lines = describe_mismatch(flat_shapes(have), flat_shapes(wanted))
             if lines:
                 raise CheckpointMismatchError(
                     f"checkpoint {mgr.step_path(step)!r} does not match model {model.name} ({model.config}):\n"

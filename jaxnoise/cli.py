@@ -250,7 +250,7 @@ def build_model(name: str, dataset: data.Dataset, config: dict[str, Any] | None 
 
 def _check_stream_flags(args, name: str) -> bool:
     """Whether ``name`` streams; refuses ``--resolution``/``--workers`` for an in-memory dataset."""
-    streamed = getattr(args, "streaming", False) or name in data._STREAMED
+    streamed = getattr(args, "streaming", False) or name in data.STREAMED_DATASETS
     if not streamed:
         for flag in ("resolution", "workers"):
             if getattr(args, flag, None) is not None:

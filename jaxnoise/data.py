@@ -48,6 +48,7 @@ __all__ = [
     "DatasetCorruptError",
     "check_supported",
     "DatasetNotFoundError",
+    "STREAMED_DATASETS",
     "Split",
     "batch_indices",
     "cache_dir",
@@ -72,7 +73,7 @@ SHARED_TFDS_DIR = os.path.join("..", "shared", "tfds")
 
 _AUGMENTATIONS = ("none", "crop_flip")
 # Datasets streamed by default (jaxnoise.stream) and the options of a streamed dataset.
-_STREAMED = ("imagenet2012",)
+STREAMED_DATASETS = ("imagenet2012",)   # streamed by default (never held in memory)
 _STREAM_OPTIONS = ("resolution", "workers", "eval_split", "crop_fraction", "progress")
 # TFDS datasets that load_dataset reads whole into memory: name -> label feature key.
 _TFDS_LABEL_KEYS = {"cifar10": "label", "cifar100": "label"}
@@ -404,14 +405,14 @@ def load_dataset(name: str, *, data_dir: str | None = None, streaming: bool | No
         DatasetNotFoundError: A TFDS dataset is not prepared in any searched directory.
         NotImplementedError: ``imagenet2012`` with ``streaming=False`` (too large for memory).
     """
-    if streaming or (streaming is None and name in _STREAMED):
+    if streaming or (streaming is None and name in STREAMED_DATASETS):
         if name in ("digits", "synthetic"):
             raise ValueError(f"{name} is built in memory, not a TFDS dataset: load it without streaming=True.")
         from jaxnoise import stream  # noqa: PLC0415 - grain is imported only for streamed datasets
         _check_kwargs(name, kwargs, _STREAM_OPTIONS)
         return stream.load_stream(name, data_dir=data_dir, **kwargs)
     check_supported(name)
-    if name in _STREAMED:
+    if name in STREAMED_DATASETS:
         raise NotImplementedError(f"{name} does not fit in memory: load it with streaming=True (the default).")
     if name == "digits":
         _check_kwargs(name, kwargs, ())

@@ -359,7 +359,7 @@ def _normals(draws: list[tuple[jax.Array, tuple[int, ...]]], dtype) -> list[jax.
     k2 = jnp.concatenate([words(d, n, b, 1) for d, n, b in zip(data, sizes, batches)])
     count = jnp.concatenate([counters(n, b) for n, b in zip(sizes, batches)])
     b1, b2 = _threefry2x32(k1, k2, jnp.zeros_like(count), count)
-    z = noise_lib._erfinv_normals(b1 ^ b2)   # jax.random.normal's float32 transform
+    z = noise_lib.erfinv_normals(b1 ^ b2)   # jax.random.normal's float32 transform
     out, start = [], 0
     for (_, shape), n, b in zip(draws, sizes, batches):
         total = n * math.prod(b)

@@ -199,7 +199,7 @@ def _words(key: jax.Array, bits: str, n: int) -> jax.Array:
     raise AssertionError(bits)
 
 
-def _erfinv_normals(words: jax.Array) -> jax.Array:
+def erfinv_normals(words: jax.Array) -> jax.Array:
     """float32 normals, one per uint32 word: jax.random.normal's float32 transform (uniform, then erfinv)."""
     one = np.array(1.0, np.float32).view(np.uint32)
     floats = lax.bitcast_convert_type((words >> np.uint32(9)) | one, jnp.float32) - np.float32(1.0)
@@ -256,7 +256,7 @@ def standard_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float
         raise ValueError(f"standard_normal: {n} normals in one draw pass the 2**32 counters of one key; draw them in "
                          f"parts with keys of their own.")
     if transform == "erfinv":
-        z = _erfinv_normals(_words(key, bits, n))
+        z = erfinv_normals(_words(key, bits, n))
     else:
         z = _icdf16_normals(_words(key, bits, -(-n // 2)))[:n]
     return z.reshape(shape).astype(dtype)

@@ -52,9 +52,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from jaxnoise import _checks, distributed, io, methods, robustness
 from jaxnoise import checkpoint as ckpt_lib
 from jaxnoise import data as data_lib
-from jaxnoise import distributed, io, methods, robustness
 from jaxnoise import noise as noise_lib
 from jaxnoise import workdir as workdir_lib
 from jaxnoise.workdir import TrainingInterrupted, WorkdirError, WorkdirLockedError
@@ -233,7 +233,7 @@ def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
 def kernel_mask(params: Any) -> Any:
     """A bool tree like ``params``: True at conv/dense ``kernel`` leaves (the weight-decayed ones)."""
     def is_kernel(path, _):
-        return bool(path) and ckpt_lib._key_str(path[-1]) == "kernel"
+        return bool(path) and _checks.key_name(path[-1]) == "kernel"
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
@@ -276,7 +276,7 @@ def _check_variables(model: Any, variables: Mapping[str, Any]) -> None:
     abstract = jax.eval_shape(model.init, jax.random.key(0))
     have = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}) or {}}
     want = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-    lines = ckpt_lib._describe_mismatch(ckpt_lib._flat_shapes(have), ckpt_lib._flat_shapes(want))
+    lines = ckpt_lib.describe_mismatch(ckpt_lib.flat_shapes(have), ckpt_lib.flat_shapes(want))
     if lines:
         raise ValueError(f"variables do not match model {model.name} ({model.config}):\n" + "\n".join(lines)
                          + "\nInitialise with model.init or load weights of this architecture.")
@@ -326,7 +326,7 @@ def step_keys(base_key: jax.Array, step: jax.Array | int) -> tuple[jax.Array, ja
 def trainable_mask(params: Any, trainable: Callable[[str], bool] | None) -> Any:
     """A bool tree like ``params``: ``trainable(path)`` of each leaf's ``/``-joined path (all True when None)."""
     def leaf(path, _):
-        return True if trainable is None else bool(trainable("/".join(ckpt_lib._key_str(k) for k in path)))
+        return True if trainable is None else bool(trainable("/".join(_checks.key_name(k) for k in path)))
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
@@ -556,7 +556,7 @@ def _run_metadata(model, dataset, config, loss_fn, total_steps, steps_per_epoch,
         "steps_per_epoch": steps_per_epoch,
     }
     meta.update(extra or {})
-    return ckpt_lib._jsonable(meta)
+    return ckpt_lib.jsonable(meta)
 
 
 # Metadata entries a resume must not change: they define which run the checkpoints belong to (the model, and the

@@ -15,7 +15,7 @@ TINY_RESOLUTION = 32   # the streamed mock's image side in tiny mode
 def streamed(config) -> bool:
     """Whether ``config.dataset`` streams (``imagenet2012``, or ``config.streaming``): tiny mode then runs on a
     mock imagenet2012 in TFDS format (``jaxnoise.stream.write_mock_tfds``), never on digits."""
-    return config.dataset in data._STREAMED or bool(config.get("streaming", False))
+    return config.dataset in data.STREAMED_DATASETS or bool(config.get("streaming", False))
 
 
 def data_args(config) -> tuple:
