@@ -1322,12 +1322,15 @@ class MonteCarlo:
             if ae is not None:
                 exact = exact.replace(act_eta=ae)
             exacts.append(exact)
+        swept = [{**({} if we is None else {"weight_eta": we}), **({} if ae is None else {"act_eta": ae})}
+                 for we, ae in pairs]
         if isinstance(self._data, _StreamData):   # every scale in one pass over the stream per chip group
             acc = self._chips(variables, _stacked(exacts), key, 0, n_chips, setting_batch_size=1)
-            return [MCResult.from_per_chip(acc[i], self.n_images, described(e, self.model))
-                    for i, e in enumerate(exacts)]
-        return [MCResult.from_per_chip(self._chips(variables, exact, key, 0, n_chips), self.n_images,
-                                       described(exact, self.model)) for exact in exacts]
+            per_setting = [acc[i] for i in range(len(exacts))]
+        else:
+            per_setting = [self._chips(variables, exact, key, 0, n_chips) for exact in exacts]
+        return [MCResult.from_per_chip(per_chip, self.n_images, {**described(exact, self.model), "swept": sw})
+                for per_chip, exact, sw in zip(per_setting, exacts, swept)]
 
     def evaluate_device(self, variables: Variables, device: device_lib.DeviceSpec, *, times: Sequence[float],
                         key: jax.Array | int, n_chips: int = 32, noise: noise_lib.NoiseSpec | None = None,
@@ -1363,7 +1366,7 @@ class MonteCarlo:
         results = []
         for k, tk in enumerate(t):
             desc = {"weight_noise": describe_device(device, tk), "activation_noise": act,
-                    "device": device.replace(t_inference=float(tk)).describe()}
+                    "device": device.replace(t_inference=float(tk)).describe(), "swept": {"t_inference_s": float(tk)}}
             if recal is not None:
                 desc["recalibration"] = recal
             if noise is not None and noise.has_weight_noise:
@@ -1586,7 +1589,8 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
       mesh: shard chips (and data) over this device mesh, as in :func:`evaluate`.
 
     Returns:
-      One :class:`MCResult` per setting, in grid order.
+      One :class:`MCResult` per setting, in grid order; each entry names what the sweep varied, ``"swept"``:
+      ``{"weight_eta": ...}``, ``{"act_eta": ...}`` or both.
 
     Raises:
       ValueError: no scales, a scale that is not a number or is negative/NaN/infinite (checked before anything
@@ -1605,8 +1609,8 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
 
 def describe_device(device: device_lib.DeviceSpec, t_inference: float) -> dict[str, Any]:
     """The ``weight_noise`` entry of a device evaluation in the shared format: kind ``device:<preset>``, ``eta`` =
-    the inference time in seconds (the swept quantity, so ``check_results.py --compare`` pairs times), plus the
-    compensation mode."""
+    the inference time in seconds (that kind's unit, so ``check_results.py --compare`` pairs times; the entry's
+    ``"swept": {"t_inference_s": t}`` names the axis explicitly), plus the compensation mode."""
     return {"kind": f"device:{device.name}", "eta": float(t_inference), "t_inference_s": float(t_inference),
             "drift_compensation": device.compensation}
 
@@ -1647,7 +1651,8 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
         divides their number); must divide their number.
 
     Returns:
-      One :class:`MCResult` per time; its ``noise`` holds ``weight_noise`` = :func:`describe_device`, the
+      One :class:`MCResult` per time; its ``noise`` holds ``"swept": {"t_inference_s": t}`` (the axis the call
+      varied, explicit), ``weight_noise`` = :func:`describe_device`, the
       ``activation_noise`` of ``noise`` and ``device`` = ``device.describe()`` (and ``recalibration``: the method
       and number of calibration images, when ``recalibrate`` is set).
 

@@ -423,6 +423,7 @@ def test_time_sweep_compiles_once_and_chips_are_fixed_across_times(trained_digit
     np.testing.assert_array_equal(both[0].per_chip, again[1].per_chip)
     np.testing.assert_array_equal(both[1].per_chip, again[0].per_chip)
     assert both[0].noise["weight_noise"]["eta"] == 1.0 and other[1].noise["device"]["t_inference"] == 1e6
+    assert [r.to_dict()["swept"] for r in other] == [{"t_inference_s": 10.0}, {"t_inference_s": 1e6}]
     assert both[1].mean < both[0].mean   # 3 years of uncompensated drift costs accuracy
 
 

@@ -225,6 +225,7 @@ def test_sweep_compiles_once_and_matches_evaluate(trained_mlp, data):
     results = robustness.sweep(model, variables, images, labels, W_SPEC, weight_etas=etas, **kw)
     assert robustness.trace_count() - before == 1  # batch_size 45: a layout no other test compiles
     assert [r.weight_eta for r in results] == etas and all(r.act_eta is None for r in results)
+    assert [r.to_dict()["swept"] for r in results] == [{"weight_eta": e} for e in etas]   # the axis, explicit
     # same program, same chips (common random numbers) as evaluate at each scale
     for eta, r in zip(etas, results):
         single = robustness.evaluate(model, variables, images, labels, W_SPEC.replace(weight_eta=eta), **kw)
