@@ -22,6 +22,12 @@ plots and the trained weights of each arm as ``.npz``) as soon as it finishes; c
 go to the work dir (``runs/<name>/``, not committed). A later run on another machine continues from the committed
 files: a stage whose record and outputs are there is not run again.
 
+**Reuse.** A config with ``reuse_from = "<other experiment>"`` takes each stage that has not run here from that
+experiment's results when its record there holds the same settings (same digest) and its outputs are all there:
+the outputs are copied (the other experiment's files are never touched) and the record names where they came from
+(``"reused_from"``). A follow-up that changes only later stages (e.g. more training epochs) starts where they
+differ.
+
 Tiny mode (``--set tiny=True``, what the tests run): every protocol maps itself to digits or synthetic data and a
 handful of steps, so each config runs end to end in seconds; its files go under ``runs/tiny/<name>/``.
 """
@@ -348,6 +354,29 @@ def set_aside_unresumable(stage_work_dir: str, work_dir: str) -> list[str]:
     return lines
 
 
+def _reused(config: Any, stage: Stage, settings: Mapping[str, Any], results_dir: str) -> dict[str, Any] | None:
+    """The record of ``stage`` taken from ``config.reuse_from``'s results (outputs copied into ``results_dir``),
+    or None when there is nothing to reuse (no such record, other settings, or an output missing there)."""
+    source_name = config.get("reuse_from") or ""
+    if not source_name:
+        return None
+    source = os.path.join(os.path.dirname(os.path.normpath(results_dir)), source_name)
+    if config.get("tiny"):   # runs/tiny/<name>/results
+        source = os.path.join(os.path.dirname(os.path.dirname(os.path.normpath(results_dir))), source_name,
+                              "results")
+    record = read_record(source, stage.name)
+    if record is None or record.get("settings_digest") != _digest(settings):
+        return None
+    if not all(os.path.isfile(os.path.join(source, o)) for o in stage.outputs):
+        return None
+    for out in stage.outputs:
+        with open(os.path.join(source, out), "rb") as f:
+            data = f.read()
+        io_lib.write_atomic(os.path.join(results_dir, out), lambda g, data=data: g.write(data), binary=True)
+    return {**record, "experiment": config.name, "reused_from": source_name,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
 def work_dir_of(config: Any) -> str:
     """``runs/<name>`` (checkpoints; not committed); in tiny mode ``runs/tiny/<name>/work``."""
     if config.get("tiny"):
@@ -384,6 +413,7 @@ def run(config: Any, stages: Sequence[Stage] | None = None, *, results_dir: str 
         for stage, _ in steps[first:]:
             supersede(results_dir, stage, log)
     ctx = Context(config, results_dir, work_dir, {}, log)
+    first_rerun = min((i for i, (s, _) in enumerate(steps) if s.name in rerun), default=len(steps))
     last = max((i for i, (s, _) in enumerate(steps) if s.name in only), default=-1) if only else len(steps)
     for i, (stage, action) in enumerate(steps):
         if i > last:
@@ -398,6 +428,13 @@ def run(config: Any, stages: Sequence[Stage] | None = None, *, results_dir: str 
                 raise ExperimentError(f"--only {list(only)} needs the result of stage {stage.name!r}, which has not "
                                       f"run: run it first (or drop --only).")
         settings = stage_settings(config, stage)
+        reused = None if i >= first_rerun else _reused(config, stage, settings, results_dir)
+        if reused is not None:
+            os.makedirs(os.path.dirname(record_path(results_dir, stage.name)), exist_ok=True)
+            io_lib.append_lines(record_path(results_dir, stage.name), [json.dumps(reused) + "\n"])
+            ctx.summaries[stage.name] = reused.get("summary")
+            log(f"{stage.name}: reused from {reused['reused_from']} (same settings)")
+            continue
         n_reruns = _reruns(results_dir, stage.name)
         ctx.stage_work_dir = os.path.join(work_dir, f"{stage.name}-{_digest(settings)[:8]}"
                                           + (f"-r{n_reruns}" if n_reruns else ""))

@@ -368,3 +368,31 @@ def test_a_training_dir_with_a_checkpoint_is_left_to_resume(tmp_path):
     checkpoint.save(str(train_dir / "checkpoints"), 10, {"w": np.zeros(3, np.float32)})
     assert experiment.set_aside_unresumable(str(stage_dir), str(tmp_path / "work")) == []
     assert (train_dir / "metrics.jsonl").exists()
+
+
+def test_a_follow_up_reuses_the_stages_whose_settings_match(tmp_path):
+    """reuse_from: a stage with the same settings in the other experiment is copied (its record says from where),
+    one with other settings runs; the other experiment's files are untouched."""
+    config = _tiny()
+    stages = _light_stages()
+    source = tmp_path / config.name / "results"   # the tiny layout, runs/tiny/<name>/results
+    experiment.run(config, stages, results_dir=str(source), work_dir=str(tmp_path / config.name / "work"),
+                   log=lambda m: None)
+    before = {p: open(p, "rb").read() for p in glob.glob(str(source / "**" / "*"), recursive=True)
+              if os.path.isfile(p)}
+    follow = experiment.apply_overrides(config, ["name=follow_up", "eval.n_chips=4"])
+    follow.reuse_from = config.name
+    results = tmp_path / "follow_up" / "results"
+    logs = []
+    experiment.run(follow, stages, results_dir=str(results), work_dir=str(tmp_path / "follow_up" / "work"),
+                   log=logs.append)
+    assert any(f"qat: reused from {config.name}" in m for m in logs), logs
+    assert any("eval_qat: running" in m for m in logs), logs
+    assert (results / "weights" / "qat.npz").read_bytes() == (source / "weights" / "qat.npz").read_bytes()
+    record = experiment.read_record(str(results), "qat")
+    assert record["reused_from"] == config.name and record["experiment"] == "follow_up"
+    assert {p: open(p, "rb").read() for p in before} == before   # the source is untouched
+    logs = []
+    experiment.run(follow, stages, results_dir=str(results), work_dir=str(tmp_path / "follow_up" / "work"),
+                   log=logs.append)
+    assert all("cached" in m for m in logs), logs
