@@ -267,8 +267,9 @@ def supersede(results_dir: str, stage: Stage, log: Callable[[str], None] = print
 
 
 def plan(config: Any, stages: Sequence[Stage], results_dir: str, rerun: Sequence[str] = ()) -> list[tuple[Stage, str]]:
-    """``[(stage, "cached" | "run"), ...]``, checking every record first: a stale record (other settings) that is
-    not to be rerun raises :class:`ExperimentError` before anything runs."""
+    """``[(stage, "cached" | "reuse" | "run"), ...]`` ("reuse": taken from ``config.reuse_from``), checking every
+    record first: a stale record (other settings) that is not to be rerun raises :class:`ExperimentError` before
+    anything runs."""
     names = [s.name for s in stages]
     unknown = [r for r in rerun if r not in names]
     if unknown:
@@ -287,7 +288,8 @@ def plan(config: Any, stages: Sequence[Stage], results_dir: str, rerun: Sequence
                     f"kept. Use another config name (--set name=...) for a run beside them, or --rerun "
                     f"{stage.name} to move them to superseded/ and run it.")
         if i >= first_rerun or record is None:
-            out.append((stage, "run"))
+            reuse = i < first_rerun and _reuse_source(config, stage, results_dir) is not None
+            out.append((stage, "reuse" if reuse else "run"))
             continue
         if record.get("settings_digest") != _digest(settings):
             diff = _differences(record.get("settings", {}), settings)
@@ -354,9 +356,9 @@ def set_aside_unresumable(stage_work_dir: str, work_dir: str) -> list[str]:
     return lines
 
 
-def _reused(config: Any, stage: Stage, settings: Mapping[str, Any], results_dir: str) -> dict[str, Any] | None:
-    """The record of ``stage`` taken from ``config.reuse_from``'s results (outputs copied into ``results_dir``),
-    or None when there is nothing to reuse (no such record, other settings, or an output missing there)."""
+def _reuse_source(config: Any, stage: Stage, results_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """``(results dir, record)`` of ``stage`` in ``config.reuse_from``'s results when its record there holds this
+    config's settings and its outputs are all there; None otherwise."""
     source_name = config.get("reuse_from") or ""
     if not source_name:
         return None
@@ -365,10 +367,20 @@ def _reused(config: Any, stage: Stage, settings: Mapping[str, Any], results_dir:
         source = os.path.join(os.path.dirname(os.path.dirname(os.path.normpath(results_dir))), source_name,
                               "results")
     record = read_record(source, stage.name)
-    if record is None or record.get("settings_digest") != _digest(settings):
+    if record is None or record.get("settings_digest") != _digest(stage_settings(config, stage)):
         return None
     if not all(os.path.isfile(os.path.join(source, o)) for o in stage.outputs):
         return None
+    return source, record
+
+
+def _reused(config: Any, stage: Stage, results_dir: str) -> dict[str, Any] | None:
+    """The record of ``stage`` taken from ``config.reuse_from``'s results (outputs copied into ``results_dir``),
+    or None when there is nothing to reuse (:func:`_reuse_source`)."""
+    found = _reuse_source(config, stage, results_dir)
+    if found is None:
+        return None
+    (source, record), source_name = found, config.reuse_from
     for out in stage.outputs:
         with open(os.path.join(source, out), "rb") as f:
             data = f.read()
@@ -413,7 +425,6 @@ def run(config: Any, stages: Sequence[Stage] | None = None, *, results_dir: str 
         for stage, _ in steps[first:]:
             supersede(results_dir, stage, log)
     ctx = Context(config, results_dir, work_dir, {}, log)
-    first_rerun = min((i for i, (s, _) in enumerate(steps) if s.name in rerun), default=len(steps))
     last = max((i for i, (s, _) in enumerate(steps) if s.name in only), default=-1) if only else len(steps)
     for i, (stage, action) in enumerate(steps):
         if i > last:
@@ -428,7 +439,7 @@ def run(config: Any, stages: Sequence[Stage] | None = None, *, results_dir: str 
                 raise ExperimentError(f"--only {list(only)} needs the result of stage {stage.name!r}, which has not "
                                       f"run: run it first (or drop --only).")
         settings = stage_settings(config, stage)
-        reused = None if i >= first_rerun else _reused(config, stage, settings, results_dir)
+        reused = _reused(config, stage, results_dir) if action == "reuse" else None
         if reused is not None:
             os.makedirs(os.path.dirname(record_path(results_dir, stage.name)), exist_ok=True)
             io_lib.append_lines(record_path(results_dir, stage.name), [json.dumps(reused) + "\n"])

@@ -383,6 +383,7 @@ def test_a_follow_up_reuses_the_stages_whose_settings_match(tmp_path):
     follow = experiment.apply_overrides(config, ["name=follow_up", "eval.n_chips=4"])
     follow.reuse_from = config.name
     results = tmp_path / "follow_up" / "results"
+    assert [a for _, a in experiment.plan(follow, stages, str(results))] == ["reuse", "run"]   # what --list shows
     logs = []
     experiment.run(follow, stages, results_dir=str(results), work_dir=str(tmp_path / "follow_up" / "work"),
                    log=logs.append)
