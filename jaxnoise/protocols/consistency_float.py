@@ -46,9 +46,9 @@ from flax import traverse_util
 
 from jaxnoise import checkpoint, data, methods, noise, report, robustness, stats, train
 from jaxnoise import io as io_lib
-from jaxnoise.experiment import Stage, protocol
 from jaxnoise.models import get_model
 from jaxnoise.protocols import common
+from jaxnoise.stages import Stage, protocol
 
 dataset = common.dataset
 first_held_out = common.first_held_out

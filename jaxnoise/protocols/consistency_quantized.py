@@ -44,9 +44,9 @@ import numpy as np
 
 from jaxnoise import checkpoint, data, methods, noise, quant, report, robustness, stats, train
 from jaxnoise import io as io_lib
-from jaxnoise.experiment import Stage, protocol
 from jaxnoise.models import IMAGENET_MODELS, get_model
 from jaxnoise.protocols import common
+from jaxnoise.stages import Stage, protocol
 
 dataset = common.dataset
 _first_held_out = common.first_held_out

@@ -46,9 +46,9 @@ import numpy as np
 
 from jaxnoise import checkpoint, denoise, placement, report, robustness, stats
 from jaxnoise import io as io_lib
-from jaxnoise.experiment import Stage, protocol
 from jaxnoise.protocols import common
 from jaxnoise.protocols import denoise_placement as dp
+from jaxnoise.stages import Stage, protocol
 
 VARIANT_KEYS = ("kind", "reduction", "sites", "feature_weight", "kl_weight", "nll_weight", "act_eta_spread",
                 "lr")

@@ -51,9 +51,9 @@ import numpy as np
 
 from jaxnoise import checkpoint, data, denoise, engine, noise, placement, report, robustness, train
 from jaxnoise import io as io_lib
-from jaxnoise.experiment import Stage, protocol
 from jaxnoise.models import get_model
 from jaxnoise.protocols import common
+from jaxnoise.stages import Stage, protocol
 
 _command = common.command
 _result = common.result

@@ -38,10 +38,10 @@ import scipy.stats
 
 from jaxnoise import denoise, noise, placement, report, robustness
 from jaxnoise import io as io_lib
-from jaxnoise.experiment import Stage, protocol
 from jaxnoise.protocols import common
 from jaxnoise.protocols import denoise_ablation as da
 from jaxnoise.protocols import denoise_placement as dp
+from jaxnoise.stages import Stage, protocol
 
 TINY_STEPS = (2, 4)
 TINY_PLACEMENTS = 2

@@ -40,9 +40,9 @@ import numpy as np
 
 from jaxnoise import checkpoint, data, device, methods, report, robustness, train
 from jaxnoise import io as io_lib
-from jaxnoise.experiment import Stage, protocol
 from jaxnoise.models import get_model
 from jaxnoise.protocols import common
+from jaxnoise.stages import Stage, protocol
 
 dataset = common.dataset
 _command = common.command
