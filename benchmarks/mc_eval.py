@@ -51,14 +51,14 @@ def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def python_loop(model, variables, images, labels, spec, key, n_chips, batch_size, preprocess):
     """The baseline: one jitted single-chip call per chip from a Python loop (same chips, same semantics)."""
     # The evaluator's own padding/batching, so both sides see identical data layouts.
-    data = robustness._prepare(model, images, labels, batch_size, preprocess)
-    single = jax.jit(robustness.make_chip_eval(model, batch_size=data.images_b.shape[1], preprocess=preprocess))
+    images_b, labels_b, valid_b, n_images = robustness.batch_data(model, images, labels, batch_size, preprocess)
+    single = jax.jit(robustness.make_chip_eval(model, batch_size=images_b.shape[1], preprocess=preprocess))
     spec = jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), spec)
 
     def run():
-        outs = [single(variables, data.images_b, data.labels_b, data.valid_b, spec, jax.random.fold_in(key, i))
+        outs = [single(variables, images_b, labels_b, valid_b, spec, jax.random.fold_in(key, i))
                 for i in range(n_chips)]  # dispatched asynchronously, gathered at the end
-        return np.array([int(o) for o in outs]) / data.n_images
+        return np.array([int(o) for o in outs]) / n_images
 
     return run
 
