@@ -34,11 +34,8 @@ def main(argv=None) -> int:
     config = experiment.load_config(args.config)
     committed = json.load(open(args.eval_file))
     arm = committed["arms"][0]
-    name = "qat" if arm["name"] == "qat" else arm["name"]
-    weights = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.eval_file))), "weights",
-                           f"{name}.npz")
-    if not os.path.exists(weights):
-        weights = os.path.join(os.path.dirname(os.path.abspath(args.eval_file)), "weights", f"{name}.npz")
+    results_dir = experiment.results_dir_of(config)   # weights/<arm>.npz beside eval/ and eval_qat.json
+    weights = os.path.join(results_dir, "weights", f"{arm['name']}.npz")
     ds = protocol.dataset(config)
     model = protocol.model_of(config, ds)
     variables = checkpoint.load_variables(weights, model)
