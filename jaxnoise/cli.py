@@ -436,7 +436,7 @@ def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | 
     """``--device``: Monte Carlo accuracy of programmed chips at every ``--times`` (one compiled program)."""
     dev = build_device(args)
     if args.digital_layers:
-        layers = device.layer_names(variables["params"])
+        layers = model.analog_layers
         unknown = [n for n in args.digital_layers.split(",") if n not in layers]
         if unknown:
             raise UsageError(f"--digital-layers {','.join(unknown)}: no such layer in {model.name}; its layers are "

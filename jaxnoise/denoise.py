@@ -11,9 +11,12 @@ block's correction::
   (:func:`with_placement`). With ``gate_s = 0`` the output is ``h_s`` exactly.
 * ``delta_s`` is zero when the block is fresh (its last layer is zero-initialised), so a freshly inserted block
   leaves the network's outputs bit-identical.
-* Blocks are **digital** (the paper's dedicated engine): no activation-noise site inside them, and their
-  leaves are named ``w``/``b`` (not ``kernel``) so the default weight-noise paths skip them. The backbone keeps
-  its parameter paths and site names, hence its noise keys: inserting a block changes no noise draw elsewhere.
+* Blocks are **digital** (the paper's dedicated engine): built with ``Scope.digital_dense``/``digital_conv``,
+  they register as digital layers, so no weight noise, quantization, device mapping or weight decay reaches them
+  and they have no activation-noise site. (Their leaves are named ``w``/``b``, as in checkpoints written before
+  the layer registry.) They are inserted as the model's ``taps`` (one per site), an argument of the model, not a
+  change to its forward function. The backbone keeps its parameter paths and site names, hence its noise keys:
+  inserting a block changes no noise draw elsewhere.
 
 Kinds (``DenoiserConfig.kind``):
 
@@ -92,17 +95,15 @@ class DenoiserConfig:
 # The blocks
 
 
+BLOCK_LEAVES = ("w", "b")   # the blocks' kernel and bias leaf names (checkpoints since the first blocks)
+
+
 def _dense(s: Scope, name: str, x, features: int, init=he_normal):
-    w = s.child(name).param("w", (x.shape[-1], features), init)
-    b = s.child(name).param("b", (features,), zeros)
-    return x @ w + b
+    return s.digital_dense(name, x, features, init=init, leaves=BLOCK_LEAVES)
 
 
 def _conv3x3(s: Scope, name: str, x, features: int):
-    w = s.child(name).param("w", (3, 3, x.shape[-1], features), he_normal)
-    b = s.child(name).param("b", (features,), zeros)
-    y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + b
+    return s.digital_conv(name, x, features, kernel_size=3, padding=1, init=he_normal, leaves=BLOCK_LEAVES)
 
 
 def _trunk(s: Scope, h, width: int):
@@ -204,33 +205,28 @@ def denoised(model: Model, sites: Sequence[str] | None = None,
     if len(set(sites)) != len(sites):
         raise ValueError(f"sites {list(sites)} lists a site twice.")
     ordered = tuple(s for s in available if s in sites)
-    site_set = frozenset(ordered)
+
+    def block(root: Scope, name: str, h):
+        s = _block_scope(root, name)
+        gate = s.param(GATE, (), ones)
+        delta, extra = block_delta(s, h, config)
+        if extra:
+            root.tap_outputs[name] = {"input": h, **extra}
+        return h + gate.astype(h.dtype) * delta
 
     def forward(scope: Scope, x):
-        user_tap = scope.root.tap
-        aux: dict[str, Any] = {}
-
-        def tap(root: Scope, name: str, h):
-            if name in site_set:
-                s = _block_scope(root, name)
-                gate = s.param(GATE, (), ones)
-                delta, extra = block_delta(s, h, config)
-                if extra:
-                    aux[name] = {"input": h, **extra}
-                h = h + gate.astype(h.dtype) * delta
-            return h if user_tap is None else user_tap(root, name, h)
-
-        scope.root.tap = tap
         logits, feats = model.forward(scope, x)
-        feats = dict(feats)
+        aux = dict(scope.root.tap_outputs)
         if aux:
-            feats[DENOISE_KEY] = aux  # a dict: not listed in feature_names
+            feats = {**feats, DENOISE_KEY: aux}  # a dict: not listed in feature_names
         return logits, feats
 
     return DenoisedModel(f"{model.name}+denoise", forward, tuple(model.input_shape), model.num_classes,
                          {**dict(model.config), "backbone": model.name, "denoiser": config.to_dict(),
                           "denoiser_sites": list(ordered)},
-                         quant=model.quant, backbone=model, candidate_sites=ordered, denoiser=config)
+                         quant=model.quant,
+                         taps={**dict(model.taps or {}), **{site: block for site in ordered}},
+                         backbone=model, candidate_sites=ordered, denoiser=config)
 
 
 def is_denoiser_param(path: str) -> bool:
@@ -480,7 +476,7 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
                          "residual blocks predict no noise distribution.")
     # The selectors must name parts of the backbone (weight_paths, act_mask sites, act_ref of additive noise).
     noise_lib.check_spec(spec, jax.eval_shape(dmodel.backbone.init, jax.random.key(0))["params"],
-                         dmodel.backbone.sites)
+                         dmodel.backbone.sites, analog_paths=dmodel.backbone.analog_weight_paths)
     act_eta_spread = _checks.number(act_eta_spread, "act_eta_spread")
     if act_eta_spread >= 1.0:
         raise ValueError(f"act_eta_spread={act_eta_spread} must be < 1: the scale is drawn from "

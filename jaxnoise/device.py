@@ -66,7 +66,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -1102,21 +1102,33 @@ class DeviceSpec:
         return out
 
 
-def layer_names(params: Mapping[str, Any]) -> tuple[str, ...]:
-    """Names of the layers with a ``kernel`` (``"layer1/0/conv1"``), in tree order: the candidates for analog."""
+def layer_names(params: Mapping[str, Any], layers: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The candidates for analog: ``layers``, the model's registered analog layers (``model.analog_layers``), each
+    checked to have a ``kernel`` in ``params``; None (a bare parameter tree): the names of the layers with a
+    ``kernel`` leaf (``"layer1/0/conv1"``), in tree order."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    return tuple(path[: -len("/kernel")] if "/" in path else "" for path in flat
-                 if path == "kernel" or path.endswith("/kernel"))
+    if layers is None:
+        return tuple(path[: -len("/kernel")] if "/" in path else "" for path in flat
+                     if path == "kernel" or path.endswith("/kernel"))
+    if isinstance(layers, str):
+        raise ValueError(f"layers={layers!r} is one string: pass a sequence of layer names (model.analog_layers).")
+    layers = tuple(layers)
+    missing = [layer for layer in layers if (f"{layer}/kernel" if layer else "kernel") not in flat]
+    if missing:
+        raise ValueError(f"analog layers {missing[:5]} have no kernel in these parameters: pass the variables of "
+                         f"the model whose analog_layers these are.")
+    return layers
 
 
-def check_selectors(params: Mapping[str, Any], spec: DeviceSpec) -> None:
+def check_selectors(params: Mapping[str, Any], spec: DeviceSpec, layers: Sequence[str] | None = None) -> None:
     """Raises ValueError when a layer selector of ``spec`` names nothing in this model.
 
     Every ``analog_layers`` and ``digital_layers`` pattern must match at least one layer name, every
     ``io.inp_ranges`` key must be a layer, and at least one layer must stay analog: a selector that matches nothing
     would silently evaluate another chip than the one asked for (or the exact network under a device label).
+    ``layers``: the model's analog layers (``model.analog_layers``); None: :func:`layer_names` of ``params``.
     """
-    layers = layer_names(params)
+    layers = layer_names(params, layers)
     for field in ("analog_layers", "digital_layers"):
         for pattern in getattr(spec, field):
             if not any(re.search(pattern, layer) for layer in layers):
@@ -1133,14 +1145,18 @@ def check_selectors(params: Mapping[str, Any], spec: DeviceSpec) -> None:
                          f"{_checks.listing(layers)}. For the exact network evaluate without a device.")
 
 
-def analog_sites(params: Mapping[str, Any], spec: DeviceSpec) -> tuple[str, ...]:
-    """Layer names (``"layer1/0/conv1"``) whose ``kernel`` is analog under ``spec``, in tree order.
+def analog_sites(params: Mapping[str, Any], spec: DeviceSpec,
+                 layers: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Layer names (``"layer1/0/conv1"``) whose ``kernel`` is analog under ``spec``, in tree order: those of
+    ``layers`` (the model's registered analog layers, ``model.analog_layers``; None: every layer of ``params``
+    with a ``kernel``) that ``spec``'s selectors keep.
 
     Raises:
       ValueError: a selector of ``spec`` that names no layer of ``params`` (:func:`check_selectors`).
     """
-    check_selectors(params, spec)
-    return tuple(layer for layer in layer_names(params) if spec.is_analog(layer))
+    check_selectors(params, spec, layers)
+    candidates = set(layer_names(params, layers))
+    return tuple(layer for layer in layer_names(params) if layer in candidates and spec.is_analog(layer))
 
 
 def chip_key(key: jax.Array) -> jax.Array:
@@ -1212,7 +1228,8 @@ def _site_keys(key: jax.Array, base: str, sites: tuple[str, ...], *suffixes: str
     return dict(zip(suffixes, jax.vmap(one)(hashes)))
 
 
-def _program_chip_v0(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) -> dict[str, dict[str, jax.Array]]:
+def _program_chip_v0(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec,
+                     layers: Sequence[str] | None = None) -> dict[str, dict[str, jax.Array]]:
     """:func:`program_chip` under ``IOParams(semantics="v0")``: one tile per layer holding ``W / A``.
 
     Args:
@@ -1227,7 +1244,7 @@ def _program_chip_v0(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec
       drift-compensation reference ``r0`` (1 without compensation).
     """
     flat = traverse_util.flatten_dict(params, sep="/")
-    sites = analog_sites(params, spec)
+    sites = analog_sites(params, spec, layers)
     if not sites:
         return {}
     if spec.modifier is not None:
@@ -1515,7 +1532,8 @@ def _tile_readout(keys: jax.Array | None, w: jax.Array, spec: DeviceSpec, mask: 
     return jnp.maximum(jnp.sum(jnp.abs(y) * m, axis=axes, keepdims=True) / count, COMPENSATION_FLOOR)
 
 
-def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) -> dict[str, dict[str, jax.Array]]:
+def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec,
+                 layers: Sequence[str] | None = None) -> dict[str, dict[str, jax.Array]]:
     """Programs one chip: every analog layer's tiles, their conductances, programming noise and drift exponents.
 
     Per layer (aihwkit ``convert_to_analog`` + ``program_analog_weights``): the kernel (after ``spec.modifier``) is
@@ -1531,6 +1549,8 @@ def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) ->
         exponents ``".../drift"``, the readout's I/O noise ``".../compensation"`` (no suffix).
       params: the model parameters (the clean weights; any weight noise of a ``NoiseSpec`` applied before).
       spec: the device spec.
+      layers: the model's registered analog layers (``model.analog_layers``; ``Model.sample_chip`` passes them);
+        None: every layer of ``params`` with a ``kernel`` (a bare parameter tree).
 
     Returns:
       ``{site: {"g_plus", "g_minus", "nu_plus", "nu_minus", "scale", "w_scale", "w_target", "r0", "mask"}}``, tile
@@ -1540,9 +1560,9 @@ def program_chip(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec) ->
       real (not padding) entries. Under ``IOParams(semantics="v0")``: one matrix per layer, as before.
     """
     if spec.v0:
-        return _program_chip_v0(key, params, spec)
+        return _program_chip_v0(key, params, spec, layers)
     flat = traverse_util.flatten_dict(params, sep="/")
-    sites = analog_sites(params, spec)
+    sites = analog_sites(params, spec, layers)
     if not sites:
         return {}
     kernels = [jax.lax.stop_gradient(flat[f"{site}/kernel" if site else "kernel"]) for site in sites]
@@ -1836,13 +1856,14 @@ class ChipRead:
 
 
 def read(key: jax.Array, params: Mapping[str, Any], spec: DeviceSpec, t_inference: Any = None,
-         read_key: jax.Array | None = None) -> ChipRead:
-    """Programs the chip of ``key`` and reads it at ``t_inference`` (default ``spec.t_inference``).
+         read_key: jax.Array | None = None, layers: Sequence[str] | None = None) -> ChipRead:
+    """Programs the chip of ``key`` (analog ``layers`` as in :func:`program_chip`) and reads it at ``t_inference``
+    (default ``spec.t_inference``).
 
     The read key defaults to ``name_key(key, "jaxnoise/device/read_pass")``.
     """
     t = spec.t_inference if t_inference is None else t_inference
-    chip = program_chip(key, params, spec)
+    chip = program_chip(key, params, spec, layers)
     rk = noise_lib.name_key(key, "jaxnoise/device/read_pass") if read_key is None else read_key
     return ChipRead(spec=spec, layers=read_chip(rk, chip, t, spec))
 
@@ -2058,7 +2079,7 @@ def init_input_ranges(model, variables, spec: DeviceSpec, images, *, method: str
     if images.shape[0] == 0:
         raise ValueError("init_input_ranges needs at least one image.")
     params = variables["params"]
-    sites = analog_sites(params, spec)
+    sites = analog_sites(params, spec, model.analog_layers)
     flat = traverse_util.flatten_dict(params, sep="/")
     layouts = {s: tile_layout(flat[f"{s}/kernel" if s else "kernel"].shape, spec) for s in sites}
     shapes = {s: lay.shape[:2] for s, lay in layouts.items()}

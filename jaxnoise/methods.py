@@ -215,9 +215,9 @@ def _check_against_model(model: Any, spec: noise_lib.NoiseSpec, device: Any) -> 
     if not (hasattr(model, "init") and hasattr(model, "sites")):
         return  # not a jaxnoise model: nothing to check against
     params = _checks.abstract_variables(model)["params"]
-    noise_lib.check_spec(spec, params, model.sites, what="NoiseSpec")
+    noise_lib.check_spec(spec, params, model.sites, analog_paths=model.analog_weight_paths, what="NoiseSpec")
     if device is not None:
-        device_lib.check_selectors(params, device)
+        device_lib.check_selectors(params, device, model.analog_layers)
 
 
 def check_hparams(hparams: Mapping[str, Any], expected: Sequence[str]) -> dict[str, jax.Array]:

@@ -311,7 +311,8 @@ class NoiseSpec:
       weight_kind: a key of ``WEIGHT_KINDS``, or None for no weight noise (static).
       act_kind: a key of ``ACTIVATION_KINDS``, or None for no activation noise (static).
       weight_paths: regular expressions (``re.search``) over ``/``-joined parameter paths selecting the leaves
-        that get weight noise. Default: every ``kernel`` (conv and dense); BatchNorm and biases stay exact.
+        that get weight noise, among the kernels of the model's analog layers (``Model.analog_weight_paths``: the
+        layers register themselves; digital layers, BatchNorm and biases stay exact). Default: every one.
       sampler: how the standard normals are drawn from the keys, a name of :data:`SAMPLERS`
         (``"<bits>/<transform>"``), used for weight and activation noise alike; None (default): the backend's
         default per noise, :func:`default_sampler` (``"threefry/erfinv"`` for weight noise everywhere; for
@@ -428,7 +429,7 @@ def _selected(path: str, patterns: Iterable[str]) -> bool:
 
 
 def check_spec(spec: NoiseSpec | None, params: Mapping[str, Any], sites: Iterable[str] | None = None, *,
-               what: str = "spec") -> None:
+               analog_paths: Iterable[str] | None = None, what: str = "spec") -> None:
     """Raises ValueError when the selectors of ``spec`` name nothing (or something absent) in this model.
 
     Noise that selects nothing would silently give the clean accuracy under a noisy label, so every selector must
@@ -440,26 +441,30 @@ def check_spec(spec: NoiseSpec | None, params: Mapping[str, Any], sites: Iterabl
       spec: the noise spec (None: nothing to check).
       params: the model's parameter tree (``variables["params"]``).
       sites: the model's activation-site names (``model.sites``), or None when unknown.
+      analog_paths: the parameter paths that can get weight noise, the kernels of the model's analog layers
+        (``model.analog_weight_paths``); None: every leaf of ``params`` (a bare parameter tree).
       what: the spec's name in the messages.
     """
     if spec is None:
         return
     flat = traverse_util.flatten_dict(params, sep="/") if params else {}
-    paths = list(flat)
+    paths = _candidates(flat, analog_paths)
     if spec.weight_kind is not None:
+        among = "" if analog_paths is None else " among the analog weights"
         for pattern in spec.weight_paths:
             if not any(re.search(pattern, p) for p in paths):
-                raise ValueError(f"{what}.weight_paths pattern {pattern!r} matches no parameter, so the weight noise "
-                                 f"would perturb nothing; parameter paths: {_checks.listing(paths)}.")
+                raise ValueError(f"{what}.weight_paths pattern {pattern!r} matches no parameter{among}, so the "
+                                 f"weight noise would perturb nothing; its candidates: {_checks.listing(paths)}.")
         mask = spec.weight_mask or {}
         unknown = [k for k in mask if k not in flat]
         if unknown:
             raise ValueError(f"{what}.weight_mask names parameters that do not exist: {sorted(unknown)[:5]}; "
-                             f"parameter paths: {_checks.listing(paths)}.")
-        unselected = [k for k in mask if not _selected(k, spec.weight_paths)]
+                             f"parameter paths: {_checks.listing(flat)}.")
+        selectable = set(paths)
+        unselected = [k for k in mask if k not in selectable or not _selected(k, spec.weight_paths)]
         if unselected:
             raise ValueError(f"{what}.weight_mask names parameters that weight_paths={spec.weight_paths} does not "
-                             f"select, so their mask does nothing: {sorted(unselected)[:5]}; noisy paths: "
+                             f"select{among}, so their mask does nothing: {sorted(unselected)[:5]}; noisy paths: "
                              f"{_checks.listing(p for p in paths if _selected(p, spec.weight_paths))}.")
     if sites is not None and spec.act_kind is not None:
         sites = list(sites)
@@ -476,11 +481,25 @@ def check_spec(spec: NoiseSpec | None, params: Mapping[str, Any], sites: Iterabl
                                  f"pass NoiseSpec(act_ref=...).")
 
 
-def weight_noise_sites(params: Mapping[str, Any], spec: NoiseSpec | None = None) -> tuple[str, ...]:
-    """The ``/``-joined paths of the parameter leaves that ``spec`` perturbs, in tree order."""
+def _candidates(flat: Mapping[str, Any], analog_paths: Iterable[str] | None) -> list[str]:
+    """The paths of ``flat`` that weight noise may select: those in ``analog_paths`` (the model's registered analog
+    kernels), in tree order, or every path when it is None."""
+    if analog_paths is None:
+        return list(flat)
+    if isinstance(analog_paths, str):
+        raise ValueError(f"analog_paths={analog_paths!r} is one string: pass a sequence of parameter paths "
+                         f"(model.analog_weight_paths).")
+    allowed = set(analog_paths)
+    return [p for p in flat if p in allowed]
+
+
+def weight_noise_sites(params: Mapping[str, Any], spec: NoiseSpec | None = None, *,
+                       analog_paths: Iterable[str] | None = None) -> tuple[str, ...]:
+    """The ``/``-joined paths of the parameter leaves that ``spec`` perturbs, in tree order: those of
+    ``analog_paths`` (``model.analog_weight_paths``; None: every leaf) that ``spec.weight_paths`` selects."""
     patterns = DEFAULT_WEIGHT_PATHS if spec is None else spec.weight_paths
     flat = traverse_util.flatten_dict(params, sep="/")
-    return tuple(p for p in flat if _selected(p, patterns))
+    return tuple(p for p in _candidates(flat, analog_paths) if _selected(p, patterns))
 
 
 def clipped_normal_std(k: float) -> float:
@@ -526,16 +545,22 @@ def weight_delta(key: jax.Array, w: jax.Array, eta: jax.Array, kind: str, sample
     raise AssertionError(kind)
 
 
-def perturb_weights(key: jax.Array | None, params: Mapping[str, Any], spec: NoiseSpec | None) -> Any:
+def perturb_weights(key: jax.Array | None, params: Mapping[str, Any], spec: NoiseSpec | None, *,
+                    analog_paths: Iterable[str] | None = None) -> Any:
     """One chip's weights: every selected leaf of ``params`` with its own name-keyed noise draw.
 
     Args:
       key: the weight key (``weight_key(chip_key)``), or None for exact weights.
       params: the parameter tree (``variables["params"]``); nested dicts with string keys.
       spec: the noise spec, or None for exact weights.
+      analog_paths: the leaves that may get noise: the kernels of the model's analog layers, as the layers
+        register them (``model.analog_weight_paths``; ``Model.chip_weights`` passes it), so a digital layer gets
+        none whatever its leaves are named. None: every leaf (a bare parameter tree; ``weight_paths`` alone
+        selects).
 
     Returns:
-      A tree like ``params``. Leaves not matched by ``spec.weight_paths`` are returned unchanged (same object).
+      A tree like ``params``. Leaves not selected (outside ``analog_paths``, or not matched by
+      ``spec.weight_paths``) are returned unchanged (same object).
       Straight-through gradient: ``d(out)/d(params)`` is the identity.
 
     Raises:
@@ -549,13 +574,14 @@ def perturb_weights(key: jax.Array | None, params: Mapping[str, Any], spec: Nois
         raise ValueError(f"spec must be a jaxnoise.noise.NoiseSpec or None, got a {type(spec).__name__}.")
     if key is None or spec is None or spec.weight_kind is None:
         return params
-    check_spec(spec, params)  # every weight_paths pattern and weight_mask key must name a parameter
+    check_spec(spec, params, analog_paths=analog_paths)  # every pattern and weight_mask key must name a weight
     flat = traverse_util.flatten_dict(params, sep="/")
+    selected = set(weight_noise_sites(params, spec, analog_paths=analog_paths))
     mask = spec.weight_mask or {}
     sampler = spec.resolved_sampler("weight")
     out = {}
     for path, w in flat.items():
-        if not _selected(path, spec.weight_paths):
+        if path not in selected:
             out[path] = w
             continue
         eta = spec.weight_eta * mask[path] if path in mask else spec.weight_eta

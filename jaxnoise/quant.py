@@ -142,8 +142,9 @@ class QuantSpec:
       per_channel: one step per output channel (the last kernel axis) instead of one per tensor.
       percentile: the percentile of ``|w|`` of the ``"percentile"`` rule.
       k_std: the multiple of ``std(w)`` of the ``"std"`` rule.
-      weight_paths: regular expressions over ``/``-joined parameter paths: the quantized leaves (default: every
-        conv/dense ``kernel``).
+      weight_paths: regular expressions over ``/``-joined parameter paths: the quantized leaves, among the kernels
+        of the model's analog layers (``Model.analog_weight_paths``, as the layers register them; default: every
+        one).
       act_bits: bits of the LSQ quantizer of every selected MVM input, or None for float activations.
       act_paths: regular expressions over layer (site) names whose inputs are quantized (default: all).
       act_signed_paths: layers whose input is signed (symmetric levels); the others are unsigned (after a ReLU),
@@ -259,18 +260,29 @@ def quantize_weight(w: jax.Array, spec: QuantSpec, step: jax.Array | None = None
                                         percentile=spec.percentile, k_std=spec.k_std), qn, qp)
 
 
-def quantize_params(params: Mapping[str, Any], spec: QuantSpec | None) -> Any:
+def _quantized_paths(flat: Mapping[str, Any], spec: QuantSpec, analog_paths: Any) -> list[str]:
+    """The paths of ``flat`` that ``spec`` quantizes: among ``analog_paths`` (the model's analog kernels; None:
+    every leaf but the steps), those ``spec.weight_paths`` selects, in tree order."""
+    if isinstance(analog_paths, str):
+        raise ValueError(f"analog_paths={analog_paths!r} is one string: pass a sequence of parameter paths "
+                         f"(model.analog_weight_paths).")
+    allowed = None if analog_paths is None else set(analog_paths)
+    return [p for p in flat if (allowed is None or p in allowed) and not p.endswith(WEIGHT_STEP)
+            and not p.endswith(ACT_STEP) and _selected(p, spec.weight_paths)]
+
+
+def quantize_params(params: Mapping[str, Any], spec: QuantSpec | None, *, analog_paths: Any = None) -> Any:
     """``params`` with every kernel selected by ``spec.weight_paths`` replaced by its quantized value ``W_q``
     (same object when ``spec`` is None or quantizes no weights). Learned steps are read from the sibling
-    ``w_step`` leaf."""
+    ``w_step`` leaf. ``analog_paths``: the leaves that may be quantized, the kernels of the model's analog layers
+    (``model.analog_weight_paths``; ``Model.chip_weights`` passes it); None: every leaf (a bare tree)."""
     if spec is None or spec.weight_bits is None:
         return params
     flat = traverse_util.flatten_dict(params, sep="/")
     out = dict(flat)
     hit = False
-    for path, w in flat.items():
-        if path.endswith(WEIGHT_STEP) or path.endswith(ACT_STEP) or not _selected(path, spec.weight_paths):
-            continue
+    for path in _quantized_paths(flat, spec, analog_paths):
+        w = flat[path]
         hit = True
         step = flat.get(_join(_parent(path), WEIGHT_STEP)) if spec.learned_weight_step else None
         if spec.learned_weight_step and step is None:
@@ -284,16 +296,16 @@ def quantize_params(params: Mapping[str, Any], spec: QuantSpec | None) -> Any:
     return traverse_util.unflatten_dict(out, sep="/")
 
 
-def init_weight_steps(params: Mapping[str, Any], spec: QuantSpec, *, overwrite: bool = False) -> Any:
-    """``params`` with a ``w_step`` beside every quantized kernel (learned steps only), started by
-    ``spec.weight_step_init``; existing steps are kept unless ``overwrite``."""
+def init_weight_steps(params: Mapping[str, Any], spec: QuantSpec, *, overwrite: bool = False,
+                      analog_paths: Any = None) -> Any:
+    """``params`` with a ``w_step`` beside every quantized kernel (learned steps only; ``analog_paths`` as in
+    :func:`quantize_params`), started by ``spec.weight_step_init``; existing steps are kept unless ``overwrite``."""
     if not spec.learned_weight_step:
         return params
     flat = dict(traverse_util.flatten_dict(params, sep="/"))
     qp = levels(spec.weight_bits)[1]
-    for path, w in list(flat.items()):
-        if path.endswith(WEIGHT_STEP) or path.endswith(ACT_STEP) or not _selected(path, spec.weight_paths):
-            continue
+    for path in _quantized_paths(dict(flat), spec, analog_paths):
+        w = flat[path]
         name = _join(_parent(path), WEIGHT_STEP)
         if name in flat and not overwrite:
             continue
@@ -321,7 +333,8 @@ def init_steps(model: Any, variables: Mapping[str, Any], images: Any = None, *, 
     spec = model.quant
     if spec is None:
         raise ValueError(f"model {model.name} has no quantization (build it with get_model(..., quant=QuantSpec(...))).")
-    params = init_weight_steps(variables["params"], spec, overwrite=overwrite)
+    params = init_weight_steps(variables["params"], spec, overwrite=overwrite,
+                               analog_paths=model.analog_weight_paths)
     out = dict(variables)
     out["params"] = params
     if spec.act_bits is None:
@@ -358,20 +371,20 @@ def init_steps(model: Any, variables: Mapping[str, Any], images: Any = None, *, 
     return out
 
 
-def noise_ratios(params: Mapping[str, Any], spec: QuantSpec, eta: float) -> dict[str, dict[str, float]]:
+def noise_ratios(params: Mapping[str, Any], spec: QuantSpec, eta: float, *,
+                 analog_paths: Any = None) -> dict[str, dict[str, float]]:
     """Per quantized kernel: how big additive noise ``eta * max|W_q|`` is against the quantized weights.
 
     Returns ``{path: {"sigma_over_rms": eta max|W_q| / rms(W_q), "max_over_rms": max|W_q| / rms(W_q),
     "clip_over_percentile": Q_p s / percentile(|w|, spec.percentile), "clipped_fraction": share of |w| > Q_p s}}``
     (the last two describe where the step put the clip). For reading noise scales across conventions: on float
     weights ``max|W| / rms(W)`` is ~6, so 0.2 max|W| is more noise than signal."""
-    q = quantize_params(params, spec)
+    q = quantize_params(params, spec, analog_paths=analog_paths)
     flat, qflat = (traverse_util.flatten_dict(t, sep="/") for t in (params, q))
     qp = levels(spec.weight_bits)[1]
     out = {}
-    for path, wq in qflat.items():
-        if path.endswith(WEIGHT_STEP) or path.endswith(ACT_STEP) or not _selected(path, spec.weight_paths):
-            continue
+    for path in _quantized_paths(qflat, spec, analog_paths):
+        wq = qflat[path]
         w, wq = np.asarray(flat[path], np.float64), np.asarray(wq, np.float64)
         rms = float(np.sqrt(np.mean(wq ** 2))) or 1.0
         top = float(np.max(np.abs(wq)))

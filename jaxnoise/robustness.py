@@ -678,7 +678,8 @@ def check_inputs(model: Model, variables: Variables, specs: Sequence[noise_lib.N
     for i, sp in enumerate(specs):
         name = spec_name if len(specs) == 1 else f"{spec_name}[{i}]"
         check_spec_type(sp, name, where)
-        noise_lib.check_spec(sp, variables["params"], model.sites, what=name)
+        noise_lib.check_spec(sp, variables["params"], model.sites, analog_paths=model.analog_weight_paths,
+                             what=name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1356,7 +1357,8 @@ class MonteCarlo:
         n_chips = _check_count("n_chips", n_chips)
         _check_etas(noise, "noise")
         check_inputs(self.model, variables, [noise], where=where, spec_name="noise")
-        device_lib.check_selectors(variables["params"], device)  # analog/digital layer patterns must match layers
+        # analog/digital layer patterns must match layers
+        device_lib.check_selectors(variables["params"], device, self.model.analog_layers)
         self._check_memory(where, variables, n_chips=n_chips, n_times=int(t.size), device=device)
         calib_b, recal = _calibration_batches(self.model, variables, self._data, self.mesh, recalibrate,
                                               calibration_images, calibration_batch_size, self.batch_size,

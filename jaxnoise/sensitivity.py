@@ -65,7 +65,7 @@ def layer_masks(model: Model, variables: Variables, spec: noise_lib.NoiseSpec, n
     if layers is not None:
         layers = _checks.names(layers, "layers", example=(tuple(model.sites) or ("layer",))[0])
     if noise == "weight":
-        names = noise_lib.weight_noise_sites(variables["params"], spec)
+        names = noise_lib.weight_noise_sites(variables["params"], spec, analog_paths=model.analog_weight_paths)
         if not names:
             raise ValueError(f"spec.weight_paths={spec.weight_paths} select no parameter of {model.name}.")
         by_layer: dict[str, list[str]] = {}

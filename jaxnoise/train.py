@@ -100,7 +100,7 @@ class TrainConfig:
       learning_rate: peak learning rate.
       momentum: SGD momentum (0 for plain SGD).
       nesterov: Nesterov momentum.
-      weight_decay: L2 coefficient added to the gradient of conv/dense ``kernel`` leaves only (not biases nor
+      weight_decay: L2 coefficient added to the gradient of the analog layers' kernels only (not biases nor
         BatchNorm), before momentum, as PyTorch's SGD ``weight_decay`` does.
       schedule: ``"cosine"`` (decays to 0 over all steps) or ``"constant"``.
       warmup_steps: linear warmup from 0 to ``learning_rate`` over the first steps (counted in the total).
@@ -230,14 +230,24 @@ def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
     return optax.constant_schedule(lr)
 
 
-def kernel_mask(params: Any) -> Any:
-    """A bool tree like ``params``: True at conv/dense ``kernel`` leaves (the weight-decayed ones)."""
-    def is_kernel(path, _):
-        return bool(path) and _checks.key_name(path[-1]) == "kernel"
-    return jax.tree_util.tree_map_with_path(is_kernel, params)
+def kernel_mask(params: Any, decayed_paths: Any = None) -> Any:
+    """A bool tree like ``params``: True at the weight-decayed leaves, the kernels of the model's analog layers
+    (``decayed_paths``: ``model.analog_weight_paths``, as the layers register them, so digital layers such as
+    denoising blocks are not decayed); None: every leaf named ``kernel`` (a bare parameter tree)."""
+    if isinstance(decayed_paths, str):
+        raise ValueError(f"decayed_paths={decayed_paths!r} is one string: pass a sequence of parameter paths "
+                         f"(model.analog_weight_paths).")
+    wanted = None if decayed_paths is None else frozenset(decayed_paths)
+
+    def is_decayed(path, _):
+        if wanted is None:
+            return bool(path) and _checks.key_name(path[-1]) == "kernel"
+        return "/".join(_checks.key_name(k) for k in path) in wanted
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config: TrainConfig, total_steps: int, *,
+                   decayed_paths: Any = None) -> optax.GradientTransformation:
     """SGD with (Nesterov) momentum, masked weight decay and the configured schedule.
 
     ``optax.chain(add_decayed_weights(weight_decay, mask=kernel_mask), inject_hyperparams(sgd)(schedule,
@@ -247,15 +257,22 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
     Args:
       config: the training config.
       total_steps: number of optimizer steps of the whole run (the cosine decay spans them).
+      decayed_paths: the parameter paths that get weight decay: the model's analog kernels
+        (``model.analog_weight_paths``; :func:`fit` passes them); None: every ``kernel`` leaf.
 
     Returns:
       The optax transformation.
+
+    Examples:
+      >>> opt = make_optimizer(TrainConfig(epochs=1), 100, decayed_paths=model.analog_weight_paths)  # doctest: +SKIP
     """
     schedule = make_schedule(config, total_steps)
     momentum = float(config.momentum) or None
     sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=momentum,
                                                nesterov=bool(config.nesterov))
-    return optax.chain(optax.add_decayed_weights(float(config.weight_decay), mask=kernel_mask), sgd)
+    def mask(params):
+        return kernel_mask(params, decayed_paths)
+    return optax.chain(optax.add_decayed_weights(float(config.weight_decay), mask=mask), sgd)
 
 
 def current_learning_rate(opt_state: Any) -> jax.Array:
@@ -752,7 +769,7 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
     data_key = noise_lib.name_key(root, "jaxnoise/train/data")
     base_key = noise_lib.name_key(root, "jaxnoise/train/step")
 
-    optimizer = make_optimizer(config, total_steps)
+    optimizer = make_optimizer(config, total_steps, decayed_paths=getattr(model, "analog_weight_paths", None))
     run_meta = _run_metadata(model, dataset, config, loss_fn, total_steps, steps_per_epoch,
                              {"hparams": {k: float(v) for k, v in hparams_array.items()}, **(metadata or {})})
 

@@ -133,6 +133,33 @@ def test_blocks_are_digital_and_noise_free():
     dvars = dmodel.init(jax.random.key(0))
     plain = model.init(jax.random.key(0))["params"]
     assert noise.weight_noise_sites(dvars["params"]) == noise.weight_noise_sites(plain)
+    # by registration: the blocks are digital layers, the backbone's layers stay the analog ones
+    assert dmodel.analog_layers == model.analog_layers and not model.digital_layers
+    assert set(dmodel.digital_layers) == {f"denoise/{site}/{layer}" for site in dmodel.candidate_sites
+                                          for layer in ("down", "mid", "up")}
+    assert dmodel.weight_noise_paths == model.weight_noise_paths
+    mask = jax.tree_util.tree_leaves_with_path(train.kernel_mask(dvars["params"], dmodel.analog_weight_paths))
+    decayed = {"/".join(k.key for k in path) for path, on in mask if on}
+    assert decayed == set(model.analog_weight_paths)   # no weight decay on a block
+
+
+def test_blocks_are_the_models_taps_and_a_pass_tap_still_sees_every_point():
+    model = get_model("cnn", input_shape=(8, 8, 1))
+    dmodel = denoise.denoised(model)
+    assert set(dmodel.taps) == set(dmodel.candidate_sites) and model.taps is None
+    dvars = denoise.init_variables(dmodel, model.init(jax.random.key(0)), jax.random.key(1))
+    seen = []
+
+    def tap(root, name, h):
+        seen.append(name)
+        return h
+
+    x = jnp.ones((2, 8, 8, 1))
+    dmodel.apply(dvars, x, tap=tap)
+    assert seen == list(model.tap_names)
+    seen.clear()
+    dmodel.apply(dvars, x, tap=tap)             # a second pass: the model's taps were not changed by the first
+    assert seen == list(model.tap_names)
 
 
 def test_bad_input_errors():

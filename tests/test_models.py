@@ -257,3 +257,61 @@ def test_a_chip_is_a_value_one_weight_draw_fixed_for_every_input():
     act = noise.NoiseSpec(weight_kind=None, act_kind="multiplicative", act_eta=0.2)
     a, _ = model.apply(variables, x, key=jax.random.key(4), noise=act, chip=chip)   # activation noise on top
     assert not np.array_equal(a, fresh)
+
+
+def _mixed_model():
+    """A conv (analog), a digital dense layer whose leaves are named like an analog one's, and an analog head."""
+    from jaxnoise.models import Model
+
+    def forward(scope, x):
+        h = jax.nn.relu(scope.conv("conv", x, 4))
+        h = jnp.mean(h, axis=(1, 2))
+        h = scope.feature("pooled", h)
+        h = h + scope.digital_dense("helper", h, 4)          # leaves helper/kernel, helper/bias: digital anyway
+        return scope.dense("head", h, 3), {"pooled": h}
+
+    return Model("mixed", forward, (6, 6, 2), 3)
+
+
+def test_analog_layers_come_from_registration_not_leaf_names():
+    from jaxnoise import device, quant, train
+
+    model = _mixed_model()
+    assert model.analog_layers == ("conv", "head") and model.digital_layers == ("helper",)
+    assert model.analog_weight_paths == ("conv/kernel", "head/kernel")
+    assert model.sites == ("conv", "head")          # a digital layer has no activation-noise site
+    variables = model.init(jax.random.key(0))
+    assert set(variables["params"]["helper"]) == {"kernel", "bias"}
+    assert model.weight_noise_paths == ("conv/kernel", "head/kernel")
+    params = variables["params"]
+    # weight noise, quantization and the device mapping leave the digital layer alone
+    chip = model.sample_chip(jax.random.key(1), params, noise.NoiseSpec(weight_eta=0.3))
+    assert chip.weights["helper"]["kernel"] is params["helper"]["kernel"]
+    assert not np.array_equal(chip.weights["head"]["kernel"], params["head"]["kernel"])
+    qmodel = model.with_quant(quant.QuantSpec(weight_bits=4, weight_step="max"))
+    qweights = qmodel.chip_weights(params)
+    assert qweights["helper"]["kernel"] is params["helper"]["kernel"]
+    assert len(np.unique(np.asarray(qweights["head"]["kernel"]))) <= 15
+    spec = device.preset("aihwkit_inference_default")
+    programmed = model.sample_chip(jax.random.key(2), params, None, spec).programmed
+    assert set(programmed) == {"conv", "head"}
+    assert device.analog_sites(params, spec) == ("conv", "head", "helper")   # a bare tree: by leaf name only
+    assert device.analog_sites(params, spec, model.analog_layers) == ("conv", "head")
+    # weight decay: the analog kernels only
+    mask = train.kernel_mask(params, model.analog_weight_paths)
+    assert mask["conv"]["kernel"] and mask["head"]["kernel"]
+    assert not mask["helper"]["kernel"] and not mask["head"]["bias"]
+    # a pattern that selects only the digital layer selects no analog weight: refused, naming the analog ones
+    with pytest.raises(ValueError, match="matches no parameter among the analog weights.*conv/kernel"):
+        model.sample_chip(jax.random.key(1), params, noise.NoiseSpec(weight_eta=0.3, weight_paths=("helper",)))
+
+
+def test_one_name_registered_as_two_kinds_of_layer_is_refused():
+    from jaxnoise.models import Model
+
+    def forward(scope, x):
+        h = scope.conv("a", x, 2)
+        return scope.digital_dense("a", jnp.mean(h, axis=(1, 2)), 3, leaves=("w", "b")), {}
+
+    with pytest.raises(ValueError, match="registered twice"):
+        Model("clash", forward, (4, 4, 1), 3).init(jax.random.key(0))

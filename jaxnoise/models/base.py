@@ -66,6 +66,9 @@ class Model:
         ``InputRangeParameter``), a parameter ``input_range`` of that shape (one per tile) beside each kernel, used
         by an analog MVM under ``IOParams(input_range=...)``. Use :meth:`with_input_ranges` (or
         ``jaxnoise.device.init_input_ranges``).
+      taps: ``{tap point: fn(scope, name, h) -> h}``: insertions at points of :attr:`tap_names` (what
+        ``jaxnoise.denoise.denoised`` adds: a block per site), run in every pass before ``apply``'s own ``tap``;
+        their parameters live under the scope they are given. None: none.
     """
 
     name: str
@@ -75,6 +78,7 @@ class Model:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     quant: quant_lib.QuantSpec | None = None
     input_ranges: Mapping[str, tuple[int, int]] | None = None
+    taps: Mapping[str, Callable[[Scope, str, jax.Array], jax.Array]] | None = None
 
     def with_quant(self, quant: quant_lib.QuantSpec | Mapping[str, Any] | None) -> Model:
         """The same model with ``quant`` (a QuantSpec, its ``to_config()`` dict, or None for float), recorded in
@@ -105,7 +109,7 @@ class Model:
             clean[str(site)] = shape
         model = dataclasses.replace(self, config={**config, "input_ranges": {k: list(v) for k, v in clean.items()}},
                                     input_ranges=clean)
-        layers = device_lib.layer_names(jax.eval_shape(self.init, jax.random.key(0))["params"])
+        layers = self.analog_layers
         unknown = sorted(set(clean) - set(layers))
         if unknown:
             raise ValueError(f"input_ranges names layers {unknown[:5]} that {self.name} does not have; its layers: "
@@ -116,11 +120,13 @@ class Model:
                      noise: noise_lib.NoiseSpec | None = None) -> Any:
         """The weights the MVMs of one chip use: ``params`` quantized by ``self.quant`` (when set), then one
         weight-noise draw ``noise_lib.perturb_weights(weight_key(key), ., noise)`` on the quantized values (when
-        ``key`` and ``noise`` are given), so ``additive_rel_max`` is relative to ``max|W_q|``. Pass the result to
-        :meth:`apply` as ``chip_weights`` to reuse one draw for many batches."""
-        params = quant_lib.quantize_params(params, self.quant)
+        ``key`` and ``noise`` are given), so ``additive_rel_max`` is relative to ``max|W_q|``. Both act on the
+        analog layers' kernels only (:attr:`analog_weight_paths`). :meth:`sample_chip` wraps them in a
+        :class:`Chip`."""
+        paths = self.analog_weight_paths
+        params = quant_lib.quantize_params(params, self.quant, analog_paths=paths)
         if key is not None and noise is not None:
-            params = noise_lib.perturb_weights(noise_lib.weight_key(key), params, noise)
+            params = noise_lib.perturb_weights(noise_lib.weight_key(key), params, noise, analog_paths=paths)
         return params
 
     def sample_chip(self, key: jax.Array, params: Mapping[str, Any], noise: noise_lib.NoiseSpec | None = None,
@@ -136,7 +142,8 @@ class Model:
         weights = self.chip_weights(params, key, noise if noise is not None and noise.has_weight_noise else None)
         if device is None:
             return Chip(weights)
-        return Chip(weights, device, device_lib.program_chip(device_lib.chip_key(key), weights, device))
+        return Chip(weights, device, device_lib.program_chip(device_lib.chip_key(key), weights, device,
+                                                             layers=self.analog_layers))
 
     def pass_chip(self, key: jax.Array, params: Mapping[str, Any], noise: noise_lib.NoiseSpec | None = None,
                   device: device_lib.DeviceSpec | None = None) -> Chip:
@@ -154,11 +161,12 @@ class Model:
         return self._jitted_init(key, batch_size=batch_size)
 
     def _init(self, key: jax.Array, batch_size: int) -> Variables:
-        scope = Scope(init_key=key, quant=self.quant, input_ranges=self.input_ranges)
+        scope = Scope(init_key=key, quant=self.quant, input_ranges=self.input_ranges, taps=self.taps)
         self.forward(scope, jnp.zeros((batch_size,) + tuple(self.input_shape), jnp.float32))
         params = scope.created_params
         if self.quant is not None:
-            params = quant_lib.init_weight_steps(params, self.quant)
+            params = quant_lib.init_weight_steps(params, self.quant, analog_paths=[
+                entry["weight"] for entry in scope.layers.values() if entry["analog"]])
         return {"params": params, "batch_stats": scope.created_stats}
 
     @functools.cached_property
@@ -211,8 +219,8 @@ class Model:
             if chip.state is not None:   # analog MVMs; without a pass key, no I/O noise (quantisation still applies)
                 analog = device_lib.AnalogContext(chip.state, key)
         sites = noise_lib.SiteContext(key, noise, capture=capture_mvm, analog=analog)
-        scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap, quant=self.quant,
-                      input_ranges=self.input_ranges, bn_momentum=bn_momentum)
+        scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap, taps=self.taps,
+                      quant=self.quant, input_ranges=self.input_ranges, bn_momentum=bn_momentum)
         logits, features = self.forward(scope, x)
         features = dict(features)
         if train:
@@ -235,26 +243,31 @@ class Model:
                              f"go through dataset.preprocess (scaling and normalisation) first.")
 
     @functools.cached_property
-    def _names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], dict[str, Any], tuple[str, ...]]:
+    def _names(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], dict[str, Any], tuple[str, ...],
+                              dict[str, dict[str, Any]]]:
         variables = jax.eval_shape(self.init, jax.random.key(0))
         ctx = noise_lib.SiteContext()
 
         order: list[str] = []  # dict pytrees come back key-sorted; keep forward order
         taps: list[str] = []
+        layers: dict[str, dict[str, Any]] = {}
 
         def tap(root, name, h):
             taps.append(name)
             return h
 
         def run(v, x):
-            logits, feats = self.forward(Scope(v["params"], v["batch_stats"], sites=ctx, quant=self.quant,
-                                               input_ranges=self.input_ranges, tap=tap), x)
+            scope = Scope(v["params"], v["batch_stats"], sites=ctx, quant=self.quant,
+                          input_ranges=self.input_ranges, tap=tap, taps=self.taps)
+            logits, feats = self.forward(scope, x)
             order.extend(k for k, v in feats.items() if not isinstance(v, dict))
+            layers.update(scope.layers)
             return logits
 
         jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1,) + tuple(self.input_shape), jnp.float32))
-        weight_paths = noise_lib.weight_noise_sites(variables["params"])
-        return tuple(ctx.sites), tuple(order), weight_paths, dict(ctx.geometry), tuple(taps)
+        analog = [entry["weight"] for entry in layers.values() if entry["analog"]]
+        weight_paths = noise_lib.weight_noise_sites(variables["params"], analog_paths=analog)
+        return tuple(ctx.sites), tuple(order), weight_paths, dict(ctx.geometry), tuple(taps), layers
 
     @property
     def mvm_geometry(self) -> dict[str, dict[str, int] | None]:
@@ -277,6 +290,25 @@ class Model:
         inner points of the residual branches (``"layer1/0/mid"``; ImageNet bottlenecks ``.../mid1``, ``/mid2``),
         which are not returned features. Denoising blocks may sit at any of them."""
         return self._names[4]
+
+    @property
+    def analog_layers(self) -> tuple[str, ...]:
+        """The analog layers (``"layer1/0/conv1"``), as ``Scope.conv``/``Scope.dense`` register them, in forward
+        order: the MVMs on the analog array, the only layers that get weight noise, quantization, a device
+        mapping and weight decay. The single source of truth for "analog"; layers built with
+        ``Scope.digital_conv``/``digital_dense`` (denoising blocks) are not among them."""
+        return tuple(name for name, entry in self._names[5].items() if entry["analog"])
+
+    @property
+    def digital_layers(self) -> tuple[str, ...]:
+        """The layers registered as digital (``Scope.digital_conv``/``digital_dense``), in forward order."""
+        return tuple(name for name, entry in self._names[5].items() if not entry["analog"])
+
+    @property
+    def analog_weight_paths(self) -> tuple[str, ...]:
+        """The parameter paths of the analog layers' kernels (``"layer1/0/conv1/kernel"``), in forward order: what
+        ``noise.perturb_weights``, ``quant.quantize_params`` and the weight decay may select (``analog_paths=``)."""
+        return tuple(entry["weight"] for entry in self._names[5].values() if entry["analog"])
 
     @property
     def weight_noise_paths(self) -> tuple[str, ...]:

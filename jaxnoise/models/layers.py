@@ -6,6 +6,11 @@ A model is a function ``forward(scope, x) -> (logits, features)``. The same func
 the layer's path (``"layer1/0/conv1"``): that is where activation noise is added, before BatchNorm and before the
 digital bias. Parameter and initialisation keys are derived from paths, never from call order.
 
+**Analog by registration.** ``conv``/``dense`` register their layer as analog in the root scope (``layers``), and
+``digital_conv``/``digital_dense`` as digital (exact, no site, whatever their leaves are named). The model reads
+the registry (``Model.analog_layers``, ``Model.analog_weight_paths``); weight noise, quantization, device mapping,
+weight decay and sensitivity maps select among the analog layers it lists, never by a leaf's name.
+
 Layouts follow Flax: conv kernels (kh, kw, in, out), dense kernels (in, out); BatchNorm ``scale``/``bias`` in
 ``params`` and ``mean``/``var`` in ``batch_stats``.
 """
@@ -33,8 +38,10 @@ class Scope:
       train: BatchNorm uses batch statistics and records updated running statistics in ``new_stats``.
       init_key: when given, missing parameters are created (He-normal kernels, keyed by path).
       bn_momentum: weight of the new batch statistic in the running average (PyTorch's 0.1).
-      tap: ``tap(scope, name, x) -> x``, called by :meth:`feature` at every named feature (block outputs, stem):
-        the hook where denoising blocks are inserted or gradient probes attached. None: identity.
+      tap: ``tap(scope, name, x) -> x``, called by :meth:`feature` at every tap point (block outputs, stem, the
+        inner points): the pass's own hook (gradient probes, recorders). None: identity.
+      taps: ``{name: fn(scope, name, x) -> x}``: the model's own insertions at tap points (``Model.taps``: the
+        denoising blocks), run before ``tap``; what they record for the pass goes in the root's ``tap_outputs``.
       quant: the model's quantization; a selected layer's input goes through its LSQ quantizer (learned step
         ``a_step`` beside the kernel) before the MVM. Kernels arrive already quantized (``Model.apply``).
       input_ranges: ``{layer: (T_in, T_out)}``: the layers with learned input ranges (a leaf ``input_range`` of
@@ -44,7 +51,7 @@ class Scope:
 
     def __init__(self, params=None, batch_stats=None, *, sites: noise_lib.SiteContext | None = None,
                  train: bool = False, init_key: jax.Array | None = None, bn_momentum: float = 0.1,
-                 tap=None, quant: quant_lib.QuantSpec | None = None, input_ranges=None,
+                 tap=None, taps=None, quant: quant_lib.QuantSpec | None = None, input_ranges=None,
                  _path: tuple[str, ...] = (), _root: Scope | None = None):
         self.params = {} if params is None else params
         self.batch_stats = {} if batch_stats is None else batch_stats
@@ -56,11 +63,14 @@ class Scope:
         self.root = _root or self
         if _root is None:
             self.tap = tap
+            self.site_taps = dict(taps or {})
+            self.tap_outputs: dict[str, Any] = {}
             self.quant = quant
             self.input_ranges = dict(input_ranges or {})
             self.new_stats: dict[str, Any] = {}
             self.created_params: dict[str, Any] = {}
             self.created_stats: dict[str, Any] = {}
+            self.layers: dict[str, dict[str, Any]] = {}   # {layer: {"analog", "weight"}}, in forward order
 
     def child(self, name: str | int) -> Scope:
         name = str(name)
@@ -71,9 +81,13 @@ class Scope:
 
     def feature(self, name: str, x):
         """Marks ``x`` as the named feature ``name`` (a model-level name such as ``"layer1/0"``) and returns it,
-        after the root's ``tap`` hook when one is set (the hook may change it, e.g. a denoising block)."""
-        tap = self.root.tap
-        return x if tap is None else tap(self.root, name, x)
+        after the model's insertion at ``name`` (the root's ``site_taps``, e.g. a denoising block) and the root's
+        ``tap`` hook, when they are set (either may change it)."""
+        root = self.root
+        site_tap = root.site_taps.get(name)
+        if site_tap is not None:
+            x = site_tap(root, name, x)
+        return x if root.tap is None else root.tap(root, name, x)
 
     def inner(self, name: str, x):
         """Marks ``x`` as the inner tap point ``self.name(name)`` (e.g. ``"layer1/0/mid"``: inside a residual
@@ -104,6 +118,18 @@ class Scope:
     def name(self, *parts: str) -> str:
         return "/".join(self.path + tuple(str(p) for p in parts))
 
+    def register(self, name: str, *, analog: bool, weight: str = "kernel") -> None:
+        """Records layer ``name`` (under this scope) in the root's registry: analog (an MVM on the array: weight
+        noise, quantization, device mapping, weight decay) or digital, its weight leaf ``weight``. One name
+        registered as two different layers in one pass is an error."""
+        layer = self.name(name)
+        entry = {"analog": bool(analog), "weight": "/".join(p for p in (layer, weight) if p)}
+        known = self.root.layers.get(layer)
+        if known is not None and known != entry:
+            raise ValueError(f"layer {layer!r} is registered twice, as {known} and as {entry}: give the layers "
+                             f"distinct names.")
+        self.root.layers[layer] = entry
+
     # -- variable access -------------------------------------------------------------------------------------
     def _get(self, collection: str, layer: str, leaf: str, shape, init_fn):
         tree = self.params if collection == "params" else self.batch_stats
@@ -131,6 +157,7 @@ class Scope:
         """2-D convolution (NHWC), an analog MVM (``sites.mvm``): noise site ``self.name(name)``; bias digital."""
         padding = kernel_size // 2 if padding is None else padding
         cin = x.shape[-1]
+        self.register(name, analog=True)
         kernel = self._get("params", name, "kernel", (kernel_size, kernel_size, cin, features), he_normal)
         x = self.quantized_input(name, x)
         if self.root.train and materialize_conv_inputs():
@@ -149,12 +176,41 @@ class Scope:
 
     def dense(self, name: str, x, features: int, bias: bool = True):
         """Fully connected layer, an analog MVM: noise site ``self.name(name)``; bias added digitally after."""
+        self.register(name, analog=True)
         kernel = self._get("params", name, "kernel", (x.shape[-1], features), lecun_normal)
         x = self.quantized_input(name, x)
         y = self.sites.mvm(self.name(name), x, kernel, lambda x, k: x @ k.astype(x.dtype), None,
                            self.input_range(name))
         if bias:
             y = y + self._get("params", name, "bias", (features,), zeros).astype(y.dtype)
+        return y
+
+    def digital_conv(self, name: str, x, features: int, kernel_size: int = 3, stride: int = 1,
+                     padding: int | None = None, bias: bool = True, *, init=None,
+                     leaves: tuple[str, str] = ("kernel", "bias")):
+        """2-D convolution (NHWC) computed digitally and exactly: no noise site, no quantization, never mapped to
+        the device, no weight decay (a digital engine's layer, e.g. a denoising block). ``leaves``: the names of
+        its kernel and bias leaves; ``init``: the kernel's initialiser (default :func:`he_normal`)."""
+        padding = kernel_size // 2 if padding is None else padding
+        init = he_normal if init is None else init
+        self.register(name, analog=False, weight=leaves[0])
+        kernel = self._get("params", name, leaves[0], (kernel_size, kernel_size, x.shape[-1], features), init)
+        y = jax.lax.conv_general_dilated(x, kernel, (stride, stride),
+                                         ((padding, padding), (padding, padding)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if bias:
+            y = y + self._get("params", name, leaves[1], (features,), zeros)
+        return y
+
+    def digital_dense(self, name: str, x, features: int, bias: bool = True, *, init=None,
+                      leaves: tuple[str, str] = ("kernel", "bias")):
+        """Fully connected layer computed digitally and exactly (see :meth:`digital_conv`) on the last axis;
+        ``init`` defaults to :func:`lecun_normal`."""
+        init = lecun_normal if init is None else init
+        self.register(name, analog=False, weight=leaves[0])
+        y = x @ self._get("params", name, leaves[0], (x.shape[-1], features), init)
+        if bias:
+            y = y + self._get("params", name, leaves[1], (features,), zeros)
         return y
 
     def batch_norm(self, name: str, x, eps: float = 1e-5):
