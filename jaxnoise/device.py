@@ -2006,7 +2006,7 @@ def calibrate_input_ranges(apply_fn, variables, images, *, statistic: str = "std
 
     Args:
       apply_fn: ``apply(variables, x, *, capture_mvm=True)`` returning clean layer inputs in
-        ``features["mvm_inputs"]`` (every ``jaxnoise.models`` model does).
+        ``.captured.inputs`` (``model.apply`` of every ``jaxnoise.models`` model).
       variables: model variables.
       images: preprocessed calibration inputs (the library uses ``data.calibration_images`` of the train split).
       statistic: ``"std"`` or ``"absmax"``.
@@ -2096,13 +2096,13 @@ def init_input_ranges(model, variables, spec: DeviceSpec, images, *, method: str
     @jax.jit
     def stats(v, x, k):
         if k is None:
-            _, feats = new_model.apply(v, x, capture_mvm=True)
+            captured = new_model.apply(v, x, capture_mvm=True).captured
         else:
-            _, feats = new_model.apply(v, x, key=k, chip=new_model.pass_chip(k, v["params"], None, spec),
-                                       capture_mvm=True)
+            captured = new_model.apply(v, x, key=k, chip=new_model.pass_chip(k, v["params"], None, spec),
+                                       capture_mvm=True).captured
         out = {}
         for s in sites:
-            lay, xin = layouts[s], feats["mvm_inputs"][s]
+            lay, xin = layouts[s], captured.inputs[s]
             rows = _patches(xin, lay, geometry[s]) if geometry[s] is not None else xin
             xt = _split(rows.reshape(-1, rows.shape[-1]).astype(jnp.float32), lay.in_sizes, -1)   # (R, T_in, L_in)
             real = jnp.asarray(np.arange(xt.shape[-1])[None, :] < np.asarray(lay.in_sizes)[:, None])

@@ -263,8 +263,8 @@ def clean(model: Any) -> Loss:
     """
     def loss_fn(params, batch_stats, images, labels, key, hparams):
         del key, hparams  # clean training draws no noise
-        logits, features = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True)
-        return cross_entropy(logits, labels), (logits, features["batch_stats"], {})
+        out = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True)
+        return cross_entropy(out.logits, labels), (out.logits, out.state, {})
 
     return Loss(loss_fn, "clean", {}, {})
 
@@ -360,9 +360,9 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
         variables = {"params": params, "batch_stats": batch_stats}
 
         def per_draw(draw_key):
-            logits, features = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
-                                           chip=_pass_chip(model, draw_key, params, noisy_spec, device))
-            return cross_entropy(logits, labels), logits, features["batch_stats"]
+            out = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
+                              chip=_pass_chip(model, draw_key, params, noisy_spec, device))
+            return cross_entropy(out.logits, labels), out.logits, out.state
 
         ce, logits, stats = _draws(per_draw, key, num_draws, draw_batch_size)
         loss = jnp.mean(ce)
@@ -452,17 +452,17 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
         noisy_spec = _noisy_spec(spec, hparams)
         variables = {"params": params, "batch_stats": batch_stats}
         if teacher is None:
-            clean_logits, clean_features = model.apply(variables, images, train=True)
+            clean_logits, clean_features = model.apply(variables, images, train=True)[:2]
         else:
-            clean_logits, clean_features = teacher_model.apply(teacher, images)
+            clean_logits, clean_features = teacher_model.apply(teacher, images)[:2]
         targets = jax.lax.stop_gradient(pick(clean_logits, clean_features))
 
         def per_draw(draw_key):
-            logits, features = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
-                                           chip=_pass_chip(model, draw_key, params, noisy_spec, device))
-            noisy = pick(logits, features)
+            out = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
+                              chip=_pass_chip(model, draw_key, params, noisy_spec, device))
+            noisy = pick(out.logits, out.features)
             reg = sum(weights[s] * feature_distance(noisy[s], targets[s], distance) for s in sites)
-            return cross_entropy(logits, labels), reg, logits, features["batch_stats"]
+            return cross_entropy(out.logits, labels), reg, out.logits, out.state
 
         ce, reg, logits, stats = _draws(per_draw, key, num_draws, draw_batch_size)
         ce, reg = jnp.mean(ce), jnp.mean(reg)

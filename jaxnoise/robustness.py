@@ -174,7 +174,7 @@ def make_chip_eval(model: Model, *, batch_size: int,
             if preprocess is not None:
                 x = preprocess(x)
             key = jax.random.fold_in(chip_key, b) if per_pass else None
-            logits, _ = model.apply(variables, x, key=key, noise=act_spec, chip=chip)
+            logits = model.apply(variables, x, key=key, noise=act_spec, chip=chip).logits
             hit = (jnp.argmax(logits, axis=-1) == y) & valid
             return total + jnp.sum(hit, dtype=jnp.int32), None
 
@@ -410,9 +410,9 @@ def recalibrated_batch_stats(model: Model, variables: Variables, chip: Chip, cal
     def body(total, xs):
         b, x = xs
         x = x if preprocess is None else preprocess(x)
-        _, feats = model.apply(variables, x, key=jax.random.fold_in(key, b), noise=noise, chip=chip, train=True,
-                               bn_momentum=1.0)
-        return jax.tree.map(jnp.add, total, feats["batch_stats"]), None
+        state = model.apply(variables, x, key=jax.random.fold_in(key, b), noise=noise, chip=chip, train=True,
+                            bn_momentum=1.0).state
+        return jax.tree.map(jnp.add, total, state), None
 
     zeros = jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), variables["batch_stats"])
     n = calib_b.shape[0]
@@ -588,8 +588,9 @@ def _model_info(model: Model) -> dict[str, Any]:
         return cache["value"]
     abstract = _checks.abstract_variables(model)
     x = jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32)
-    _, feats = jax.eval_shape(lambda v, x: model.apply(v, x, capture_mvm=True), abstract, x)
-    info = {"variables": abstract, "activation_bytes": _tree_bytes(feats), "input_bytes": _tree_bytes(x)}
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, capture_mvm=True), abstract, x)
+    info = {"variables": abstract, "activation_bytes": _tree_bytes((out.features, out.captured, out.aux)),
+            "input_bytes": _tree_bytes(x)}
     cache["value"] = info
     return info
 

@@ -28,7 +28,7 @@ def test_recalibrated_statistics_are_the_calibration_images_own(small_cnn, digit
     calib_b = jnp.asarray(calib.reshape((2, 32) + calib.shape[1:]))
     stats = robustness.recalibrated_batch_stats(model, variables, chip, calib_b, jax.random.key(3),
                                                 preprocess=digits.preprocess)
-    y = np.asarray(model.apply(variables, digits.preprocess(jnp.asarray(calib)), capture_mvm=True)[1]["mvm"]["conv1"],
+    y = np.asarray(model.apply(variables, digits.preprocess(jnp.asarray(calib)), capture_mvm=True).captured.outputs["conv1"],
                    np.float64).reshape(2, -1, 4)
     np.testing.assert_allclose(stats["bn1"]["mean"], y.mean(axis=1).mean(axis=0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats["bn1"]["var"], y.var(axis=1, ddof=1).mean(axis=0), rtol=1e-4)

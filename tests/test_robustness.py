@@ -38,7 +38,7 @@ def trained_mlp(digits):
     opt = optax.adam(1e-2)
 
     def loss(params):
-        logits, _ = model.apply({**variables, "params": params}, x)
+        logits = model.apply({**variables, "params": params}, x).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     @jax.jit
@@ -81,9 +81,9 @@ def _manual(model, variables, images, labels, spec, key, n_chips, batch_size, pr
             x = pre(x) if pre is not None else x
             batch_key = jax.random.fold_in(chip_key, 0 if same_act_key_every_batch else b)
             if redraw_weights_per_batch:
-                logits, _ = model.apply(variables, x, key=batch_key, noise=spec)
+                logits = model.apply(variables, x, key=batch_key, noise=spec).logits
             else:
-                logits, _ = model.apply(noisy, x, key=batch_key, noise=spec.activation_only())
+                logits = model.apply(noisy, x, key=batch_key, noise=spec.activation_only()).logits
             correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(labels[start:start + batch_size])))
         out.append(correct / len(labels))
     return np.array(out)

@@ -49,6 +49,29 @@ class Chip(NamedTuple):
             key, self.programmed, t_inference, self.device)))
 
 
+class Output(NamedTuple):
+    """What :meth:`Model.apply` returns, each kind of value in its own field (a pytree: fine under jit and vmap).
+
+    ``out[:2]`` is ``(logits, features)``.
+
+    Attributes:
+      logits: (batch, num_classes).
+      features: ``{name: array}`` for every name of ``Model.feature_names`` (the values after any tap).
+      state: with ``train=True``, the updated BatchNorm running statistics (the structure of
+        ``variables["batch_stats"]``); else None.
+      captured: with ``capture_mvm=True``, the clean (pre-noise) outputs and the inputs of every MVM site
+        (:class:`jaxnoise.noise.Captured`); else None.
+      aux: what the model's own ``taps`` recorded at their tap points, ``{point: {...}}`` (the probabilistic
+        denoising blocks' ``{"input", "mean", "log_var"}``); ``{}`` when nothing.
+    """
+
+    logits: jax.Array
+    features: dict[str, jax.Array]
+    state: dict[str, Any] | None = None
+    captured: noise_lib.Captured | None = None
+    aux: dict[str, Any] = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
     """A pure-function model.
@@ -137,7 +160,7 @@ class Model:
 
         Examples:
           >>> chip = model.sample_chip(chip_key, variables["params"], NoiseSpec(weight_eta=0.1))  # doctest: +SKIP
-          >>> logits, _ = model.apply(variables, x, chip=chip)   # the same weights for every batch  # doctest: +SKIP
+          >>> logits = model.apply(variables, x, chip=chip).logits   # the same weights for every batch  # doctest: +SKIP
         """
         weights = self.chip_weights(params, key, noise if noise is not None and noise.has_weight_noise else None)
         if device is None:
@@ -177,7 +200,7 @@ class Model:
     def apply(self, variables: Variables, x: jax.Array, *, key: jax.Array | None = None,
               noise: noise_lib.NoiseSpec | None = None, chip: Chip | None = None, train: bool = False,
               capture_mvm: bool = False, tap: Callable | None = None,
-              bn_momentum: float = 0.1) -> tuple[jax.Array, dict[str, Any]]:
+              bn_momentum: float = 0.1) -> Output:
         """Runs the model, noisy when both ``key`` and ``noise`` are given.
 
         Args:
@@ -191,18 +214,23 @@ class Model:
             weights are used as they are in place of ``variables["params"]`` (no quantization or weight noise
             here; ``noise`` then applies its activation noise only), and a read chip's MVMs are analog. The
             Monte Carlo evaluator makes one per chip; training makes one per pass (:meth:`pass_chip`).
-          train: BatchNorm in training mode; ``features["batch_stats"]`` then holds the updated running
-            statistics (same structure as ``variables["batch_stats"]``).
-          capture_mvm: put the clean (pre-noise) output of every activation site in ``features["mvm"]``.
-          tap: ``tap(scope, name, x) -> x`` called at every named feature (``self.feature_names``) with the root
-            :class:`~jaxnoise.models.layers.Scope`; what it returns flows on (and is the reported feature).
-            Used to insert denoising blocks (``jaxnoise.denoise``) and gradient probes. None: identity.
+          train: BatchNorm in training mode; ``state`` then holds the updated running statistics (same structure
+            as ``variables["batch_stats"]``).
+          capture_mvm: record the clean (pre-noise) output and the input of every activation site in
+            ``captured``.
+          tap: ``tap(scope, name, x) -> x`` called at every tap point (``self.tap_names``) with the root
+            :class:`~jaxnoise.models.layers.Scope`, after the model's own ``taps``; what it returns flows on (and
+            is the reported feature). For gradient probes and recorders. None: identity.
           bn_momentum: with ``train``, the weight of this batch's statistics in the updated running statistics
             (PyTorch's 0.1; 1.0 returns the batch's own mean and unbiased variance).
 
         Returns:
-          ``(logits, features)``: logits (batch, num_classes); features maps each name of
-          ``self.feature_names`` to its array (plus ``"batch_stats"``/``"mvm"`` when asked for).
+          An :class:`Output`: ``logits``, ``features`` (each name of ``self.feature_names``), ``state`` (with
+          ``train``), ``captured`` (with ``capture_mvm``), ``aux`` (what the model's taps recorded).
+
+        Examples:
+          >>> out = model.apply(variables, x, train=True)                    # doctest: +SKIP
+          >>> out.logits.shape, sorted(out.features) == sorted(model.feature_names), out.state is not None
         """
         self.check_input(x)
         analog = None
@@ -222,13 +250,9 @@ class Model:
         scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap, taps=self.taps,
                       quant=self.quant, input_ranges=self.input_ranges, bn_momentum=bn_momentum)
         logits, features = self.forward(scope, x)
-        features = dict(features)
-        if train:
-            features["batch_stats"] = scope.new_stats
-        if capture_mvm:
-            features["mvm"] = sites.captured
-            features["mvm_inputs"] = sites.captured_inputs
-        return logits, features
+        return Output(logits, dict(features), scope.new_stats if train else None,
+                      noise_lib.Captured(sites.captured, sites.captured_inputs) if capture_mvm else None,
+                      dict(scope.tap_outputs))
 
     def check_input(self, x: Any) -> None:
         """Raises a ValueError naming the problem when ``x`` is not a float batch of ``input_shape``."""
