@@ -25,7 +25,7 @@ needs_pretrained = pytest.mark.skipif(not os.path.isdir(PRETRAINED), reason="../
 def test_shapes_features_and_sites(name, shape, params):
     model = get_model(name)
     variables = model.init(jax.random.key(0))
-    logits, feats = jax.jit(model.apply)(variables, jnp.zeros((3,) + shape))
+    logits, feats = jax.jit(model.apply)(variables, jnp.zeros((3,) + shape))[:2]
     assert logits.shape == (3, 10)
     assert set(feats) == set(model.feature_names)  # jit returns dicts key-sorted; feature_names is forward order
     assert "pre_logits" in feats
@@ -53,7 +53,7 @@ def test_resnet18_imagenet():
     assert model.param_count(variables) == 11_689_512  # torchvision's resnet18
     assert "layer2/0/downsample/0" in model.sites
     variables = model.init(jax.random.key(0))
-    logits, feats = jax.jit(model.apply)(variables, jnp.zeros((1, 224, 224, 3)))
+    logits, feats = jax.jit(model.apply)(variables, jnp.zeros((1, 224, 224, 3)))[:2]
     assert logits.shape == (1, 1000)
     assert feats["layer4/1"].shape == (1, 7, 7, 512)
     assert feats["stem"].shape == (1, 56, 56, 64)
