@@ -75,15 +75,20 @@ __all__ = ["InsufficientMemoryError", "MCResult", "MEMORY_SAFETY_FACTOR", "Monte
            "estimate_memory_bytes", "evaluate", "evaluate_device", "evaluate_many", "format_ci95", "make_chip_eval",
            "spec_as_arrays", "summarize", "sweep", "trace_count"]
 
-_TRACE_COUNT = 0  # traces of the jitted evaluation programs (see trace_count)
-
-
 def trace_count() -> int:
-    """How many times the jitted evaluation programs of this module have been traced (compiled) so far.
+    """How many times the jitted evaluation programs of this module have been traced (compiled) so far: the sum of
+    the entries of their compilation caches (each jitted program owns its cache; nothing is counted inside traced
+    code).
 
     A call that reuses a compiled program leaves it unchanged, so tests can check that a sweep compiles once.
     """
-    return _TRACE_COUNT
+    total = 0
+    for program in _PROGRAMS:
+        size = getattr(program, "_cache_size", None)
+        if size is None:   # pragma: no cover - a JAX without jit cache sizes
+            raise RuntimeError("trace_count needs jax.jit functions with _cache_size() (JAX >= 0.4.30).")
+        total += int(size())
+    return total
 
 
 def chip_keys(key: jax.Array | int, n_chips: int, start: int = 0) -> jax.Array:
@@ -450,22 +455,26 @@ def _map_chips(one_chip, keys, chip_batch_size: int):
     return jax.lax.map(one_chip, keys, batch_size=None if chip_batch_size == 1 else chip_batch_size)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "chip_batch_size"))
-def _mc_program(static: _Static, variables, images_b, labels_b, valid_b, spec, keys, *, chip_batch_size: int):
-    """Number correct of each chip: (n_chips,) int32."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
-    return _map_chips(_mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec), keys, chip_batch_size)
-
-
 @functools.partial(jax.jit, static_argnames=("static", "chip_batch_size", "setting_batch_size"))
-def _settings_program(static: _Static, variables, images_b, labels_b, valid_b, specs, keys, *, chip_batch_size: int,
-                      setting_batch_size: int):
-    """Number correct of each chip under each of the stacked specs: (n_settings, n_chips) int32."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
-    return _map_settings(lambda spec: _map_chips(_mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec),
-                                                 keys, chip_batch_size), specs, setting_batch_size)
+def _program(static: _Static, variables, images_b, labels_b, valid_b, spec, device, keys, times, calib_b=None, *,
+             chip_batch_size: int, setting_batch_size: int | None = None):
+    """The Monte Carlo program: the number correct of every chip (``keys``) per setting and read time.
+
+    ``spec`` is one NoiseSpec, or with ``setting_batch_size`` the specs of several settings stacked on a leading
+    axis (mapped in groups of that size); ``device`` None (no analog device; ``times`` unused) or a DeviceSpec
+    read at each of ``times`` (``calib_b``: the batches that recalibrate BatchNorm per chip and time, or None).
+    Counts, int32: (n_chips,), (n_chips, n_times) with a device, (n_settings, n_chips[, n_times]) stacked. Scales,
+    times, masks and keys are data: one trace per (model, shapes, static layout).
+    """
+    def chips(spec):
+        if device is None:
+            fn = _mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec)
+        else:
+            fn = _device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times,
+                                 calib_b=calib_b)
+        return _map_chips(fn, keys, chip_batch_size)
+
+    return chips(spec) if setting_batch_size is None else _map_settings(chips, spec, setting_batch_size)
 
 
 def _map_settings(fn, specs, setting_batch_size: int):
@@ -483,8 +492,6 @@ def _sharded_program(static: _Static, variables, images_b, labels_b, valid_b, ba
     counts are summed over ``"data"``. Without a ``device`` (None): (n_chips,) counts; with one:
     (n_chips, n_times); with ``setting_batch_size`` (stacked specs, no device): (n_settings, n_chips).
     """
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
     CHIPS, DATA, P = distributed.CHIPS, distributed.DATA, distributed.P
 
     def local(variables, images_b, labels_b, valid_b, batch_ids, spec, device, times, key_data, chip_ids):
@@ -510,19 +517,7 @@ def _sharded_program(static: _Static, variables, images_b, labels_b, valid_b, ba
 @functools.partial(jax.jit, static_argnames=("static",))
 def _clean_program(static: _Static, variables, images_b, labels_b, valid_b):
     """Number correct of the exact model: int32 scalar."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
     return static.chip_correct(variables, images_b, labels_b, valid_b, None, None)
-
-
-@functools.partial(jax.jit, static_argnames=("static", "chip_batch_size"))
-def _device_program(static: _Static, variables, images_b, labels_b, valid_b, spec, device, keys, times, *,
-                    chip_batch_size: int, calib_b=None):
-    """Number correct of each chip at each time: (n_chips, n_times) int32. One trace for any times / scales."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
-    return _map_chips(_device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times,
-                                      calib_b=calib_b), keys, chip_batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "variant_fn", "chip_batch_size", "variant_batch_size"))
@@ -530,8 +525,6 @@ def _variants_program(static: _Static, variables, images_b, labels_b, valid_b, s
                       variant_fn: Callable, chip_batch_size: int, variant_batch_size: int | None):
     """Number correct of each chip under each variant ``variant_fn(variables, spec, variant_data[k])``:
     (n_chips, n_variants) int32."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
 
     def one_chip(chip_key):
         def one_variant(d):
@@ -915,7 +908,8 @@ def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec |
                device: device_lib.DeviceSpec | None = None, times: np.ndarray | None = None,
                setting_batch_size: int | None = None, calib_b: jax.Array | None = None) -> np.ndarray:
     """Accuracy of chips ``start .. start + n_chips - 1``: (n_chips,), or (n_chips, n_times) with a device, or
-    (n_settings, n_chips) when ``spec`` is stacked (leading axis on every leaf) and ``setting_batch_size`` is set.
+    (n_settings, n_chips[, n_times]) when ``spec`` is stacked (leading axis on every leaf) and
+    ``setting_batch_size`` is set (:func:`_program`).
 
     Without a mesh: one jitted program on the default device. With one: the sharded program; chips are padded to
     a multiple of the chips-axis size with the next chips (computed and discarded), so every chip's value is the
@@ -931,15 +925,8 @@ def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec |
     if mesh is None:
         keys = chip_keys(key, n_chips, start)
         cbs = min(chip_batch_size, n_chips)
-        if setting_batch_size is not None:
-            correct = _settings_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec,
-                                        keys, chip_batch_size=cbs, setting_batch_size=setting_batch_size)
-        elif device is None:
-            correct = _mc_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec, keys,
-                                  chip_batch_size=cbs)
-        else:
-            correct = _device_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec,
-                                      device, keys, times, chip_batch_size=cbs, calib_b=calib_b)
+        correct = _program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec, device, keys,
+                           times, calib_b, chip_batch_size=cbs, setting_batch_size=setting_batch_size)
         return np.asarray(correct, dtype=np.float64) / data.n_images
     mesh = _check_mesh(mesh)
     shards = mesh.shape[distributed.CHIPS]
@@ -1013,8 +1000,6 @@ def _stream_weights(static: _Static, variables, spec, keys, chip_batch_size: int
 def _stream_state_program(static: _Static, variables, spec, keys, device, times, *, chip_batch_size: int, mode: str):
     """What a chip group keeps while the split streams: its weights (``"mc"``; per setting for ``"settings"``),
     or its weights and its read chip at every time (``"device"``)."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
     if mode == "mc":
         return _stream_weights(static, variables, spec, keys, chip_batch_size)
     if mode == "settings":
@@ -1036,8 +1021,6 @@ def _stream_state_program(static: _Static, variables, spec, keys, device, times,
 def _stream_batch_program(static: _Static, variables, state, images, labels, valid, b, spec, keys, device, times, *,
                           chip_batch_size: int, mode: str):
     """Numbers correct on one batch (global index ``b``): (n_chips,), (n_settings, n_chips) or (n_chips, n_times)."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
     xs = (images[None], labels[None], valid[None])
     ids = b[None]
     if mode == "clean":
@@ -1062,6 +1045,11 @@ def _stream_batch_program(static: _Static, variables, state, images, labels, val
 
         return jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), layers))
     return _chip_map(one_chip, (state[0], state[1], keys), chip_batch_size)
+
+
+# Every jitted program of this module (trace_count sums their compilation caches).
+_PROGRAMS = (_program, _sharded_program, _clean_program, _variants_program, _stream_state_program,
+             _stream_batch_program)
 
 
 def _stream_pass(data: _StreamData, variables, spec, keys, chip_batch_size: int, device=None, times=None,
@@ -1128,9 +1116,11 @@ def described(spec: noise_lib.NoiseSpec | None, model: Any) -> dict[str, Any]:
 
 class MonteCarlo:
     """The Monte Carlo evaluator of one model on one test set: the data is checked and batched once (and sharded
-    over ``mesh`` once), and each call counts every chip's correct answers, per setting and read time, in one of
-    this module's compiled programs. Programs are cached by (model, preprocess, batch size, shapes), not by
-    evaluator, so new evaluators, other variables of the model and other scales reuse them (:func:`trace_count`).
+    over ``mesh`` once), and each call counts every chip's correct answers, per setting and read time, in one
+    program (``_program``: counts per setting x chip x time; its sharded form over a mesh; the exact model and
+    placement variants have their own). Compilations are cached by (model, preprocess, batch size, shapes), not
+    by evaluator, so new evaluators, other variables of the model and other scales reuse them
+    (:func:`trace_count`).
 
     :func:`evaluate`, :func:`evaluate_many`, :func:`sweep` and :func:`evaluate_device` are one-call adapters over
     it; :func:`jaxnoise.placement.evaluate_variants` and :func:`jaxnoise.sensitivity.sensitivity_map` evaluate
