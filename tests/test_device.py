@@ -617,11 +617,11 @@ def _ref_readout(key, w_tile, spec, site):
     return jnp.maximum(jnp.mean(jnp.abs(y), axis=axis), device.COMPENSATION_FLOOR)
 
 
-def _ref_program_chip(key, params, spec):
+def _ref_program_chip(key, params, spec, layers=None):
     from flax import traverse_util
     flat = traverse_util.flatten_dict(params, sep="/")
     chip = {}
-    for site in device.analog_sites(params, spec):
+    for site in device.analog_sites(params, spec, layers):   # the registered analog layers (not numerics)
         w = jax.lax.stop_gradient(flat[f"{site}/kernel" if site else "kernel"])
         if spec.modifier is not None:
             w = device.modify_weights(_ref_key(key, "jaxnoise/device/modifier", site), w, spec.modifier)
