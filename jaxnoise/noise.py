@@ -656,7 +656,7 @@ class SiteContext:
         self.captured_inputs: dict[str, jax.Array] = {}
         self.sites: list[str] = []
         self.geometry: dict[str, Mapping[str, int] | None] = {}   # each MVM's conv geometry (None: dense)
-        self.analog = analog  # a jaxnoise.device.AnalogContext, or None: every MVM exact
+        self.analog = analog  # a jaxnoise.analog.AnalogContext, or None: every MVM exact
 
     def mvm(self, name: str, x: jax.Array, kernel: jax.Array, exact: Callable[[jax.Array, jax.Array], jax.Array],
             geometry: Mapping[str, int] | None = None, input_range: jax.Array | None = None) -> jax.Array:
@@ -669,7 +669,7 @@ class SiteContext:
           kernel: the layer's (possibly noisy) kernel.
           exact: the exact linear map ``exact(x, kernel)``.
           geometry: ``{"stride", "padding"}`` for a convolution, None for a dense layer.
-          input_range: the layer's learned input ranges (``jaxnoise.device.InputRange``), or None; only an analog
+          input_range: the layer's learned input ranges (``jaxnoise.analog.InputRange``), or None; only an analog
             layer uses them.
         """
         self.geometry[name] = None if geometry is None else dict(geometry)
@@ -750,7 +750,7 @@ def pooled_statistics(apply_fn: Callable[..., Any], variables: Any, images: Any,
                       batch_size: int = 256) -> dict[str, PooledStats]:
     """The clean network's MVM outputs (``of="mvm"``) or inputs (``"mvm_inputs"``) at every site, pooled over
     ``images``: the one calibration pass behind :func:`calibrate_activations` (activation-noise references) and
-    ``jaxnoise.device.calibrate_input_ranges`` (DAC input ranges).
+    ``jaxnoise.analog.calibrate_input_ranges`` (DAC input ranges).
 
     Args:
       apply_fn: ``apply(variables, x, *, capture_mvm=True) -> out`` with ``out.captured`` a :class:`Captured`

@@ -66,7 +66,7 @@ import scipy.stats
 from flax import traverse_util
 
 from jaxnoise import _checks, distributed
-from jaxnoise import device as device_lib
+from jaxnoise import analog as analog_lib
 from jaxnoise import noise as noise_lib
 from jaxnoise.models.base import Chip, Model, Variables
 
@@ -461,7 +461,7 @@ def _program(static: _Static, variables, images_b, labels_b, valid_b, spec, devi
     """The Monte Carlo program: the number correct of every chip (``keys``) per setting and read time.
 
     ``spec`` is one NoiseSpec, or with ``setting_batch_size`` the specs of several settings stacked on a leading
-    axis (mapped in groups of that size); ``device`` None (no analog device; ``times`` unused) or a DeviceSpec
+    axis (mapped in groups of that size); ``device`` None (no analog device; ``times`` unused) or an AnalogSpec
     read at each of ``times`` (``calib_b``: the batches that recalibrate BatchNorm per chip and time, or None).
     Counts, int32: (n_chips,), (n_chips, n_times) with a device, (n_settings, n_chips[, n_times]) stacked. Scales,
     times, masks and keys are data: one trace per (model, shapes, static layout).
@@ -705,7 +705,7 @@ def _fmt_bytes(n: float) -> str:
 
 def estimate_memory_bytes(model: Model, variables: Variables, batch_size: int, chip_batch_size: int, n_chips: int,
                           *, images: Any = None, n_settings: int = 1, setting_batch_size: int = 1,
-                          n_times: int = 1, device: device_lib.DeviceSpec | None = None,
+                          n_times: int = 1, device: analog_lib.AnalogSpec | None = None,
                           mesh: jax.sharding.Mesh | None = None) -> int:
     """An analytic estimate of the device memory of one Monte Carlo call (cheap: shapes only, nothing allocated).
 
@@ -905,7 +905,7 @@ def _sharded_data(data: _Batched, mesh: jax.sharding.Mesh) -> tuple[jax.Array, .
 
 def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec | None, key: jax.Array,
                start: int, n_chips: int, chip_batch_size: int, mesh: jax.sharding.Mesh | None = None,
-               device: device_lib.DeviceSpec | None = None, times: np.ndarray | None = None,
+               device: analog_lib.AnalogSpec | None = None, times: np.ndarray | None = None,
                setting_batch_size: int | None = None, calib_b: jax.Array | None = None) -> np.ndarray:
     """Accuracy of chips ``start .. start + n_chips - 1``: (n_chips,), or (n_chips, n_times) with a device, or
     (n_settings, n_chips[, n_times]) when ``spec`` is stacked (leading axis on every leaf) and
@@ -1040,7 +1040,7 @@ def _stream_batch_program(static: _Static, variables, state, images, labels, val
         def one_time(k_l):
             k, lay = k_l
             pass_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/time"), k)
-            return static.chip_correct(variables, *xs, act_spec, pass_key, Chip(params, device, state=device_lib.ChipRead(device, lay)),
+            return static.chip_correct(variables, *xs, act_spec, pass_key, Chip(params, device, state=analog_lib.ChipRead(device, lay)),
                                        batch_ids=ids)
 
         return jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), layers))
@@ -1324,13 +1324,13 @@ class MonteCarlo:
         return [MCResult.from_per_chip(per_chip, self.n_images, {**described(exact, self.model), "swept": sw})
                 for per_chip, exact, sw in zip(per_setting, exacts, swept)]
 
-    def evaluate_device(self, variables: Variables, device: device_lib.DeviceSpec, *, times: Sequence[float],
+    def evaluate_device(self, variables: Variables, device: analog_lib.AnalogSpec, *, times: Sequence[float],
                         key: jax.Array | int, n_chips: int = 32, noise: noise_lib.NoiseSpec | None = None,
                         recalibrate: str | None = None, calibration_images: Any = None,
                         calibration_batch_size: int | None = None) -> list[MCResult]:
         """:func:`evaluate_device` on this evaluator's data."""
-        if not isinstance(device, device_lib.DeviceSpec):
-            raise ValueError(f"device must be a jaxnoise.device.DeviceSpec (e.g. jaxnoise.device.preset("
+        if not isinstance(device, analog_lib.AnalogSpec):
+            raise ValueError(f"device must be a jaxnoise.analog.AnalogSpec (e.g. jaxnoise.analog.preset("
                              f"'aihwkit_inference_default')), got {type(device).__name__}.")
         try:
             t = np.asarray(times, dtype=np.float64).ravel()
@@ -1338,7 +1338,7 @@ class MonteCarlo:
             raise ValueError(f"times={times!r} must be a sequence of seconds: {e}") from e
         if t.size == 0:
             raise ValueError("times is empty: give at least one inference time in seconds (e.g. [1, 3600]).")
-        device_lib.check_times(t, "times")
+        analog_lib.check_times(t, "times")
         where = self._where("MonteCarlo.evaluate_device")
         check_spec_type(noise, "noise", where)
         if key is None:
@@ -1349,7 +1349,7 @@ class MonteCarlo:
         _check_etas(noise, "noise")
         check_inputs(self.model, variables, [noise], where=where, spec_name="noise")
         # analog/digital layer patterns must match layers
-        device_lib.check_selectors(variables["params"], device, self.model.analog_layers)
+        analog_lib.check_selectors(variables["params"], device, self.model.analog_layers)
         self._check_memory(where, variables, n_chips=n_chips, n_times=int(t.size), device=device)
         calib_b, recal = _calibration_batches(self.model, variables, self._data, self.mesh, recalibrate,
                                               calibration_images, calibration_batch_size, self.batch_size,
@@ -1600,7 +1600,7 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
     return mc.sweep(variables, spec, weight_etas=weight_etas, act_etas=act_etas, key=key, n_chips=n_chips, grid=grid)
 
 
-def describe_device(device: device_lib.DeviceSpec, t_inference: float) -> dict[str, Any]:
+def describe_device(device: analog_lib.AnalogSpec, t_inference: float) -> dict[str, Any]:
     """The ``weight_noise`` entry of a device evaluation in the shared format: kind ``device:<preset>``, ``eta`` =
     the inference time in seconds (that kind's unit, so ``check_results.py --compare`` pairs times; the entry's
     ``"swept": {"t_inference_s": t}`` names the axis explicitly), plus the compensation mode."""
@@ -1608,7 +1608,7 @@ def describe_device(device: device_lib.DeviceSpec, t_inference: float) -> dict[s
             "drift_compensation": device.compensation}
 
 
-def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any, device: device_lib.DeviceSpec,
+def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any, device: analog_lib.AnalogSpec,
                     *, times: Sequence[float], key: jax.Array | int, n_chips: int = 32,
                     noise: noise_lib.NoiseSpec | None = None, batch_size: int = 500,
                     chip_batch_size: int | None = None,
@@ -1618,8 +1618,8 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
                     calibration_batch_size: int | None = None) -> list[MCResult]:
     """Monte Carlo accuracy of programmed chips read at several inference times, as one compiled program.
 
-    Chip ``i`` (key ``fold_in(key, i)``) is programmed once (``jaxnoise.device.program_chip`` with
-    ``device.chip_key(chip_key)``: programming noise and drift exponents), then read at every time ``t_k``: drift is
+    Chip ``i`` (key ``fold_in(key, i)``) is programmed once (``jaxnoise.analog.program_chip`` with
+    ``analog.chip_key(chip_key)``: programming noise and drift exponents), then read at every time ``t_k``: drift is
     deterministic given the chip, read noise is fresh per read (key ``fold_in(name_key(chip_key,
     "jaxnoise/device/read"), k)``) and I/O noise fresh per data batch. The same chips serve every time (common random
     numbers), so differences between times have less variance than independent chips would give. Times are array
@@ -1627,7 +1627,7 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
 
     Args:
       model, variables, images, labels, batch_size, chip_batch_size, preprocess, mesh: as in :func:`evaluate`.
-      device: the device spec (``jaxnoise.device.preset(...)``); its ``t_inference`` is ignored.
+      device: the device spec (``jaxnoise.analog.preset(...)``); its ``t_inference`` is ignored.
       times: inference times in seconds after programming (>= 0).
       key: base key of the chips.
       n_chips: chips (each evaluated at every time).
@@ -1652,10 +1652,10 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
     Raises:
       ValueError: the errors of :func:`evaluate`, no key, empty or negative times, and a ``device`` whose
         ``analog_layers``/``digital_layers`` pattern matches no layer of the model
-        (:func:`jaxnoise.device.check_selectors`).
+        (:func:`jaxnoise.analog.check_selectors`).
 
     Examples:
-      >>> res = evaluate_device(model, variables, x, y, jaxnoise.device.preset("aihwkit_inference_default"),
+      >>> res = evaluate_device(model, variables, x, y, jaxnoise.analog.preset("aihwkit_inference_default"),
       ...                       times=[1, 3600, 86400], key=0, n_chips=32, preprocess=ds.preprocess)
     """
     mc = MonteCarlo(model, images, labels, batch_size=batch_size, chip_batch_size=chip_batch_size,

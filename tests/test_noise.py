@@ -242,9 +242,9 @@ def test_calibration_matches_numpy():
 
 
 def test_one_pooled_pass_behind_both_calibrations():
-    """calibrate_activations (MVM outputs) and device.calibrate_input_ranges (MVM inputs) read pooled_statistics;
+    """calibrate_activations (MVM outputs) and analog.calibrate_input_ranges (MVM inputs) read pooled_statistics;
     its values match numpy over batches that do not divide the images."""
-    from jaxnoise import device
+    from jaxnoise import analog as analog_lib
     model = get_model("cnn")
     variables = model.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (37, 8, 8, 1))
@@ -262,7 +262,7 @@ def test_one_pooled_pass_behind_both_calibrations():
     inputs = noise.pooled_statistics(model.apply, variables, x, of="mvm_inputs", batch_size=10)
     ref = noise.calibrate_activations(model.apply, variables, x, statistic="absmax", batch_size=10)
     assert {s: float(r) for s, r in ref.items()} == {s: float(np.float32(p.absmax)) for s, p in outputs.items()}
-    ranges = device.calibrate_input_ranges(model.apply, variables, x, statistic="std", alpha=3.0, batch_size=10)
+    ranges = analog_lib.calibrate_input_ranges(model.apply, variables, x, statistic="std", alpha=3.0, batch_size=10)
     assert {s: float(r) for s, r in ranges.items()} == {s: float(np.float32(3.0 * p.std)) for s, p in inputs.items()}
     with pytest.raises(ValueError, match="of="):
         noise.pooled_statistics(model.apply, variables, x, of="features")

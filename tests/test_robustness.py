@@ -547,10 +547,10 @@ def test_streamed_bad_input_is_refused(mock_imagenet):
 
 @pytest.mark.slow
 def test_streamed_device_and_many(mock_imagenet):
-    from jaxnoise import device as device_lib
+    from jaxnoise import analog as analog_lib
     dc, ds, mem, model, v = _stream_setup(mock_imagenet)
     kw = dict(batch_size=16, preprocess=ds.preprocess)
-    dev = device_lib.preset("aihwkit_inference_default")
+    dev = analog_lib.preset("aihwkit_inference_default")
     a = robustness.evaluate_device(model, v, mem.images, mem.labels, dev, times=[1, 3600], key=0, n_chips=2, **kw)
     b = robustness.evaluate_device(model, v, ds.test, None, dev, times=[1, 3600], key=0, n_chips=2, **kw)
     for x, y in zip(a, b):

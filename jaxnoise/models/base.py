@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxnoise import device as device_lib
+from jaxnoise import analog as analog_lib
 from jaxnoise import noise as noise_lib
 from jaxnoise import quant as quant_lib
 from jaxnoise.models.layers import Scope
@@ -28,24 +28,24 @@ class Chip(NamedTuple):
 
     Attributes:
       weights: the weights its MVMs use: the parameters quantized (``Model.quant``), then one weight-noise draw.
-      device: the analog device it is programmed on (``jaxnoise.device.DeviceSpec``), or None: digital MVMs.
-      programmed: ``jaxnoise.device.program_chip``'s state (conductances and drift exponents), or None.
-      state: the chip read at one time (``jaxnoise.device.ChipRead``, from :meth:`read`), or None. A chip with a
+      device: the analog device it is programmed on (``jaxnoise.analog.AnalogSpec``), or None: digital MVMs.
+      programmed: ``jaxnoise.analog.program_chip``'s state (conductances and drift exponents), or None.
+      state: the chip read at one time (``jaxnoise.analog.ChipRead``, from :meth:`read`), or None. A chip with a
         device runs analog MVMs once read; unread, it is refused by ``apply``.
     """
 
     weights: Any
-    device: device_lib.DeviceSpec | None = None
+    device: analog_lib.AnalogSpec | None = None
     programmed: Any = None
-    state: device_lib.ChipRead | None = None
+    state: analog_lib.ChipRead | None = None
 
     def read(self, t_inference: Any, key: jax.Array) -> Chip:
         """This chip read ``t_inference`` seconds after programming, read noise from ``key``
-        (``jaxnoise.device.read_chip``): drift is fixed by the chip, read noise is fresh per read. A digital chip
+        (``jaxnoise.analog.read_chip``): drift is fixed by the chip, read noise is fresh per read. A digital chip
         is returned as it is."""
         if self.device is None:
             return self
-        return self._replace(state=device_lib.ChipRead(self.device, device_lib.read_chip(
+        return self._replace(state=analog_lib.ChipRead(self.device, analog_lib.read_chip(
             key, self.programmed, t_inference, self.device)))
 
 
@@ -88,7 +88,7 @@ class Model:
       input_ranges: ``{layer: (T_in, T_out)}``: layers with learned input ranges (aihwkit's
         ``InputRangeParameter``), a parameter ``input_range`` of that shape (one per tile) beside each kernel, used
         by an analog MVM under ``IOParams(input_range=...)``. Use :meth:`with_input_ranges` (or
-        ``jaxnoise.device.init_input_ranges``).
+        ``jaxnoise.analog.init_input_ranges``).
       taps: ``{tap point: fn(scope, name, h) -> h}``: insertions at points of :attr:`tap_names` (what
         ``jaxnoise.denoise.denoised`` adds: a block per site), run in every pass before ``apply``'s own ``tap``;
         their parameters live under the scope they are given. None: none.
@@ -128,7 +128,7 @@ class Model:
             if (not isinstance(shape, tuple) or len(shape) != 2
                     or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
                 raise ValueError(f"input_ranges[{site!r}]={shapes[site]!r}: give the layer's tile grid (T_in, T_out) "
-                                 f"as two integers >= 1 (jaxnoise.device.tile_layout(kernel.shape, spec).shape[:2]).")
+                                 f"as two integers >= 1 (jaxnoise.analog.tile_layout(kernel.shape, spec).shape[:2]).")
             clean[str(site)] = shape
         model = dataclasses.replace(self, config={**config, "input_ranges": {k: list(v) for k, v in clean.items()}},
                                     input_ranges=clean)
@@ -153,10 +153,10 @@ class Model:
         return params
 
     def sample_chip(self, key: jax.Array, params: Mapping[str, Any], noise: noise_lib.NoiseSpec | None = None,
-                    device: device_lib.DeviceSpec | None = None) -> Chip:
+                    device: analog_lib.AnalogSpec | None = None) -> Chip:
         """The chip of ``key``: its weights (:meth:`chip_weights`: quantized, then the weight-noise draw of
         ``weight_key(key)`` when ``noise`` has weight noise) and, with a ``device``, those weights programmed
-        from ``device.chip_key(key)`` (:func:`jaxnoise.device.program_chip`); :meth:`Chip.read` reads it.
+        from ``analog.chip_key(key)`` (:func:`jaxnoise.analog.program_chip`); :meth:`Chip.read` reads it.
 
         Examples:
           >>> chip = model.sample_chip(chip_key, variables["params"], NoiseSpec(weight_eta=0.1))  # doctest: +SKIP
@@ -165,18 +165,18 @@ class Model:
         weights = self.chip_weights(params, key, noise if noise is not None and noise.has_weight_noise else None)
         if device is None:
             return Chip(weights)
-        return Chip(weights, device, device_lib.program_chip(device_lib.chip_key(key), weights, device,
+        return Chip(weights, device, analog_lib.program_chip(analog_lib.chip_key(key), weights, device,
                                                              layers=self.analog_layers))
 
     def pass_chip(self, key: jax.Array, params: Mapping[str, Any], noise: noise_lib.NoiseSpec | None = None,
-                  device: device_lib.DeviceSpec | None = None) -> Chip:
+                  device: analog_lib.AnalogSpec | None = None) -> Chip:
         """A fresh chip for one forward pass (training draws one per step and draw): :meth:`sample_chip` read at
-        ``device.t_inference`` with the read key ``name_key(device.chip_key(key), "jaxnoise/device/read_pass")``
-        (:func:`jaxnoise.device.read`); an ideal device, or none, gives a digital chip."""
+        ``device.t_inference`` with the read key ``name_key(analog.chip_key(key), "jaxnoise/device/read_pass")``
+        (:func:`jaxnoise.analog.read`); an ideal device, or none, gives a digital chip."""
         if device is None or device.is_ideal:
             return self.sample_chip(key, params, noise)
         chip = self.sample_chip(key, params, noise, device)
-        read_key = noise_lib.name_key(device_lib.chip_key(key), "jaxnoise/device/read_pass")
+        read_key = noise_lib.name_key(analog_lib.chip_key(key), "jaxnoise/device/read_pass")
         return chip.read(device.t_inference, read_key)
 
     def init(self, key: jax.Array, batch_size: int = 2) -> Variables:
@@ -245,7 +245,7 @@ class Model:
                 raise ValueError("this chip is programmed but not read: pass chip.read(t_inference, read_key) "
                                  "(drift and read noise at that time).")
             if chip.state is not None:   # analog MVMs; without a pass key, no I/O noise (quantisation still applies)
-                analog = device_lib.AnalogContext(chip.state, key)
+                analog = analog_lib.AnalogContext(chip.state, key)
         sites = noise_lib.SiteContext(key, noise, capture=capture_mvm, analog=analog)
         scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap, taps=self.taps,
                       quant=self.quant, input_ranges=self.input_ranges, bn_momentum=bn_momentum)
