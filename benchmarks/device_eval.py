@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Cost of device-realistic Monte Carlo evaluation (``jaxnoise.device``) on ResNet-20, measured in one run.
+"""Cost of device-realistic Monte Carlo evaluation (``jaxnoise.analog``) on ResNet-20, measured in one run.
 
 Prints, for the pretrained ResNet-20 on the first ``--n-images`` CIFAR-10 test images:
 
@@ -7,7 +7,7 @@ Prints, for the pretrained ResNet-20 on the first ``--n-images`` CIFAR-10 test i
     programming/drift/read noise, abs-max DAC per input vector, output noise, ADC, iterative bound management,
     global drift compensation), one time point, relative to one clean evaluation. Goal: >= 0.4. The same ratio
     for a few reduced specs shows where the time goes, and the legacy numerics (``IOParams(sampler=
-    "threefry/erfinv", conv_sum="taps", semantics="v0")`` = ``device.LEGACY_IO``, bit for bit the results before 2026-12) what the defaults save.
+    "threefry/erfinv", conv_sum="taps", semantics="v0")`` = ``analog.LEGACY_IO``, bit for bit the results before 2026-12) what the defaults save.
     Each line also gives the first call's compile time of that spec's device program (first call minus a
     compiled call of the same shapes); the full spec's is the ResNet-20 device program's compile time (goal:
     under 60 s).
@@ -33,7 +33,8 @@ import time
 
 import jax
 
-from jaxnoise import device, robustness
+from jaxnoise import analog as analog_lib
+from jaxnoise import robustness
 from jaxnoise.data import load_dataset
 from jaxnoise.models import get_model, load_torch_npz
 from jaxnoise.report import device_description
@@ -79,12 +80,12 @@ def main(argv=None) -> int:
     clean_rate = n / t_clean
     print(f"clean: {t_clean:.2f} s, {clean_rate:.0f} images/s, accuracy {100 * clean.mean:.2f}%")
 
-    full = device.preset("aihwkit_inference_default")
+    full = analog_lib.preset("aihwkit_inference_default")
     io = full.io
     variants = {
         "aihwkit_inference_default": full,
         "  legacy numerics (erfinv sampler, per-tap sums)": full.replace(
-            io=io.replace(**device.LEGACY_IO)),
+            io=io.replace(**analog_lib.LEGACY_IO)),
         "  one tile per layer (max_input_size 0: the 576-input convs unsplit)": full.replace(max_input_size=0,
                                                                                             max_output_size=0),
         "  without bound management": full.replace(io=io.replace(bound_management="none")),

@@ -22,7 +22,7 @@ figure with the ratio jaxnoise/PyTorch (> 1: jaxnoise is faster):
 4. ``device``: device Monte Carlo against IBM aihwkit (image-chip-reads/s), ``--device-chips`` chips on the first
    ``--device-images`` images, one read at t = 1 h. aihwkit: ``convert_to_analog(model, InferenceRPUConfig())``
    (its defaults) once, then per chip ``program_analog_weights()``, ``drift_analog_weights(3600)`` and an eval pass
-   (all three timed); jaxnoise ``robustness.evaluate_device(..., device.preset("aihwkit_inference_default"),
+   (all three timed); jaxnoise ``robustness.evaluate_device(..., analog.preset("aihwkit_inference_default"),
    times=[3600.0], key=0, n_chips=C)``. Both accuracies (mean +- standard error over chips) are printed as context
    only (too few chips to compare them; tools/aihwkit_network_check.py does). The logs up to 2026-12-01c ran
    jaxnoise's preset before it matched aihwkit's defaults (its tiles were whole layers holding W / max|W|).
@@ -319,8 +319,8 @@ def run(args, torch, report: Report) -> int:
     import jax.numpy as jnp
     import numpy as np
 
+    from jaxnoise import analog as analog_lib
     from jaxnoise import data as data_lib
-    from jaxnoise import device as device_lib
     from jaxnoise import methods, noise, robustness, train
     from jaxnoise.models import get_model, load_torch_npz
     from jaxnoise.report import device_description
@@ -561,7 +561,7 @@ def run(args, torch, report: Report) -> int:
         Bd = min(B, nd)
         report(f"\n== 4. device MC: aihwkit InferenceRPUConfig() defaults vs jaxnoise preset "
                f"'aihwkit_inference_default', read at t = {T_READ:g} s, {Cd} chips x {nd} images, batch {Bd}")
-        dev = device_lib.preset("aihwkit_inference_default")
+        dev = analog_lib.preset("aihwkit_inference_default")
         net_plain = torch_resnet(torch)
         net_plain.load_state_dict(net.state_dict())
         analog = convert_to_analog(net_plain, InferenceRPUConfig())

@@ -70,8 +70,8 @@ def scan_vs_unrolled(model, batch_size: int, repeats: int) -> tuple[float, float
     def make(draws):
         def loss(params, key):
             def per_draw(draw_key):
-                logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                                        key=draw_key, noise=spec, train=True)
+                logits = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                        key=draw_key, noise=spec, train=True).logits
                 return methods.cross_entropy(logits, y)
             return jnp.mean(draws(per_draw, key))
         return jax.jit(jax.grad(loss))

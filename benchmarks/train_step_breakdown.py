@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         return metrics
 
     def loss(params, train_mode):
-        logits, feats = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=train_mode)
+        logits = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=train_mode).logits
         return methods.cross_entropy(logits, labels)
 
     grad_train = jax.jit(jax.value_and_grad(lambda p: loss(p, True)))

@@ -52,12 +52,12 @@ _EXPORTS = {
     "calibrate_activations": "jaxnoise.noise",
     "QuantSpec": "jaxnoise.quant",
     # analog devices (aihwkit's model)
-    "DeviceSpec": "jaxnoise.device",
-    "IOParams": "jaxnoise.device",
-    "PCMModel": "jaxnoise.device",
-    "device_preset": ("jaxnoise.device", "preset"),
-    "calibrate_input_ranges": "jaxnoise.device",
-    "init_input_ranges": "jaxnoise.device",
+    "AnalogSpec": "jaxnoise.analog",
+    "IOParams": "jaxnoise.analog",
+    "PCMModel": "jaxnoise.analog",
+    "device_preset": ("jaxnoise.analog", "preset"),
+    "calibrate_input_ranges": "jaxnoise.analog",
+    "init_input_ranges": "jaxnoise.analog",
     # models and data
     "Model": "jaxnoise.models",
     "get_model": "jaxnoise.models",

@@ -12,7 +12,7 @@ Examples::
   jaxnoise sweep --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \\
       --weight-etas 0,0.02,0.04,0.06,0.08 --n-chips 32 --out runs/sweep_r20
   jaxnoise sweep --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \
-      --device aihwkit_inference_default --times 1,3600,86400,2592000,31536000 --n-chips 32
+      --analog aihwkit_inference_default --times 1,3600,86400,2592000,31536000 --n-chips 32
   jaxnoise train --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \\
       --epochs 2 --lr 0.01 --workdir runs/r20_finetune
   jaxnoise denoise --model resnet20 --weights ../shared/pretrained/resnet20_cifar10.npz --dataset cifar10 \
@@ -43,11 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnoise import analog as analog_lib
 from jaxnoise import (
     checkpoint,
     data,
     denoise,
-    device,
     distributed,
     experiment,
     io,
@@ -121,7 +121,7 @@ def _times(text: str) -> list[float]:
     values = _floats(text)
     try:
         for v in values:
-            device.check_times(v, _VALUE)
+            analog_lib.check_times(v, _VALUE)
     except ValueError as e:
         raise argparse.ArgumentTypeError(_bare(e)) from e
     return values
@@ -417,13 +417,13 @@ def _ci_text(r) -> str:
     return f"95% CI [{100 * r.ci95[0]:.2f}, {100 * r.ci95[1]:.2f}]"
 
 
-def build_device(args) -> device.DeviceSpec | None:
-    """The ``--device`` preset with ``--no-drift-compensation`` / ``--digital-layers`` applied, or None."""
+def build_device(args) -> analog_lib.AnalogSpec | None:
+    """The ``--analog`` preset with ``--no-drift-compensation`` / ``--digital-layers`` applied, or None."""
     if args.device is None:
         if args.times is not None:
-            raise UsageError("--times needs --device (e.g. --device aihwkit_inference_default).")
+            raise UsageError("--times needs --analog (e.g. --analog aihwkit_inference_default).")
         return None
-    spec = device.preset(args.device)
+    spec = analog_lib.preset(args.device)
     if args.no_drift_compensation:
         spec = spec.replace(compensation=None)
     if args.digital_layers:
@@ -433,7 +433,7 @@ def build_device(args) -> device.DeviceSpec | None:
 
 def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | None,
                out: io.ResultSet | None) -> dict:
-    """``--device``: Monte Carlo accuracy of programmed chips at every ``--times`` (one compiled program)."""
+    """``--analog``: Monte Carlo accuracy of programmed chips at every ``--times`` (one compiled program)."""
     dev = build_device(args)
     if args.digital_layers:
         layers = model.analog_layers
@@ -475,10 +475,10 @@ def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | 
 def cmd_sweep(args) -> dict:
     if args.device is not None:
         if args.weight_etas is not None or args.act_etas is not None:
-            raise UsageError("with --device the sweep is over --times; drop --weight-etas/--act-etas "
-                             "(compose fixed noise with `jaxnoise eval --device ... --weight-eta ...`).")
+            raise UsageError("with --analog the sweep is over --times; drop --weight-etas/--act-etas "
+                             "(compose fixed noise with `jaxnoise eval --analog ... --weight-eta ...`).")
         if args.times is None:
-            raise UsageError("--device needs --times, e.g. --times 1,3600,86400,2592000,31536000.")
+            raise UsageError("--analog needs --times, e.g. --times 1,3600,86400,2592000,31536000.")
         out = result_set(args, f"device-{args.device}")
         model, variables, dataset, source = load_model(args)
         return run_device(args, model, variables, dataset, source, None, out)
@@ -509,7 +509,7 @@ def cmd_eval(args) -> dict:
     act = args.act_eta > 0
     noisy = weight or act
     if args.device is None:
-        build_device(args)  # rejects --times without --device
+        build_device(args)  # rejects --times without --analog
         if not noisy and args.target_ci_halfwidth is not None:
             raise UsageError("--target-ci-halfwidth needs noise: add --weight-eta or --act-eta > 0.")
     out = result_set(args, None)
@@ -597,14 +597,14 @@ def build_loss(args, model, variables, dataset):
     dev = None
     if args.train_device is not None:
         # aihwkit's training view: I/O non-idealities (and modifiers), PCM and compensation off.
-        dev = device.preset(args.train_device).training()
+        dev = analog_lib.preset(args.train_device).training()
         # Layers with learned input ranges (--learn-input-ranges, or a checkpoint that has them) use those.
         if dev.io is not None and dev.io.noise_management == "constant" and not model.input_ranges:
             if variables is None:
                 raise UsageError("--train-device with constant input ranges calibrates them on the starting "
                                  "weights: give --weights or --checkpoint.")
             images = jax.jit(dataset.preprocess)(jnp.asarray(data.calibration_images(dataset.train, n=1024, seed=0)))
-            ranges = device.calibrate_input_ranges(model.apply, variables, np.asarray(images), statistic="absmax",
+            ranges = analog_lib.calibrate_input_ranges(model.apply, variables, np.asarray(images), statistic="absmax",
                                                    alpha=1.0)
             dev = dev.replace(io=dev.io.replace(inp_ranges=ranges))
     weight_kind = None if args.train_weight_noise == "none" else args.train_weight_noise
@@ -640,9 +640,9 @@ def run_workdir(args, setting: str) -> str:
 
 def learned_input_ranges(args, model, variables, dataset):
     """``--learn-input-ranges``: ``(model, variables)`` with aihwkit's learned input ranges per tile, initialised
-    from data (``device.init_input_ranges``, ``init_from_data``: the first batches of 1024 calibration training
+    from data (``jaxnoise.analog.init_input_ranges``, ``init_from_data``: the first batches of 1024 calibration training
     images); a model that has them already (a checkpoint of such a run) keeps its ranges."""
-    dev = device.preset(args.train_device).training()
+    dev = analog_lib.preset(args.train_device).training()
     if dev.io is None or dev.io.input_range is None:
         raise UsageError(f"--learn-input-ranges: preset {args.train_device} has no learned input ranges "
                          f"(aihwkit's InputRangeParameter); use --train-device hwa_standard.")
@@ -652,7 +652,7 @@ def learned_input_ranges(args, model, variables, dataset):
         raise UsageError("--learn-input-ranges initialises the ranges from data on the starting weights: give "
                          "--weights or --checkpoint.")
     images = jax.jit(dataset.preprocess)(jnp.asarray(data.calibration_images(dataset.train, n=1024, seed=0)))
-    return device.init_input_ranges(model, variables, dev, np.asarray(images), method="init_from_data",
+    return analog_lib.init_input_ranges(model, variables, dev, np.asarray(images), method="init_from_data",
                                     batch_size=args.train_batch_size)
 
 
@@ -856,13 +856,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta-train", type=_scale, default=0.1, help="weight-noise scale during training")
     g.add_argument("--train-weight-noise", default="additive_rel_max", choices=sorted(noise.WEIGHT_KINDS) + ["none"],
                    help="weight-noise kind during training (default additive_rel_max: sigma = eta * max|W|)")
-    g.add_argument("--train-device", default=None, choices=sorted(device.PRESETS),
+    g.add_argument("--train-device", default=None, choices=sorted(analog_lib.PRESETS),
                    help="hardware-aware training under a device preset's training view (I/O non-idealities with "
                         "straight-through quantisers; constant input ranges = max|x| of the starting weights)")
     g.add_argument("--learn-input-ranges", action="store_true",
                    help="with --train-device hwa_standard: learn aihwkit's input ranges per tile (InputRange"
                         "Parameter: initialised from data, clip gradient, decay), saved in the checkpoint and used "
-                        "by eval/sweep --device hwa_standard")
+                        "by eval/sweep --analog hwa_standard")
     g.add_argument("--train-act-noise", default=None, choices=sorted(noise.ACTIVATION_KINDS),
                    help="also inject activation noise of this kind (off by default)")
     g.add_argument("--act-eta-train", type=_scale, default=0.0)
@@ -919,9 +919,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--experiment", default=None, help="experiment name recorded in the result file")
         p.add_argument("--arm-name", default=None)
         p.add_argument("--method", default="clean", help="training method of these weights, for the record")
-        g = p.add_argument_group("analog device (jaxnoise.device)")
-        g.add_argument("--device", default=None, choices=sorted(device.PRESETS),
-                       help="device preset: PCM programming/drift/read noise and MVM I/O non-idealities")
+        g = p.add_argument_group("analog device (jaxnoise.analog)")
+        # dest stays "device": every parsed flag is hashed into the default output directory (default_out)
+        g.add_argument("--analog", dest="device", default=None, choices=sorted(analog_lib.PRESETS),
+                       help="analog device preset: PCM programming/drift/read noise and MVM I/O non-idealities")
+        # the old name of --analog (before issue 19), kept so old command lines run; hidden from --help
+        g.add_argument("--device", dest="device", default=None, choices=sorted(analog_lib.PRESETS),
+                       help=argparse.SUPPRESS)
         g.add_argument("--times", type=_times, default=None,
                        help="inference times in s after programming, e.g. 1,3600,86400,2592000,31536000 "
                             "(one compiled program for all; eval default 0)")
@@ -1016,15 +1020,15 @@ _RULES: dict[str, list[tuple[str, Any, str]]] = {
         ("act_noise", lambda a: a.act_eta > 0, "--act-eta > 0"),
         ("act_statistic", lambda a: a.act_eta > 0 and a.act_noise == "additive", "--act-eta > 0 (additive)"),
         ("n_chips", lambda a: a.weight_eta > 0 or a.act_eta > 0 or a.device is not None,
-         "--weight-eta, --act-eta > 0 or --device (a noise-free evaluation is one exact pass)"),
+         "--weight-eta, --act-eta > 0 or --analog (a noise-free evaluation is one exact pass)"),
         ("chip_batch_size", lambda a: a.weight_eta > 0 or a.act_eta > 0 or a.device is not None,
-         "--weight-eta, --act-eta > 0 or --device"),
+         "--weight-eta, --act-eta > 0 or --analog"),
         ("sampler", lambda a: a.weight_eta > 0 or a.act_eta > 0, "--weight-eta or --act-eta > 0"),
         ("max_chips", lambda a: a.target_ci_halfwidth is not None, "--target-ci-halfwidth"),
-        ("times", lambda a: a.device is not None, "--device PRESET"),
-        ("no_drift_compensation", lambda a: a.device is not None, "--device PRESET"),
-        ("digital_layers", lambda a: a.device is not None, "--device PRESET"),
-        ("recalibrate", lambda a: a.device is not None, "--device PRESET"),
+        ("times", lambda a: a.device is not None, "--analog PRESET"),
+        ("no_drift_compensation", lambda a: a.device is not None, "--analog PRESET"),
+        ("digital_layers", lambda a: a.device is not None, "--analog PRESET"),
+        ("recalibrate", lambda a: a.device is not None, "--analog PRESET"),
         ("calibration_images", lambda a: a.recalibrate is not None, "--recalibrate batch_norm"),
     ],
     "sweep": [
@@ -1032,12 +1036,12 @@ _RULES: dict[str, list[tuple[str, Any, str]]] = {
         ("act_noise", lambda a: a.act_etas is not None and a.device is None, "--act-etas"),
         ("act_statistic", lambda a: a.act_etas is not None and a.act_noise == "additive" and a.device is None,
          "--act-etas (additive)"),
-        ("sampler", lambda a: a.device is None, "--weight-etas or --act-etas (a --device sweep draws its own "
+        ("sampler", lambda a: a.device is None, "--weight-etas or --act-etas (an --analog sweep draws its own "
                                                 "I/O noise)"),
-        ("times", lambda a: a.device is not None, "--device PRESET"),
-        ("no_drift_compensation", lambda a: a.device is not None, "--device PRESET"),
-        ("digital_layers", lambda a: a.device is not None, "--device PRESET"),
-        ("recalibrate", lambda a: a.device is not None, "--device PRESET"),
+        ("times", lambda a: a.device is not None, "--analog PRESET"),
+        ("no_drift_compensation", lambda a: a.device is not None, "--analog PRESET"),
+        ("digital_layers", lambda a: a.device is not None, "--analog PRESET"),
+        ("recalibrate", lambda a: a.device is not None, "--analog PRESET"),
         ("calibration_images", lambda a: a.recalibrate is not None, "--recalibrate batch_norm"),
     ],
     "sensitivity": [

@@ -210,18 +210,11 @@ def denoised(model: Model, sites: Sequence[str] | None = None,
         s = _block_scope(root, name)
         gate = s.param(GATE, (), ones)
         delta, extra = block_delta(s, h, config)
-        if extra:
+        if extra:   # Output.aux of the pass
             root.tap_outputs[name] = {"input": h, **extra}
         return h + gate.astype(h.dtype) * delta
 
-    def forward(scope: Scope, x):
-        logits, feats = model.forward(scope, x)
-        aux = dict(scope.root.tap_outputs)
-        if aux:
-            feats = {**feats, DENOISE_KEY: aux}  # a dict: not listed in feature_names
-        return logits, feats
-
-    return DenoisedModel(f"{model.name}+denoise", forward, tuple(model.input_shape), model.num_classes,
+    return DenoisedModel(f"{model.name}+denoise", model.forward, tuple(model.input_shape), model.num_classes,
                          {**dict(model.config), "backbone": model.name, "denoiser": config.to_dict(),
                           "denoiser_sites": list(ordered)},
                          quant=model.quant,
@@ -380,10 +373,10 @@ def analog_layers(model: Model) -> list[engine.AnalogLayer]:
     """The backbone's analog MVM layers (every activation site) as :class:`jaxnoise.engine.AnalogLayer`."""
     variables = jax.eval_shape(model.init, jax.random.key(0))
     x = jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32)
-    _, feats = jax.eval_shape(lambda v, x: model.apply(v, x, capture_mvm=True), variables, x)
+    captured = jax.eval_shape(lambda v, x: model.apply(v, x, capture_mvm=True), variables, x).captured
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
     layers = []
-    for site, y in feats["mvm"].items():
+    for site, y in captured.outputs.items():
         kernel = flat[f"{site}/kernel"]
         rows = int(np.prod(kernel.shape[:-1]))
         mvms = int(np.prod(y.shape[1:-1])) if len(y.shape) > 2 else 1
@@ -503,15 +496,17 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
         noisy_spec = spec.replace(act_eta=act_eta, weight_eta=hparams["eta_train"] if weight_kind else 0.0)
         variables = {"params": params, "batch_stats": batch_stats}
         noisy_at, noisy_tap = _recorder()   # values at every tap point (inner ones are not returned features)
-        logits, feats = dmodel.apply(variables, images, key=key, noise=noisy_spec, tap=noisy_tap)
+        out = dmodel.apply(variables, images, key=key, noise=noisy_spec, tap=noisy_tap)
+        logits = out.logits
         ce = methods.cross_entropy(logits, labels)
         loss = ce
         metrics["ce"] = ce
         if need_clean:
             backbone_params, _ = split_params(params)
             clean, clean_tap = _recorder()
-            clean_logits, _ = dmodel.backbone.apply(
-                jax.lax.stop_gradient({"params": backbone_params, "batch_stats": batch_stats}), images, tap=clean_tap)
+            clean_logits = dmodel.backbone.apply(
+                jax.lax.stop_gradient({"params": backbone_params, "batch_stats": batch_stats}), images,
+                tap=clean_tap).logits
             if feature_weight:
                 dists = [methods.feature_distance(noisy_at[s], clean[s]) for s in feature_sites]
                 if placed_only:   # gate-weighted: the placed blocks' outputs only
@@ -529,7 +524,7 @@ def denoiser_loss(dmodel: DenoisedModel, *, act_eta_train: float, act_kind: str 
                 loss = loss + hparams["kl_weight"] * kl
                 metrics["kl"] = kl
             if nll_weight and dmodel.denoiser.kind == "probabilistic":
-                aux = feats.get(DENOISE_KEY, {})
+                aux = out.aux
                 flat = traverse_util.flatten_dict(params, sep="/")
                 terms = []
                 for s in sites_list:

@@ -47,7 +47,7 @@ import numpy as np
 import optax
 
 from jaxnoise import _checks
-from jaxnoise import device as device_lib
+from jaxnoise import analog as analog_lib
 from jaxnoise import noise as noise_lib
 
 METHODS = ("clean", "forward_noise", "consistency")
@@ -199,8 +199,8 @@ def _train_spec(weight_kind: str | None, act_kind: str | None, act_ref: Mapping[
     if weight_kind is None and act_kind is None and device is None:
         raise ValueError("a noise-aware method needs weight_kind, act_kind or a device spec; for noise-free "
                          "training use method 'clean'.")
-    if device is not None and not isinstance(device, device_lib.DeviceSpec):
-        raise ValueError(f"device must be a jaxnoise.device.DeviceSpec (e.g. jaxnoise.device.preset('hwa_standard')"
+    if device is not None and not isinstance(device, analog_lib.AnalogSpec):
+        raise ValueError(f"device must be a jaxnoise.analog.AnalogSpec (e.g. jaxnoise.analog.preset('hwa_standard')"
                          f".training()), got {type(device).__name__}.")
     kwargs = {} if weight_paths is None else {"weight_paths": _checks.names(weight_paths, "weight_paths",
                                                                              example="kernel")}
@@ -217,7 +217,7 @@ def _check_against_model(model: Any, spec: noise_lib.NoiseSpec, device: Any) -> 
     params = _checks.abstract_variables(model)["params"]
     noise_lib.check_spec(spec, params, model.sites, analog_paths=model.analog_weight_paths, what="NoiseSpec")
     if device is not None:
-        device_lib.check_selectors(params, device, model.analog_layers)
+        analog_lib.check_selectors(params, device, model.analog_layers)
 
 
 def check_hparams(hparams: Mapping[str, Any], expected: Sequence[str]) -> dict[str, jax.Array]:
@@ -263,8 +263,8 @@ def clean(model: Any) -> Loss:
     """
     def loss_fn(params, batch_stats, images, labels, key, hparams):
         del key, hparams  # clean training draws no noise
-        logits, features = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True)
-        return cross_entropy(logits, labels), (logits, features["batch_stats"], {})
+        out = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True)
+        return cross_entropy(out.logits, labels), (out.logits, out.state, {})
 
     return Loss(loss_fn, "clean", {}, {})
 
@@ -316,7 +316,7 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
                   act_eta_train: float = 0.0, act_kind: str | None = None,
                   act_ref: Mapping[str, Any] | None = None, weight_paths: Sequence[str] | None = None,
                   num_draws: int = 1, draw_batch_size: int | None = None,
-                  device: device_lib.DeviceSpec | None = None, weight_truncate: float | None = None) -> Loss:
+                  device: analog_lib.AnalogSpec | None = None, weight_truncate: float | None = None) -> Loss:
     """Forward-noise (noise-injection) training: the cross-entropy of freshly drawn noisy chips.
 
     Every step draws ``num_draws`` chips (weight noise of ``weight_kind`` at ``eta_train``, and optionally
@@ -335,7 +335,7 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
       weight_paths: regexes of the noisy parameters (default: every kernel).
       num_draws: K, the noise draws per step.
       draw_batch_size: draws run at once (one ``vmap``); None: :func:`default_draw_batch_size`.
-      device: hardware-aware training under a device spec (``jaxnoise.device``): every draw programs a fresh chip
+      device: hardware-aware training under a device spec (``jaxnoise.analog``): every draw programs a fresh chip
         (PCM programming noise and/or a weight modifier) and runs every analog MVM with its I/O non-idealities
         (DAC/ADC straight-through, output noise). aihwkit trains with ``preset(...).training()`` (PCM off).
         Composes with ``weight_kind``/``act_kind``; both may be None when a device is given.
@@ -360,9 +360,9 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
         variables = {"params": params, "batch_stats": batch_stats}
 
         def per_draw(draw_key):
-            logits, features = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
-                                           chip=_pass_chip(model, draw_key, params, noisy_spec, device))
-            return cross_entropy(logits, labels), logits, features["batch_stats"]
+            out = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
+                              chip=_pass_chip(model, draw_key, params, noisy_spec, device))
+            return cross_entropy(out.logits, labels), out.logits, out.state
 
         ce, logits, stats = _draws(per_draw, key, num_draws, draw_batch_size)
         loss = jnp.mean(ce)
@@ -379,7 +379,7 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
                 act_kind: str | None = None, act_ref: Mapping[str, Any] | None = None,
                 weight_paths: Sequence[str] | None = None, num_draws: int = 1, draw_batch_size: int | None = None,
                 teacher: Mapping[str, Any] | None = None, teacher_model: Any = None,
-                device: device_lib.DeviceSpec | None = None, weight_truncate: float | None = None) -> Loss:
+                device: analog_lib.AnalogSpec | None = None, weight_truncate: float | None = None) -> Loss:
     """Consistency regularisation (Hou et al. 2024): noisy cross-entropy plus a pull toward clean features.
 
     ``loss = mean over K draws of [CE(noisy logits, y) + lambda * sum_s w_s * d(f_s(noisy), stop_gradient(f_s(clean)))]``
@@ -452,17 +452,17 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
         noisy_spec = _noisy_spec(spec, hparams)
         variables = {"params": params, "batch_stats": batch_stats}
         if teacher is None:
-            clean_logits, clean_features = model.apply(variables, images, train=True)
+            clean_logits, clean_features = model.apply(variables, images, train=True)[:2]
         else:
-            clean_logits, clean_features = teacher_model.apply(teacher, images)
+            clean_logits, clean_features = teacher_model.apply(teacher, images)[:2]
         targets = jax.lax.stop_gradient(pick(clean_logits, clean_features))
 
         def per_draw(draw_key):
-            logits, features = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
-                                           chip=_pass_chip(model, draw_key, params, noisy_spec, device))
-            noisy = pick(logits, features)
+            out = model.apply(variables, images, key=draw_key, noise=noisy_spec, train=True,
+                              chip=_pass_chip(model, draw_key, params, noisy_spec, device))
+            noisy = pick(out.logits, out.features)
             reg = sum(weights[s] * feature_distance(noisy[s], targets[s], distance) for s in sites)
-            return cross_entropy(logits, labels), reg, logits, features["batch_stats"]
+            return cross_entropy(out.logits, labels), reg, out.logits, out.state
 
         ce, reg, logits, stats = _draws(per_draw, key, num_draws, draw_batch_size)
         ce, reg = jnp.mean(ce), jnp.mean(reg)

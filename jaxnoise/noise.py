@@ -617,6 +617,18 @@ def activation_noise(key: jax.Array, y: jax.Array, eta: jax.Array, kind: str, re
     raise AssertionError(kind)
 
 
+class Captured(NamedTuple):
+    """The MVM values a pass recorded (``Model.apply(..., capture_mvm=True).captured``), keyed by site.
+
+    Attributes:
+      outputs: ``{site: y}``, each MVM's clean output (before activation noise).
+      inputs: ``{site: x}``, each MVM's input (after input quantization).
+    """
+
+    outputs: dict[str, jax.Array]
+    inputs: dict[str, jax.Array]
+
+
 class SiteContext:
     """Handles the activation-noise sites of one forward pass (a Python object that lives only while tracing).
 
@@ -644,7 +656,7 @@ class SiteContext:
         self.captured_inputs: dict[str, jax.Array] = {}
         self.sites: list[str] = []
         self.geometry: dict[str, Mapping[str, int] | None] = {}   # each MVM's conv geometry (None: dense)
-        self.analog = analog  # a jaxnoise.device.AnalogContext, or None: every MVM exact
+        self.analog = analog  # a jaxnoise.analog.AnalogContext, or None: every MVM exact
 
     def mvm(self, name: str, x: jax.Array, kernel: jax.Array, exact: Callable[[jax.Array, jax.Array], jax.Array],
             geometry: Mapping[str, int] | None = None, input_range: jax.Array | None = None) -> jax.Array:
@@ -657,7 +669,7 @@ class SiteContext:
           kernel: the layer's (possibly noisy) kernel.
           exact: the exact linear map ``exact(x, kernel)``.
           geometry: ``{"stride", "padding"}`` for a convolution, None for a dense layer.
-          input_range: the layer's learned input ranges (``jaxnoise.device.InputRange``), or None; only an analog
+          input_range: the layer's learned input ranges (``jaxnoise.analog.InputRange``), or None; only an analog
             layer uses them.
         """
         self.geometry[name] = None if geometry is None else dict(geometry)
@@ -702,8 +714,8 @@ def calibrate_activations(apply_fn: Callable[..., Any], variables: Any, images: 
     fixed seeded permutation of the training split (``jaxnoise.data.calibration_images``), preprocessed.
 
     Args:
-      apply_fn: ``apply(variables, x, *, capture_mvm=True) -> (logits, features)`` with the clean MVM outputs in
-        ``features["mvm"]`` (as every model of ``jaxnoise.models`` does).
+      apply_fn: ``apply(variables, x, *, capture_mvm=True)`` with the clean MVM outputs in
+        ``.captured.outputs`` (``model.apply`` of every model of ``jaxnoise.models``).
       variables: the model variables.
       images: preprocessed inputs, (N, ...) float.
       statistic: ``"std"`` (default) or ``"absmax"``.
@@ -738,18 +750,18 @@ def pooled_statistics(apply_fn: Callable[..., Any], variables: Any, images: Any,
                       batch_size: int = 256) -> dict[str, PooledStats]:
     """The clean network's MVM outputs (``of="mvm"``) or inputs (``"mvm_inputs"``) at every site, pooled over
     ``images``: the one calibration pass behind :func:`calibrate_activations` (activation-noise references) and
-    ``jaxnoise.device.calibrate_input_ranges`` (DAC input ranges).
+    ``jaxnoise.analog.calibrate_input_ranges`` (DAC input ranges).
 
     Args:
-      apply_fn: ``apply(variables, x, *, capture_mvm=True) -> (logits, features)`` with ``features[of]`` a dict
-        ``{site: array}`` (every model of ``jaxnoise.models``).
+      apply_fn: ``apply(variables, x, *, capture_mvm=True) -> out`` with ``out.captured`` a :class:`Captured`
+        (every model of ``jaxnoise.models``: ``model.apply``).
       variables: the model variables.
       images: preprocessed inputs, (N, ...) float, N >= 1.
-      of: ``"mvm"`` or ``"mvm_inputs"``.
+      of: ``"mvm"`` (the outputs, ``captured.outputs``) or ``"mvm_inputs"`` (``captured.inputs``).
       batch_size: images per forward pass.
 
     Returns:
-      ``{site: PooledStats}`` in the order of ``features[of]``.
+      ``{site: PooledStats}``.
     """
     _checks.choice(of, MVM_VALUES, "pooled values (of=)")
     batch_size = _checks.positive_int(batch_size, "batch_size")
@@ -758,9 +770,9 @@ def pooled_statistics(apply_fn: Callable[..., Any], variables: Any, images: Any,
 
     @jax.jit
     def stats(x):
-        _, feats = apply_fn(variables, x, capture_mvm=True)
+        captured = apply_fn(variables, x, capture_mvm=True).captured
         out = {}
-        for site, y in feats[of].items():
+        for site, y in (captured.outputs if of == "mvm" else captured.inputs).items():
             y = y.astype(jnp.float32)
             out[site] = (jnp.sum(y), jnp.sum(y * y), jnp.max(jnp.abs(y)), jnp.float32(y.size))
         return out

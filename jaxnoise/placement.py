@@ -253,7 +253,7 @@ def gradient_sensitivity(model: Model, variables: Mapping[str, Any], images: Any
         def loss(offsets):
             def tap(root, name, h):
                 return h + offsets[name] if name in offsets else h
-            logits, _ = model.apply(variables, x, key=k if spec is not None else None, noise=spec, tap=tap)
+            logits = model.apply(variables, x, key=k if spec is not None else None, noise=spec, tap=tap).logits
             logp = jax.nn.log_softmax(logits)
             return -jnp.sum(jnp.take_along_axis(logp, y[:, None], axis=-1))  # sum: per-example gradients
 

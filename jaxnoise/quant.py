@@ -353,7 +353,7 @@ def init_steps(model: Any, variables: Mapping[str, Any], images: Any = None, *, 
                          "init_steps(model, variables, images) with a few hundred preprocessed training images.")
     images = jnp.asarray(images)
     stats: dict[str, list[Any]] = {s: [] for s in todo}
-    fn = jax.jit(lambda v, x: float_acts.apply(v, x, capture_mvm=True)[1]["mvm_inputs"])
+    fn = jax.jit(lambda v, x: float_acts.apply(v, x, capture_mvm=True).captured.inputs)
     for i in range(0, images.shape[0], batch_size):
         inputs = fn(out, images[i:i + batch_size])
         for s in todo:

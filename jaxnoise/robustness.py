@@ -66,7 +66,7 @@ import scipy.stats
 from flax import traverse_util
 
 from jaxnoise import _checks, distributed
-from jaxnoise import device as device_lib
+from jaxnoise import analog as analog_lib
 from jaxnoise import noise as noise_lib
 from jaxnoise.models.base import Chip, Model, Variables
 
@@ -75,15 +75,20 @@ __all__ = ["InsufficientMemoryError", "MCResult", "MEMORY_SAFETY_FACTOR", "Monte
            "estimate_memory_bytes", "evaluate", "evaluate_device", "evaluate_many", "format_ci95", "make_chip_eval",
            "spec_as_arrays", "summarize", "sweep", "trace_count"]
 
-_TRACE_COUNT = 0  # traces of the jitted evaluation programs (see trace_count)
-
-
 def trace_count() -> int:
-    """How many times the jitted evaluation programs of this module have been traced (compiled) so far.
+    """How many times the jitted evaluation programs of this module have been traced (compiled) so far: the sum of
+    the entries of their compilation caches (each jitted program owns its cache; nothing is counted inside traced
+    code).
 
     A call that reuses a compiled program leaves it unchanged, so tests can check that a sweep compiles once.
     """
-    return _TRACE_COUNT
+    total = 0
+    for program in _PROGRAMS:
+        size = getattr(program, "_cache_size", None)
+        if size is None:   # pragma: no cover - a JAX without jit cache sizes
+            raise RuntimeError("trace_count needs jax.jit functions with _cache_size() (JAX >= 0.4.30).")
+        total += int(size())
+    return total
 
 
 def chip_keys(key: jax.Array | int, n_chips: int, start: int = 0) -> jax.Array:
@@ -174,7 +179,7 @@ def make_chip_eval(model: Model, *, batch_size: int,
             if preprocess is not None:
                 x = preprocess(x)
             key = jax.random.fold_in(chip_key, b) if per_pass else None
-            logits, _ = model.apply(variables, x, key=key, noise=act_spec, chip=chip)
+            logits = model.apply(variables, x, key=key, noise=act_spec, chip=chip).logits
             hit = (jnp.argmax(logits, axis=-1) == y) & valid
             return total + jnp.sum(hit, dtype=jnp.int32), None
 
@@ -410,9 +415,9 @@ def recalibrated_batch_stats(model: Model, variables: Variables, chip: Chip, cal
     def body(total, xs):
         b, x = xs
         x = x if preprocess is None else preprocess(x)
-        _, feats = model.apply(variables, x, key=jax.random.fold_in(key, b), noise=noise, chip=chip, train=True,
-                               bn_momentum=1.0)
-        return jax.tree.map(jnp.add, total, feats["batch_stats"]), None
+        state = model.apply(variables, x, key=jax.random.fold_in(key, b), noise=noise, chip=chip, train=True,
+                            bn_momentum=1.0).state
+        return jax.tree.map(jnp.add, total, state), None
 
     zeros = jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), variables["batch_stats"])
     n = calib_b.shape[0]
@@ -450,22 +455,26 @@ def _map_chips(one_chip, keys, chip_batch_size: int):
     return jax.lax.map(one_chip, keys, batch_size=None if chip_batch_size == 1 else chip_batch_size)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "chip_batch_size"))
-def _mc_program(static: _Static, variables, images_b, labels_b, valid_b, spec, keys, *, chip_batch_size: int):
-    """Number correct of each chip: (n_chips,) int32."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
-    return _map_chips(_mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec), keys, chip_batch_size)
-
-
 @functools.partial(jax.jit, static_argnames=("static", "chip_batch_size", "setting_batch_size"))
-def _settings_program(static: _Static, variables, images_b, labels_b, valid_b, specs, keys, *, chip_batch_size: int,
-                      setting_batch_size: int):
-    """Number correct of each chip under each of the stacked specs: (n_settings, n_chips) int32."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
-    return _map_settings(lambda spec: _map_chips(_mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec),
-                                                 keys, chip_batch_size), specs, setting_batch_size)
+def _program(static: _Static, variables, images_b, labels_b, valid_b, spec, device, keys, times, calib_b=None, *,
+             chip_batch_size: int, setting_batch_size: int | None = None):
+    """The Monte Carlo program: the number correct of every chip (``keys``) per setting and read time.
+
+    ``spec`` is one NoiseSpec, or with ``setting_batch_size`` the specs of several settings stacked on a leading
+    axis (mapped in groups of that size); ``device`` None (no analog device; ``times`` unused) or an AnalogSpec
+    read at each of ``times`` (``calib_b``: the batches that recalibrate BatchNorm per chip and time, or None).
+    Counts, int32: (n_chips,), (n_chips, n_times) with a device, (n_settings, n_chips[, n_times]) stacked. Scales,
+    times, masks and keys are data: one trace per (model, shapes, static layout).
+    """
+    def chips(spec):
+        if device is None:
+            fn = _mc_chip_fn(static, variables, images_b, labels_b, valid_b, spec)
+        else:
+            fn = _device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times,
+                                 calib_b=calib_b)
+        return _map_chips(fn, keys, chip_batch_size)
+
+    return chips(spec) if setting_batch_size is None else _map_settings(chips, spec, setting_batch_size)
 
 
 def _map_settings(fn, specs, setting_batch_size: int):
@@ -483,8 +492,6 @@ def _sharded_program(static: _Static, variables, images_b, labels_b, valid_b, ba
     counts are summed over ``"data"``. Without a ``device`` (None): (n_chips,) counts; with one:
     (n_chips, n_times); with ``setting_batch_size`` (stacked specs, no device): (n_settings, n_chips).
     """
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
     CHIPS, DATA, P = distributed.CHIPS, distributed.DATA, distributed.P
 
     def local(variables, images_b, labels_b, valid_b, batch_ids, spec, device, times, key_data, chip_ids):
@@ -510,19 +517,7 @@ def _sharded_program(static: _Static, variables, images_b, labels_b, valid_b, ba
 @functools.partial(jax.jit, static_argnames=("static",))
 def _clean_program(static: _Static, variables, images_b, labels_b, valid_b):
     """Number correct of the exact model: int32 scalar."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
     return static.chip_correct(variables, images_b, labels_b, valid_b, None, None)
-
-
-@functools.partial(jax.jit, static_argnames=("static", "chip_batch_size"))
-def _device_program(static: _Static, variables, images_b, labels_b, valid_b, spec, device, keys, times, *,
-                    chip_batch_size: int, calib_b=None):
-    """Number correct of each chip at each time: (n_chips, n_times) int32. One trace for any times / scales."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
-    return _map_chips(_device_chip_fn(static, variables, images_b, labels_b, valid_b, spec, device, times,
-                                      calib_b=calib_b), keys, chip_batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "variant_fn", "chip_batch_size", "variant_batch_size"))
@@ -530,8 +525,6 @@ def _variants_program(static: _Static, variables, images_b, labels_b, valid_b, s
                       variant_fn: Callable, chip_batch_size: int, variant_batch_size: int | None):
     """Number correct of each chip under each variant ``variant_fn(variables, spec, variant_data[k])``:
     (n_chips, n_variants) int32."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
 
     def one_chip(chip_key):
         def one_variant(d):
@@ -588,8 +581,9 @@ def _model_info(model: Model) -> dict[str, Any]:
         return cache["value"]
     abstract = _checks.abstract_variables(model)
     x = jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32)
-    _, feats = jax.eval_shape(lambda v, x: model.apply(v, x, capture_mvm=True), abstract, x)
-    info = {"variables": abstract, "activation_bytes": _tree_bytes(feats), "input_bytes": _tree_bytes(x)}
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, capture_mvm=True), abstract, x)
+    info = {"variables": abstract, "activation_bytes": _tree_bytes((out.features, out.captured, out.aux)),
+            "input_bytes": _tree_bytes(x)}
     cache["value"] = info
     return info
 
@@ -711,7 +705,7 @@ def _fmt_bytes(n: float) -> str:
 
 def estimate_memory_bytes(model: Model, variables: Variables, batch_size: int, chip_batch_size: int, n_chips: int,
                           *, images: Any = None, n_settings: int = 1, setting_batch_size: int = 1,
-                          n_times: int = 1, device: device_lib.DeviceSpec | None = None,
+                          n_times: int = 1, device: analog_lib.AnalogSpec | None = None,
                           mesh: jax.sharding.Mesh | None = None) -> int:
     """An analytic estimate of the device memory of one Monte Carlo call (cheap: shapes only, nothing allocated).
 
@@ -911,10 +905,11 @@ def _sharded_data(data: _Batched, mesh: jax.sharding.Mesh) -> tuple[jax.Array, .
 
 def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec | None, key: jax.Array,
                start: int, n_chips: int, chip_batch_size: int, mesh: jax.sharding.Mesh | None = None,
-               device: device_lib.DeviceSpec | None = None, times: np.ndarray | None = None,
+               device: analog_lib.AnalogSpec | None = None, times: np.ndarray | None = None,
                setting_batch_size: int | None = None, calib_b: jax.Array | None = None) -> np.ndarray:
     """Accuracy of chips ``start .. start + n_chips - 1``: (n_chips,), or (n_chips, n_times) with a device, or
-    (n_settings, n_chips) when ``spec`` is stacked (leading axis on every leaf) and ``setting_batch_size`` is set.
+    (n_settings, n_chips[, n_times]) when ``spec`` is stacked (leading axis on every leaf) and
+    ``setting_batch_size`` is set (:func:`_program`).
 
     Without a mesh: one jitted program on the default device. With one: the sharded program; chips are padded to
     a multiple of the chips-axis size with the next chips (computed and discarded), so every chip's value is the
@@ -930,15 +925,8 @@ def _run_chips(data: _Batched, variables: Variables, spec: noise_lib.NoiseSpec |
     if mesh is None:
         keys = chip_keys(key, n_chips, start)
         cbs = min(chip_batch_size, n_chips)
-        if setting_batch_size is not None:
-            correct = _settings_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec,
-                                        keys, chip_batch_size=cbs, setting_batch_size=setting_batch_size)
-        elif device is None:
-            correct = _mc_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec, keys,
-                                  chip_batch_size=cbs)
-        else:
-            correct = _device_program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec,
-                                      device, keys, times, chip_batch_size=cbs, calib_b=calib_b)
+        correct = _program(data.static, variables, data.images_b, data.labels_b, data.valid_b, spec, device, keys,
+                           times, calib_b, chip_batch_size=cbs, setting_batch_size=setting_batch_size)
         return np.asarray(correct, dtype=np.float64) / data.n_images
     mesh = _check_mesh(mesh)
     shards = mesh.shape[distributed.CHIPS]
@@ -1012,8 +1000,6 @@ def _stream_weights(static: _Static, variables, spec, keys, chip_batch_size: int
 def _stream_state_program(static: _Static, variables, spec, keys, device, times, *, chip_batch_size: int, mode: str):
     """What a chip group keeps while the split streams: its weights (``"mc"``; per setting for ``"settings"``),
     or its weights and its read chip at every time (``"device"``)."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
     if mode == "mc":
         return _stream_weights(static, variables, spec, keys, chip_batch_size)
     if mode == "settings":
@@ -1035,8 +1021,6 @@ def _stream_state_program(static: _Static, variables, spec, keys, device, times,
 def _stream_batch_program(static: _Static, variables, state, images, labels, valid, b, spec, keys, device, times, *,
                           chip_batch_size: int, mode: str):
     """Numbers correct on one batch (global index ``b``): (n_chips,), (n_settings, n_chips) or (n_chips, n_times)."""
-    global _TRACE_COUNT
-    _TRACE_COUNT += 1
     xs = (images[None], labels[None], valid[None])
     ids = b[None]
     if mode == "clean":
@@ -1056,11 +1040,16 @@ def _stream_batch_program(static: _Static, variables, state, images, labels, val
         def one_time(k_l):
             k, lay = k_l
             pass_key = jax.random.fold_in(noise_lib.name_key(chip_key, "jaxnoise/device/time"), k)
-            return static.chip_correct(variables, *xs, act_spec, pass_key, Chip(params, device, state=device_lib.ChipRead(device, lay)),
+            return static.chip_correct(variables, *xs, act_spec, pass_key, Chip(params, device, state=analog_lib.ChipRead(device, lay)),
                                        batch_ids=ids)
 
         return jax.lax.map(one_time, (jnp.arange(times.shape[0], dtype=jnp.uint32), layers))
     return _chip_map(one_chip, (state[0], state[1], keys), chip_batch_size)
+
+
+# Every jitted program of this module (trace_count sums their compilation caches).
+_PROGRAMS = (_program, _sharded_program, _clean_program, _variants_program, _stream_state_program,
+             _stream_batch_program)
 
 
 def _stream_pass(data: _StreamData, variables, spec, keys, chip_batch_size: int, device=None, times=None,
@@ -1127,9 +1116,11 @@ def described(spec: noise_lib.NoiseSpec | None, model: Any) -> dict[str, Any]:
 
 class MonteCarlo:
     """The Monte Carlo evaluator of one model on one test set: the data is checked and batched once (and sharded
-    over ``mesh`` once), and each call counts every chip's correct answers, per setting and read time, in one of
-    this module's compiled programs. Programs are cached by (model, preprocess, batch size, shapes), not by
-    evaluator, so new evaluators, other variables of the model and other scales reuse them (:func:`trace_count`).
+    over ``mesh`` once), and each call counts every chip's correct answers, per setting and read time, in one
+    program (``_program``: counts per setting x chip x time; its sharded form over a mesh; the exact model and
+    placement variants have their own). Compilations are cached by (model, preprocess, batch size, shapes), not
+    by evaluator, so new evaluators, other variables of the model and other scales reuse them
+    (:func:`trace_count`).
 
     :func:`evaluate`, :func:`evaluate_many`, :func:`sweep` and :func:`evaluate_device` are one-call adapters over
     it; :func:`jaxnoise.placement.evaluate_variants` and :func:`jaxnoise.sensitivity.sensitivity_map` evaluate
@@ -1333,13 +1324,13 @@ class MonteCarlo:
         return [MCResult.from_per_chip(per_chip, self.n_images, {**described(exact, self.model), "swept": sw})
                 for per_chip, exact, sw in zip(per_setting, exacts, swept)]
 
-    def evaluate_device(self, variables: Variables, device: device_lib.DeviceSpec, *, times: Sequence[float],
+    def evaluate_device(self, variables: Variables, device: analog_lib.AnalogSpec, *, times: Sequence[float],
                         key: jax.Array | int, n_chips: int = 32, noise: noise_lib.NoiseSpec | None = None,
                         recalibrate: str | None = None, calibration_images: Any = None,
                         calibration_batch_size: int | None = None) -> list[MCResult]:
         """:func:`evaluate_device` on this evaluator's data."""
-        if not isinstance(device, device_lib.DeviceSpec):
-            raise ValueError(f"device must be a jaxnoise.device.DeviceSpec (e.g. jaxnoise.device.preset("
+        if not isinstance(device, analog_lib.AnalogSpec):
+            raise ValueError(f"device must be a jaxnoise.analog.AnalogSpec (e.g. jaxnoise.analog.preset("
                              f"'aihwkit_inference_default')), got {type(device).__name__}.")
         try:
             t = np.asarray(times, dtype=np.float64).ravel()
@@ -1347,7 +1338,7 @@ class MonteCarlo:
             raise ValueError(f"times={times!r} must be a sequence of seconds: {e}") from e
         if t.size == 0:
             raise ValueError("times is empty: give at least one inference time in seconds (e.g. [1, 3600]).")
-        device_lib.check_times(t, "times")
+        analog_lib.check_times(t, "times")
         where = self._where("MonteCarlo.evaluate_device")
         check_spec_type(noise, "noise", where)
         if key is None:
@@ -1358,7 +1349,7 @@ class MonteCarlo:
         _check_etas(noise, "noise")
         check_inputs(self.model, variables, [noise], where=where, spec_name="noise")
         # analog/digital layer patterns must match layers
-        device_lib.check_selectors(variables["params"], device, self.model.analog_layers)
+        analog_lib.check_selectors(variables["params"], device, self.model.analog_layers)
         self._check_memory(where, variables, n_chips=n_chips, n_times=int(t.size), device=device)
         calib_b, recal = _calibration_batches(self.model, variables, self._data, self.mesh, recalibrate,
                                               calibration_images, calibration_batch_size, self.batch_size,
@@ -1609,7 +1600,7 @@ def sweep(model: Model, variables: Variables, images: Any, labels: Any, spec: no
     return mc.sweep(variables, spec, weight_etas=weight_etas, act_etas=act_etas, key=key, n_chips=n_chips, grid=grid)
 
 
-def describe_device(device: device_lib.DeviceSpec, t_inference: float) -> dict[str, Any]:
+def describe_device(device: analog_lib.AnalogSpec, t_inference: float) -> dict[str, Any]:
     """The ``weight_noise`` entry of a device evaluation in the shared format: kind ``device:<preset>``, ``eta`` =
     the inference time in seconds (that kind's unit, so ``check_results.py --compare`` pairs times; the entry's
     ``"swept": {"t_inference_s": t}`` names the axis explicitly), plus the compensation mode."""
@@ -1617,7 +1608,7 @@ def describe_device(device: device_lib.DeviceSpec, t_inference: float) -> dict[s
             "drift_compensation": device.compensation}
 
 
-def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any, device: device_lib.DeviceSpec,
+def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any, device: analog_lib.AnalogSpec,
                     *, times: Sequence[float], key: jax.Array | int, n_chips: int = 32,
                     noise: noise_lib.NoiseSpec | None = None, batch_size: int = 500,
                     chip_batch_size: int | None = None,
@@ -1627,8 +1618,8 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
                     calibration_batch_size: int | None = None) -> list[MCResult]:
     """Monte Carlo accuracy of programmed chips read at several inference times, as one compiled program.
 
-    Chip ``i`` (key ``fold_in(key, i)``) is programmed once (``jaxnoise.device.program_chip`` with
-    ``device.chip_key(chip_key)``: programming noise and drift exponents), then read at every time ``t_k``: drift is
+    Chip ``i`` (key ``fold_in(key, i)``) is programmed once (``jaxnoise.analog.program_chip`` with
+    ``analog.chip_key(chip_key)``: programming noise and drift exponents), then read at every time ``t_k``: drift is
     deterministic given the chip, read noise is fresh per read (key ``fold_in(name_key(chip_key,
     "jaxnoise/device/read"), k)``) and I/O noise fresh per data batch. The same chips serve every time (common random
     numbers), so differences between times have less variance than independent chips would give. Times are array
@@ -1636,7 +1627,7 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
 
     Args:
       model, variables, images, labels, batch_size, chip_batch_size, preprocess, mesh: as in :func:`evaluate`.
-      device: the device spec (``jaxnoise.device.preset(...)``); its ``t_inference`` is ignored.
+      device: the device spec (``jaxnoise.analog.preset(...)``); its ``t_inference`` is ignored.
       times: inference times in seconds after programming (>= 0).
       key: base key of the chips.
       n_chips: chips (each evaluated at every time).
@@ -1661,10 +1652,10 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
     Raises:
       ValueError: the errors of :func:`evaluate`, no key, empty or negative times, and a ``device`` whose
         ``analog_layers``/``digital_layers`` pattern matches no layer of the model
-        (:func:`jaxnoise.device.check_selectors`).
+        (:func:`jaxnoise.analog.check_selectors`).
 
     Examples:
-      >>> res = evaluate_device(model, variables, x, y, jaxnoise.device.preset("aihwkit_inference_default"),
+      >>> res = evaluate_device(model, variables, x, y, jaxnoise.analog.preset("aihwkit_inference_default"),
       ...                       times=[1, 3600, 86400], key=0, n_chips=32, preprocess=ds.preprocess)
     """
     mc = MonteCarlo(model, images, labels, batch_size=batch_size, chip_batch_size=chip_batch_size,

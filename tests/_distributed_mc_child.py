@@ -17,7 +17,7 @@ from flax import traverse_util  # noqa: E402
 
 jax.config.update("jax_debug_key_reuse", True)
 
-from jaxnoise import device as device_lib  # noqa: E402
+from jaxnoise import analog as analog_lib  # noqa: E402
 from jaxnoise import distributed, robustness  # noqa: E402
 from jaxnoise.data import load_dataset  # noqa: E402
 from jaxnoise.models import get_model  # noqa: E402
@@ -56,7 +56,7 @@ def main(variables_path: str, out_path: str) -> None:
     out["sweep"]["single"] = [r.per_chip.tolist() for r in single]
 
     # PCM programming, drift, read noise and compensation; without the I/O chain, which takes long to compile.
-    dev = device_lib.preset("aihwkit_inference_default").replace(io=None)
+    dev = analog_lib.preset("aihwkit_inference_default").replace(io=None)
     times = [1.0, 86400.0]
     a = robustness.evaluate_device(model, variables, x, y, dev, times=times, key=5, n_chips=3, **common)
     b = robustness.evaluate_device(model, variables, x, y, dev, times=times, key=5, n_chips=3,
@@ -82,7 +82,7 @@ def main_full_device(variables_path: str, out_path: str) -> None:
     variables = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
     x, y = ds.test.images[:300], ds.test.labels[:300]
     kw = dict(times=[1.0, 86400.0], key=5, n_chips=6, batch_size=50, preprocess=ds.preprocess)
-    dev = device_lib.preset("aihwkit_inference_default")
+    dev = analog_lib.preset("aihwkit_inference_default")
     out = {"single": [r.per_chip.tolist() for r in robustness.evaluate_device(model, variables, x, y, dev, **kw)]}
     for chips, data in ((8, 1), (2, 4)):
         res = robustness.evaluate_device(model, variables, x, y, dev, mesh=distributed.make_mesh(chips, data), **kw)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from _helpers import require_aihwkit
 
-from jaxnoise import device
+from jaxnoise import analog as analog_lib
 from jaxnoise.models import get_model
 
 torch = require_aihwkit("the aihwkit input-range check", __file__)
@@ -41,8 +41,8 @@ def _rpu(max_in=0, omega=1.0, manage=False, decay=0.001, init_from_data=0):
 
 
 def _spec(max_in=0, omega=1.0, manage=False, decay=0.001, init_from_data=0):
-    spec = device.preset("hwa_standard")
-    io = spec.io.replace(out_noise=0.0, w_noise=0.0, input_range=device.InputRange(
+    spec = analog_lib.preset("hwa_standard")
+    io = spec.io.replace(out_noise=0.0, w_noise=0.0, input_range=analog_lib.InputRange(
         init_from_data=init_from_data, manage_output_clipping=manage, decay=decay))
     return spec.replace(io=io, max_input_size=max_in, max_output_size=0, weight_scaling_omega=omega).training()
 
@@ -101,11 +101,11 @@ def test_forward_and_gradients_match_aihwkit(name):
 
     spec = _spec(max_in, omega, manage, decay)
     params = {"layer": {"kernel": jnp.asarray(w)}}
-    chip = device.read(device.chip_key(jax.random.key(0)), params, spec, 0.0)
+    chip = analog_lib.read(analog_lib.chip_key(jax.random.key(0)), params, spec, 0.0)
     geo = None if kind == "dense" else GEO
 
     def f(r, xx):
-        y = device.AnalogContext(chip, None).mvm("layer", xx, params["layer"]["kernel"], geo, r)
+        y = analog_lib.AnalogContext(chip, None).mvm("layer", xx, params["layer"]["kernel"], geo, r)
         return jnp.sum(y * c), y
 
     (_, y_j), (g_j, gx_j) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
@@ -153,7 +153,7 @@ def test_data_driven_init_and_calibration_match_aihwkit(kind):
             typ = InputRangeCalibrationType.MOVING_STD if method == "moving_std" else InputRangeCalibrationType.MAX
             calibrate_input_ranges(m, typ, iter([((_to_torch(kind, b),), {}) for b in batches]), std_alpha=3.0)
         tiles_of[method] = [t.input_range.item() for t in m.analog_tiles()]
-        _, v = device.init_input_ranges(model, variables, spec, x, method=method, batch_size=8)
+        _, v = analog_lib.init_input_ranges(model, variables, spec, x, method=method, batch_size=8)
         got = np.asarray(v["params"][site]["input_range"]).ravel()
         np.testing.assert_allclose(got, tiles_of[method], rtol=1e-5, err_msg=method)
     assert tiles_of["moving_std"] != tiles_of["init_from_data"]   # the zero vectors make a difference

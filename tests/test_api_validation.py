@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from _helpers import he_variables
 
-from jaxnoise import denoise, device, methods, noise, placement, robustness, sensitivity
+from jaxnoise import analog as analog_lib
+from jaxnoise import denoise, methods, noise, placement, robustness, sensitivity
 from jaxnoise.models import get_model
 
 N = 20
@@ -64,7 +65,7 @@ def _entry_points(model, variables, data, *, spec=W_SPEC, key=0, **kw):
     """Every Monte Carlo entry point, as ``name -> thunk``, called with the same model, spec and key."""
     x, y, pre = data
     common = dict(preprocess=pre, **kw)
-    dev = device.preset("aihwkit_inference_default")
+    dev = analog_lib.preset("aihwkit_inference_default")
     return {
         "evaluate": lambda: robustness.evaluate(model, variables, x, y, spec, key=key, n_chips=2, **common),
         "evaluate_many": lambda: robustness.evaluate_many(model, variables, x, y, [spec], key=key, n_chips=2,
@@ -125,8 +126,8 @@ def test_chip_correct_with_a_spec_but_no_chip_key_is_an_error(mlp, data):
 
 @pytest.mark.parametrize("make, fix", [
     (lambda: noise.NoiseSpec(weight_paths="kernel"), "weight_paths=('kernel',)"),
-    (lambda: device.DeviceSpec(digital_layers="head"), "digital_layers=('head',)"),
-    (lambda: device.DeviceSpec(analog_layers="conv"), "analog_layers=('conv',)"),
+    (lambda: analog_lib.AnalogSpec(digital_layers="head"), "digital_layers=('head',)"),
+    (lambda: analog_lib.AnalogSpec(analog_layers="conv"), "analog_layers=('conv',)"),
 ])
 def test_a_bare_string_selector_is_rejected_with_the_tuple_fix(make, fix):
     with pytest.raises(ValueError, match="bare string") as e:
@@ -164,14 +165,14 @@ def test_bare_string_names_at_every_api_taking_names(cnn, dcnn, data):
 def test_name_sequences_are_stored_as_tuples_and_masks_must_be_mappings():
     spec = noise.NoiseSpec(weight_paths=["kernel$"])  # a list: stored as a (hashable, static) tuple
     assert spec.weight_paths == ("kernel$",) and hash(jax.tree.structure(spec))
-    assert device.DeviceSpec(digital_layers=["^head$"]).digital_layers == ("^head$",)
+    assert analog_lib.AnalogSpec(digital_layers=["^head$"]).digital_layers == ("^head$",)
     for field in ("weight_mask", "act_mask", "act_ref"):
         with pytest.raises(ValueError, match=f"{field} must be a mapping"):
             noise.NoiseSpec(**{field: ["fc1/kernel"]})
     with pytest.raises(ValueError, match="keys are"):
         noise.NoiseSpec(weight_mask={0: 1.0})
     with pytest.raises(ValueError, match="inp_ranges must be a mapping"):
-        device.IOParams(inp_ranges=["conv1"])
+        analog_lib.IOParams(inp_ranges=["conv1"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,18 +214,18 @@ def test_masks_and_references_must_name_existing_sites(mlp, data, no_trace):
 def test_device_layer_selectors_must_match_a_layer(cnn, data, no_trace):
     model, variables = cnn
     x, y, pre = data
-    base = device.preset("aihwkit_inference_default")
+    base = analog_lib.preset("aihwkit_inference_default")
     kw = dict(times=[1.0], key=0, n_chips=2, preprocess=pre)
     for field in ("digital_layers", "analog_layers"):
         with pytest.raises(ValueError, match=f"{field} pattern 'nosuch' matches no layer") as e:
             robustness.evaluate_device(model, variables, x, y, base.replace(**{field: ("nosuch",)}), **kw)
         assert "conv1, conv2, conv3, head" in str(e.value)
         with pytest.raises(ValueError, match="matches no layer"):  # direct users: analog_sites
-            device.analog_sites(variables["params"], base.replace(**{field: ("nosuch",)}))
+            analog_lib.analog_sites(variables["params"], base.replace(**{field: ("nosuch",)}))
     with pytest.raises(ValueError, match="leaves no analog layer"):
         robustness.evaluate_device(model, variables, x, y, base.replace(digital_layers=(".*",)), **kw)
     with pytest.raises(ValueError, match="inp_ranges names layers that do not exist"):
-        robustness.evaluate_device(model, variables, x, y, base.replace(io=device.IOParams(inp_ranges={"cnv1": 1.0})),
+        robustness.evaluate_device(model, variables, x, y, base.replace(io=analog_lib.IOParams(inp_ranges={"cnv1": 1.0})),
                                    **kw)
 
 
@@ -233,7 +234,7 @@ def test_training_noise_must_select_parts_of_the_model(cnn):
     with pytest.raises(ValueError, match="matches no parameter"):
         methods.forward_noise(model, weight_paths=("nomatch",))
     with pytest.raises(ValueError, match="digital_layers pattern 'nosuch'"):
-        methods.forward_noise(model, weight_kind=None, device=device.DeviceSpec(digital_layers=("nosuch",)))
+        methods.forward_noise(model, weight_kind=None, device=analog_lib.AnalogSpec(digital_layers=("nosuch",)))
     with pytest.raises(ValueError, match="act_mask names activation sites"):
         denoise.denoiser_loss(denoise.denoised(model), act_eta_train=0.1, act_kind="multiplicative",
                               act_mask={"nosuch": 0.0})
@@ -305,7 +306,7 @@ def test_a_spec_that_is_not_a_noise_spec_is_rejected(mlp, cnn, dcnn, data, no_tr
     with pytest.raises(ValueError, match="spec must be a jaxnoise.noise.NoiseSpec"):
         robustness.sweep(model, variables, x, y, as_dict, weight_etas=[0.1], key=0, preprocess=pre)
     with pytest.raises(ValueError, match="noise must be a jaxnoise.noise.NoiseSpec"):
-        robustness.evaluate_device(cnn[0], cnn[1], x, y, device.preset("ideal"), times=[1.0], key=0, noise=as_dict,
+        robustness.evaluate_device(cnn[0], cnn[1], x, y, analog_lib.preset("ideal"), times=[1.0], key=0, noise=as_dict,
                                    preprocess=pre)
     with pytest.raises(ValueError, match="spec must be a jaxnoise.noise.NoiseSpec"):
         sensitivity.sensitivity_map(model, variables, x, y, scales=[0.1], key=0, spec=as_dict, preprocess=pre)
@@ -343,10 +344,10 @@ def test_scale_data_arrays_and_tracers_stay_allowed():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: device.DeviceSpec(g_max="25"), "is a string"),
-    (lambda: device.IOParams(out_noise=[0.06]), "is a list"),
-    (lambda: device.PCMModel(drift_scale=True), "is a bool"),
-    (lambda: device.WeightModifier(std="0.1"), "is a string"),
+    (lambda: analog_lib.AnalogSpec(g_max="25"), "is a string"),
+    (lambda: analog_lib.IOParams(out_noise=[0.06]), "is a list"),
+    (lambda: analog_lib.PCMModel(drift_scale=True), "is a bool"),
+    (lambda: analog_lib.WeightModifier(std="0.1"), "is a string"),
 ])
 def test_device_numbers_must_be_numbers(make, match):
     with pytest.raises(ValueError, match=match):
@@ -428,7 +429,7 @@ def test_memory_estimate_scales_with_chips_and_batches(cnn, data):
     assert robustness.estimate_memory_bytes(model, variables, 20, 1, 4, images=x) > base       # data batch
     assert robustness.estimate_memory_bytes(model, variables, 10, 1, 10 ** 6, images=x) > 10 ** 7  # per chip
     assert robustness.estimate_memory_bytes(model, variables, 10, 1, 4, images=x,
-                                            device=device.preset("aihwkit_inference_default")) > base
+                                            device=analog_lib.preset("aihwkit_inference_default")) > base
     free = robustness.available_memory_bytes()
     assert free is None or (isinstance(free, int) and free > 0)
 

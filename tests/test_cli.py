@@ -72,7 +72,7 @@ def test_activation_sweep_digits(tmp_path):
 
     # Device time sweep of the same checkpoint: one entry per time, device spec recorded, shared format.
     dev_out = tmp_path / "device"
-    assert cli.main(["sweep", "--checkpoint", str(workdir), "--device", "hwa_standard",
+    assert cli.main(["sweep", "--checkpoint", str(workdir), "--analog", "hwa_standard",
                      "--times", "1,86400", "--n-chips", "2", "--n-images", "60", "--out", str(dev_out)]) == 0
     evals = json.loads((dev_out / "results.json").read_text())["arms"][0]["eval"]
     assert [e["weight_noise"]["t_inference_s"] for e in evals] == [1.0, 86400.0]
@@ -80,7 +80,7 @@ def test_activation_sweep_digits(tmp_path):
     _check_results(dev_out / "results.json")
     assert (dev_out / "accuracy_vs_eta.png").exists()
     # eval: a preset composed with weight noise, compensation off, first layer digital
-    assert cli.main(["eval", "--checkpoint", str(workdir), "--device", "hwa_standard", "--no-drift-compensation",
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--analog", "hwa_standard", "--no-drift-compensation",
                      "--digital-layers", "conv1", "--weight-eta", "0.05", "--times", "3600", "--n-chips", "2",
                      "--n-images", "30", "--out", str(tmp_path / "dev_eval")]) == 0
     entry = json.loads((tmp_path / "dev_eval" / "results.json").read_text())["arms"][0]["eval"][0]
@@ -148,12 +148,26 @@ def test_negative_eta_rejected(tmp_path, capsys):
     assert cli.main(["train", "--model", "mlp", "--epochs", "1", "--workdir", str(workdir)]) == 0
     assert cli.main(["sweep", "--checkpoint", str(workdir), "--weight-etas", "0,-0.1"]) == 2
     assert "negative" in capsys.readouterr().err
-    assert cli.main(["sweep", "--checkpoint", str(workdir), "--device", "ideal", "--times", "1,-5"]) == 2
+    assert cli.main(["sweep", "--checkpoint", str(workdir), "--analog", "ideal", "--times", "1,-5"]) == 2
     assert "negative" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", str(workdir), "--times", "1"]) == 2
-    assert "--times has no effect here: it counts with --device" in capsys.readouterr().err
-    assert cli.main(["sweep", "--checkpoint", str(workdir), "--device", "ideal"]) == 2
+    assert "--times has no effect here: it counts with --analog" in capsys.readouterr().err
+    assert cli.main(["sweep", "--checkpoint", str(workdir), "--analog", "ideal"]) == 2
     assert "needs --times" in capsys.readouterr().err
+
+
+def test_old_device_flag_still_parses_as_analog():
+    """``--device PRESET`` (the name before issue 19) is a hidden alias of ``--analog PRESET``: same parsed value,
+    same default output directory, and the flag-effect rules name the flag as written."""
+    parser = cli.build_parser()
+    for command in ("eval", "sweep"):
+        new = parser.parse_args([command, "--model", "mlp", "--analog", "hwa_standard", "--times", "1"])
+        old = parser.parse_args([command, "--model", "mlp", "--device", "hwa_standard", "--times", "1"])
+        assert new.device == old.device == "hwa_standard" and vars(new) == vars(old)
+        assert cli.default_out(new, "x") == cli.default_out(old, "x")
+        assert cli.given_flags(parser, [command, "--device", "ideal"]) == {"device": "--device"}
+        help_text = parser.commands[command].format_help()
+        assert "--analog" in help_text and "--device" not in help_text
 
 
 def test_module_entry_point_help():

@@ -254,7 +254,7 @@ def test_eval_negative_eta_no_longer_reports_clean_accuracy(mlp_workdir, capsys)
     (["eval", "--model", "mlp", "--weights", "w.npz", "--weight-noise", "multiplicative"], "--weight-noise",
      "--weight-eta"),
     (["eval", "--model", "mlp", "--weights", "w.npz", "--digital-layers", "fc1", "--weight-eta", "0.1"],
-     "--digital-layers", "--device"),
+     "--digital-layers", "--analog"),
     (["eval", "--model", "mlp", "--weights", "w.npz", "--max-chips", "10", "--weight-eta", "0.1"], "--max-chips",
      "--target-ci-halfwidth"),
     (["sweep", "--model", "mlp", "--weights", "w.npz", "--weight-etas", "0.1", "--act-noise", "multiplicative"],
@@ -292,7 +292,7 @@ def test_flags_that_count_are_accepted(mlp_workdir, tmp_path, capsys):
 
 def test_device_table_shows_the_weight_noise_applied(mlp_workdir, tmp_path, capsys):
     out = tmp_path / "dev"
-    rc, text, _ = run(["eval", "--checkpoint", mlp_workdir, "--device", "ideal", "--times", "1",
+    rc, text, _ = run(["eval", "--checkpoint", mlp_workdir, "--analog", "ideal", "--times", "1",
                        "--weight-eta", "0.1", "--n-chips", "2", "--out", str(out)], capsys)
     assert rc == 0 and "weight noise additive_rel_max eta 0.1" in text
     md = (out / "results.md").read_text()
@@ -304,7 +304,7 @@ def test_device_table_shows_the_weight_noise_applied(mlp_workdir, tmp_path, caps
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["eval", "--device", "ideal", "--digital-layers", "fc1,nosuch", "--weight-eta", "0.1", "--n-chips", "2"],
+    (["eval", "--analog", "ideal", "--digital-layers", "fc1,nosuch", "--weight-eta", "0.1", "--n-chips", "2"],
      "--digital-layers nosuch: no such layer in mlp; its layers are fc1, fc2, head"),
     (["sensitivity", "--scales", "0.1", "--layers", "nosuch", "--n-chips", "2"], "choose from fc1, fc2, head"),
     (["train", "--method", "consistency", "--sites", "nosuch"], "unknown consistency sites ['nosuch']"),

@@ -36,8 +36,8 @@ def test_fresh_blocks_are_bitwise_identity(name, kind):
     dmodel = denoise.denoised(model, config=denoise.DenoiserConfig(kind=kind))
     dvars = denoise.init_variables(dmodel, variables, jax.random.key(2))
     assert dmodel.candidate_sites == model.feature_names
-    logits, feats = model.apply(variables, x)
-    dlogits, dfeats = dmodel.apply(dvars, x)
+    logits, feats = model.apply(variables, x)[:2]
+    dlogits, dfeats = dmodel.apply(dvars, x)[:2]
     np.testing.assert_array_equal(np.asarray(dlogits), np.asarray(logits))
     for s in model.feature_names:
         np.testing.assert_array_equal(np.asarray(dfeats[s]), np.asarray(feats[s]))
@@ -54,10 +54,10 @@ def test_empty_placement_equals_plain_model_under_noise(kind):
     ref = {s: jnp.float32(1.0) for s in model.sites}
     spec = noise.NoiseSpec(weight_eta=0.1, act_kind="additive", act_eta=0.2, act_ref=ref)
     key = jax.random.key(4)
-    plain, _ = model.apply(variables, x, key=key, noise=spec)
-    off, _ = dmodel.apply(denoise.with_placement(dmodel, dvars, []), x, key=key, noise=spec)
+    plain = model.apply(variables, x, key=key, noise=spec).logits
+    off = dmodel.apply(denoise.with_placement(dmodel, dvars, []), x, key=key, noise=spec).logits
     np.testing.assert_array_equal(np.asarray(off), np.asarray(plain))
-    on, _ = dmodel.apply(denoise.with_placement(dmodel, dvars, ["block2"]), x, key=key, noise=spec)
+    on = dmodel.apply(denoise.with_placement(dmodel, dvars, ["block2"]), x, key=key, noise=spec).logits
     assert not np.array_equal(np.asarray(on), np.asarray(plain))  # a placed, non-zero block acts
 
 
@@ -239,7 +239,7 @@ def test_denoiser_loss_draws_its_noise_with_the_given_sampler(trained_cnn, digit
     loss, _ = loss_fn(dvars["params"], dvars["batch_stats"], x, y, key, {"act_eta_train": 0.5, "feature_weight": 0.0,
                                                                          "nll_weight": 0.0})
     spec = noise.NoiseSpec(act_kind="additive", act_ref=ref, act_eta=0.5, sampler=sampler)
-    logits, _ = dmodel.apply(dvars, x, key=key, noise=spec)
+    logits = dmodel.apply(dvars, x, key=key, noise=spec).logits
     expected = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1))
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
 
@@ -261,8 +261,8 @@ def test_kl_term_is_the_kl_of_the_clean_backbone_predictions_to_the_noisy_ones(t
     key = jax.random.key(3)
     hp = {k: jnp.float32(v) for k, v in loss_fn.hparams.items()}
     loss, (_, _, m) = loss_fn(dvars["params"], dvars["batch_stats"], x, y, key, hp)
-    logits, _ = dmodel.apply(dvars, x, key=key, noise=noise.NoiseSpec(act_kind="additive", act_ref=ref, act_eta=0.5))
-    clean_logits, _ = model.apply(trained_cnn[1], x)
+    logits = dmodel.apply(dvars, x, key=key, noise=noise.NoiseSpec(act_kind="additive", act_ref=ref, act_eta=0.5)).logits
+    clean_logits = model.apply(trained_cnn[1], x).logits
     p, q = jax.nn.softmax(clean_logits), jax.nn.softmax(logits)
     kl = float(np.mean(np.sum(np.asarray(p) * (np.log(np.asarray(p)) - np.log(np.asarray(q))), axis=-1)))
     assert kl > 1e-3   # the noise moved the predictions
@@ -341,3 +341,17 @@ def test_a_block_inside_a_residual_branch_acts_there_and_its_feature_term_compar
     assert any(np.any(np.asarray(g) != 0) for p, g in flat.items() if p.startswith("denoise/layer1/0/mid/"))
     with pytest.raises(ValueError, match="unknown denoiser sites"):
         denoise.denoised(model, sites=("layer1/0/inside",))
+
+
+def test_probabilistic_blocks_report_their_noise_estimate_in_aux():
+    model = get_model("cnn", input_shape=(8, 8, 1))
+    dmodel = denoise.denoised(model, config=denoise.DenoiserConfig(kind="probabilistic"))
+    dvars = denoise.init_variables(dmodel, model.init(jax.random.key(0)), jax.random.key(1))
+    x = jnp.ones((2, 8, 8, 1))
+    out = dmodel.apply(dvars, x)
+    assert set(out.aux) == set(dmodel.candidate_sites)
+    assert set(out.features) == set(model.feature_names)          # aux is not mixed into the features
+    for site, a in out.aux.items():
+        assert set(a) == {"input", "mean", "log_var"}
+        assert a["mean"].shape == (2, out.features[site].shape[-1])
+    assert model.apply(model.init(jax.random.key(0)), x).aux == {}

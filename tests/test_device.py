@@ -1,4 +1,4 @@
-"""Tests of the device models (jaxnoise.device): statistics, NumPy transcriptions, keys, compensation, sweeps.
+"""Tests of the device models (jaxnoise.analog): statistics, NumPy transcriptions, keys, compensation, sweeps.
 
 Statistical tolerances come from the sample sizes: a sample mean of n draws is checked within 5 standard errors,
 a sample std within 5 * sigma / sqrt(2 (n - 1)) (its normal-approximation standard error). False failures then
@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import scipy.integrate
 
-from jaxnoise import device, methods, noise, robustness
+from jaxnoise import analog as analog_lib
+from jaxnoise import methods, noise, robustness
 from jaxnoise.models import get_model
 
-PCM = device.PCMModel()
+PCM = analog_lib.PCMModel()
 G_MAX = 25.0
 Z = 5.0  # standard errors allowed
 
@@ -71,12 +72,12 @@ def np_mvm_dense(x, w, inp_res, inp_bound, out_res, out_bound):
 @pytest.mark.parametrize("g_min", [0.0, 2.0])
 def test_mapping_matches_numpy_and_round_trips(per_column, g_min):
     w = np.asarray(jax.random.normal(jax.random.key(0), (7, 5)), np.float32)
-    gp, gm, s = device.weights_to_conductances(jnp.asarray(w), 25.0, g_min, per_column=per_column)
+    gp, gm, s = analog_lib.weights_to_conductances(jnp.asarray(w), 25.0, g_min, per_column=per_column)
     npp, npm, nps = np_map(w.astype(np.float64), 25.0, g_min, per_column)
     np.testing.assert_allclose(gp, npp, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(gm, npm, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(s, nps, rtol=1e-6)
-    back = device.conductances_to_weights(gp, gm, s)
+    back = analog_lib.conductances_to_weights(gp, gm, s)
     np.testing.assert_allclose(back, w, rtol=0, atol=1e-6 * np.max(np.abs(w)))
     assert float(jnp.max(jnp.maximum(gp, gm))) <= 25.0 + 1e-5
 
@@ -85,25 +86,25 @@ def test_mapping_matches_numpy_and_round_trips(per_column, g_min):
 def test_programming_noise_std_matches_polynomial(g_target):
     n = 200_000
     g = jnp.full((n,), g_target, jnp.float32)
-    draws = np.asarray(device.program_conductances(jax.random.key(1), g, PCM, G_MAX), np.float64)
+    draws = np.asarray(analog_lib.program_conductances(jax.random.key(1), g, PCM, G_MAX), np.float64)
     sigma = np_sigma_prog(g_target)
     assert abs(draws.mean() - g_target) < Z * sigma / math.sqrt(n)
     assert abs(draws.std(ddof=1) - sigma) < Z * sigma / math.sqrt(2 * (n - 1))
-    np.testing.assert_allclose(device.programming_noise_std(g[:1], PCM, G_MAX), [sigma], rtol=1e-5)
+    np.testing.assert_allclose(analog_lib.programming_noise_std(g[:1], PCM, G_MAX), [sigma], rtol=1e-5)
 
 
 def test_programming_draw_is_the_formula_with_the_keys_normal():
     g = jnp.linspace(0.0, 25.0, 11)
     key = jax.random.key(2)
     z = np.asarray(jax.random.normal(jax.random.clone(key), g.shape), np.float64)
-    got = device.program_conductances(key, g, PCM, G_MAX)
+    got = analog_lib.program_conductances(key, g, PCM, G_MAX)
     want = np.maximum(np.asarray(g) + np_sigma_prog(np.asarray(g, np.float64)) * z, 0.0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_drift_exponent_stats_match_numpy():
     g = np.array([0.0, 1e-6, 0.1, 1.0, 5.0, 12.0, 25.0], np.float32)
-    mu, sig = device.drift_exponent_stats(jnp.asarray(g), PCM, G_MAX)
+    mu, sig = analog_lib.drift_exponent_stats(jnp.asarray(g), PCM, G_MAX)
     np_mu, np_sig = np_nu_stats(g.astype(np.float64))
     np.testing.assert_allclose(mu, np_mu, rtol=1e-5)
     np.testing.assert_allclose(sig, np_sig, rtol=1e-5)
@@ -122,8 +123,8 @@ def test_mean_drift_factor_matches_folded_normal_expectation(t_inf):
     mean = scipy.integrate.quad(f, -12, 12, points=[-mu / sig])[0]
     var = scipy.integrate.quad(f2, -12, 12, points=[-mu / sig])[0] - mean ** 2
     g = jnp.full((n,), g_target, jnp.float32)
-    nu = device.drift_exponents(jax.random.key(3), g, PCM, G_MAX)
-    factor = np.asarray(device.drift(jnp.ones((n,)), nu, t_inf, PCM), np.float64)
+    nu = analog_lib.drift_exponents(jax.random.key(3), g, PCM, G_MAX)
+    factor = np.asarray(analog_lib.drift(jnp.ones((n,)), nu, t_inf, PCM), np.float64)
     assert abs(factor.mean() - mean) < Z * math.sqrt(var / n)
     assert float(jnp.min(nu)) >= 0.0
 
@@ -133,28 +134,28 @@ def test_drift_and_read_match_numpy_on_a_small_layer():
     w = np.asarray(jax.random.normal(jax.random.key(30), (4, 3)), np.float64)
     g_plus, _, _ = np_map(w)
     g = jnp.asarray(g_plus, jnp.float32)
-    nu = device.drift_exponents(jax.random.key(31), g, PCM, G_MAX)
+    nu = analog_lib.drift_exponents(jax.random.key(31), g, PCM, G_MAX)
     z_nu = np.asarray(jax.random.normal(jax.random.key(31), g.shape), np.float64)
     mu, sig = np_nu_stats(g_plus)
     np.testing.assert_allclose(nu, np.abs(mu + sig * z_nu), rtol=1e-5, atol=1e-7)
     t_inf = 86400.0
     g_d = g_plus * ((t_inf + 20.0) / 20.0) ** (-np.asarray(nu, np.float64))
-    np.testing.assert_allclose(device.drift(g, nu, t_inf, PCM), g_d, rtol=1e-5)
+    np.testing.assert_allclose(analog_lib.drift(g, nu, t_inf, PCM), g_d, rtol=1e-5)
     z_rd = np.asarray(jax.random.normal(jax.random.key(32), g.shape), np.float64)
     want = np.maximum(g_d + np.abs(g_d) * np_sigma_read(g_plus, t_inf) * z_rd, 0.0)
-    got = device.read_conductances(jax.random.key(32), g, nu, t_inf, PCM, G_MAX)
+    got = analog_lib.read_conductances(jax.random.key(32), g, nu, t_inf, PCM, G_MAX)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_compensation_readout_matches_numpy():
     """The identity readout through an exact MVM is mean|W| (global) or mean|W| per column."""
     w = np.asarray(jax.random.normal(jax.random.key(33), (5, 3)), np.float32)
-    glob = device.compensation_readout(None, jnp.asarray(w), device.DeviceSpec(compensation="global"))
-    col = device.compensation_readout(None, jnp.asarray(w), device.DeviceSpec(compensation="column"))
+    glob = analog_lib.compensation_readout(None, jnp.asarray(w), analog_lib.AnalogSpec(compensation="global"))
+    col = analog_lib.compensation_readout(None, jnp.asarray(w), analog_lib.AnalogSpec(compensation="column"))
     np.testing.assert_allclose(glob, np.mean(np.abs(w)), rtol=1e-6)
     np.testing.assert_allclose(col, np.mean(np.abs(w), axis=0), rtol=1e-6)
-    io = device.IOParams(out_noise=0.0, bound_management="none")   # through the quantisers of the defaults
-    q = device.compensation_readout(None, jnp.asarray(w), device.DeviceSpec(io=io, compensation="global"))
+    io = analog_lib.IOParams(out_noise=0.0, bound_management="none")   # through the quantisers of the defaults
+    q = analog_lib.compensation_readout(None, jnp.asarray(w), analog_lib.AnalogSpec(io=io, compensation="global"))
     want = np.mean(np.abs(np_mvm_dense(np.eye(5), w.astype(np.float64), 1 / 126, 1.0, 1 / 510, 12.0)))
     np.testing.assert_allclose(q, max(want, 1e-4), rtol=1e-5)
 
@@ -162,8 +163,8 @@ def test_compensation_readout_matches_numpy():
 def test_drift_is_identity_at_time_zero_and_monotone():
     nu = jnp.array([0.0, 0.05, 0.1])
     g = jnp.array([10.0, 10.0, 10.0])
-    np.testing.assert_array_equal(device.drift(g, nu, 0.0, PCM), g)
-    later = device.drift(g, nu, 86400.0, PCM)
+    np.testing.assert_array_equal(analog_lib.drift(g, nu, 0.0, PCM), g)
+    later = analog_lib.drift(g, nu, 86400.0, PCM)
     assert float(later[0]) == 10.0 and float(later[2]) < float(later[1]) < 10.0
 
 
@@ -172,10 +173,10 @@ def test_read_noise_std_matches_sigma_rd(t_inf):
     n = 200_000
     g_prog = 20.0
     sigma_rd = float(np_sigma_read(np.float64(g_prog), t_inf))
-    np.testing.assert_allclose(device.read_noise_std(jnp.asarray([g_prog]), t_inf, PCM, G_MAX), [sigma_rd],
+    np.testing.assert_allclose(analog_lib.read_noise_std(jnp.asarray([g_prog]), t_inf, PCM, G_MAX), [sigma_rd],
                                rtol=1e-5)
     g = jnp.full((n,), g_prog)
-    reads = np.asarray(device.read_conductances(jax.random.key(4), g, jnp.zeros((n,)), t_inf, PCM, G_MAX),
+    reads = np.asarray(analog_lib.read_conductances(jax.random.key(4), g, jnp.zeros((n,)), t_inf, PCM, G_MAX),
                        np.float64)
     rel = reads / g_prog - 1.0
     assert abs(rel.mean()) < Z * sigma_rd / math.sqrt(n)
@@ -189,28 +190,28 @@ def test_read_noise_std_matches_sigma_rd(t_inf):
 def test_quantize_levels_half_to_even_clipping_and_identity():
     res, bound = 0.25, 2.0            # step = 0.25 * 2 * 2 = 1
     x = jnp.array([0.5, 1.5, 2.5, -0.5, -1.5, 0.49, 0.51, 7.0, -7.0])
-    got = device.quantize(x, res, bound)
+    got = analog_lib.quantize(x, res, bound)
     np.testing.assert_array_equal(got, [0.0, 2.0, 2.0, -0.0, -2.0, 0.0, 1.0, 2.0, -2.0])
     y = jax.random.normal(jax.random.key(5), (1000,)) * 3
-    q = np.asarray(device.quantize(y, 1 / 126, 1.0))
+    q = np.asarray(analog_lib.quantize(y, 1 / 126, 1.0))
     steps = q / (2 / 126)
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)        # on the grid
     assert np.max(np.abs(q)) <= 1.0
-    np.testing.assert_array_equal(device.quantize(y, None, None), y)   # infinite resolution, no bound
-    np.testing.assert_allclose(device.quantize(y, 1e-7, None), y, atol=1e-5)
+    np.testing.assert_array_equal(analog_lib.quantize(y, None, None), y)   # infinite resolution, no bound
+    np.testing.assert_allclose(analog_lib.quantize(y, 1e-7, None), y, atol=1e-5)
     np.testing.assert_allclose(q, np_quantize(np.asarray(y, np.float64), 1 / 126, 1.0), atol=1e-6)
 
 
 def test_quantize_gradient_is_straight_through():
-    g = jax.grad(lambda x: jnp.sum(device.quantize(x, 1 / 10, 1.0) * jnp.arange(4.0)))(jnp.array([0.3, 5, -5, 0]))
+    g = jax.grad(lambda x: jnp.sum(analog_lib.quantize(x, 1 / 10, 1.0) * jnp.arange(4.0)))(jnp.array([0.3, 5, -5, 0]))
     np.testing.assert_array_equal(g, [0.0, 1.0, 2.0, 3.0])
 
 
 def test_analog_mvm_dense_matches_numpy_without_noise():
     x = np.asarray(jax.random.normal(jax.random.key(6), (16, 12)), np.float32)
     w = np.asarray(jax.random.uniform(jax.random.key(7), (12, 6), minval=-1, maxval=1), np.float32)
-    io = device.IOParams(out_noise=0.0, bound_management="none")
-    got = device.analog_mvm(None, jnp.asarray(x), jnp.asarray(w), io)
+    io = analog_lib.IOParams(out_noise=0.0, bound_management="none")
+    got = analog_lib.analog_mvm(None, jnp.asarray(x), jnp.asarray(w), io)
     want = np_mvm_dense(x.astype(np.float64), w.astype(np.float64), 1 / 126, 1.0, 1 / 510, 12.0)
     np.testing.assert_allclose(got, want, atol=2e-5)
 
@@ -220,9 +221,9 @@ def test_analog_mvm_output_noise_std():
     n_rows = 4000
     x = jax.random.normal(jax.random.key(8), (n_rows, 10))
     w = jax.random.uniform(jax.random.key(9), (10, 8), minval=-1, maxval=1)
-    io = device.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.06)
+    io = analog_lib.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.06)
     s = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    z = np.asarray((device.analog_mvm(jax.random.key(10), x, w, io) - x @ w) / s, np.float64).ravel()
+    z = np.asarray((analog_lib.analog_mvm(jax.random.key(10), x, w, io) - x @ w) / s, np.float64).ravel()
     n = z.size
     assert abs(z.mean()) < Z * 0.06 / math.sqrt(n)
     assert abs(z.std(ddof=1) - 0.06) < Z * 0.06 / math.sqrt(2 * (n - 1))
@@ -232,8 +233,8 @@ def test_analog_mvm_pcm_read_output_noise_std():
     """w_noise: the per-output std is w_noise * sqrt(sum_j |w_ij| x'_j^2) (in units of the scaled input)."""
     x = jnp.tile(jnp.array([[1.0, -0.5, 0.25, 0.0]]), (20000, 1))
     w = jnp.array([[0.5], [-1.0], [0.25], [1.0]])
-    io = device.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.0, w_noise=0.1)
-    y = np.asarray(device.analog_mvm(jax.random.key(11), x, w, io), np.float64).ravel()
+    io = analog_lib.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.0, w_noise=0.1)
+    y = np.asarray(analog_lib.analog_mvm(jax.random.key(11), x, w, io), np.float64).ravel()
     sigma = 0.1 * math.sqrt(0.5 * 1 + 1.0 * 0.25 + 0.25 * 0.0625)
     n = y.size
     assert abs(y.mean() - float((x @ w)[0, 0])) < Z * sigma / math.sqrt(n)
@@ -245,8 +246,8 @@ def test_bound_management_rescales_clipped_vectors():
     x = jnp.ones((2, 40)) * jnp.array([[1.0], [0.01]])   # sum of 40 ones = 40 > out_bound 12
     w = jnp.ones((40, 1))
     base = dict(inp_res=None, out_res=None, out_noise=0.0)
-    none = device.analog_mvm(None, x, w, device.IOParams(bound_management="none", **base))
-    it = device.analog_mvm(None, x, w, device.IOParams(bound_management="iterative", **base))
+    none = analog_lib.analog_mvm(None, x, w, analog_lib.IOParams(bound_management="none", **base))
+    it = analog_lib.analog_mvm(None, x, w, analog_lib.IOParams(bound_management="iterative", **base))
     np.testing.assert_allclose(none[:, 0], [12.0, 0.12], rtol=1e-6)    # clipped at the ADC bound
     np.testing.assert_allclose(it[:, 0], [40.0, 0.4], rtol=1e-6)       # 4x down-scaled, exact
 
@@ -256,10 +257,10 @@ def test_bound_management_rescales_clipped_vectors():
 def test_analog_conv_equals_analog_dense_on_im2col_patches(stride, nm):
     x = jax.random.normal(jax.random.key(12), (2, 9, 9, 3))
     w = jax.random.uniform(jax.random.key(13), (3, 3, 3, 4), minval=-1, maxval=1)
-    io = device.IOParams(out_noise=0.0, bound_management="none", noise_management=nm, nm_scale=4.0)
-    got = device.analog_mvm(None, x, w, io, geometry={"stride": stride, "padding": 1})
-    patches = device.conv_patches(x, w.shape, stride, 1)
-    want = device.analog_mvm(None, patches, w.reshape(-1, 4), io)
+    io = analog_lib.IOParams(out_noise=0.0, bound_management="none", noise_management=nm, nm_scale=4.0)
+    got = analog_lib.analog_mvm(None, x, w, io, geometry={"stride": stride, "padding": 1})
+    patches = analog_lib.conv_patches(x, w.shape, stride, 1)
+    want = analog_lib.analog_mvm(None, patches, w.reshape(-1, 4), io)
     np.testing.assert_allclose(got, want, atol=1e-5)
     exact = jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -275,59 +276,59 @@ def _dense_params(key, n_in=6, n_out=4):
 
 
 def test_compensation_restores_mean_output_scale_of_a_noiseless_drifted_layer():
-    quiet = device.PCMModel(prog_noise_scale=0.0, read_noise_scale=0.0)
-    spec = device.DeviceSpec(pcm=quiet, compensation="global")
+    quiet = analog_lib.PCMModel(prog_noise_scale=0.0, read_noise_scale=0.0)
+    spec = analog_lib.AnalogSpec(pcm=quiet, compensation="global")
     params = _dense_params(jax.random.key(14))
-    chip = device.program_chip(jax.random.key(15), params, spec)
-    layer = device.read_chip(jax.random.key(16), chip, 31536000.0, spec)["fc"]
+    chip = analog_lib.program_chip(jax.random.key(15), params, spec)
+    layer = analog_lib.read_chip(jax.random.key(16), chip, 31536000.0, spec)["fc"]
     drifted = layer["w_tile"]
     assert float(jnp.mean(jnp.abs(drifted))) < 0.8 * float(jnp.mean(jnp.abs(chip["fc"]["w_target"])))
     # the readout of the compensated layer equals the reference exactly
     np.testing.assert_allclose(jnp.mean(jnp.abs(layer["alpha"] * drifted)), chip["fc"]["r0"], rtol=1e-6)
     # equal drift exponents (all |w| equal, sigma_nu = 0): compensation restores every output exactly
-    flat = device.PCMModel(prog_noise_scale=0.0, read_noise_scale=0.0, drift_sigma=(0.0, 0.0),
+    flat = analog_lib.PCMModel(prog_noise_scale=0.0, read_noise_scale=0.0, drift_sigma=(0.0, 0.0),
                            drift_sigma_clip=(0.0, 0.0))
-    spec = device.DeviceSpec(pcm=flat, compensation="global")
+    spec = analog_lib.AnalogSpec(pcm=flat, compensation="global")
     signs = {"fc": {"kernel": jnp.sign(params["fc"]["kernel"]), "bias": params["fc"]["bias"]}}
-    chip = device.program_chip(jax.random.key(17), signs, spec)
-    layer = device.read_chip(jax.random.key(18), chip, 86400.0, spec)["fc"]
+    chip = analog_lib.program_chip(jax.random.key(17), signs, spec)
+    layer = analog_lib.read_chip(jax.random.key(18), chip, 86400.0, spec)["fc"]
     np.testing.assert_allclose(layer["alpha"] * layer["w_tile"], chip["fc"]["w_target"], rtol=1e-5)
 
 
 def test_column_compensation_per_output_column():
-    quiet = device.PCMModel(prog_noise_scale=0.0, read_noise_scale=0.0)
-    spec = device.DeviceSpec(pcm=quiet, compensation="column")
+    quiet = analog_lib.PCMModel(prog_noise_scale=0.0, read_noise_scale=0.0)
+    spec = analog_lib.AnalogSpec(pcm=quiet, compensation="column")
     params = _dense_params(jax.random.key(19))
-    chip = device.program_chip(jax.random.key(20), params, spec)
-    layer = device.read_chip(jax.random.key(21), chip, 3600.0, spec)["fc"]
+    chip = analog_lib.program_chip(jax.random.key(20), params, spec)
+    layer = analog_lib.read_chip(jax.random.key(21), chip, 3600.0, spec)["fc"]
     assert layer["alpha"].shape == (1, 1, 1, 4)   # one tile, one factor per output column
     np.testing.assert_allclose(jnp.mean(jnp.abs(layer["alpha"] * layer["w_tile"]), axis=2, keepdims=True),
                                chip["fc"]["r0"], rtol=1e-6)
 
 
 def test_chip_is_fixed_and_reads_are_fresh():
-    spec = device.preset("aihwkit_inference_default")
+    spec = analog_lib.preset("aihwkit_inference_default")
     params = _dense_params(jax.random.key(22))
-    a = device.program_chip(jax.random.key(23), params, spec)
-    b = device.program_chip(jax.random.key(23), params, spec)
+    a = analog_lib.program_chip(jax.random.key(23), params, spec)
+    b = analog_lib.program_chip(jax.random.key(23), params, spec)
     for k in ("g_plus", "g_minus", "nu_plus", "nu_minus"):
         np.testing.assert_array_equal(a["fc"][k], b["fc"][k])
-    r1 = device.read_chip(jax.random.key(24), a, 3600.0, spec)["fc"]["w_tile"]
-    r2 = device.read_chip(jax.random.key(25), a, 3600.0, spec)["fc"]["w_tile"]
-    r1_again = device.read_chip(jax.random.key(24), a, 3600.0, spec)["fc"]["w_tile"]
+    r1 = analog_lib.read_chip(jax.random.key(24), a, 3600.0, spec)["fc"]["w_tile"]
+    r2 = analog_lib.read_chip(jax.random.key(25), a, 3600.0, spec)["fc"]["w_tile"]
+    r1_again = analog_lib.read_chip(jax.random.key(24), a, 3600.0, spec)["fc"]["w_tile"]
     np.testing.assert_array_equal(r1, r1_again)           # same key -> same read
     assert float(jnp.max(jnp.abs(r1 - r2))) > 0           # a new read draws new read noise
-    c = device.program_chip(jax.random.key(26), params, spec)
+    c = analog_lib.program_chip(jax.random.key(26), params, spec)
     assert float(jnp.max(jnp.abs(c["fc"]["g_plus"] - a["fc"]["g_plus"]))) > 0   # another chip
 
 
 def test_keys_come_from_layer_names():
     """Adding a layer leaves the programming draws of the others unchanged."""
-    spec = device.preset("aihwkit_inference_default")
+    spec = analog_lib.preset("aihwkit_inference_default")
     params = _dense_params(jax.random.key(27))
     more = {**params, "aaa_new": {"kernel": jnp.ones((3, 3))}}
-    a = device.program_chip(jax.random.key(28), params, spec)["fc"]
-    b = device.program_chip(jax.random.key(28), more, spec)["fc"]
+    a = analog_lib.program_chip(jax.random.key(28), params, spec)["fc"]
+    b = analog_lib.program_chip(jax.random.key(28), more, spec)["fc"]
     np.testing.assert_array_equal(a["g_plus"], b["g_plus"])
     np.testing.assert_array_equal(a["nu_minus"], b["nu_minus"])
 
@@ -335,10 +336,10 @@ def test_keys_come_from_layer_names():
 def test_layer_selection_by_path():
     params = {"conv1": {"kernel": jnp.ones((3, 3, 1, 2))}, "layer1": {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}},
               "fc": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
-    spec = device.DeviceSpec(pcm=device.PCMModel())
-    assert device.analog_sites(params, spec) == ("conv1", "layer1/conv", "fc")
+    spec = analog_lib.AnalogSpec(pcm=analog_lib.PCMModel())
+    assert analog_lib.analog_sites(params, spec) == ("conv1", "layer1/conv", "fc")
     spec = spec.replace(digital_layers=("^conv1$", "^fc$"))
-    assert device.analog_sites(params, spec) == ("layer1/conv",)
+    assert analog_lib.analog_sites(params, spec) == ("layer1/conv",)
 
 
 def test_weight_modifiers_match_formulas():
@@ -352,9 +353,9 @@ def test_weight_modifiers_match_formulas():
         "poly": w + a * 0.1 * (1.0 + 0.5 * jnp.abs(w) / a + 0.25 * (w / a) ** 2) * z,
     }
     for kind, want in cases.items():
-        mod = device.WeightModifier(kind=kind, std=0.1, coeffs=(1.0, 0.5, 0.25))
-        np.testing.assert_allclose(device.modify_weights(jax.random.clone(key), w, mod), want, rtol=1e-6)
-    d = device.modify_weights(key, w, device.WeightModifier(kind="discretize", res=0.25))
+        mod = analog_lib.WeightModifier(kind=kind, std=0.1, coeffs=(1.0, 0.5, 0.25))
+        np.testing.assert_allclose(analog_lib.modify_weights(jax.random.clone(key), w, mod), want, rtol=1e-6)
+    d = analog_lib.modify_weights(key, w, analog_lib.WeightModifier(kind="discretize", res=0.25))
     np.testing.assert_allclose(d, a * 0.25 * np.round(np.asarray(w) / (a * 0.25)))
 
 
@@ -371,21 +372,21 @@ def cnn(digits):
 def test_ideal_preset_is_the_exact_model_and_a_chip_runs_once_read(cnn, digits):
     model, variables = cnn
     x = digits.preprocess(digits.test.images[:8])
-    exact, _ = model.apply(variables, x)
+    exact = model.apply(variables, x).logits
     k = jax.random.key(1)
-    ideal, _ = model.apply(variables, x, key=k, chip=model.pass_chip(k, variables["params"], None,
-                                                                      device.preset("ideal")))
+    ideal = model.apply(variables, x, key=k, chip=model.pass_chip(k, variables["params"], None,
+                                                                  analog_lib.preset("ideal"))).logits
     np.testing.assert_array_equal(ideal, exact)
-    spec = device.preset("aihwkit_inference_default")
+    spec = analog_lib.preset("aihwkit_inference_default")
     with pytest.raises(ValueError, match="programmed but not read"):
         model.apply(variables, x, key=k, chip=model.sample_chip(k, variables["params"], None, spec))
     with pytest.raises(TypeError, match="model.sample_chip"):
         model.apply(variables, x, key=k, chip=spec)
     read = model.pass_chip(k, variables["params"], None, spec)
-    a, _ = model.apply(variables, x, chip=read)   # no pass key: analog MVMs without I/O noise
+    a = model.apply(variables, x, chip=read).logits   # no pass key: analog MVMs without I/O noise
     np.testing.assert_array_equal(a, model.apply(variables, x, chip=read)[0])
     assert not np.array_equal(a, exact)
-    noisy, _ = model.apply(variables, x, key=k, chip=read)
+    noisy = model.apply(variables, x, key=k, chip=read).logits
     assert not np.array_equal(noisy, a)
 
 
@@ -393,13 +394,13 @@ def test_noise_free_io_matches_exact_model_and_gradient(cnn, digits):
     model, variables = cnn
     x = digits.preprocess(digits.test.images[:8])
     y = jnp.asarray(digits.test.labels[:8])
-    spec = device.DeviceSpec(io=device.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.0),
+    spec = analog_lib.AnalogSpec(io=analog_lib.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.0),
                              mapping="column")
 
     def loss(params, dev):
         key = None if dev is None else jax.random.key(2)
         chip = None if dev is None else model.pass_chip(key, params, None, dev)
-        logits, _ = model.apply({**variables, "params": params}, x, key=key, chip=chip)
+        logits = model.apply({**variables, "params": params}, x, key=key, chip=chip).logits
         return methods.cross_entropy(logits, y)
 
     np.testing.assert_allclose(loss(variables["params"], spec), loss(variables["params"], None), rtol=1e-5)
@@ -412,7 +413,7 @@ def test_noise_free_io_matches_exact_model_and_gradient(cnn, digits):
 def test_time_sweep_compiles_once_and_chips_are_fixed_across_times(trained_digits_cnn, digits):
     model, variables, _ = trained_digits_cnn
     x, y = digits.test.images[:60], digits.test.labels[:60]
-    quiet = device.DeviceSpec(pcm=device.PCMModel(read_noise_scale=0.0), compensation=None, name="quiet")
+    quiet = analog_lib.AnalogSpec(pcm=analog_lib.PCMModel(read_noise_scale=0.0), compensation=None, name="quiet")
     kw = dict(key=0, n_chips=3, batch_size=30, preprocess=digits.preprocess)
     before = robustness.trace_count()
     both = robustness.evaluate_device(model, variables, x, y, quiet, times=[1.0, 1e8], **kw)
@@ -431,7 +432,7 @@ def test_time_sweep_compiles_once_and_chips_are_fixed_across_times(trained_digit
 def test_device_evaluation_with_full_preset_and_compensation(trained_digits_cnn, digits):
     model, variables, _ = trained_digits_cnn
     x, y = digits.test.images[:60], digits.test.labels[:60]
-    spec = device.preset("aihwkit_inference_default")
+    spec = analog_lib.preset("aihwkit_inference_default")
     res = robustness.evaluate_device(model, variables, x, y, spec, times=[1.0, 31536000.0], key=1, n_chips=3,
                                      batch_size=30, preprocess=digits.preprocess)
     nocomp = robustness.evaluate_device(model, variables, x, y, spec.replace(compensation=None),
@@ -448,7 +449,7 @@ def test_hardware_aware_training_step_under_a_device(cnn, digits):
     model, variables = cnn
     x = digits.preprocess(digits.train.images[:16])
     y = jnp.asarray(digits.train.labels[:16])
-    spec = device.preset("hwa_standard").training()
+    spec = analog_lib.preset("hwa_standard").training()
     loss_fn = methods.forward_noise(model, weight_kind=None, device=spec)
     assert loss_fn.hparams == {} and loss_fn.config["device"]["name"] == "hwa_standard"
     (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
@@ -456,12 +457,12 @@ def test_hardware_aware_training_step_under_a_device(cnn, digits):
     assert np.isfinite(float(loss))
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     assert float(jnp.linalg.norm(grads["conv1"]["kernel"])) > 0
-    mod = methods.forward_noise(model, weight_kind=None, device=device.DeviceSpec(
-        modifier=device.WeightModifier(kind="poly", std=0.05, coeffs=(0.5, 0.3, 0.2))))
+    mod = methods.forward_noise(model, weight_kind=None, device=analog_lib.AnalogSpec(
+        modifier=analog_lib.WeightModifier(kind="poly", std=0.05, coeffs=(0.5, 0.3, 0.2))))
     grads = jax.jit(jax.grad(lambda p: mod(p, variables["batch_stats"], x, y, jax.random.key(5), {})[0]))(
         variables["params"])
     assert float(jnp.linalg.norm(grads["conv1"]["kernel"])) > 0
-    pcm = methods.consistency(model, weight_kind=None, device=device.DeviceSpec(pcm=device.PCMModel()), lam=0.5)
+    pcm = methods.consistency(model, weight_kind=None, device=analog_lib.AnalogSpec(pcm=analog_lib.PCMModel()), lam=0.5)
     loss2, _ = jax.jit(pcm)(variables["params"], variables["batch_stats"], x, y, jax.random.key(4), pcm.hparams)
     assert np.isfinite(float(loss2))
 
@@ -469,8 +470,8 @@ def test_hardware_aware_training_step_under_a_device(cnn, digits):
 def test_calibrate_input_ranges(cnn, digits):
     model, variables = cnn
     x = digits.preprocess(digits.train.images[:64])
-    std = device.calibrate_input_ranges(model.apply, variables, x, statistic="std", alpha=3.0)
-    amax = device.calibrate_input_ranges(model.apply, variables, x, statistic="absmax", alpha=1.0)
+    std = analog_lib.calibrate_input_ranges(model.apply, variables, x, statistic="std", alpha=3.0)
+    amax = analog_lib.calibrate_input_ranges(model.apply, variables, x, statistic="absmax", alpha=1.0)
     assert set(std) == set(model.sites)
     np.testing.assert_allclose(amax["conv1"], np.max(np.abs(np.asarray(x))), rtol=1e-6)
     np.testing.assert_allclose(std["conv1"], 3 * np.std(np.asarray(x, np.float64)), rtol=1e-4)
@@ -481,18 +482,18 @@ def test_calibrate_input_ranges(cnn, digits):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: device.read_conductances(jax.random.key(0), jnp.ones(2), jnp.zeros(2), -1.0, PCM), "negative"),
-    (lambda: device.DeviceSpec(t_inference=-5.0), "negative"),
-    (lambda: device.weights_to_conductances(jnp.ones(2), g_max=0.0), "g_max"),
-    (lambda: device.DeviceSpec(g_max=-1.0), "g_max"),
-    (lambda: device.DeviceSpec(g_min=30.0), "smaller than g_max"),
-    (lambda: device.IOParams(inp_res=0.0), "infinite resolution"),
-    (lambda: device.IOParams(out_res=-1 / 510), "inp_res|out_res"),
-    (lambda: device.quantize(jnp.ones(2), 0.0, 1.0), "res"),
-    (lambda: device.preset("aihwkit_default"), "unknown device preset"),
-    (lambda: device.IOParams(noise_management="absmax"), "noise_management"),
-    (lambda: device.DeviceSpec(compensation="local"), "drift compensation"),
-    (lambda: device.WeightModifier(kind="discretize", res=0.0), "bin width"),
+    (lambda: analog_lib.read_conductances(jax.random.key(0), jnp.ones(2), jnp.zeros(2), -1.0, PCM), "negative"),
+    (lambda: analog_lib.AnalogSpec(t_inference=-5.0), "negative"),
+    (lambda: analog_lib.weights_to_conductances(jnp.ones(2), g_max=0.0), "g_max"),
+    (lambda: analog_lib.AnalogSpec(g_max=-1.0), "g_max"),
+    (lambda: analog_lib.AnalogSpec(g_min=30.0), "smaller than g_max"),
+    (lambda: analog_lib.IOParams(inp_res=0.0), "infinite resolution"),
+    (lambda: analog_lib.IOParams(out_res=-1 / 510), "inp_res|out_res"),
+    (lambda: analog_lib.quantize(jnp.ones(2), 0.0, 1.0), "res"),
+    (lambda: analog_lib.preset("aihwkit_default"), "unknown device preset"),
+    (lambda: analog_lib.IOParams(noise_management="absmax"), "noise_management"),
+    (lambda: analog_lib.AnalogSpec(compensation="local"), "drift compensation"),
+    (lambda: analog_lib.WeightModifier(kind="discretize", res=0.0), "bin width"),
 ])
 def test_bad_input_gets_a_clear_error(make, match):
     with pytest.raises(ValueError, match=match):
@@ -501,7 +502,7 @@ def test_bad_input_gets_a_clear_error(make, match):
 
 def test_evaluate_device_rejects_bad_times(trained_digits_cnn, digits):
     model, variables, _ = trained_digits_cnn
-    spec = device.preset("aihwkit_inference_default")
+    spec = analog_lib.preset("aihwkit_inference_default")
     for times, match in (([1.0, -3.0], "negative"), ([], "empty"), ([float("nan")], "not finite")):
         with pytest.raises(ValueError, match=match):
             robustness.evaluate_device(model, variables, digits.test.images[:10], digits.test.labels[:10], spec,
@@ -510,12 +511,12 @@ def test_evaluate_device_rejects_bad_times(trained_digits_cnn, digits):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Before/after equality with the device code before the speed-up (chunked per-patch MVM, bound management that
-# re-runs only what clipped, batched chip draws). The functions below are that code, frozen (jaxnoise/device.py as
+# re-runs only what clipped, batched chip draws). The functions below are that code, frozen (jaxnoise/analog.py as
 # of 2026-12-02, docstrings dropped): the analog MVM, the drift-compensation readout, program_chip and read_chip.
 # Unchanged helpers (quantize, _linear, _noise_flags, _tile, the PCM formulas) are taken from the library.
-# With IOParams(**device.LEGACY_IO) the new code must give the same bits.
+# With IOParams(**analog_lib.LEGACY_IO) the new code must give the same bits.
 
-LEGACY_IO = device.LEGACY_IO
+LEGACY_IO = analog_lib.LEGACY_IO
 
 
 def _ref_conv_views(x, kernel_shape, stride, padding):
@@ -538,7 +539,7 @@ def _ref_analog_mvm(key, x, w_tile, io, *, geometry=None, inp_scale=None, noise_
     dt = x.dtype
     w_tile = w_tile.astype(dt)
     w_abs = jnp.abs(w_tile)
-    use_w_noise, use_out_noise = device._noise_flags(key, io) if noise_flags is None else noise_flags
+    use_w_noise, use_out_noise = analog_lib._noise_flags(key, io) if noise_flags is None else noise_flags
     views = None
     if io.noise_management == "abs_max":
         if geometry is not None:
@@ -552,13 +553,13 @@ def _ref_analog_mvm(key, x, w_tile, io, *, geometry=None, inp_scale=None, noise_
         s = jnp.asarray(io.nm_scale if inp_scale is None else inp_scale, dt)
 
     def dac(v, factor):
-        return device.quantize(v / (s * factor), io.inp_res, io.inp_bound)
+        return analog_lib.quantize(v / (s * factor), io.inp_res, io.inp_bound)
 
     def products(factor):
         if views is None:
             xq = dac(x, factor)
-            return (device._linear(xq, w_tile, geometry),
-                    (device._linear(xq * xq, w_abs, geometry) if use_w_noise else None))
+            return (analog_lib._linear(xq, w_tile, geometry),
+                    (analog_lib._linear(xq * xq, w_abs, geometry) if use_w_noise else None))
         y = spread = None
         for (i, j), v in zip(taps, views):
             q = dac(v, factor)
@@ -577,7 +578,7 @@ def _ref_analog_mvm(key, x, w_tile, io, *, geometry=None, inp_scale=None, noise_
                 noise.name_key(round_key, "out_noise"), y.shape, dt)
         clipped = (jnp.any(jnp.abs(y) >= io.out_bound, axis=-1, keepdims=True) if io.out_bound is not None
                    else jnp.zeros(y.shape[:-1] + (1,), bool))
-        return device.quantize(y, io.out_res, io.out_bound), clipped
+        return analog_lib.quantize(y, io.out_res, io.out_bound), clipped
 
     y0, clipped0 = one_round(jnp.asarray(1.0, dt), None if key is None else jax.random.fold_in(key, 0))
     if io.bound_management == "none" or io.out_bound is None:
@@ -614,32 +615,32 @@ def _ref_readout(key, w_tile, spec, site):
         scale = None if spec.io.inp_ranges is None else spec.io.inp_ranges.get(site)
         y = _ref_analog_mvm(key, eye, w, spec.io, inp_scale=scale)
     axis = 0 if spec.compensation == "column" else None
-    return jnp.maximum(jnp.mean(jnp.abs(y), axis=axis), device.COMPENSATION_FLOOR)
+    return jnp.maximum(jnp.mean(jnp.abs(y), axis=axis), analog_lib.COMPENSATION_FLOOR)
 
 
-def _ref_program_chip(key, params, spec):
+def _ref_program_chip(key, params, spec, layers=None):
     from flax import traverse_util
     flat = traverse_util.flatten_dict(params, sep="/")
     chip = {}
-    for site in device.analog_sites(params, spec):
+    for site in analog_lib.analog_sites(params, spec, layers):   # the registered analog layers (not numerics)
         w = jax.lax.stop_gradient(flat[f"{site}/kernel" if site else "kernel"])
         if spec.modifier is not None:
-            w = device.modify_weights(_ref_key(key, "jaxnoise/device/modifier", site), w, spec.modifier)
-        g_plus, g_minus, scale = device.weights_to_conductances(w, spec.g_max, spec.g_min,
+            w = analog_lib.modify_weights(_ref_key(key, "jaxnoise/device/modifier", site), w, spec.modifier)
+        g_plus, g_minus, scale = analog_lib.weights_to_conductances(w, spec.g_max, spec.g_min,
                                                                 per_column=spec.mapping == "column")
-        target = device._tile(g_plus, g_minus, spec)
+        target = analog_lib._tile(g_plus, g_minus, spec)
         if spec.pcm is not None:
             kp = _ref_key(key, "jaxnoise/device/program", site)
             kd = _ref_key(key, "jaxnoise/device/drift", site)
-            nu_plus = device.drift_exponents(noise.name_key(kd, "g_plus"), g_plus, spec.pcm, spec.g_max)
-            nu_minus = device.drift_exponents(noise.name_key(kd, "g_minus"), g_minus, spec.pcm, spec.g_max)
-            g_plus = device.program_conductances(noise.name_key(kp, "g_plus"), g_plus, spec.pcm, spec.g_max)
-            g_minus = device.program_conductances(noise.name_key(kp, "g_minus"), g_minus, spec.pcm, spec.g_max)
+            nu_plus = analog_lib.drift_exponents(noise.name_key(kd, "g_plus"), g_plus, spec.pcm, spec.g_max)
+            nu_minus = analog_lib.drift_exponents(noise.name_key(kd, "g_minus"), g_minus, spec.pcm, spec.g_max)
+            g_plus = analog_lib.program_conductances(noise.name_key(kp, "g_plus"), g_plus, spec.pcm, spec.g_max)
+            g_minus = analog_lib.program_conductances(noise.name_key(kp, "g_minus"), g_minus, spec.pcm, spec.g_max)
         else:
             nu_plus = nu_minus = jnp.zeros_like(g_plus)
         if spec.compensation is not None:
             r0 = _ref_readout(_ref_key(key, "jaxnoise/device/compensation", site),
-                              device._tile(g_plus, g_minus, spec), spec, site)
+                              analog_lib._tile(g_plus, g_minus, spec), spec, site)
         else:
             r0 = jnp.ones((), w.dtype)
         chip[site] = {"g_plus": g_plus, "g_minus": g_minus, "nu_plus": nu_plus, "nu_minus": nu_minus,
@@ -648,20 +649,20 @@ def _ref_program_chip(key, params, spec):
 
 
 def _ref_read_chip(key, chip, t_inference, spec):
-    device.check_times(t_inference)
+    analog_lib.check_times(t_inference)
     out = {}
     for site, c in chip.items():
         g_plus, g_minus = c["g_plus"], c["g_minus"]
         if spec.pcm is not None:
             kr = _ref_key(key, "jaxnoise/device/read", site)
-            g_plus = device.read_conductances(noise.name_key(kr, "g_plus"), g_plus, c["nu_plus"], t_inference,
+            g_plus = analog_lib.read_conductances(noise.name_key(kr, "g_plus"), g_plus, c["nu_plus"], t_inference,
                                               spec.pcm, spec.g_max)
-            g_minus = device.read_conductances(noise.name_key(kr, "g_minus"), g_minus, c["nu_minus"], t_inference,
+            g_minus = analog_lib.read_conductances(noise.name_key(kr, "g_minus"), g_minus, c["nu_minus"], t_inference,
                                                spec.pcm, spec.g_max)
-        w_tile = device._tile(g_plus, g_minus, spec)
+        w_tile = analog_lib._tile(g_plus, g_minus, spec)
         if spec.compensation is not None:
             r_t = _ref_readout(_ref_key(key, "jaxnoise/device/compensation", site), w_tile, spec, site)
-            alpha = device.drift_compensation_factor(c["r0"], r_t)
+            alpha = analog_lib.drift_compensation_factor(c["r0"], r_t)
         else:
             alpha = jnp.ones((), w_tile.dtype)
         dt = w_tile.dtype
@@ -674,33 +675,33 @@ def _ref_read_chip(key, chip, t_inference, spec):
 def _reference_device():
     """Every device computation (evaluate_device, Model.apply(chip=Model.pass_chip(...))) runs the frozen code above. Traces are
     cached per function, so the caches are cleared on the way in and out."""
-    saved = device.analog_mvm, device.program_chip, device.read_chip
-    device.analog_mvm, device.program_chip, device.read_chip = _ref_analog_mvm, _ref_program_chip, _ref_read_chip
+    saved = analog_lib.analog_mvm, analog_lib.program_chip, analog_lib.read_chip
+    analog_lib.analog_mvm, analog_lib.program_chip, analog_lib.read_chip = _ref_analog_mvm, _ref_program_chip, _ref_read_chip
     jax.clear_caches()
     try:
         yield
     finally:
-        device.analog_mvm, device.program_chip, device.read_chip = saved
+        analog_lib.analog_mvm, analog_lib.program_chip, analog_lib.read_chip = saved
         jax.clear_caches()
 
 
 def _legacy(spec):
     """``spec`` on the legacy pipeline, which predates learned input ranges (hwa_standard's are dropped)."""
-    return spec.replace(io=device.legacy_io(spec.io))
+    return spec.replace(io=analog_lib.legacy_io(spec.io))
 
 
 @pytest.fixture(scope="module")
 def digits_ranges(trained_digits_cnn, digits):
     model, variables, _ = trained_digits_cnn
-    return device.calibrate_input_ranges(model.apply, variables, digits.preprocess(digits.train.images[:128]))
+    return analog_lib.calibrate_input_ranges(model.apply, variables, digits.preprocess(digits.train.images[:128]))
 
 
 EQUALITY_SPECS = {
-    "aihwkit_inference_default": lambda ranges: device.preset("aihwkit_inference_default"),
-    "hwa_standard": lambda ranges: device.preset("hwa_standard").replace(
-        io=device.preset("hwa_standard").io.replace(inp_ranges=ranges)),
-    "no_compensation": lambda ranges: device.preset("aihwkit_inference_default").replace(compensation=None),
-    "digital_layers": lambda ranges: device.preset("aihwkit_inference_default").replace(
+    "aihwkit_inference_default": lambda ranges: analog_lib.preset("aihwkit_inference_default"),
+    "hwa_standard": lambda ranges: analog_lib.preset("hwa_standard").replace(
+        io=analog_lib.preset("hwa_standard").io.replace(inp_ranges=ranges)),
+    "no_compensation": lambda ranges: analog_lib.preset("aihwkit_inference_default").replace(compensation=None),
+    "digital_layers": lambda ranges: analog_lib.preset("aihwkit_inference_default").replace(
         digital_layers=("^conv1$", "^head$")),
 }
 
@@ -719,7 +720,7 @@ def test_per_chip_results_and_logits_equal_the_code_before_the_speedup(name, tra
 
     def run():
         per_chip = [r.per_chip for r in robustness.evaluate_device(model, variables, x, y, spec, **kw)]
-        layers = jax.jit(lambda v: device.read(k, v["params"], spec, 86400.0).layers)(variables)
+        layers = jax.jit(lambda v: analog_lib.read(k, v["params"], spec, 86400.0).layers)(variables)
         logits = jax.jit(lambda v, xb: model.apply(v, xb, key=k, chip=model.pass_chip(k, v["params"], None,
                                                                                      spec))[0])(variables, xb)
         return per_chip, layers, logits
@@ -739,7 +740,7 @@ def _mvm_case(nm, bm, w_noise, gain, stride, cin=6):
     # division computed any other way (e.g. as a product with a reciprocal) shows up as a one-step difference.
     x = jnp.round(jnp.maximum(jax.random.normal(jax.random.key(30), (5, 9, 9, cin)), -0.5) * 8) / 16
     w = jax.random.uniform(jax.random.key(31), (3, 3, cin, 5), minval=-1, maxval=1) * gain
-    io = device.IOParams(noise_management=nm, bound_management=bm, w_noise=w_noise, nm_scale=2.0,
+    io = analog_lib.IOParams(noise_management=nm, bound_management=bm, w_noise=w_noise, nm_scale=2.0,
                          max_bm_factor=64.0, **LEGACY_IO)
     return x, w, io, {"stride": stride, "padding": 1}
 
@@ -760,13 +761,13 @@ def test_analog_mvm_equals_the_code_before_the_speedup(nm, bm, w_noise, gain, st
     """Conv and dense (its im2col patches) MVMs, with and without clipping (gain 3: many re-runs), noise on and
     off, the I/O parameters as constants and as traced arrays (as evaluate_device passes them): bit for bit."""
     x, w, io, geo = _mvm_case(nm, bm, w_noise, gain, stride, cin)
-    patches = device.conv_patches(x, w.shape, stride, 1)
+    patches = analog_lib.conv_patches(x, w.shape, stride, 1)
     w2 = w.reshape(-1, w.shape[-1])
     traced = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), io)
     for key in (jax.random.key(32), None):
-        new = [jax.jit(lambda x, w, io: device.analog_mvm(key, x, w, io, geometry=geo))(x, w, io),
-               jax.jit(lambda p, w, io: device.analog_mvm(key, p, w, io))(patches, w2, io),
-               jax.jit(lambda x, w, io: device.analog_mvm(key, x, w, io, geometry=geo))(x, w, traced)]
+        new = [jax.jit(lambda x, w, io: analog_lib.analog_mvm(key, x, w, io, geometry=geo))(x, w, io),
+               jax.jit(lambda p, w, io: analog_lib.analog_mvm(key, p, w, io))(patches, w2, io),
+               jax.jit(lambda x, w, io: analog_lib.analog_mvm(key, x, w, io, geometry=geo))(x, w, traced)]
         old = [jax.jit(lambda x, w, io: _ref_analog_mvm(key, x, w, io, geometry=geo))(x, w, io),
                jax.jit(lambda p, w, io: _ref_analog_mvm(key, p, w, io))(patches, w2, io),
                jax.jit(lambda x, w, io: _ref_analog_mvm(key, x, w, io, geometry=geo))(x, w, traced)]
@@ -781,9 +782,9 @@ def test_constant_scale_conv_bound_management_rescales_each_patch(stride):
     stride 2): the conv equals the dense MVM of its im2col patches."""
     x = jnp.maximum(jax.random.normal(jax.random.key(33), (3, 9, 9, 5)), 0.0)
     w = jax.random.uniform(jax.random.key(34), (3, 3, 5, 4), minval=-1, maxval=1) * 3
-    io = device.IOParams(noise_management="constant", nm_scale=0.5, inp_res=None, out_res=None, out_noise=0.0)
-    conv = device.analog_mvm(None, x, w, io, geometry={"stride": stride, "padding": 1})
-    dense = device.analog_mvm(None, device.conv_patches(x, w.shape, stride, 1), w.reshape(-1, 4), io)
+    io = analog_lib.IOParams(noise_management="constant", nm_scale=0.5, inp_res=None, out_res=None, out_noise=0.0)
+    conv = analog_lib.analog_mvm(None, x, w, io, geometry={"stride": stride, "padding": 1})
+    dense = analog_lib.analog_mvm(None, analog_lib.conv_patches(x, w.shape, stride, 1), w.reshape(-1, 4), io)
     assert float(jnp.max(jnp.abs(dense))) > 2 * 12.0 * 0.5   # outputs beyond the bound: re-runs happened
     np.testing.assert_allclose(conv, dense, rtol=1e-5, atol=1e-5)
 
@@ -794,44 +795,44 @@ def test_conv_sum_orders_agree_to_float_rounding(nm):
     quantisers and noise they agree to float precision."""
     x, w, io, geo = _mvm_case(nm, "iterative", 0.02, 3.0, 1)
     io = io.replace(inp_res=None, out_res=None, out_noise=0.0, w_noise=0.0)
-    a = device.analog_mvm(None, x, w, io.replace(conv_sum="patch"), geometry=geo)
-    b = device.analog_mvm(None, x, w, io.replace(conv_sum="taps"), geometry=geo)
+    a = analog_lib.analog_mvm(None, x, w, io.replace(conv_sum="patch"), geometry=geo)
+    b = analog_lib.analog_mvm(None, x, w, io.replace(conv_sum="taps"), geometry=geo)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_batched_normals_equal_jax_random_normal():
     keys = [jax.random.fold_in(jax.random.key(35), i) for i in range(4)] + [jax.random.PRNGKey(36)]
     shapes = [(3, 3, 16, 16), (7,), (), (64, 10), (5, 3)]
-    z = jax.jit(lambda ks: device._normals(list(zip(ks, shapes)), jnp.float32))(keys)
+    z = jax.jit(lambda ks: analog_lib._normals(list(zip(ks, shapes)), jnp.float32))(keys)
     for got, k, s in zip(z, keys, shapes):
         np.testing.assert_array_equal(got, jax.random.normal(k, s, jnp.float32))
-    assert device._fast_normals(keys, jnp.float32) and not device._fast_normals(keys, jnp.float16)
+    assert analog_lib._fast_normals(keys, jnp.float32) and not analog_lib._fast_normals(keys, jnp.float16)
     # an array of keys (a layer's tiles): one draw per key, as that key alone draws it
     data = jax.random.key_data(jax.random.split(jax.random.key(39), (2, 3)))
     tiles = jax.random.wrap_key_data
 
-    zt = jax.jit(lambda d: device._normals([(tiles(d), (4, 5)), (jax.random.key(40), (3,))], jnp.float32))(data)
+    zt = jax.jit(lambda d: analog_lib._normals([(tiles(d), (4, 5)), (jax.random.key(40), (3,))], jnp.float32))(data)
     assert zt[0].shape == (2, 3, 4, 5)
     for i in range(2):
         for j in range(3):
             np.testing.assert_array_equal(zt[0][i, j], jax.random.normal(tiles(data[i, j]), (4, 5), jnp.float32))
-    np.testing.assert_array_equal(device._normals([(tiles(data), (4, 5))], jnp.float16)[0][1, 2],
+    np.testing.assert_array_equal(analog_lib._normals([(tiles(data), (4, 5))], jnp.float16)[0][1, 2],
                                   jax.random.normal(tiles(data[1, 2]), (4, 5), jnp.float16))
     k16 = jax.random.key(38)   # float16: jax.random.normal itself
-    np.testing.assert_array_equal(device._normals([(jax.random.clone(k16), (4,))], jnp.float16)[0],
+    np.testing.assert_array_equal(analog_lib._normals([(jax.random.clone(k16), (4,))], jnp.float16)[0],
                                   jax.random.normal(k16, (4,), jnp.float16))
 
 
 def test_io_sampler_default_and_record():
-    io = device.IOParams()
+    io = analog_lib.IOParams()
     assert io.resolved_sampler() == noise.default_sampler()
     assert io.resolved_sampler("gpu") == "threefry/erfinv"
-    assert device.preset("aihwkit_inference_default").describe()["io"]["sampler"] == noise.default_sampler()
-    legacy = device.IOParams(**LEGACY_IO)
+    assert analog_lib.preset("aihwkit_inference_default").describe()["io"]["sampler"] == noise.default_sampler()
+    legacy = analog_lib.IOParams(**LEGACY_IO)
     assert legacy.resolved_sampler() == "threefry/erfinv"
     for bad, match in ((dict(sampler="philox"), "sampler"), (dict(conv_sum="tap"), "conv_sum")):
         with pytest.raises(ValueError, match=match):
-            device.IOParams(**bad)
+            analog_lib.IOParams(**bad)
 
 
 def test_traced_zero_noise_scale_draws_nothing_and_changes_nothing():
@@ -840,7 +841,7 @@ def test_traced_zero_noise_scale_draws_nothing_and_changes_nothing():
     x, w, io, geo = _mvm_case("abs_max", "iterative", 0.0, 3.0, 1)
     traced = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), io)
     k = jax.random.key(37)
-    f = jax.jit(lambda io, flags: device.analog_mvm(k, x, w, io, geometry=geo, noise_flags=flags),
+    f = jax.jit(lambda io, flags: analog_lib.analog_mvm(k, x, w, io, geometry=geo, noise_flags=flags),
                 static_argnums=1)
     np.testing.assert_array_equal(f(traced, (True, True)), f(traced, (False, True)))
     np.testing.assert_array_equal(f(traced.replace(out_noise=jnp.float32(0.0)), (True, True)),
@@ -855,36 +856,36 @@ def test_traced_zero_noise_scale_draws_nothing_and_changes_nothing():
 def test_bound_management_stops_at_max_bm_res_over_the_dac_step_like_aihwkit():
     """512 ones x ones: aihwkit returns 192 = 12 x 16 (factors 1, 2, 4, 8, 16; 16 > 0.25 x 63 stops it)."""
     x, w = jnp.ones((1, 512)), jnp.ones((512, 1))
-    io = device.IOParams(out_noise=0.0)
+    io = analog_lib.IOParams(out_noise=0.0)
     assert float(io.last_bm_factor_bound()) == pytest.approx(15.75)
-    assert float(device.analog_mvm(None, x, w, io)[0, 0]) == pytest.approx(192.0)
-    assert float(device.analog_mvm(None, -x, w, io)[0, 0]) == pytest.approx(-192.0)   # both signs are tested
+    assert float(analog_lib.analog_mvm(None, x, w, io)[0, 0]) == pytest.approx(192.0)
+    assert float(analog_lib.analog_mvm(None, -x, w, io)[0, 0]) == pytest.approx(-192.0)   # both signs are tested
     # 64 ones: 8 x ADC(64 x rint(63 / 8) / 63) = 65.13 (aihwkit's figure)
-    y64 = float(device.analog_mvm(None, jnp.ones((1, 64)), jnp.ones((64, 1)), io)[0, 0])
+    y64 = float(analog_lib.analog_mvm(None, jnp.ones((1, 64)), jnp.ones((64, 1)), io)[0, 0])
     assert y64 == pytest.approx(8 * round(64 * round(63 / 8) / 63 / (24 / 510)) * (24 / 510), abs=1e-5)
     assert y64 == pytest.approx(65.13, abs=0.01)
     # without the resolution limit the last factor is the first above max_bm_factor (1024), in v0 max_bm_factor/2
-    assert float(device.IOParams(max_bm_res=None).last_bm_factor_bound()) == 1000.0
-    assert float(device.IOParams(semantics="v0").last_bm_factor_bound()) == 500.0
+    assert float(analog_lib.IOParams(max_bm_res=None).last_bm_factor_bound()) == 1000.0
+    assert float(analog_lib.IOParams(semantics="v0").last_bm_factor_bound()) == 500.0
 
 
 def test_bound_management_tests_the_adc_output_not_the_analog_value():
     """y = 12.01 rounds to the ADC's top level 12.0, which aihwkit does not count as clipped; v0 re-ran it."""
     x, w = jnp.ones((1, 1)), jnp.full((1, 1), 12.01)
     step = 24 / 510
-    y = float(device.analog_mvm(None, x, w, device.IOParams(out_noise=0.0, inp_res=None))[0, 0])
+    y = float(analog_lib.analog_mvm(None, x, w, analog_lib.IOParams(out_noise=0.0, inp_res=None))[0, 0])
     assert y == pytest.approx(12.0, abs=1e-5)
-    y0 = float(device.analog_mvm(None, x, w, device.IOParams(out_noise=0.0, inp_res=None, semantics="v0"))[0, 0])
+    y0 = float(analog_lib.analog_mvm(None, x, w, analog_lib.IOParams(out_noise=0.0, inp_res=None, semantics="v0"))[0, 0])
     assert y0 == pytest.approx(2 * round(6.005 / step) * step, abs=1e-5)
 
 
 @pytest.mark.parametrize("semantics", ["aihwkit", "v0"])
 def test_all_zero_input_vectors_read_exactly_zero_like_aihwkit(semantics):
     key = jax.random.key(3)
-    io = device.IOParams(semantics=semantics)
+    io = analog_lib.IOParams(semantics=semantics)
     w = jax.random.normal(jax.random.key(0), (8, 5)) * 0.3
     x = jnp.zeros((4, 8)).at[1].set(jnp.linspace(-1, 1, 8))
-    y = device.analog_mvm(key, x, w, io)
+    y = analog_lib.analog_mvm(key, x, w, io)
     zero_rows = np.asarray(y)[[0, 2, 3]]
     if semantics == "aihwkit":
         np.testing.assert_array_equal(zero_rows, 0.0)
@@ -893,7 +894,7 @@ def test_all_zero_input_vectors_read_exactly_zero_like_aihwkit(semantics):
     # conv: patches that see only zeros (a zero image region) read 0, the others do not
     xc = jnp.zeros((2, 6, 6, 3)).at[:, :2, :2, :].set(1.0)
     wc = jax.random.normal(jax.random.key(1), (3, 3, 3, 4)) * 0.3
-    yc = np.asarray(device.analog_mvm(key, xc, wc, io, geometry={"stride": 1, "padding": 1}))
+    yc = np.asarray(analog_lib.analog_mvm(key, xc, wc, io, geometry={"stride": 1, "padding": 1}))
     far = yc[:, 4:, 4:, :]   # patches 2 pixels away from the ones
     if semantics == "aihwkit":
         np.testing.assert_array_equal(far, 0.0)
@@ -906,7 +907,7 @@ def test_all_zero_input_vectors_read_exactly_zero_like_aihwkit(semantics):
                                            ({"semantics": "aihwkit2"}, "semantics")])
 def test_bad_bound_management_fields_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        device.IOParams(**kwargs)
+        analog_lib.IOParams(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -967,27 +968,27 @@ def np_tiled_mvm(x, m, in_sizes, out_sizes, inp_res=1 / 126, out_res=1 / 510, ou
 
 def test_split_sizes_are_aihwkits():
     """aihwkit TileModuleArray.get_split_sizes (probed: 576 -> [288, 288], 1152 -> 3 x 384, 600 -> [300, 300])."""
-    assert device.split_sizes(576, 512) == (288, 288)
-    assert device.split_sizes(1152, 512) == (384, 384, 384)
-    assert device.split_sizes(600, 512) == (300, 300)
-    assert device.split_sizes(512, 512) == (512,)
-    assert device.split_sizes(513, 512) == (257, 256)
-    assert device.split_sizes(80, 32) == (27, 27, 26)
-    assert device.split_sizes(700, 0) == (700,)
+    assert analog_lib.split_sizes(576, 512) == (288, 288)
+    assert analog_lib.split_sizes(1152, 512) == (384, 384, 384)
+    assert analog_lib.split_sizes(600, 512) == (300, 300)
+    assert analog_lib.split_sizes(512, 512) == (512,)
+    assert analog_lib.split_sizes(513, 512) == (257, 256)
+    assert analog_lib.split_sizes(80, 32) == (27, 27, 26)
+    assert analog_lib.split_sizes(700, 0) == (700,)
     for size, most in [(80, 32), (1000, 512), (7, 3)]:
-        assert list(device.split_sizes(size, most)) == np_split(size, most)
+        assert list(analog_lib.split_sizes(size, most)) == np_split(size, most)
 
 
 @pytest.mark.parametrize("shape, max_in, max_out", [((80, 24), 32, 16), ((3, 3, 8, 6), 32, 4), ((3, 3, 8, 6), 36, 0)])
 def test_tiles_round_trip_and_hold_the_torch_order_matrix(shape, max_in, max_out):
     w = jax.random.normal(jax.random.key(40), shape)
-    spec = device.DeviceSpec(max_input_size=max_in, max_output_size=max_out)
-    lay = device.tile_layout(shape, spec)
-    tiles = device.to_tiles(w, lay)
+    spec = analog_lib.AnalogSpec(max_input_size=max_in, max_output_size=max_out)
+    lay = analog_lib.tile_layout(shape, spec)
+    tiles = analog_lib.to_tiles(w, lay)
     assert tiles.shape == lay.shape
-    np.testing.assert_array_equal(device.from_tiles(tiles, lay), w)
+    np.testing.assert_array_equal(analog_lib.from_tiles(tiles, lay), w)
     np.testing.assert_array_equal(np.asarray(tiles)[~lay.mask()], 0.0)   # padding is zero
-    m = np.asarray(device.layer_matrix(w))
+    m = np.asarray(analog_lib.layer_matrix(w))
     if len(shape) == 4:   # torch's weight.reshape(cout, -1).T: inputs (cin, kh, kw)
         np.testing.assert_array_equal(m, np.asarray(w).transpose(3, 2, 0, 1).reshape(shape[-1], -1).T)
     i0 = sum(lay.in_sizes[:1])
@@ -996,7 +997,7 @@ def test_tiles_round_trip_and_hold_the_torch_order_matrix(shape, max_in, max_out
 
 
 def _tile_io(**kw):
-    return device.IOParams(out_noise=0.0, **kw)
+    return analog_lib.IOParams(out_noise=0.0, **kw)
 
 
 @pytest.mark.parametrize("case", ["dense", "conv_groups", "conv_patches"])
@@ -1012,14 +1013,14 @@ def test_tiled_mvm_matches_numpy_per_tile_io(case):
         max_in = 36 if case == "conv_groups" else 32   # 72 -> 2 x 36 (4 channels each) or 3 x 24 (mid-channel)
         x = jax.random.normal(k1, (2, 5, 5, 8)).at[0, :3, :3, :].set(0.0)   # some all-zero patches
     w = jax.random.normal(k2, shape) * 1.5
-    spec = device.DeviceSpec(io=_tile_io(), max_input_size=max_in, max_output_size=max_out)
-    lay = device.tile_layout(shape, spec)
+    spec = analog_lib.AnalogSpec(io=_tile_io(), max_input_size=max_in, max_output_size=max_out)
+    lay = analog_lib.tile_layout(shape, spec)
     assert lay.channel_groups == (case == "conv_groups")
-    tiles = device.to_tiles(w, lay)
+    tiles = analog_lib.to_tiles(w, lay)
     ones = jnp.ones(lay.shape[:2] + (1, 1))
-    got = np.asarray(device.tiled_mvm(None, x, tiles, ones, spec.io, lay, geometry=geo))
+    got = np.asarray(analog_lib.tiled_mvm(None, x, tiles, ones, spec.io, lay, geometry=geo))
     xv = np.asarray(x) if geo is None else np_patches_torch_order(np.asarray(x), 3, 3, 2, 1)
-    want = np_tiled_mvm(xv, np.asarray(device.layer_matrix(w)), lay.in_sizes, lay.out_sizes)
+    want = np_tiled_mvm(xv, np.asarray(analog_lib.layer_matrix(w)), lay.in_sizes, lay.out_sizes)
     assert np.max(np.abs(want)) > 12.0   # bound management re-ran vectors
     np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-4)
     if geo is not None:   # all-zero patches read exactly 0 in every tile
@@ -1029,14 +1030,14 @@ def test_tiled_mvm_matches_numpy_per_tile_io(case):
 def test_a_tiles_noise_comes_from_the_layer_key_and_its_index_by_name():
     """Tile (1, 0) of a layer draws its I/O noise from name_key(layer key, "tile/1/0"); a tile whose input slice
     is all zero reads exactly 0, so the layer's output is tile (1, 0)'s alone."""
-    spec = device.DeviceSpec(io=device.IOParams(out_res=None), max_input_size=32, max_output_size=0)
+    spec = analog_lib.AnalogSpec(io=analog_lib.IOParams(out_res=None), max_input_size=32, max_output_size=0)
     w = jax.random.normal(jax.random.key(43), (64, 5)) * 0.3
-    lay = device.tile_layout(w.shape, spec)
-    tiles = device.to_tiles(w, lay)
+    lay = analog_lib.tile_layout(w.shape, spec)
+    tiles = analog_lib.to_tiles(w, lay)
     x = jnp.zeros((7, 64)).at[:, 32:].set(jax.random.normal(jax.random.key(44), (7, 32)))
     key = jax.random.key(45)
-    y = device.tiled_mvm(key, x, tiles, jnp.full(lay.shape[:2] + (1, 1), 2.0), spec.io, lay)
-    alone = device.analog_mvm(noise.name_key(jax.random.clone(key), "tile/1/0"), x[:, 32:], tiles[1, 0], spec.io)
+    y = analog_lib.tiled_mvm(key, x, tiles, jnp.full(lay.shape[:2] + (1, 1), 2.0), spec.io, lay)
+    alone = analog_lib.analog_mvm(noise.name_key(jax.random.clone(key), "tile/1/0"), x[:, 32:], tiles[1, 0], spec.io)
     np.testing.assert_allclose(y, 2.0 * alone, rtol=1e-6, atol=1e-6)
     assert float(jnp.std(y - 2.0 * x @ w)) > 0.01   # output noise is on
 
@@ -1046,9 +1047,9 @@ def test_weight_scaling_omega_sets_the_tile_units(omega, columnwise):
     """omega 0 (aihwkit's default): the raw weights on the tile, no output scale; omega > 0: w / a with
     a = max|W_tile| / omega per tile or per tile column, the output times a. Conductances per tile."""
     w = jax.random.normal(jax.random.key(46), (40, 6)) * 0.2
-    spec = device.DeviceSpec(weight_scaling_omega=omega, weight_scaling_columnwise=columnwise, max_input_size=20)
-    chip = device.program_chip(jax.random.key(47), {"fc": {"kernel": w}}, spec)["fc"]
-    tiles = np.asarray(device.to_tiles(w, device.tile_layout(w.shape, spec)))
+    spec = analog_lib.AnalogSpec(weight_scaling_omega=omega, weight_scaling_columnwise=columnwise, max_input_size=20)
+    chip = analog_lib.program_chip(jax.random.key(47), {"fc": {"kernel": w}}, spec)["fc"]
+    tiles = np.asarray(analog_lib.to_tiles(w, analog_lib.tile_layout(w.shape, spec)))
     amax = np.max(np.abs(tiles), axis=2 if columnwise else (2, 3), keepdims=True)
     a = amax / omega if omega > 0 else np.ones_like(amax)
     np.testing.assert_allclose(chip["w_scale"], a, rtol=1e-6)
@@ -1057,26 +1058,26 @@ def test_weight_scaling_omega_sets_the_tile_units(omega, columnwise):
         np.testing.assert_array_equal(chip["w_target"], tiles)
     np.testing.assert_allclose(chip["scale"], 25.0 / np.max(np.abs(tiles / a), axis=(2, 3), keepdims=True),
                                rtol=1e-5)
-    layers = device.read_chip(jax.random.key(48), {"fc": chip}, 0.0, spec)
+    layers = analog_lib.read_chip(jax.random.key(48), {"fc": chip}, 0.0, spec)
     x = jax.random.normal(jax.random.key(49), (3, 40))
-    y = device.AnalogContext(device.ChipRead(spec, layers), None).mvm("fc", x, w, None)
+    y = analog_lib.AnalogContext(analog_lib.ChipRead(spec, layers), None).mvm("fc", x, w, None)
     np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)   # exact MVM, no PCM: the layer's own output
 
 
 def test_read_step_reconverts_the_programmed_weights_onto_one_device():
     """aihwkit apply_drift_noise: w_p is converted again (one device of each pair non-zero), so an entry drifts
     with nu+ where w_p > 0 and nu- where w_p < 0, whatever programming noise put on the other device."""
-    pcm = device.PCMModel(read_noise_scale=0.0)
-    spec = device.DeviceSpec(pcm=pcm, max_input_size=16)
+    pcm = analog_lib.PCMModel(read_noise_scale=0.0)
+    spec = analog_lib.AnalogSpec(pcm=pcm, max_input_size=16)
     w = jax.random.normal(jax.random.key(50), (24, 5))
-    chip = device.program_chip(jax.random.key(51), {"fc": {"kernel": w}}, spec)
+    chip = analog_lib.program_chip(jax.random.key(51), {"fc": {"kernel": w}}, spec)
     c = dict(chip["fc"])
     assert float(jnp.min(jnp.minimum(c["g_plus"], c["g_minus"])[c["mask"]])) >= 0
     assert float(jnp.max(jnp.minimum(c["g_plus"], c["g_minus"]))) > 0   # programming noise on both devices
     c["nu_plus"] = jnp.full_like(c["nu_plus"], 0.05)
     c["nu_minus"] = jnp.full_like(c["nu_minus"], 0.1)
     t = 86400.0
-    w_t = device.read_chip(jax.random.key(52), {"fc": c}, t, spec)["fc"]["w_tile"]
+    w_t = analog_lib.read_chip(jax.random.key(52), {"fc": c}, t, spec)["fc"]["w_tile"]
     w_p = np.asarray((c["g_plus"] - c["g_minus"]) / c["scale"], np.float64)
     r = (t + 20.0) / 20.0
     want = np.where(np.asarray(c["mask"]), w_p * np.where(w_p > 0, r ** -0.05, r ** -0.1), 0.0)
@@ -1085,13 +1086,13 @@ def test_read_step_reconverts_the_programmed_weights_onto_one_device():
 
 def test_read_noise_uses_the_reconverted_conductance():
     """Read noise of the one non-zero device g' = |w_p| 25 / max|w_p|: all |w| equal gives g' = 25 (Q_s = 0.0088)."""
-    pcm = device.PCMModel(prog_noise_scale=0.0, drift_scale=0.0)
-    spec = device.DeviceSpec(pcm=pcm, g_max=25.0)
+    pcm = analog_lib.PCMModel(prog_noise_scale=0.0, drift_scale=0.0)
+    spec = analog_lib.AnalogSpec(pcm=pcm, g_max=25.0)
     w = jnp.sign(jax.random.normal(jax.random.key(53), (16, 8))) * 0.3
-    chip = device.program_chip(jax.random.key(54), {"fc": {"kernel": w}}, spec)
+    chip = analog_lib.program_chip(jax.random.key(54), {"fc": {"kernel": w}}, spec)
     t = 3600.0
     keys = jax.random.split(jax.random.key(55), 200)
-    w_t = jax.jit(jax.vmap(lambda k: device.read_chip(k, chip, t, spec)["fc"]["w_tile"]))(keys)
+    w_t = jax.jit(jax.vmap(lambda k: analog_lib.read_chip(k, chip, t, spec)["fc"]["w_tile"]))(keys)
     rel = np.asarray(w_t / chip["fc"]["w_target"] - 1.0, np.float64).ravel()
     sigma = float(np_sigma_read(np.float64(25.0), t))
     n = rel.size
@@ -1102,12 +1103,12 @@ def test_read_noise_uses_the_reconverted_conductance():
 def test_compensation_readout_is_per_tile_at_input_one():
     """r0 of each tile is the identity at input 1.0 through that tile's I/O (aihwkit reads the raw tile: no input
     range), the mean over the tile's real entries."""
-    io = device.IOParams(out_noise=0.0, noise_management="constant", nm_scale=1.0, bound_management="none",
+    io = analog_lib.IOParams(out_noise=0.0, noise_management="constant", nm_scale=1.0, bound_management="none",
                          inp_ranges={"fc": 4.0})
-    spec = device.DeviceSpec(io=io, compensation="global", max_input_size=11, max_output_size=3)
+    spec = analog_lib.AnalogSpec(io=io, compensation="global", max_input_size=11, max_output_size=3)
     w = jax.random.uniform(jax.random.key(56), (21, 5), minval=-0.5, maxval=0.5)
-    chip = device.program_chip(jax.random.key(57), {"fc": {"kernel": w}}, spec)["fc"]
-    lay = device.tile_layout(w.shape, spec)   # in (11, 10), out (3, 2)
+    chip = analog_lib.program_chip(jax.random.key(57), {"fc": {"kernel": w}}, spec)["fc"]
+    lay = analog_lib.tile_layout(w.shape, spec)   # in (11, 10), out (3, 2)
     m = np.asarray(w, np.float64)
     i0 = 0
     for i, ni in enumerate(lay.in_sizes):
@@ -1122,27 +1123,27 @@ def test_compensation_readout_is_per_tile_at_input_one():
 def test_exact_reference_compensation_reads_the_target_weights():
     """compensation="global_exact" (aihwkit GlobalDriftCompensationWithExactReference): r0 = max(mean|w_target|,
     1e-4) per tile, no I/O and no programming noise; the readout at t is "global"'s (same keys, same r_t)."""
-    io = device.IOParams(out_noise=0.2)   # a noisy readout, which the exact reference does not see
-    base = device.DeviceSpec(io=io, pcm=device.PCMModel(), compensation="global", max_input_size=11,
+    io = analog_lib.IOParams(out_noise=0.2)   # a noisy readout, which the exact reference does not see
+    base = analog_lib.AnalogSpec(io=io, pcm=analog_lib.PCMModel(), compensation="global", max_input_size=11,
                              max_output_size=3, weight_scaling_omega=1.0, weight_scaling_columnwise=True)
     exact = base.replace(compensation="global_exact")
     w = jax.random.uniform(jax.random.key(58), (21, 5), minval=-0.5, maxval=0.5)
     params = {"fc": {"kernel": w}}
-    chip_g = device.program_chip(jax.random.key(59), params, base)
-    chip_e = device.program_chip(jax.random.key(59), params, exact)
-    lay = device.tile_layout(w.shape, exact)
+    chip_g = analog_lib.program_chip(jax.random.key(59), params, base)
+    chip_e = analog_lib.program_chip(jax.random.key(59), params, exact)
+    lay = analog_lib.tile_layout(w.shape, exact)
     target, mask = np.asarray(chip_e["fc"]["w_target"], np.float64), np.asarray(chip_e["fc"]["mask"])
     want = np.array([[np.mean(np.abs(target[i, j][mask[i, j]])) for j in range(2)] for i in range(2)])
     np.testing.assert_allclose(np.asarray(chip_e["fc"]["r0"])[..., 0, 0], want, rtol=1e-6)
     assert lay.shape[:2] == (2, 2) and not np.allclose(chip_g["fc"]["r0"], chip_e["fc"]["r0"], rtol=1e-3)
     for name in ("g_plus", "g_minus", "nu_plus", "nu_minus"):   # the same chip otherwise
         np.testing.assert_array_equal(chip_g["fc"][name], chip_e["fc"][name])
-    read_g = device.read_chip(jax.random.key(60), chip_g, 86400.0, base)["fc"]
-    read_e = device.read_chip(jax.random.key(60), chip_e, 86400.0, exact)["fc"]
+    read_g = analog_lib.read_chip(jax.random.key(60), chip_g, 86400.0, base)["fc"]
+    read_e = analog_lib.read_chip(jax.random.key(60), chip_e, 86400.0, exact)["fc"]
     r_t = np.asarray(chip_g["fc"]["r0"]) / np.asarray(read_g["alpha"])
     np.testing.assert_allclose(np.asarray(read_e["alpha"]), np.asarray(chip_e["fc"]["r0"]) / r_t, rtol=1e-5)
     with pytest.raises(ValueError, match=r"global_exact.*needs IOParams\(semantics='aihwkit'\)"):
-        device.DeviceSpec(io=device.IOParams(**device.LEGACY_IO), compensation="global_exact")
+        analog_lib.AnalogSpec(io=analog_lib.IOParams(**analog_lib.LEGACY_IO), compensation="global_exact")
 
 
 @pytest.mark.parametrize("shape, geo, max_in", [
@@ -1152,16 +1153,16 @@ def test_exact_reference_compensation_reads_the_target_weights():
 def test_tiled_layer_gradient_is_the_exact_maps(shape, geo, max_in):
     """Straight-through: with noise-free, unquantised I/O the tiled layer's value and gradients are the exact
     layer's (dense and both conv paths)."""
-    io = device.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.0)
-    spec = device.DeviceSpec(io=io, max_input_size=max_in, max_output_size=3, weight_scaling_omega=1.0)
+    io = analog_lib.IOParams(inp_res=None, out_res=None, out_bound=None, out_noise=0.0)
+    spec = analog_lib.AnalogSpec(io=io, max_input_size=max_in, max_output_size=3, weight_scaling_omega=1.0)
     w = jax.random.normal(jax.random.key(58), shape)
     x = jax.random.normal(jax.random.key(59), (4, 30) if geo is None else (2, 5, 5, 4))
-    layers = device.read_chip(None, device.program_chip(jax.random.key(60), {"l": {"kernel": w}}, spec), 0.0,
+    layers = analog_lib.read_chip(None, analog_lib.program_chip(jax.random.key(60), {"l": {"kernel": w}}, spec), 0.0,
                               spec)
-    ctx = device.AnalogContext(device.ChipRead(spec, layers), jax.random.key(61))
+    ctx = analog_lib.AnalogContext(analog_lib.ChipRead(spec, layers), jax.random.key(61))
 
     def f(x, w, analog):
-        y = ctx.mvm("l", x, w, geo) if analog else device._linear(x, w, geo)
+        y = ctx.mvm("l", x, w, geo) if analog else analog_lib._linear(x, w, geo)
         return jnp.sum(jnp.sin(y))
 
     both = jax.jit(jax.value_and_grad(f, (0, 1)), static_argnums=2)
@@ -1179,10 +1180,10 @@ def test_tiled_time_sweep_compiles_once(io, trained_digits_cnn, digits):
     the chip is fixed across times."""
     model, variables, _ = trained_digits_cnn
     x, y = digits.test.images[:40], digits.test.labels[:40]
-    spec = device.preset("aihwkit_inference_default").replace(max_input_size=100, max_output_size=20)
+    spec = analog_lib.preset("aihwkit_inference_default").replace(max_input_size=100, max_output_size=20)
     # I/O without bound management (its loops compile slowly); the tiles' own scaling, DAC and ADC stay.
     spec = spec.replace(io=spec.io.replace(bound_management="none") if io else None)
-    lay = device.tile_layout((3, 3, 32, 32), spec)
+    lay = analog_lib.tile_layout((3, 3, 32, 32), spec)
     assert lay.shape == (3, 2, 96, 16) and not lay.channel_groups
     kw = dict(key=0, n_chips=2, batch_size=40, preprocess=digits.preprocess)
     before = robustness.trace_count()
@@ -1194,26 +1195,26 @@ def test_tiled_time_sweep_compiles_once(io, trained_digits_cnn, digits):
 
 
 def test_presets_use_aihwkits_mapping_and_tiles():
-    default, hwa = device.preset("aihwkit_inference_default"), device.preset("hwa_standard")
+    default, hwa = analog_lib.preset("aihwkit_inference_default"), analog_lib.preset("hwa_standard")
     assert (default.weight_scaling_omega, default.max_input_size, default.max_output_size) == (0.0, 512, 512)
     assert not default.weight_scaling_columnwise and default.mapping == "tensor"
     assert (hwa.weight_scaling_omega, hwa.weight_scaling_columnwise) == (1.0, True)
     assert (hwa.max_input_size, hwa.max_output_size) == (512, 0)
-    assert device.tile_layout((3, 3, 64, 64), default).shape == (2, 1, 288, 64)
-    assert device.tile_layout((3, 3, 64, 600), hwa).shape == (2, 1, 288, 600)
+    assert analog_lib.tile_layout((3, 3, 64, 64), default).shape == (2, 1, 288, 64)
+    assert analog_lib.tile_layout((3, 3, 64, 600), hwa).shape == (2, 1, 288, 600)
     assert default.describe()["max_input_size"] == 512 and not default.v0
     assert default.replace(io=default.io.replace(**LEGACY_IO)).v0
 
 
 def test_legacy_io_sets_the_legacy_numerics_and_drops_the_learned_input_range():
-    io = device.preset("hwa_standard").io
+    io = analog_lib.preset("hwa_standard").io
     assert io.input_range is not None
-    legacy = device.legacy_io(io)
+    legacy = analog_lib.legacy_io(io)
     assert legacy.input_range is None and legacy.semantics == "v0"
     assert {k: getattr(legacy, k) for k in LEGACY_IO} == LEGACY_IO
     assert legacy.replace(input_range=io.input_range, **{k: getattr(io, k) for k in LEGACY_IO}) == io   # nothing else
-    assert device.legacy_io(io, sampler="rbg/icdf16").sampler == "rbg/icdf16"
-    assert device.legacy_io(None) is None
+    assert analog_lib.legacy_io(io, sampler="rbg/icdf16").sampler == "rbg/icdf16"
+    assert analog_lib.legacy_io(None) is None
 
 
 @pytest.mark.parametrize("kwargs, match", [({"weight_scaling_omega": -1.0}, "weight_scaling_omega"),
@@ -1222,31 +1223,31 @@ def test_legacy_io_sets_the_legacy_numerics_and_drops_the_learned_input_range():
                                            ({"weight_scaling_columnwise": "yes"}, "weight_scaling_columnwise")])
 def test_bad_tile_fields_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        device.DeviceSpec(**kwargs)
+        analog_lib.AnalogSpec(**kwargs)
 
 
 def test_a_chip_is_read_under_the_semantics_it_was_programmed_with():
-    spec = device.preset("aihwkit_inference_default")
+    spec = analog_lib.preset("aihwkit_inference_default")
     params = _dense_params(jax.random.key(62))
-    chip = device.program_chip(jax.random.key(63), params, spec)
+    chip = analog_lib.program_chip(jax.random.key(63), params, spec)
     legacy = spec.replace(io=spec.io.replace(**LEGACY_IO))
     with pytest.raises(ValueError, match="same spec"):
-        device.read_chip(jax.random.key(64), chip, 0.0, legacy)
+        analog_lib.read_chip(jax.random.key(64), chip, 0.0, legacy)
     with pytest.raises(ValueError, match="same spec"):
-        device.read_chip(jax.random.key(64), device.program_chip(jax.random.key(63), params, legacy), 0.0, spec)
+        analog_lib.read_chip(jax.random.key(64), analog_lib.program_chip(jax.random.key(63), params, legacy), 0.0, spec)
 
 
 
 def test_a_tiles_programming_draw_comes_from_the_layer_key_and_its_index_by_name():
     """Tile (1, 0)'s programming noise: name_key(name_key(name_key(name_key(K, "jaxnoise/device/program"), site),
     "tile/1/0"), "g_plus"); another layer added leaves it unchanged."""
-    pcm = device.PCMModel()
-    spec = device.DeviceSpec(pcm=pcm, max_input_size=10)
+    pcm = analog_lib.PCMModel()
+    spec = analog_lib.AnalogSpec(pcm=pcm, max_input_size=10)
     w = jax.random.normal(jax.random.key(68), (20, 3))
     params = {"fc": {"kernel": w}}
     key = jax.random.key(69)
-    chip = device.program_chip(jax.random.clone(key), params, spec)["fc"]
-    more = device.program_chip(jax.random.clone(key), {**params, "aaa": {"kernel": jnp.ones((4, 2))}}, spec)["fc"]
+    chip = analog_lib.program_chip(jax.random.clone(key), params, spec)["fc"]
+    more = analog_lib.program_chip(jax.random.clone(key), {**params, "aaa": {"kernel": jnp.ones((4, 2))}}, spec)["fc"]
     np.testing.assert_array_equal(chip["g_plus"], more["g_plus"])
     k = key
     for name in ("jaxnoise/device/program", "fc", "tile/1/0", "g_plus"):

@@ -246,14 +246,14 @@ def _config(name, *overrides):
 
 def test_device_config_keeps_the_legacy_io_numerics_of_its_committed_results(trained_digits_cnn, digits):
     """device_resnet32's results predate IOParams.sampler/conv_sum/semantics: its training and inference specs use
-    the old numerics, device.LEGACY_IO (bit for bit the old code, tests/test_device.py); tiny mode uses the
+    the old numerics, analog.LEGACY_IO (bit for bit the old code, tests/test_device.py); tiny mode uses the
     defaults (compile time)."""
-    from jaxnoise import device
+    from jaxnoise import analog as analog_lib
     from jaxnoise.protocols import device_drift
     model, variables, _ = trained_digits_cnn
     config = _config("device_resnet32")
     numerics = dict(config.io_numerics)
-    assert numerics == device.LEGACY_IO
+    assert numerics == analog_lib.LEGACY_IO
     for mode in ("global", None):
         spec = device_drift.inference_spec(config, mode)
         assert spec.name == "aihwkit_inference_default" and spec.compensation == mode
@@ -263,7 +263,7 @@ def test_device_config_keeps_the_legacy_io_numerics_of_its_committed_results(tra
     assert {k: getattr(train_spec.io, k) for k in numerics} == numerics
     assert train_spec.io.input_range is None   # the legacy pipeline has no learned ranges (nor had the results)
     tiny = device_drift.inference_spec(_config("device_resnet32", "tiny=True"), "global")
-    assert tiny.io == device.preset("aihwkit_inference_default").io
+    assert tiny.io == analog_lib.preset("aihwkit_inference_default").io
 
 
 def test_denoise_config_draws_activation_noise_as_its_committed_results(trained_digits_cnn):

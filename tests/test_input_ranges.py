@@ -10,27 +10,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnoise import checkpoint, cli, device
+from jaxnoise import analog as analog_lib
+from jaxnoise import checkpoint, cli
 from jaxnoise.models import get_model
 
 
 def _spec(max_in=0, max_out=0, **ir):
     """hwa_standard's training view without output noise and w_noise (deterministic), given tile sizes."""
-    spec = device.preset("hwa_standard")
-    io = spec.io.replace(out_noise=0.0, w_noise=0.0, input_range=device.InputRange(init_from_data=0, **ir))
+    spec = analog_lib.preset("hwa_standard")
+    io = spec.io.replace(out_noise=0.0, w_noise=0.0, input_range=analog_lib.InputRange(init_from_data=0, **ir))
     return spec.replace(io=io, max_input_size=max_in, max_output_size=max_out).training()
 
 
 def _layer(spec, w, x, r, geo=None, key=None):
     """``(y, grads)`` of ``sum(y * c)`` for the one analog layer ``"layer"``, c fixed; grads in (r, x, kernel)."""
     params = {"layer": {"kernel": jnp.asarray(w)}}
-    chip = device.read(device.chip_key(jax.random.key(0)), params, spec, 0.0)
+    chip = analog_lib.read(analog_lib.chip_key(jax.random.key(0)), params, spec, 0.0)
     c = jnp.asarray(np.random.default_rng(7).normal(0, 1, jax.eval_shape(
-        lambda: device.AnalogContext(chip, None).mvm("layer", jnp.asarray(x), params["layer"]["kernel"], geo,
+        lambda: analog_lib.AnalogContext(chip, None).mvm("layer", jnp.asarray(x), params["layer"]["kernel"], geo,
                                                      jnp.asarray(r))).shape), jnp.float32)
 
     def f(r_, x_, k_):
-        y = device.AnalogContext(chip, key).mvm("layer", x_, k_, geo, r_)
+        y = analog_lib.AnalogContext(chip, key).mvm("layer", x_, k_, geo, r_)
         return jnp.sum(y * c), y
 
     (_, y), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
@@ -86,8 +87,8 @@ def test_without_io_input_range_the_leaves_are_ignored():
     spec = _spec()
     off = spec.replace(io=spec.io.replace(input_range=None))
     params = {"layer": {"kernel": jnp.asarray(w)}}
-    chip = device.read(device.chip_key(jax.random.key(0)), params, off, 0.0)
-    ctx = device.AnalogContext(chip, None)
+    chip = analog_lib.read(analog_lib.chip_key(jax.random.key(0)), params, off, 0.0)
+    ctx = analog_lib.AnalogContext(chip, None)
     ignored = ctx.mvm("layer", jnp.asarray(x), params["layer"]["kernel"], None, jnp.full((1, 1), 0.5))
     plain = ctx.mvm("layer", jnp.asarray(x), params["layer"]["kernel"], None)
     np.testing.assert_array_equal(np.asarray(ignored), np.asarray(plain))
@@ -179,13 +180,13 @@ def test_a_ranges_shape_must_be_the_devices_tile_grid():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: device.IOParams(semantics="v0", input_range=device.InputRange()), "needs semantics='aihwkit'"),
-    (lambda: device.IOParams(noise_management="constant", bound_management="iterative",
-                             input_range=device.InputRange(manage_output_clipping=True)),
+    (lambda: analog_lib.IOParams(semantics="v0", input_range=analog_lib.InputRange()), "needs semantics='aihwkit'"),
+    (lambda: analog_lib.IOParams(noise_management="constant", bound_management="iterative",
+                             input_range=analog_lib.InputRange(manage_output_clipping=True)),
      "manage_output_clipping needs noise_management='constant', bound_management='none'"),
-    (lambda: device.InputRange(input_min_percentage=1.5), r"input_min_percentage=1.5 must be a fraction"),
-    (lambda: device.InputRange(init_value=0.0), "init_value"),
-    (lambda: device.IOParams(input_range={"decay": 0.1}), "must be a jaxnoise.device.InputRange"),
+    (lambda: analog_lib.InputRange(input_min_percentage=1.5), r"input_min_percentage=1.5 must be a fraction"),
+    (lambda: analog_lib.InputRange(init_value=0.0), "init_value"),
+    (lambda: analog_lib.IOParams(input_range={"decay": 0.1}), "must be a jaxnoise.analog.InputRange"),
 ])
 def test_bad_input_range_settings_are_named(make, match):
     with pytest.raises(ValueError, match=match):
@@ -201,24 +202,24 @@ def test_init_input_ranges_follows_aihwkits_rules():
     input vectors left out; max: max |x|; per input tile of a conv (patches with padding)."""
     model = get_model("cnn", input_shape=(8, 8, 1), num_classes=10, channels=(4, 4))
     variables = model.init(jax.random.key(0))
-    spec = device.preset("hwa_standard").training()
-    spec = spec.replace(io=spec.io.replace(input_range=device.InputRange(init_from_data=2)))
+    spec = analog_lib.preset("hwa_standard").training()
+    spec = spec.replace(io=spec.io.replace(input_range=analog_lib.InputRange(init_from_data=2)))
     x = np.array(jax.random.normal(jax.random.key(1), (24, 8, 8, 1)))
     x[:3] = 0.0   # whole images of zeros: all-zero patches
-    m2, v2 = device.init_input_ranges(model, variables, spec, x, batch_size=8)
+    m2, v2 = analog_lib.init_input_ranges(model, variables, spec, x, batch_size=8)
     assert m2.input_ranges == {"conv1": (1, 1), "conv2": (1, 1), "head": (1, 1)}
     assert m2.config["input_ranges"]["conv2"] == [1, 1]
     xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
     patches = np.stack([xp[:, a:a + 8, b:b + 8, 0] for a in range(3) for b in range(3)], axis=-1).reshape(24, -1, 9)
     want = np.mean([3.0 * np.std(patches[b * 8:(b + 1) * 8], ddof=1) for b in range(2)])   # first 2 batches
     np.testing.assert_allclose(float(v2["params"]["conv1"]["input_range"][0, 0]), want, rtol=1e-5)
-    _, vs = device.init_input_ranges(model, variables, spec, x, batch_size=8, method="moving_std", alpha=2.0)
+    _, vs = analog_lib.init_input_ranges(model, variables, spec, x, batch_size=8, method="moving_std", alpha=2.0)
     stds = []
     for b in range(3):
         rows = patches[b * 8:(b + 1) * 8].reshape(-1, 9)
         stds.append(2.0 * np.std(rows[np.any(rows != 0, axis=1)], ddof=1))
     np.testing.assert_allclose(float(vs["params"]["conv1"]["input_range"][0, 0]), np.mean(stds), rtol=1e-5)
-    _, vm = device.init_input_ranges(model, variables, spec, x, batch_size=8, method="max")
+    _, vm = analog_lib.init_input_ranges(model, variables, spec, x, batch_size=8, method="max")
     np.testing.assert_allclose(float(vm["params"]["conv1"]["input_range"][0, 0]), np.max(np.abs(x)), rtol=1e-6)
     # The model with ranges rebuilds from its recorded config.
     assert get_model("cnn", **m2.config, input_shape=(8, 8, 1)).input_ranges == m2.input_ranges
@@ -227,7 +228,7 @@ def test_init_input_ranges_follows_aihwkits_rules():
 def test_init_input_ranges_needs_learned_ranges_on_the_device():
     model = get_model("mlp", input_shape=(8, 8, 1), num_classes=10)
     with pytest.raises(ValueError, match="needs a device spec with IOParams\\(input_range=InputRange\\(\\)\\)"):
-        device.init_input_ranges(model, model.init(jax.random.key(0)), device.preset("aihwkit_inference_default"),
+        analog_lib.init_input_ranges(model, model.init(jax.random.key(0)), analog_lib.preset("aihwkit_inference_default"),
                                  np.zeros((4, 8, 8, 1), np.float32))
 
 
@@ -252,7 +253,7 @@ def test_hwa_training_learns_ranges_and_checkpoints_them(tmp_path):
     start = checkpoint.load_variables(str(base))
     ds = cli.data.load_dataset("digits")
     images = np.asarray(ds.preprocess(cli.data.calibration_images(ds.train, n=1024, seed=0)))
-    _, init = device.init_input_ranges(model, start, device.preset("hwa_standard").training(), images,
+    _, init = analog_lib.init_input_ranges(model, start, analog_lib.preset("hwa_standard").training(), images,
                                        batch_size=64)
     trained = checkpoint.load_variables(str(hwa), model)   # checked against the model rebuilt from its config
     moved = [abs(float(trained["params"][s]["input_range"][0, 0]) - float(init["params"][s]["input_range"][0, 0]))
@@ -260,6 +261,6 @@ def test_hwa_training_learns_ranges_and_checkpoints_them(tmp_path):
     assert max(moved) > 1e-4, moved
     # eval under hwa_standard uses the learned ranges (the model comes back from the checkpoint's config).
     out = tmp_path / "eval"
-    assert cli.main(["eval", "--checkpoint", str(hwa), "--device", "hwa_standard", "--times", "1", "--n-chips", "2",
+    assert cli.main(["eval", "--checkpoint", str(hwa), "--analog", "hwa_standard", "--times", "1", "--n-chips", "2",
                      "--n-images", "50", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["arms"][0]["eval"][0]["n_chips"] == 2

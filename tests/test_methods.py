@@ -86,8 +86,8 @@ def test_forward_noise_gradient_is_the_clean_gradient_at_the_noisy_weights(cnn_s
     noisy = noise.perturb_weights(noise.weight_key(draw_key), variables["params"], noise.NoiseSpec(weight_eta=0.2))
 
     def ce_at(params):
-        out, feats = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True)
-        return methods.cross_entropy(out, y), (out, feats["batch_stats"])
+        out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True)
+        return methods.cross_entropy(out.logits, y), (out.logits, out.state)
 
     (ref_loss, (ref_logits, ref_stats)), ref_grads = jax.value_and_grad(ce_at, has_aux=True)(noisy)
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
@@ -103,13 +103,13 @@ def test_consistency_gradient_matches_hand_derivation(cnn_setup):
     loss_fn = methods.consistency(model, eta_train=0.15, lam=lam, sites=sites)
     loss, (_, _, metrics), grads = run(loss_fn, variables, x, y, key)
 
-    clean_logits, clean_feats = model.apply(variables, x, train=True)
+    clean_logits, clean_feats = model.apply(variables, x, train=True)[:2]
     target = {"block1": clean_feats["block1"], "pre_logits": clean_feats["pre_logits"], "logits": clean_logits}
     noisy = noise.perturb_weights(noise.weight_key(jax.random.fold_in(key, 0)), variables["params"],
                                   noise.NoiseSpec(weight_eta=0.15))
 
     def manual(params):
-        out, feats = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True)
+        out, feats = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True)[:2]
         f = {"block1": feats["block1"], "pre_logits": feats["pre_logits"], "logits": out}
         reg = sum(methods.feature_distance(f[s], target[s], "nmse") for s in sites) / len(sites)
         return methods.cross_entropy(out, y) + lam * reg, reg
@@ -157,9 +157,9 @@ def test_k_draws_are_the_mean_of_single_draws_and_batchnorm_averages(cnn_setup, 
     spec = noise.NoiseSpec(weight_eta=0.2)
 
     def single(params, draw):
-        out, feats = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                                 key=jax.random.fold_in(key, draw), noise=spec, train=True)
-        return methods.cross_entropy(out, y), (out, feats["batch_stats"])
+        out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                          key=jax.random.fold_in(key, draw), noise=spec, train=True)
+        return methods.cross_entropy(out.logits, y), (out.logits, out.state)
 
     singles = [jax.value_and_grad(single, has_aux=True)(variables["params"], d) for d in range(k)]
     assert float(loss) == pytest.approx(np.mean([float(s[0][0]) for s in singles]), rel=1e-5)
@@ -186,8 +186,8 @@ def test_teacher_targets_come_from_frozen_variables(cnn_setup):
     key = jax.random.key(10)
     loss_fn = methods.consistency(model, eta_train=0.0, lam=1.0, sites=("logits",), teacher=teacher)
     loss, (_, _, metrics), _ = run(loss_fn, variables, x, y, key)
-    t_logits, _ = model.apply(teacher, x)  # inference mode
-    s_logits, _ = model.apply(variables, x, train=True)
+    t_logits = model.apply(teacher, x).logits  # inference mode
+    s_logits = model.apply(variables, x, train=True).logits
     expected = methods.feature_distance(s_logits, t_logits, "nmse")
     assert float(metrics["consistency"]) == pytest.approx(float(expected), rel=1e-5)
 

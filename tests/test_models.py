@@ -25,7 +25,7 @@ needs_pretrained = pytest.mark.skipif(not os.path.isdir(PRETRAINED), reason="../
 def test_shapes_features_and_sites(name, shape, params):
     model = get_model(name)
     variables = model.init(jax.random.key(0))
-    logits, feats = jax.jit(model.apply)(variables, jnp.zeros((3,) + shape))
+    logits, feats = jax.jit(model.apply)(variables, jnp.zeros((3,) + shape))[:2]
     assert logits.shape == (3, 10)
     assert set(feats) == set(model.feature_names)  # jit returns dicts key-sorted; feature_names is forward order
     assert "pre_logits" in feats
@@ -53,7 +53,7 @@ def test_resnet18_imagenet():
     assert model.param_count(variables) == 11_689_512  # torchvision's resnet18
     assert "layer2/0/downsample/0" in model.sites
     variables = model.init(jax.random.key(0))
-    logits, feats = jax.jit(model.apply)(variables, jnp.zeros((1, 224, 224, 3)))
+    logits, feats = jax.jit(model.apply)(variables, jnp.zeros((1, 224, 224, 3)))[:2]
     assert logits.shape == (1, 1000)
     assert feats["layer4/1"].shape == (1, 7, 7, 512)
     assert feats["stem"].shape == (1, 56, 56, 64)
@@ -87,8 +87,10 @@ def test_train_mode_returns_updated_batch_stats():
     model = get_model("cnn")
     variables = model.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1)) * 3 + 1
-    _, feats = model.apply(variables, x, train=True)
-    new = feats["batch_stats"]
+    out = model.apply(variables, x, train=True)
+    new = out.state
+    assert model.apply(variables, x).state is None            # inference mode: no new statistics
+    assert set(out.features) == set(model.feature_names)      # features hold only the named features
     assert jax.tree.structure(new) == jax.tree.structure(variables["batch_stats"])
     assert not np.allclose(new["bn1"]["mean"], variables["batch_stats"]["bn1"]["mean"])
 
@@ -98,11 +100,11 @@ def test_noise_needs_key_and_spec_and_is_deterministic():
     variables = model.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     spec = noise.NoiseSpec(weight_eta=0.1)
-    clean, _ = model.apply(variables, x)
+    clean = model.apply(variables, x).logits
     np.testing.assert_array_equal(model.apply(variables, x, key=jax.random.key(2))[0], clean)
     np.testing.assert_array_equal(model.apply(variables, x, noise=spec)[0], clean)
-    a, _ = model.apply(variables, x, key=jax.random.key(2), noise=spec)
-    b, _ = model.apply(variables, x, key=jax.random.key(2), noise=spec)
+    a = model.apply(variables, x, key=jax.random.key(2), noise=spec).logits
+    b = model.apply(variables, x, key=jax.random.key(2), noise=spec).logits
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, clean)
 
@@ -246,7 +248,7 @@ def test_a_chip_is_a_value_one_weight_draw_fixed_for_every_input():
     k = jax.random.key(2)
     chip = model.sample_chip(k, variables["params"], spec)
     assert isinstance(chip, Chip) and chip.device is None and chip.state is None
-    fresh, _ = model.apply(variables, x, key=k, noise=spec)          # the chip apply draws from this key
+    fresh = model.apply(variables, x, key=k, noise=spec).logits          # the chip apply draws from this key
     np.testing.assert_array_equal(model.apply(variables, x, chip=chip)[0], fresh)
     np.testing.assert_array_equal(model.apply(variables, x[:3], chip=chip)[0], fresh[:3])   # fixed per input
     other = model.sample_chip(jax.random.key(3), variables["params"], spec)
@@ -255,7 +257,7 @@ def test_a_chip_is_a_value_one_weight_draw_fixed_for_every_input():
     chips = jax.vmap(lambda kk: model.sample_chip(kk, variables["params"], spec))(keys)
     assert isinstance(chips, Chip) and chips.weights["fc1"]["kernel"].shape[0] == 2
     act = noise.NoiseSpec(weight_kind=None, act_kind="multiplicative", act_eta=0.2)
-    a, _ = model.apply(variables, x, key=jax.random.key(4), noise=act, chip=chip)   # activation noise on top
+    a = model.apply(variables, x, key=jax.random.key(4), noise=act, chip=chip).logits   # activation noise on top
     assert not np.array_equal(a, fresh)
 
 
@@ -274,7 +276,8 @@ def _mixed_model():
 
 
 def test_analog_layers_come_from_registration_not_leaf_names():
-    from jaxnoise import device, quant, train
+    from jaxnoise import analog as analog_lib
+    from jaxnoise import quant, train
 
     model = _mixed_model()
     assert model.analog_layers == ("conv", "head") and model.digital_layers == ("helper",)
@@ -292,11 +295,11 @@ def test_analog_layers_come_from_registration_not_leaf_names():
     qweights = qmodel.chip_weights(params)
     assert qweights["helper"]["kernel"] is params["helper"]["kernel"]
     assert len(np.unique(np.asarray(qweights["head"]["kernel"]))) <= 15
-    spec = device.preset("aihwkit_inference_default")
+    spec = analog_lib.preset("aihwkit_inference_default")
     programmed = model.sample_chip(jax.random.key(2), params, None, spec).programmed
     assert set(programmed) == {"conv", "head"}
-    assert device.analog_sites(params, spec) == ("conv", "head", "helper")   # a bare tree: by leaf name only
-    assert device.analog_sites(params, spec, model.analog_layers) == ("conv", "head")
+    assert analog_lib.analog_sites(params, spec) == ("conv", "head", "helper")   # a bare tree: by leaf name only
+    assert analog_lib.analog_sites(params, spec, model.analog_layers) == ("conv", "head")
     # weight decay: the analog kernels only
     mask = train.kernel_mask(params, model.analog_weight_paths)
     assert mask["conv"]["kernel"] and mask["head"]["kernel"]

@@ -232,8 +232,8 @@ def test_calibration_matches_numpy():
     for statistic in noise.ACTIVATION_STATISTICS:
         ref = noise.calibrate_activations(model.apply, variables, x, statistic=statistic, batch_size=10)
         assert set(ref) == set(model.sites)
-        _, feats = model.apply(variables, x, capture_mvm=True)
-        for site, y in feats["mvm"].items():
+        captured = model.apply(variables, x, capture_mvm=True).captured
+        for site, y in captured.outputs.items():
             y = np.asarray(y, np.float64)
             want = y.std() if statistic == "std" else np.abs(y).max()
             np.testing.assert_allclose(float(ref[site]), want, rtol=1e-4)
@@ -242,17 +242,18 @@ def test_calibration_matches_numpy():
 
 
 def test_one_pooled_pass_behind_both_calibrations():
-    """calibrate_activations (MVM outputs) and device.calibrate_input_ranges (MVM inputs) read pooled_statistics;
+    """calibrate_activations (MVM outputs) and analog.calibrate_input_ranges (MVM inputs) read pooled_statistics;
     its values match numpy over batches that do not divide the images."""
-    from jaxnoise import device
+    from jaxnoise import analog as analog_lib
     model = get_model("cnn")
     variables = model.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (37, 8, 8, 1))
-    _, feats = model.apply(variables, x, capture_mvm=True)
+    captured = model.apply(variables, x, capture_mvm=True).captured
     for of in noise.MVM_VALUES:
         pooled = noise.pooled_statistics(model.apply, variables, x, of=of, batch_size=10)
-        assert list(pooled) == list(feats[of])
-        for site, v in feats[of].items():
+        values = captured.outputs if of == "mvm" else captured.inputs
+        assert list(pooled) == list(values)
+        for site, v in values.items():
             v = np.asarray(v, np.float64)
             np.testing.assert_allclose(pooled[site].std, v.std(), rtol=1e-4)
             np.testing.assert_allclose(pooled[site].absmax, np.abs(v).max(), rtol=1e-5)   # batched forward rounding
@@ -261,7 +262,7 @@ def test_one_pooled_pass_behind_both_calibrations():
     inputs = noise.pooled_statistics(model.apply, variables, x, of="mvm_inputs", batch_size=10)
     ref = noise.calibrate_activations(model.apply, variables, x, statistic="absmax", batch_size=10)
     assert {s: float(r) for s, r in ref.items()} == {s: float(np.float32(p.absmax)) for s, p in outputs.items()}
-    ranges = device.calibrate_input_ranges(model.apply, variables, x, statistic="std", alpha=3.0, batch_size=10)
+    ranges = analog_lib.calibrate_input_ranges(model.apply, variables, x, statistic="std", alpha=3.0, batch_size=10)
     assert {s: float(r) for s, r in ranges.items()} == {s: float(np.float32(3.0 * p.std)) for s, p in inputs.items()}
     with pytest.raises(ValueError, match="of="):
         noise.pooled_statistics(model.apply, variables, x, of="features")
@@ -275,8 +276,8 @@ def test_model_activation_noise_has_calibrated_std_at_every_site():
     # Noise only at the head, so the head output's deviation is the injected noise itself.
     spec = noise.NoiseSpec(weight_kind=None, act_kind="additive", act_eta=0.2, act_ref=ref,
                            act_mask={s: jnp.float32(s == "head") for s in model.sites})
-    clean, _ = model.apply(variables, x)
-    noisy, _ = model.apply(variables, x, key=jax.random.key(2), noise=spec)
+    clean = model.apply(variables, x).logits
+    noisy = model.apply(variables, x, key=jax.random.key(2), noise=spec).logits
     z = (noisy - clean) / (0.2 * ref["head"])
     n = z.size
     assert abs(float(jnp.std(z)) - 1) < 5 / np.sqrt(2 * n)

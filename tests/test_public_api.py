@@ -40,7 +40,7 @@ def test_importing_the_package_loads_no_submodule():
 
 
 # Modules whose docstring examples are complete programs (the others show fragments).
-DOCTESTED = ("jaxnoise", "jaxnoise.methods", "jaxnoise.engine", "jaxnoise.device")
+DOCTESTED = ("jaxnoise", "jaxnoise.methods", "jaxnoise.engine", "jaxnoise.analog")
 
 
 @pytest.mark.parametrize("name", DOCTESTED)

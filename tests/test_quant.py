@@ -158,7 +158,7 @@ def test_model_quantizes_weights_and_inputs_with_learned_steps(trained_digits_cn
     fresh = traverse_util.flatten_dict(qm.init(jax.random.key(0))["params"], sep="/")
     assert set(fresh) == set(flat)
     # the MVM inputs are on the 4-bit grid of their steps (unsigned after a ReLU, signed for the first layer)
-    inputs = qm.apply(qv, images[:32], capture_mvm=True)[1]["mvm_inputs"]
+    inputs = qm.apply(qv, images[:32], capture_mvm=True).captured.inputs
     for site, x in inputs.items():
         s = float(flat[site + "/a_step"])
         k = np.asarray(x) / s

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnoise import data, device, robustness
+from jaxnoise import analog as analog_lib
+from jaxnoise import data, robustness
 from jaxnoise.models import get_model
 
 
@@ -23,12 +24,12 @@ def test_recalibrated_statistics_are_the_calibration_images_own(small_cnn, digit
     evaluation of the model holding those statistics: the test images play no part in them."""
     model, variables = small_cnn
     calib = data.calibration_images(digits.train, n=64, seed=0)
-    exact = device.DeviceSpec(name="exact")
+    exact = analog_lib.AnalogSpec(name="exact")
     chip = model.sample_chip(jax.random.key(2), variables["params"], None, exact).read(0.0, jax.random.key(1))
     calib_b = jnp.asarray(calib.reshape((2, 32) + calib.shape[1:]))
     stats = robustness.recalibrated_batch_stats(model, variables, chip, calib_b, jax.random.key(3),
                                                 preprocess=digits.preprocess)
-    y = np.asarray(model.apply(variables, digits.preprocess(jnp.asarray(calib)), capture_mvm=True)[1]["mvm"]["conv1"],
+    y = np.asarray(model.apply(variables, digits.preprocess(jnp.asarray(calib)), capture_mvm=True).captured.outputs["conv1"],
                    np.float64).reshape(2, -1, 4)
     np.testing.assert_allclose(stats["bn1"]["mean"], y.mean(axis=1).mean(axis=0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats["bn1"]["var"], y.var(axis=1, ddof=1).mean(axis=0), rtol=1e-4)
@@ -49,7 +50,7 @@ def test_recalibration_restores_accuracy_after_a_year_of_drift(trained_digits_cn
     recalibration on 256 training images brings every chip (the same chips, paired) back near the 1 s accuracy;
     at 1 s it changes little (the statistics of 256 images instead of the training run's)."""
     model, variables, _ = trained_digits_cnn
-    spec = device.preset("aihwkit_inference_default").replace(compensation=None)
+    spec = analog_lib.preset("aihwkit_inference_default").replace(compensation=None)
     x, labels = digits.test.images[:200], digits.test.labels[:200]
     kw = dict(times=[1.0, 3.15e7], key=0, n_chips=3, preprocess=digits.preprocess, batch_size=100)
     plain = robustness.evaluate_device(model, variables, x, labels, spec, **kw)
@@ -63,7 +64,7 @@ def test_recalibration_restores_accuracy_after_a_year_of_drift(trained_digits_cn
 def test_recalibration_errors_are_named(small_cnn, digits):
     model, variables = small_cnn
     x, labels = digits.test.images[:10], digits.test.labels[:10]
-    spec = device.DeviceSpec(name="exact")
+    spec = analog_lib.AnalogSpec(name="exact")
     calib = data.calibration_images(digits.train, n=30, seed=0)
 
     def run(m=model, v=variables, **kw):
@@ -87,7 +88,7 @@ def test_recalibration_errors_are_named(small_cnn, digits):
 
 def test_cli_calibration_images_needs_recalibrate(capsys):
     from jaxnoise import cli
-    assert cli.main(["eval", "--model", "cnn", "--device", "aihwkit_inference_default",
+    assert cli.main(["eval", "--model", "cnn", "--analog", "aihwkit_inference_default",
                      "--calibration-images", "64"]) == 2
     assert "--calibration-images" in capsys.readouterr().err
 
@@ -100,7 +101,7 @@ def test_cli_recalibrate_records_its_training_images(tmp_path):
     run = tmp_path / "run"
     assert cli.main(["train", "--model", "cnn", "--epochs", "1", "--max-steps", "3", "--workdir", str(run)]) == 0
     out = tmp_path / "eval"
-    assert cli.main(["eval", "--checkpoint", str(run), "--device", "aihwkit_inference_default", "--times", "3.15e7",
+    assert cli.main(["eval", "--checkpoint", str(run), "--analog", "aihwkit_inference_default", "--times", "3.15e7",
                      "--recalibrate", "batch_norm", "--calibration-images", "64", "--n-chips", "1",
                      "--n-images", "30", "--out", str(out)]) == 0
     entry = json.loads((out / "results.json").read_text())["arms"][0]["eval"][0]

@@ -38,7 +38,7 @@ def trained_mlp(digits):
     opt = optax.adam(1e-2)
 
     def loss(params):
-        logits, _ = model.apply({**variables, "params": params}, x)
+        logits = model.apply({**variables, "params": params}, x).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     @jax.jit
@@ -81,9 +81,9 @@ def _manual(model, variables, images, labels, spec, key, n_chips, batch_size, pr
             x = pre(x) if pre is not None else x
             batch_key = jax.random.fold_in(chip_key, 0 if same_act_key_every_batch else b)
             if redraw_weights_per_batch:
-                logits, _ = model.apply(variables, x, key=batch_key, noise=spec)
+                logits = model.apply(variables, x, key=batch_key, noise=spec).logits
             else:
-                logits, _ = model.apply(noisy, x, key=batch_key, noise=spec.activation_only())
+                logits = model.apply(noisy, x, key=batch_key, noise=spec.activation_only()).logits
             correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(labels[start:start + batch_size])))
         out.append(correct / len(labels))
     return np.array(out)
@@ -547,10 +547,10 @@ def test_streamed_bad_input_is_refused(mock_imagenet):
 
 @pytest.mark.slow
 def test_streamed_device_and_many(mock_imagenet):
-    from jaxnoise import device as device_lib
+    from jaxnoise import analog as analog_lib
     dc, ds, mem, model, v = _stream_setup(mock_imagenet)
     kw = dict(batch_size=16, preprocess=ds.preprocess)
-    dev = device_lib.preset("aihwkit_inference_default")
+    dev = analog_lib.preset("aihwkit_inference_default")
     a = robustness.evaluate_device(model, v, mem.images, mem.labels, dev, times=[1, 3600], key=0, n_chips=2, **kw)
     b = robustness.evaluate_device(model, v, ds.test, None, dev, times=[1, 3600], key=0, n_chips=2, **kw)
     for x, y in zip(a, b):

@@ -158,7 +158,7 @@ def test_step_key_derivation_and_metrics(synthetic):
 def test_evaluate_clean_counts_every_example_once(digits):
     model = get_model("mlp")
     variables = fake_variables(model)
-    logits, _ = model.apply(variables, digits.preprocess(digits.test.images))
+    logits = model.apply(variables, digits.preprocess(digits.test.images)).logits
     correct = int(np.sum(np.argmax(np.asarray(logits), -1) == digits.test.labels))
     for batch_size in (450, 64, 1000):  # 450 = 7 * 64 + 2: a partial last batch
         accuracy = evaluate_clean(model, variables, digits.test, digits.preprocess, batch_size)

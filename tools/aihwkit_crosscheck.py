@@ -256,31 +256,31 @@ def aihwkit_draws(cfg: Config, layer: dict, w: np.ndarray, x: np.ndarray, draws:
 
 
 def jaxnoise_spec(cfg: Config):
-    from jaxnoise import device
+    from jaxnoise import analog as analog_lib
 
     if cfg.preset == "default":
-        return device.preset("aihwkit_inference_default").replace(t_inference=cfg.t)
+        return analog_lib.preset("aihwkit_inference_default").replace(t_inference=cfg.t)
     if cfg.preset == "hwa":
-        spec = device.preset("hwa_standard")
+        spec = analog_lib.preset("hwa_standard")
         return spec.replace(io=spec.io.replace(inp_ranges={"layer": 3.0}), max_input_size=cfg.max_in,
                             max_output_size=cfg.max_out, t_inference=cfg.t)
-    io = device.IOParams(inp_res=1 / 126 if cfg.dac else None, out_res=1 / 510 if cfg.adc else None,
+    io = analog_lib.IOParams(inp_res=1 / 126 if cfg.dac else None, out_res=1 / 510 if cfg.adc else None,
                          out_bound=12.0 if cfg.adc else None, out_noise=cfg.out_noise, w_noise=cfg.w_noise,
                          bound_management="iterative" if cfg.bm else "none")
-    pcm = (device.PCMModel(prog_noise_scale=cfg.prog, read_noise_scale=cfg.read, drift_scale=cfg.drift)
+    pcm = (analog_lib.PCMModel(prog_noise_scale=cfg.prog, read_noise_scale=cfg.read, drift_scale=cfg.drift)
            if cfg.pcm else None)
-    return device.DeviceSpec(io=io, pcm=pcm, compensation=cfg.compensation, weight_scaling_omega=cfg.omega,
+    return analog_lib.AnalogSpec(io=io, pcm=pcm, compensation=cfg.compensation, weight_scaling_omega=cfg.omega,
                              weight_scaling_columnwise=cfg.columnwise, max_input_size=cfg.max_in,
                              max_output_size=cfg.max_out, t_inference=cfg.t, name=f"crosscheck:{cfg.name}")
 
 
 def jaxnoise_draws(cfg: Config, layer: dict, w: np.ndarray, x: np.ndarray, draws: int, seed: int) -> np.ndarray:
     """``(draws, K)`` outputs of jaxnoise: draw ``d`` programs chip ``fold_in(key(seed), d)``, reads it and runs one
-    forward pass (the library's keys; ``jaxnoise.device.read`` + ``AnalogContext``)."""
+    forward pass (the library's keys; ``jaxnoise.analog.read`` + ``AnalogContext``)."""
     import jax
     import jax.numpy as jnp
 
-    from jaxnoise import device
+    from jaxnoise import analog as analog_lib
 
     spec = jaxnoise_spec(cfg)
     params = {"layer": {"kernel": jnp.asarray(w)}}
@@ -289,12 +289,12 @@ def jaxnoise_draws(cfg: Config, layer: dict, w: np.ndarray, x: np.ndarray, draws
 
     ranges = None
     if cfg.ranges is not None:   # learned input ranges, one per tile (T_in, T_out)
-        grid = device.tile_layout(w.shape, spec).shape[:2]
+        grid = analog_lib.tile_layout(w.shape, spec).shape[:2]
         ranges = jnp.asarray(cfg.ranges, jnp.float32).reshape(grid)
 
     def one(key):
-        chip = device.read(device.chip_key(key), params, spec, spec.t_inference)
-        return device.AnalogContext(chip, key).mvm("layer", xj, params["layer"]["kernel"], geo, ranges).reshape(-1)
+        chip = analog_lib.read(analog_lib.chip_key(key), params, spec, spec.t_inference)
+        return analog_lib.AnalogContext(chip, key).mvm("layer", xj, params["layer"]["kernel"], geo, ranges).reshape(-1)
 
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(draws, dtype=jnp.uint32))
     return np.asarray(jax.jit(jax.vmap(one))(keys), np.float64)

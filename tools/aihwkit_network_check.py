@@ -4,10 +4,10 @@ The shared pretrained ResNet-20 (../shared/pretrained/resnet20_cifar10.npz) is e
 CIFAR-10 test images under both presets, on both simulators, at each of ``--times`` after programming:
 
 * ``aihwkit_inference_default``: aihwkit ``convert_to_analog(net, InferenceRPUConfig())`` against jaxnoise
-  ``device.preset("aihwkit_inference_default")``;
+  ``analog.preset("aihwkit_inference_default")``;
 * ``hwa_standard``: aihwkit ``StandardHWATrainingPreset()`` with ``forward.ir_drop = 0`` (jaxnoise has no IR drop)
-  and every tile's input range set to its layer's range, against ``device.preset("hwa_standard")`` with
-  ``io.inp_ranges`` = those ranges (``device.calibrate_input_ranges``: 3 std of the clean layer inputs on 1024
+  and every tile's input range set to its layer's range, against ``analog.preset("hwa_standard")`` with
+  ``io.inp_ranges`` = those ranges (``analog.calibrate_input_ranges``: 3 std of the clean layer inputs on 1024
   training images, ``data.calibration_images``); the network is not HWA-trained, so its accuracy is low, the
   comparison is what matters.
 
@@ -101,8 +101,9 @@ def main(argv=None) -> int:
         return 0
     import jax
 
+    from jaxnoise import analog as analog_lib
     from jaxnoise import data as data_lib
-    from jaxnoise import device, robustness
+    from jaxnoise import robustness
     from jaxnoise.models import get_model, load_torch_npz
 
     torch.set_num_threads(1)
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     ranges = None
     if "hwa_standard" in presets:
         calib = np.asarray(ds.preprocess(data_lib.calibration_images(ds.train, n=1024, seed=0)))
-        ranges = device.calibrate_input_ranges(model.apply, variables, calib, statistic="std", alpha=3.0)
+        ranges = analog_lib.calibrate_input_ranges(model.apply, variables, calib, statistic="std", alpha=3.0)
 
     lines: list[str] = []
 
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
                     acc_a[t_name].append(correct / n)
         sec_a = time.perf_counter() - t0
         # jaxnoise
-        spec = device.preset(preset)
+        spec = analog_lib.preset(preset)
         if preset == "hwa_standard":
             spec = spec.replace(io=spec.io.replace(inp_ranges=ranges))
         t0 = time.perf_counter()

@@ -14,7 +14,7 @@ with and without global drift compensation: 8 chips on the first 500 test images
 The defaults are the settings of the committed run, `python experiments/device_cifar.py --model resnet32
 --hwa-steps 100 --n-chips 8 --n-images 500` (the full protocol: --set eval.n_chips=32 --set eval.n_images=0).
 ``io_numerics`` are the analog MVM's I/O numerics of that run, which predates ``IOParams.sampler``,
-``conv_sum`` and ``semantics`` (``jaxnoise.device.LEGACY_IO``): ``sampler="threefry/erfinv"`` (jax.random.normal;
+``conv_sum`` and ``semantics`` (``jaxnoise.analog.LEGACY_IO``): ``sampler="threefry/erfinv"`` (jax.random.normal;
 the CPU default is now "threefry/icdf16"), ``conv_sum="taps"`` (one dot per kernel tap; now "patch") and
 ``semantics="v0"`` (bound management and zero inputs as jaxnoise did before aihwkit 1.2.0's semantics, and the whole
 layer as then: one tile per layer holding W / max|W|, both programmed devices drifted), bit for bit the old code

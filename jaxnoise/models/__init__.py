@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from jaxnoise.models.base import Chip, Model, Variables
+from jaxnoise.models.base import Chip, Model, Output, Variables
 from jaxnoise.models.layers import Scope
 from jaxnoise.models.resnet_cifar import CIFAR_SHORT_DEPTHS, resnet_cifar
 from jaxnoise.models.resnet_imagenet import DEPTHS as IMAGENET_DEPTHS
@@ -76,6 +76,6 @@ def _build(name: str, **kwargs) -> Model:
                      f"resnet{{depth}}_cifar, e.g. resnet50_cifar).")
 
 
-__all__ = ["CIFAR_MODELS", "Chip", "IMAGENET_MODELS", "MODELS", "Model", "Scope", "Variables", "WeightsMismatchError", "cnn",
+__all__ = ["CIFAR_MODELS", "Chip", "IMAGENET_MODELS", "MODELS", "Model", "Output", "Scope", "Variables", "WeightsMismatchError", "cnn",
            "convert_torch_state", "get_model", "load_torch_npz", "mlp", "read_torch_checkpoint", "torch_checkpoint_to_npz", "resnet18", "resnet50", "resnet_cifar",
            "resnet_imagenet"]

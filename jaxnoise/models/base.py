@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxnoise import device as device_lib
+from jaxnoise import analog as analog_lib
 from jaxnoise import noise as noise_lib
 from jaxnoise import quant as quant_lib
 from jaxnoise.models.layers import Scope
@@ -28,25 +28,48 @@ class Chip(NamedTuple):
 
     Attributes:
       weights: the weights its MVMs use: the parameters quantized (``Model.quant``), then one weight-noise draw.
-      device: the analog device it is programmed on (``jaxnoise.device.DeviceSpec``), or None: digital MVMs.
-      programmed: ``jaxnoise.device.program_chip``'s state (conductances and drift exponents), or None.
-      state: the chip read at one time (``jaxnoise.device.ChipRead``, from :meth:`read`), or None. A chip with a
+      device: the analog device it is programmed on (``jaxnoise.analog.AnalogSpec``), or None: digital MVMs.
+      programmed: ``jaxnoise.analog.program_chip``'s state (conductances and drift exponents), or None.
+      state: the chip read at one time (``jaxnoise.analog.ChipRead``, from :meth:`read`), or None. A chip with a
         device runs analog MVMs once read; unread, it is refused by ``apply``.
     """
 
     weights: Any
-    device: device_lib.DeviceSpec | None = None
+    device: analog_lib.AnalogSpec | None = None
     programmed: Any = None
-    state: device_lib.ChipRead | None = None
+    state: analog_lib.ChipRead | None = None
 
     def read(self, t_inference: Any, key: jax.Array) -> Chip:
         """This chip read ``t_inference`` seconds after programming, read noise from ``key``
-        (``jaxnoise.device.read_chip``): drift is fixed by the chip, read noise is fresh per read. A digital chip
+        (``jaxnoise.analog.read_chip``): drift is fixed by the chip, read noise is fresh per read. A digital chip
         is returned as it is."""
         if self.device is None:
             return self
-        return self._replace(state=device_lib.ChipRead(self.device, device_lib.read_chip(
+        return self._replace(state=analog_lib.ChipRead(self.device, analog_lib.read_chip(
             key, self.programmed, t_inference, self.device)))
+
+
+class Output(NamedTuple):
+    """What :meth:`Model.apply` returns, each kind of value in its own field (a pytree: fine under jit and vmap).
+
+    ``out[:2]`` is ``(logits, features)``.
+
+    Attributes:
+      logits: (batch, num_classes).
+      features: ``{name: array}`` for every name of ``Model.feature_names`` (the values after any tap).
+      state: with ``train=True``, the updated BatchNorm running statistics (the structure of
+        ``variables["batch_stats"]``); else None.
+      captured: with ``capture_mvm=True``, the clean (pre-noise) outputs and the inputs of every MVM site
+        (:class:`jaxnoise.noise.Captured`); else None.
+      aux: what the model's own ``taps`` recorded at their tap points, ``{point: {...}}`` (the probabilistic
+        denoising blocks' ``{"input", "mean", "log_var"}``); ``{}`` when nothing.
+    """
+
+    logits: jax.Array
+    features: dict[str, jax.Array]
+    state: dict[str, Any] | None = None
+    captured: noise_lib.Captured | None = None
+    aux: dict[str, Any] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +88,7 @@ class Model:
       input_ranges: ``{layer: (T_in, T_out)}``: layers with learned input ranges (aihwkit's
         ``InputRangeParameter``), a parameter ``input_range`` of that shape (one per tile) beside each kernel, used
         by an analog MVM under ``IOParams(input_range=...)``. Use :meth:`with_input_ranges` (or
-        ``jaxnoise.device.init_input_ranges``).
+        ``jaxnoise.analog.init_input_ranges``).
       taps: ``{tap point: fn(scope, name, h) -> h}``: insertions at points of :attr:`tap_names` (what
         ``jaxnoise.denoise.denoised`` adds: a block per site), run in every pass before ``apply``'s own ``tap``;
         their parameters live under the scope they are given. None: none.
@@ -105,7 +128,7 @@ class Model:
             if (not isinstance(shape, tuple) or len(shape) != 2
                     or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
                 raise ValueError(f"input_ranges[{site!r}]={shapes[site]!r}: give the layer's tile grid (T_in, T_out) "
-                                 f"as two integers >= 1 (jaxnoise.device.tile_layout(kernel.shape, spec).shape[:2]).")
+                                 f"as two integers >= 1 (jaxnoise.analog.tile_layout(kernel.shape, spec).shape[:2]).")
             clean[str(site)] = shape
         model = dataclasses.replace(self, config={**config, "input_ranges": {k: list(v) for k, v in clean.items()}},
                                     input_ranges=clean)
@@ -130,30 +153,30 @@ class Model:
         return params
 
     def sample_chip(self, key: jax.Array, params: Mapping[str, Any], noise: noise_lib.NoiseSpec | None = None,
-                    device: device_lib.DeviceSpec | None = None) -> Chip:
+                    device: analog_lib.AnalogSpec | None = None) -> Chip:
         """The chip of ``key``: its weights (:meth:`chip_weights`: quantized, then the weight-noise draw of
         ``weight_key(key)`` when ``noise`` has weight noise) and, with a ``device``, those weights programmed
-        from ``device.chip_key(key)`` (:func:`jaxnoise.device.program_chip`); :meth:`Chip.read` reads it.
+        from ``analog.chip_key(key)`` (:func:`jaxnoise.analog.program_chip`); :meth:`Chip.read` reads it.
 
         Examples:
           >>> chip = model.sample_chip(chip_key, variables["params"], NoiseSpec(weight_eta=0.1))  # doctest: +SKIP
-          >>> logits, _ = model.apply(variables, x, chip=chip)   # the same weights for every batch  # doctest: +SKIP
+          >>> logits = model.apply(variables, x, chip=chip).logits   # the same weights for every batch  # doctest: +SKIP
         """
         weights = self.chip_weights(params, key, noise if noise is not None and noise.has_weight_noise else None)
         if device is None:
             return Chip(weights)
-        return Chip(weights, device, device_lib.program_chip(device_lib.chip_key(key), weights, device,
+        return Chip(weights, device, analog_lib.program_chip(analog_lib.chip_key(key), weights, device,
                                                              layers=self.analog_layers))
 
     def pass_chip(self, key: jax.Array, params: Mapping[str, Any], noise: noise_lib.NoiseSpec | None = None,
-                  device: device_lib.DeviceSpec | None = None) -> Chip:
+                  device: analog_lib.AnalogSpec | None = None) -> Chip:
         """A fresh chip for one forward pass (training draws one per step and draw): :meth:`sample_chip` read at
-        ``device.t_inference`` with the read key ``name_key(device.chip_key(key), "jaxnoise/device/read_pass")``
-        (:func:`jaxnoise.device.read`); an ideal device, or none, gives a digital chip."""
+        ``device.t_inference`` with the read key ``name_key(analog.chip_key(key), "jaxnoise/device/read_pass")``
+        (:func:`jaxnoise.analog.read`); an ideal device, or none, gives a digital chip."""
         if device is None or device.is_ideal:
             return self.sample_chip(key, params, noise)
         chip = self.sample_chip(key, params, noise, device)
-        read_key = noise_lib.name_key(device_lib.chip_key(key), "jaxnoise/device/read_pass")
+        read_key = noise_lib.name_key(analog_lib.chip_key(key), "jaxnoise/device/read_pass")
         return chip.read(device.t_inference, read_key)
 
     def init(self, key: jax.Array, batch_size: int = 2) -> Variables:
@@ -177,7 +200,7 @@ class Model:
     def apply(self, variables: Variables, x: jax.Array, *, key: jax.Array | None = None,
               noise: noise_lib.NoiseSpec | None = None, chip: Chip | None = None, train: bool = False,
               capture_mvm: bool = False, tap: Callable | None = None,
-              bn_momentum: float = 0.1) -> tuple[jax.Array, dict[str, Any]]:
+              bn_momentum: float = 0.1) -> Output:
         """Runs the model, noisy when both ``key`` and ``noise`` are given.
 
         Args:
@@ -191,18 +214,23 @@ class Model:
             weights are used as they are in place of ``variables["params"]`` (no quantization or weight noise
             here; ``noise`` then applies its activation noise only), and a read chip's MVMs are analog. The
             Monte Carlo evaluator makes one per chip; training makes one per pass (:meth:`pass_chip`).
-          train: BatchNorm in training mode; ``features["batch_stats"]`` then holds the updated running
-            statistics (same structure as ``variables["batch_stats"]``).
-          capture_mvm: put the clean (pre-noise) output of every activation site in ``features["mvm"]``.
-          tap: ``tap(scope, name, x) -> x`` called at every named feature (``self.feature_names``) with the root
-            :class:`~jaxnoise.models.layers.Scope`; what it returns flows on (and is the reported feature).
-            Used to insert denoising blocks (``jaxnoise.denoise``) and gradient probes. None: identity.
+          train: BatchNorm in training mode; ``state`` then holds the updated running statistics (same structure
+            as ``variables["batch_stats"]``).
+          capture_mvm: record the clean (pre-noise) output and the input of every activation site in
+            ``captured``.
+          tap: ``tap(scope, name, x) -> x`` called at every tap point (``self.tap_names``) with the root
+            :class:`~jaxnoise.models.layers.Scope`, after the model's own ``taps``; what it returns flows on (and
+            is the reported feature). For gradient probes and recorders. None: identity.
           bn_momentum: with ``train``, the weight of this batch's statistics in the updated running statistics
             (PyTorch's 0.1; 1.0 returns the batch's own mean and unbiased variance).
 
         Returns:
-          ``(logits, features)``: logits (batch, num_classes); features maps each name of
-          ``self.feature_names`` to its array (plus ``"batch_stats"``/``"mvm"`` when asked for).
+          An :class:`Output`: ``logits``, ``features`` (each name of ``self.feature_names``), ``state`` (with
+          ``train``), ``captured`` (with ``capture_mvm``), ``aux`` (what the model's taps recorded).
+
+        Examples:
+          >>> out = model.apply(variables, x, train=True)                    # doctest: +SKIP
+          >>> out.logits.shape, sorted(out.features) == sorted(model.feature_names), out.state is not None
         """
         self.check_input(x)
         analog = None
@@ -217,18 +245,14 @@ class Model:
                 raise ValueError("this chip is programmed but not read: pass chip.read(t_inference, read_key) "
                                  "(drift and read noise at that time).")
             if chip.state is not None:   # analog MVMs; without a pass key, no I/O noise (quantisation still applies)
-                analog = device_lib.AnalogContext(chip.state, key)
+                analog = analog_lib.AnalogContext(chip.state, key)
         sites = noise_lib.SiteContext(key, noise, capture=capture_mvm, analog=analog)
         scope = Scope(params, variables.get("batch_stats", {}), sites=sites, train=train, tap=tap, taps=self.taps,
                       quant=self.quant, input_ranges=self.input_ranges, bn_momentum=bn_momentum)
         logits, features = self.forward(scope, x)
-        features = dict(features)
-        if train:
-            features["batch_stats"] = scope.new_stats
-        if capture_mvm:
-            features["mvm"] = sites.captured
-            features["mvm_inputs"] = sites.captured_inputs
-        return logits, features
+        return Output(logits, dict(features), scope.new_stats if train else None,
+                      noise_lib.Captured(sites.captured, sites.captured_inputs) if capture_mvm else None,
+                      dict(scope.tap_outputs))
 
     def check_input(self, x: Any) -> None:
         """Raises a ValueError naming the problem when ``x`` is not a float batch of ``input_shape``."""

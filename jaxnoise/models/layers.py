@@ -46,7 +46,7 @@ class Scope:
         ``a_step`` beside the kernel) before the MVM. Kernels arrive already quantized (``Model.apply``).
       input_ranges: ``{layer: (T_in, T_out)}``: the layers with learned input ranges (a leaf ``input_range`` of
         that shape beside the kernel, created at init with aihwkit's ``init_value`` 3.0), passed to the MVM
-        (``jaxnoise.device.InputRange``).
+        (``jaxnoise.analog.InputRange``).
     """
 
     def __init__(self, params=None, batch_stats=None, *, sites: noise_lib.SiteContext | None = None,

@@ -2,7 +2,7 @@
 hardware-aware (HWA) fine-tuned.
 
 As ``experiments/device_cifar.py`` ran it (that script now points here). The analog MVM's I/O numerics (fields of
-``jaxnoise.device.IOParams``: normal sampler, conv summation order, bound-management semantics) are the config's
+``jaxnoise.analog.IOParams``: normal sampler, conv summation order, bound-management semantics) are the config's
 ``io_numerics``, applied to the training and the inference device specs alike.
 
 Stages:
@@ -38,7 +38,8 @@ import time
 import jax
 import numpy as np
 
-from jaxnoise import checkpoint, data, device, methods, report, robustness, train
+from jaxnoise import analog as analog_lib
+from jaxnoise import checkpoint, data, methods, report, robustness, train
 from jaxnoise import io as io_lib
 from jaxnoise.models import get_model
 from jaxnoise.protocols import common
@@ -96,29 +97,29 @@ def io_numerics(config) -> dict:
     return {k: v for k, v in config.io_numerics.items() if v != ""}
 
 
-def with_numerics(config, spec: device.DeviceSpec) -> device.DeviceSpec:
+def with_numerics(config, spec: analog_lib.AnalogSpec) -> analog_lib.AnalogSpec:
     """``spec`` with the config's I/O numerics; under the legacy pipeline (``semantics="v0"``) through
-    :func:`jaxnoise.device.legacy_io`, which drops a preset's learned ``input_range``."""
+    :func:`jaxnoise.analog.legacy_io`, which drops a preset's learned ``input_range``."""
     if spec.io is None:
         return spec
     numerics = io_numerics(config)
     if numerics.get("semantics") == "v0":
-        return spec.replace(io=device.legacy_io(spec.io, **numerics))
+        return spec.replace(io=analog_lib.legacy_io(spec.io, **numerics))
     return spec.replace(io=spec.io.replace(**numerics))
 
 
-def inference_spec(config, compensation: str | None) -> device.DeviceSpec:
+def inference_spec(config, compensation: str | None) -> analog_lib.AnalogSpec:
     """``preset(eval.preset)`` with ``compensation`` and the config's I/O numerics."""
-    return with_numerics(config, device.preset(config.eval.preset).replace(compensation=compensation))
+    return with_numerics(config, analog_lib.preset(config.eval.preset).replace(compensation=compensation))
 
 
-def training_spec(config, model, variables, ds: data.Dataset) -> device.DeviceSpec:
+def training_spec(config, model, variables, ds: data.Dataset) -> analog_lib.AnalogSpec:
     """``preset(hwa.preset).training()`` with input ranges calibrated on ``variables`` and the config's numerics."""
     images = np.asarray(ds.preprocess(data.calibration_images(
         ds.train, n=common.cap(config, config.hwa.calib_images, TINY_CALIB_IMAGES), seed=0)))
-    ranges = device.calibrate_input_ranges(model.apply, variables, images, statistic=config.hwa.range_statistic,
+    ranges = analog_lib.calibrate_input_ranges(model.apply, variables, images, statistic=config.hwa.range_statistic,
                                            alpha=float(config.hwa.range_alpha))
-    spec = device.preset(config.hwa.preset).training()
+    spec = analog_lib.preset(config.hwa.preset).training()
     return with_numerics(config, spec.replace(io=spec.io.replace(inp_ranges=ranges)))
 
 
