@@ -1110,9 +1110,7 @@ def layer_names(params: Mapping[str, Any], layers: Sequence[str] | None = None) 
     if layers is None:
         return tuple(path[: -len("/kernel")] if "/" in path else "" for path in flat
                      if path == "kernel" or path.endswith("/kernel"))
-    if isinstance(layers, str):
-        raise ValueError(f"layers={layers!r} is one string: pass a sequence of layer names (model.analog_layers).")
-    layers = tuple(layers)
+    layers = _checks.names(layers, "layers", example="conv1")
     missing = [layer for layer in layers if (f"{layer}/kernel" if layer else "kernel") not in flat]
     if missing:
         raise ValueError(f"analog layers {missing[:5]} have no kernel in these parameters: pass the variables of "

@@ -486,10 +486,7 @@ def _candidates(flat: Mapping[str, Any], analog_paths: Iterable[str] | None) -> 
     kernels), in tree order, or every path when it is None."""
     if analog_paths is None:
         return list(flat)
-    if isinstance(analog_paths, str):
-        raise ValueError(f"analog_paths={analog_paths!r} is one string: pass a sequence of parameter paths "
-                         f"(model.analog_weight_paths).")
-    allowed = set(analog_paths)
+    allowed = set(_checks.names(analog_paths, "analog_paths", example="conv1/kernel"))
     return [p for p in flat if p in allowed]
 
 

@@ -263,10 +263,8 @@ def quantize_weight(w: jax.Array, spec: QuantSpec, step: jax.Array | None = None
 def _quantized_paths(flat: Mapping[str, Any], spec: QuantSpec, analog_paths: Any) -> list[str]:
     """The paths of ``flat`` that ``spec`` quantizes: among ``analog_paths`` (the model's analog kernels; None:
     every leaf but the steps), those ``spec.weight_paths`` selects, in tree order."""
-    if isinstance(analog_paths, str):
-        raise ValueError(f"analog_paths={analog_paths!r} is one string: pass a sequence of parameter paths "
-                         f"(model.analog_weight_paths).")
-    allowed = None if analog_paths is None else set(analog_paths)
+    allowed = None if analog_paths is None else set(_checks.names(analog_paths, "analog_paths",
+                                                                 example="conv1/kernel"))
     return [p for p in flat if (allowed is None or p in allowed) and not p.endswith(WEIGHT_STEP)
             and not p.endswith(ACT_STEP) and _selected(p, spec.weight_paths)]
 
@@ -304,7 +302,7 @@ def init_weight_steps(params: Mapping[str, Any], spec: QuantSpec, *, overwrite: 
         return params
     flat = dict(traverse_util.flatten_dict(params, sep="/"))
     qp = levels(spec.weight_bits)[1]
-    for path in _quantized_paths(dict(flat), spec, analog_paths):
+    for path in _quantized_paths(flat, spec, analog_paths):   # a list: the loop adds steps to flat
         w = flat[path]
         name = _join(_parent(path), WEIGHT_STEP)
         if name in flat and not overwrite:

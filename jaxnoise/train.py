@@ -234,10 +234,8 @@ def kernel_mask(params: Any, decayed_paths: Any = None) -> Any:
     """A bool tree like ``params``: True at the weight-decayed leaves, the kernels of the model's analog layers
     (``decayed_paths``: ``model.analog_weight_paths``, as the layers register them, so digital layers such as
     denoising blocks are not decayed); None: every leaf named ``kernel`` (a bare parameter tree)."""
-    if isinstance(decayed_paths, str):
-        raise ValueError(f"decayed_paths={decayed_paths!r} is one string: pass a sequence of parameter paths "
-                         f"(model.analog_weight_paths).")
-    wanted = None if decayed_paths is None else frozenset(decayed_paths)
+    wanted = None if decayed_paths is None else frozenset(_checks.names(decayed_paths, "decayed_paths",
+                                                                        example="conv1/kernel"))
 
     def is_decayed(path, _):
         if wanted is None:

@@ -318,3 +318,21 @@ def test_one_name_registered_as_two_kinds_of_layer_is_refused():
 
     with pytest.raises(ValueError, match="registered twice"):
         Model("clash", forward, (4, 4, 1), 3).init(jax.random.key(0))
+
+
+def test_registry_selections_refuse_a_bare_string():
+    from jaxnoise import analog, quant, train
+
+    model = _mixed_model()
+    params = model.init(jax.random.key(0))["params"]
+    spec = noise.NoiseSpec(weight_eta=0.1)
+    with pytest.raises(ValueError, match="analog_paths='head/kernel' is a bare string"):
+        noise.perturb_weights(jax.random.key(1), params, spec, analog_paths="head/kernel")
+    with pytest.raises(ValueError, match="analog_paths='head/kernel' is a bare string"):
+        quant.quantize_params(params, quant.QuantSpec(weight_bits=4, weight_step="max"), analog_paths="head/kernel")
+    with pytest.raises(ValueError, match="decayed_paths='head/kernel' is a bare string"):
+        train.kernel_mask(params, "head/kernel")
+    with pytest.raises(ValueError, match="layers='head' is a bare string"):
+        analog.layer_names(params, "head")
+    with pytest.raises(ValueError, match=r"analog layers \['nope'\] have no kernel"):
+        analog.layer_names(params, ("head", "nope"))

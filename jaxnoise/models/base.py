@@ -188,8 +188,7 @@ class Model:
         self.forward(scope, jnp.zeros((batch_size,) + tuple(self.input_shape), jnp.float32))
         params = scope.created_params
         if self.quant is not None:
-            params = quant_lib.init_weight_steps(params, self.quant, analog_paths=[
-                entry["weight"] for entry in scope.layers.values() if entry["analog"]])
+            params = quant_lib.init_weight_steps(params, self.quant, analog_paths=scope.analog_weight_paths())
         return {"params": params, "batch_stats": scope.created_stats}
 
     @functools.cached_property
@@ -275,6 +274,7 @@ class Model:
         order: list[str] = []  # dict pytrees come back key-sorted; keep forward order
         taps: list[str] = []
         layers: dict[str, dict[str, Any]] = {}
+        analog: list[str] = []
 
         def tap(root, name, h):
             taps.append(name)
@@ -286,10 +286,10 @@ class Model:
             logits, feats = self.forward(scope, x)
             order.extend(k for k, v in feats.items() if not isinstance(v, dict))
             layers.update(scope.layers)
+            analog.extend(scope.analog_weight_paths())
             return logits
 
         jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1,) + tuple(self.input_shape), jnp.float32))
-        analog = [entry["weight"] for entry in layers.values() if entry["analog"]]
         weight_paths = noise_lib.weight_noise_sites(variables["params"], analog_paths=analog)
         return tuple(ctx.sites), tuple(order), weight_paths, dict(ctx.geometry), tuple(taps), layers
 

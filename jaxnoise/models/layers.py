@@ -130,6 +130,10 @@ class Scope:
                              f"distinct names.")
         self.root.layers[layer] = entry
 
+    def analog_weight_paths(self) -> list[str]:
+        """The weight leaves of the analog layers registered in the root so far (``Model.analog_weight_paths``)."""
+        return [entry["weight"] for entry in self.root.layers.values() if entry["analog"]]
+
     # -- variable access -------------------------------------------------------------------------------------
     def _get(self, collection: str, layer: str, leaf: str, shape, init_fn):
         tree = self.params if collection == "params" else self.batch_stats
@@ -163,10 +167,7 @@ class Scope:
         if self.root.train and materialize_conv_inputs():
             x = materialized(x)
         def exact(x, kernel):
-            return jax.lax.conv_general_dilated(
-                x, kernel.astype(x.dtype), window_strides=(stride, stride),
-                padding=((padding, padding), (padding, padding)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return conv2d(x, kernel.astype(x.dtype), stride, padding)
 
         y = self.sites.mvm(self.name(name), x, kernel, exact, {"stride": stride, "padding": padding},
                            self.input_range(name))
@@ -195,9 +196,7 @@ class Scope:
         init = he_normal if init is None else init
         self.register(name, analog=False, weight=leaves[0])
         kernel = self._get("params", name, leaves[0], (kernel_size, kernel_size, x.shape[-1], features), init)
-        y = jax.lax.conv_general_dilated(x, kernel, (stride, stride),
-                                         ((padding, padding), (padding, padding)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv2d(x, kernel, stride, padding)
         if bias:
             y = y + self._get("params", name, leaves[1], (features,), zeros)
         return y
@@ -233,6 +232,13 @@ class Scope:
             })
             return y
         return (x - mean_r) * jax.lax.rsqrt(var_r + eps) * scale + bias
+
+
+def conv2d(x, kernel, stride: int, padding: int):
+    """The exact NHWC x HWIO convolution of both conv layers (symmetric ``padding``, square ``stride``)."""
+    return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride, stride),
+                                        padding=((padding, padding), (padding, padding)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 MATERIALIZE_CONV_INPUTS: bool | None = None   # None: on the CPU backend only (see materialize_conv_inputs)
