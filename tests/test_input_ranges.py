@@ -243,7 +243,7 @@ def test_hwa_training_learns_ranges_and_checkpoints_them(tmp_path):
                      "--max-steps", "5", "--workdir", str(base)]) == 0
     hwa = tmp_path / "hwa"
     assert cli.main(["train", "--checkpoint", str(base), "--method", "forward_noise", "--train-weight-noise", "none",
-                     "--train-device", "hwa_standard", "--learn-input-ranges", "--epochs", "1", "--lr", "0.05",
+                     "--train-analog", "hwa_standard", "--learn-input-ranges", "--epochs", "1", "--lr", "0.05",
                      "--max-steps", "4", "--train-batch-size", "64", "--workdir", str(hwa)]) == 0
     meta = json.loads((hwa / "checkpoints" / "metadata.json").read_text())
     assert meta["model_config"]["input_ranges"] == {"fc1": [1, 1], "fc2": [1, 1], "head": [1, 1]}
