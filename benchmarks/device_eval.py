@@ -11,7 +11,7 @@ Prints, for the pretrained ResNet-20 on the first ``--n-images`` CIFAR-10 test i
     Each line also gives the first call's compile time of that spec's device program (first call minus a
     compiled call of the same shapes); the full spec's is the ResNet-20 device program's compile time (goal:
     under 60 s).
-(b) the compile count and compile+run time of a 6-point time sweep (one ``evaluate_device`` call) against a
+(b) the compile count and compile+run time of a 6-point time sweep (one ``evaluate_analog`` call) against a
     1-point evaluation: the sweep must trace once, and its cost should be ~6x the run time of one point, not
     6 compilations.
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
     for name, spec in variants.items():
         def run(spec=spec):
-            return robustness.evaluate_device(model, variables, x, y, spec, times=[86400.0], key=0, n_chips=k,
+            return robustness.evaluate_analog(model, variables, x, y, spec, times=[86400.0], key=0, n_chips=k,
                                               batch_size=args.batch_size, preprocess=ds.preprocess)
         t0 = time.perf_counter()
         run()  # compile first, so the clean timing right before the device timing is adjacent to it
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     def sweep(times):
         before = robustness.trace_count()
         t0 = time.perf_counter()
-        res = robustness.evaluate_device(model, variables, x, y, spec, times=times, key=1, n_chips=k,
+        res = robustness.evaluate_analog(model, variables, x, y, spec, times=times, key=1, n_chips=k,
                                          batch_size=args.batch_size, preprocess=ds.preprocess)
         return time.perf_counter() - t0, robustness.trace_count() - before, res
 

@@ -22,7 +22,7 @@ figure with the ratio jaxnoise/PyTorch (> 1: jaxnoise is faster):
 4. ``device``: device Monte Carlo against IBM aihwkit (image-chip-reads/s), ``--device-chips`` chips on the first
    ``--device-images`` images, one read at t = 1 h. aihwkit: ``convert_to_analog(model, InferenceRPUConfig())``
    (its defaults) once, then per chip ``program_analog_weights()``, ``drift_analog_weights(3600)`` and an eval pass
-   (all three timed); jaxnoise ``robustness.evaluate_device(..., analog.preset("aihwkit_inference_default"),
+   (all three timed); jaxnoise ``robustness.evaluate_analog(..., analog.preset("aihwkit_inference_default"),
    times=[3600.0], key=0, n_chips=C)``. Both accuracies (mean +- standard error over chips) are printed as context
    only (too few chips to compare them; tools/aihwkit_network_check.py does). The logs up to 2026-12-01c ran
    jaxnoise's preset before it matched aihwkit's defaults (its tiles were whole layers holding W / max|W|).
@@ -569,7 +569,7 @@ def run(args, torch, report: Report) -> int:
         box = {}
 
         def j_device():
-            box["j"] = robustness.evaluate_device(model, variables, xd, yd, dev, times=[T_READ], key=0, n_chips=Cd,
+            box["j"] = robustness.evaluate_analog(model, variables, xd, yd, dev, times=[T_READ], key=0, n_chips=Cd,
                                                   batch_size=Bd, preprocess=ds.preprocess)[0].per_chip
             return box["j"]
 

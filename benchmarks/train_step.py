@@ -122,9 +122,9 @@ def main(argv=None) -> int:
     for k in ks:
         for dbs in sorted({1} | ({k} if k in vmap_ks else set())):
             tag = f"K={k} dbs={dbs}"
-            configs[f"forward_noise {tag}"] = methods.forward_noise(model, eta_train=0.1, num_draws=k,
+            configs[f"forward_noise {tag}"] = methods.forward_noise(model, eta_train=0.1, n_draws=k,
                                                                     draw_batch_size=dbs)
-            configs[f"consistency {tag}"] = methods.consistency(model, eta_train=0.1, lam=1.0, num_draws=k,
+            configs[f"consistency {tag}"] = methods.consistency(model, eta_train=0.1, lam=1.0, n_draws=k,
                                                                 draw_batch_size=dbs)
     runners = {}
     for name, loss_fn in configs.items():

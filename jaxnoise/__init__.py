@@ -55,7 +55,7 @@ _EXPORTS = {
     "AnalogSpec": "jaxnoise.analog",
     "IOParams": "jaxnoise.analog",
     "PCMModel": "jaxnoise.analog",
-    "device_preset": ("jaxnoise.analog", "preset"),
+    "analog_preset": ("jaxnoise.analog", "preset"),
     "calibrate_input_ranges": "jaxnoise.analog",
     "init_input_ranges": "jaxnoise.analog",
     # models and data
@@ -70,7 +70,7 @@ _EXPORTS = {
     "evaluate": "jaxnoise.robustness",
     "evaluate_many": "jaxnoise.robustness",
     "sweep": "jaxnoise.robustness",
-    "evaluate_device": "jaxnoise.robustness",
+    "evaluate_analog": "jaxnoise.robustness",
     "sensitivity_map": "jaxnoise.sensitivity",
     # training and the paper methods
     "TrainConfig": "jaxnoise.train",
@@ -98,7 +98,16 @@ def key(seed: int):
     return jax.random.key(seed)
 
 
+# old public name -> its new name (issue 19: "device" means a JAX device; the analog hardware is "analog")
+_RENAMED = {"device_preset": "analog_preset", "evaluate_device": "evaluate_analog"}
+
+
 def __getattr__(name: str):
+    if name in _RENAMED:
+        import warnings  # noqa: PLC0415
+        warnings.warn(f"jaxnoise.{name} is deprecated: use jaxnoise.{_RENAMED[name]}.", DeprecationWarning,
+                      stacklevel=2)
+        return __getattr__(_RENAMED[name])
     target = _EXPORTS.get(name)
     if target is None:
         raise AttributeError(f"module 'jaxnoise' has no attribute {name!r}; the curated names are "

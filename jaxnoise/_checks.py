@@ -14,12 +14,15 @@ Every public entry point of the library validates its arguments with these helpe
 * :func:`names`: a sequence of names or patterns, never a bare ``str`` (which Python iterates per character).
 * :func:`mapping`: a ``{name: value}`` mapping with string keys.
 * :func:`listing`: a shortened, readable list of valid names for error messages.
+* :func:`renamed_kwargs`: a keyword argument's old name still works, with a ``DeprecationWarning`` naming the new one.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["abstract_variables", "as_key", "choice", "key_name", "integer", "is_concrete_number", "is_tracer", "listing", "mapping",
-           "names", "nonnegative", "number", "object_cache", "positive", "positive_int", "scale"]
+           "names", "nonnegative", "number", "object_cache", "positive", "positive_int", "renamed_kwargs", "scale"]
 
 
 def is_tracer(x: Any) -> bool:
@@ -234,3 +237,24 @@ def abstract_variables(model: Any) -> Any:
     if "value" not in cache:
         cache["value"] = jax.eval_shape(model.init, jax.random.key(0))
     return cache["value"]
+
+
+def renamed_kwargs(**old_to_new: str):
+    """Decorator: calls with an old keyword name (``num_draws=``) go on under the new one (``n_draws=``).
+
+    The old name warns (``DeprecationWarning``) and passing both names is an error; recorded files keep their keys.
+    """
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() got both {old}= and {new}=: pass only {new}= "
+                                        f"({old}= is its old name).")
+                    warnings.warn(f"{fn.__name__}({old}=...) is deprecated: use {new}=.", DeprecationWarning,
+                                  stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+        return inner
+    return wrap

@@ -35,7 +35,7 @@ readout's one-hot divided by the input range.
 
 **Semantics.** One chip = one programming draw (conductances and drift exponents). The same chip can be read at any
 number of times; each read draws fresh read noise. Each forward pass draws fresh output (ADC) noise. Inference time
-is array data (``AnalogSpec.t_inference`` or the ``times`` of ``robustness.evaluate_device``), so a time sweep
+is array data (``AnalogSpec.t_inference`` or the ``times`` of ``robustness.evaluate_analog``), so a time sweep
 compiles once.
 
 **Keys** (all derived by name, :func:`jaxnoise.noise.name_key`): a chip key ``K`` gives the programming noise of
@@ -664,7 +664,7 @@ def _patch_absmax(xp: jax.Array, kernel_shape: tuple[int, ...], stride: int, out
 
 def _when(on: Any, fn, shape: tuple[int, ...], dtype) -> jax.Array | None:
     """``fn()`` when ``on`` is True, None when False, and for a traced ``on`` ``fn()`` or zeros, decided at run time
-    (a noise scale that is array data, as in ``robustness.evaluate_device``, costs nothing when it is 0)."""
+    (a noise scale that is array data, as in ``robustness.evaluate_analog``, costs nothing when it is 0)."""
     if on is True or on is False:
         return fn() if on else None
     return jax.lax.cond(on, fn, lambda: jnp.zeros(shape, dtype))
@@ -883,7 +883,7 @@ def analog_mvm(key: jax.Array | None, x: jax.Array | None, w_tile: jax.Array, io
         carry = jnp.zeros(y_shape, dt) if not bm else (out, done)
         if w_on is True or w_on is False:
             return over_chunks(w_on, carry)
-        # A traced w_noise (evaluate_device passes the spec as data): one loop with it, one without, chosen at run
+        # A traced w_noise (evaluate_analog passes the spec as data): one loop with it, one without, chosen at run
         # time; a w_noise draw and products per chunk that are all zeros would cost ~15% of the pass.
         return jax.lax.cond(w_on, lambda carry: over_chunks(True, carry), lambda carry: over_chunks(False, carry),
                             carry)

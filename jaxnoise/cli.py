@@ -449,7 +449,7 @@ def run_device(args, model, variables, dataset, source, spec: noise.NoiseSpec | 
             raise UsageError("--recalibrate evaluates in memory: drop --streaming (or --recalibrate).")
         calib = data.calibration_images(dataset.train, n=args.calibration_images, seed=0)
     t0 = time.time()
-    results = robustness.evaluate_device(model, variables, images, labels, dev, times=times,
+    results = robustness.evaluate_analog(model, variables, images, labels, dev, times=times,
                                          key=jax.random.key(args.seed), n_chips=args.n_chips, noise=spec,
                                          batch_size=args.batch_size, chip_batch_size=args.chip_batch_size,
                                          preprocess=dataset.preprocess, mesh=build_mesh(args, args.n_chips),
@@ -601,7 +601,7 @@ def build_loss(args, model, variables, dataset):
         # Layers with learned input ranges (--learn-input-ranges, or a checkpoint that has them) use those.
         if dev.io is not None and dev.io.noise_management == "constant" and not model.input_ranges:
             if variables is None:
-                raise UsageError("--train-device with constant input ranges calibrates them on the starting "
+                raise UsageError("--train-analog with constant input ranges calibrates them on the starting "
                                  "weights: give --weights or --checkpoint.")
             images = jax.jit(dataset.preprocess)(jnp.asarray(data.calibration_images(dataset.train, n=1024, seed=0)))
             ranges = analog_lib.calibrate_input_ranges(model.apply, variables, np.asarray(images), statistic="absmax",
@@ -609,7 +609,7 @@ def build_loss(args, model, variables, dataset):
             dev = dev.replace(io=dev.io.replace(inp_ranges=ranges))
     weight_kind = None if args.train_weight_noise == "none" else args.train_weight_noise
     kwargs = dict(eta_train=args.eta_train, weight_kind=weight_kind, act_kind=args.train_act_noise,
-                  act_eta_train=args.act_eta_train, act_ref=ref, num_draws=args.num_draws,
+                  act_eta_train=args.act_eta_train, act_ref=ref, n_draws=args.num_draws,
                   draw_batch_size=args.draw_batch_size, device=dev)
     if args.method == "consistency":
         teacher = checkpoint.load_variables(args.teacher, model) if args.teacher else None
@@ -645,7 +645,7 @@ def learned_input_ranges(args, model, variables, dataset):
     dev = analog_lib.preset(args.train_device).training()
     if dev.io is None or dev.io.input_range is None:
         raise UsageError(f"--learn-input-ranges: preset {args.train_device} has no learned input ranges "
-                         f"(aihwkit's InputRangeParameter); use --train-device hwa_standard.")
+                         f"(aihwkit's InputRangeParameter); use --train-analog hwa_standard.")
     if model.input_ranges:
         return model, variables
     if variables is None:
@@ -856,18 +856,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eta-train", type=_scale, default=0.1, help="weight-noise scale during training")
     g.add_argument("--train-weight-noise", default="additive_rel_max", choices=sorted(noise.WEIGHT_KINDS) + ["none"],
                    help="weight-noise kind during training (default additive_rel_max: sigma = eta * max|W|)")
-    g.add_argument("--train-device", default=None, choices=sorted(analog_lib.PRESETS),
-                   help="hardware-aware training under a device preset's training view (I/O non-idealities with "
+    # dests stay "train_device" and "num_draws": every parsed flag is hashed into the default work dir (default_out)
+    g.add_argument("--train-analog", dest="train_device", default=None, choices=sorted(analog_lib.PRESETS),
+                   help="hardware-aware training under an analog preset's training view (I/O non-idealities with "
                         "straight-through quantisers; constant input ranges = max|x| of the starting weights)")
+    # the old name of --train-analog (before issue 19), kept so old command lines run; hidden from --help
+    g.add_argument("--train-device", dest="train_device", default=None, choices=sorted(analog_lib.PRESETS),
+                   help=argparse.SUPPRESS)
     g.add_argument("--learn-input-ranges", action="store_true",
-                   help="with --train-device hwa_standard: learn aihwkit's input ranges per tile (InputRange"
+                   help="with --train-analog hwa_standard: learn aihwkit's input ranges per tile (InputRange"
                         "Parameter: initialised from data, clip gradient, decay), saved in the checkpoint and used "
                         "by eval/sweep --analog hwa_standard")
     g.add_argument("--train-act-noise", default=None, choices=sorted(noise.ACTIVATION_KINDS),
                    help="also inject activation noise of this kind (off by default)")
     g.add_argument("--act-eta-train", type=_scale, default=0.0)
     g.add_argument("--act-statistic", default="std", choices=noise.ACTIVATION_STATISTICS)
-    g.add_argument("--num-draws", type=_positive_int, default=1, help="K, noise draws per step (averaged)")
+    g.add_argument("--n-draws", dest="num_draws", type=_positive_int, default=1,
+                   help="K, noise draws per step (averaged)")
+    g.add_argument("--num-draws", dest="num_draws", type=_positive_int, default=1, help=argparse.SUPPRESS)
     g.add_argument("--draw-batch-size", type=_positive_int, default=None, help="draws run at once (vmap); default per backend")
     g.add_argument("--lam", type=_nonnegative, default=1.0, help="consistency weight lambda")
     g.add_argument("--sites", default=None, help="consistency feature sites, comma-separated (default: all "
@@ -1004,7 +1010,7 @@ _RULES: dict[str, list[tuple[str, Any, str]]] = {
          f"{_TRAIN_NOISE} (with a --train-weight-noise kind)"),
         ("train_weight_noise", _noisy_method, _TRAIN_NOISE),
         ("train_device", _noisy_method, _TRAIN_NOISE),
-        ("learn_input_ranges", lambda a: a.train_device is not None, "--train-device PRESET"),
+        ("learn_input_ranges", lambda a: a.train_device is not None, "--train-analog PRESET"),
         ("train_act_noise", _noisy_method, _TRAIN_NOISE),
         ("num_draws", _noisy_method, _TRAIN_NOISE),
         ("draw_batch_size", _noisy_method, _TRAIN_NOISE),

@@ -217,7 +217,7 @@ def denoised(model: Model, sites: Sequence[str] | None = None,
     return DenoisedModel(f"{model.name}+denoise", model.forward, tuple(model.input_shape), model.num_classes,
                          {**dict(model.config), "backbone": model.name, "denoiser": config.to_dict(),
                           "denoiser_sites": list(ordered)},
-                         quant=model.quant,
+                         quant=model.quant, input_ranges=model.input_ranges,
                          taps={**dict(model.taps or {}), **{site: block for site in ordered}},
                          backbone=model, candidate_sites=ordered, denoiser=config)
 

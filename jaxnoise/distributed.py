@@ -3,7 +3,7 @@
 jaxnoise never moves data between devices itself. It builds a :class:`jax.sharding.Mesh`, places global arrays on
 it with :class:`~jax.sharding.NamedSharding` and lets ``jax.jit`` / ``jax.shard_map`` do the rest:
 
-* **Monte Carlo evaluation** (``robustness.evaluate/sweep/evaluate_device(..., mesh=...)``) shards chips over the
+* **Monte Carlo evaluation** (``robustness.evaluate/sweep/evaluate_analog(..., mesh=...)``) shards chips over the
   ``"chips"`` axis of the mesh and data batches over its ``"data"`` axis (useful when chips are fewer than devices).
   :func:`mc_mesh` picks the layout.
 * **Training** (``train.train(..., mesh=...)``) is data-parallel: the batch is sharded over every device of the mesh,

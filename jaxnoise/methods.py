@@ -13,7 +13,7 @@ callable as::
   JSON-ready description ``config`` (all recorded in checkpoint metadata); a plain function is a loss too
   (:func:`as_loss`: its ``__name__``, no config, no hyperparameters).
 
-**K noise draws per step** (``num_draws``): the K noisy forward passes run in chunks of ``draw_batch_size``, each
+**K noise draws per step** (``n_draws``): the K noisy forward passes run in chunks of ``draw_batch_size``, each
 chunk one ``vmap`` over its draws, the chunks unrolled in the one compiled step (``draw_batch_size = K``: a
 single ``vmap``; ``1``: K plain passes one after another). On CPU a ``vmap`` over draws with different kernels
 lowers to a grouped convolution that is much slower than sequential passes, and a ``lax.map``/``scan`` over draws
@@ -119,10 +119,10 @@ def as_loss(loss_fn: Loss | LossFn) -> Loss:
     return Loss(loss_fn, getattr(loss_fn, "__name__", None) or type(loss_fn).__name__, None, {})
 
 
-def default_draw_batch_size(num_draws: int, backend: str | None = None) -> int:
-    """Noise draws evaluated at once: 1 on CPU (sequential ``lax.map``), all ``num_draws`` on GPU/TPU (``vmap``)."""
+def default_draw_batch_size(n_draws: int, backend: str | None = None) -> int:
+    """Noise draws evaluated at once: 1 on CPU (sequential ``lax.map``), all ``n_draws`` on GPU/TPU (``vmap``)."""
     backend = backend or jax.default_backend()
-    return 1 if backend == "cpu" else int(num_draws)
+    return 1 if backend == "cpu" else int(n_draws)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -169,13 +169,13 @@ def _check_scalar(value: Any, name: str, *, minimum: float = 0.0) -> float:
     return _checks.number(value, name, minimum=minimum)
 
 
-def _check_draws(num_draws: Any, draw_batch_size: Any) -> tuple[int, int]:
-    num_draws = _checks.positive_int(num_draws, "num_draws", "noise draws per training step")
+def _check_draws(n_draws: Any, draw_batch_size: Any) -> tuple[int, int]:
+    n_draws = _checks.positive_int(n_draws, "n_draws", "noise draws per training step")
     if draw_batch_size is None:
-        draw_batch_size = default_draw_batch_size(num_draws)
+        draw_batch_size = default_draw_batch_size(n_draws)
     draw_batch_size = _checks.positive_int(draw_batch_size, "draw_batch_size",
                                            "draws run at once, or None for the backend default")
-    return num_draws, min(draw_batch_size, num_draws)
+    return n_draws, min(draw_batch_size, n_draws)
 
 
 def sampler_record(spec: noise_lib.NoiseSpec) -> dict[str, str | None]:
@@ -275,17 +275,17 @@ def _pass_chip(model, draw_key, params, spec, device):
     return None if device is None else model.pass_chip(draw_key, params, spec, device)
 
 
-def _draws(per_draw: Callable, key: jax.Array, num_draws: int, draw_batch_size: int):
-    """Runs ``per_draw(fold_in(key, k))`` for k < num_draws; outputs stacked on a leading axis of size K.
+def _draws(per_draw: Callable, key: jax.Array, n_draws: int, draw_batch_size: int):
+    """Runs ``per_draw(fold_in(key, k))`` for k < n_draws; outputs stacked on a leading axis of size K.
 
     The draws go in chunks of ``draw_batch_size``: each chunk is one ``vmap`` (a single call when its size is 1)
     and the chunks are unrolled in the traced program. Not ``lax.map``/``scan``: on the CPU backend the gradient
     of convolutions inside a loop ran ~20x slower than the same convolutions unrolled
     (``python benchmarks/train_step.py --scan-check``).
     """
-    keys = [jax.random.fold_in(key, k) for k in range(num_draws)]
+    keys = [jax.random.fold_in(key, k) for k in range(n_draws)]
     outs = []
-    for start in range(0, num_draws, draw_batch_size):
+    for start in range(0, n_draws, draw_batch_size):
         chunk = keys[start:start + draw_batch_size]
         if len(chunk) == 1:
             outs.append(jax.tree.map(lambda x: x[None], per_draw(chunk[0])))
@@ -312,14 +312,15 @@ def _noise_hparams(spec: noise_lib.NoiseSpec, eta_train: float, act_eta_train: f
     return out
 
 
+@_checks.renamed_kwargs(num_draws="n_draws")
 def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None = "additive_rel_max",
                   act_eta_train: float = 0.0, act_kind: str | None = None,
                   act_ref: Mapping[str, Any] | None = None, weight_paths: Sequence[str] | None = None,
-                  num_draws: int = 1, draw_batch_size: int | None = None,
+                  n_draws: int = 1, draw_batch_size: int | None = None,
                   device: analog_lib.AnalogSpec | None = None, weight_truncate: float | None = None) -> Loss:
     """Forward-noise (noise-injection) training: the cross-entropy of freshly drawn noisy chips.
 
-    Every step draws ``num_draws`` chips (weight noise of ``weight_kind`` at ``eta_train``, and optionally
+    Every step draws ``n_draws`` chips (weight noise of ``weight_kind`` at ``eta_train``, and optionally
     activation noise of ``act_kind`` at ``act_eta_train``); the loss is the mean of their cross-entropies and the
     gradient is taken straight through the weight noise (``jaxnoise.noise.perturb_weights``), i.e. it is applied
     to the clean weights.
@@ -333,7 +334,7 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
       act_kind: a key of ``jaxnoise.noise.ACTIVATION_KINDS``, or None.
       act_ref: the calibrated ``{site: r_site}`` of additive activation noise.
       weight_paths: regexes of the noisy parameters (default: every kernel).
-      num_draws: K, the noise draws per step.
+      n_draws: K, the noise draws per step.
       draw_batch_size: draws run at once (one ``vmap``); None: :func:`default_draw_batch_size`.
       device: hardware-aware training under a device spec (``jaxnoise.analog``): every draw programs a fresh chip
         (PCM programming noise and/or a weight modifier) and runs every analog MVM with its I/O non-idealities
@@ -347,11 +348,11 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
       metrics ``{"ce"}`` (mean over draws) and its running statistics are averaged over draws (module docstring).
 
     Examples:
-      >>> loss_fn = forward_noise(model, eta_train=0.1, num_draws=4)  # doctest: +SKIP
+      >>> loss_fn = forward_noise(model, eta_train=0.1, n_draws=4)  # doctest: +SKIP
       >>> loss, aux = loss_fn(params, stats, x, y, key, {"eta_train": jnp.float32(0.2)})  # doctest: +SKIP
     """
     spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths, device, weight_truncate)
-    num_draws, draw_batch_size = _check_draws(num_draws, draw_batch_size)
+    n_draws, draw_batch_size = _check_draws(n_draws, draw_batch_size)
     defaults = _noise_hparams(spec, eta_train, act_eta_train)
     _check_against_model(model, spec, device)
 
@@ -364,20 +365,21 @@ def forward_noise(model: Any, *, eta_train: float = 0.1, weight_kind: str | None
                               chip=_pass_chip(model, draw_key, params, noisy_spec, device))
             return cross_entropy(out.logits, labels), out.logits, out.state
 
-        ce, logits, stats = _draws(per_draw, key, num_draws, draw_batch_size)
+        ce, logits, stats = _draws(per_draw, key, n_draws, draw_batch_size)
         loss = jnp.mean(ce)
         return loss, (logits[0], _mean_over_draws(stats), {"ce": loss})
 
     return Loss(loss_fn, "forward_noise",
-                {"noise": _noise_config(spec), "num_draws": num_draws, "draw_batch_size": draw_batch_size,
+                {"noise": _noise_config(spec), "num_draws": n_draws, "draw_batch_size": draw_batch_size,
                  "device": None if device is None else device.describe()}, defaults)
 
 
+@_checks.renamed_kwargs(num_draws="n_draws")
 def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: Sequence[str] | None = None,
                 site_weights: Mapping[str, float] | None = None, distance: str = "nmse",
                 weight_kind: str | None = "additive_rel_max", act_eta_train: float = 0.0,
                 act_kind: str | None = None, act_ref: Mapping[str, Any] | None = None,
-                weight_paths: Sequence[str] | None = None, num_draws: int = 1, draw_batch_size: int | None = None,
+                weight_paths: Sequence[str] | None = None, n_draws: int = 1, draw_batch_size: int | None = None,
                 teacher: Mapping[str, Any] | None = None, teacher_model: Any = None,
                 device: analog_lib.AnalogSpec | None = None, weight_truncate: float | None = None) -> Loss:
     """Consistency regularisation (Hou et al. 2024): noisy cross-entropy plus a pull toward clean features.
@@ -399,7 +401,7 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
       site_weights: ``{site: w_s}``; default ``1 / len(sites)`` for each, so the regulariser is the mean distance
         over sites and lambda does not depend on how many sites are chosen.
       distance: a key of ``DISTANCES`` (default ``nmse``); ``logit_kl`` only applies to the ``logits`` site.
-      weight_kind, act_eta_train, act_kind, act_ref, weight_paths, num_draws, draw_batch_size: as in
+      weight_kind, act_eta_train, act_kind, act_ref, weight_paths, n_draws, draw_batch_size: as in
         :func:`forward_noise`.
       teacher: frozen ``{"params", "batch_stats"}`` giving the clean features; None uses the trained weights.
       teacher_model: the teacher's architecture when it differs from ``model`` (it must have the same sites).
@@ -415,7 +417,7 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
       Hou et al., Machine Learning: Science and Technology 5, 035065 (2024).
     """
     spec = _train_spec(weight_kind, act_kind, act_ref, weight_paths, device, weight_truncate)
-    num_draws, draw_batch_size = _check_draws(num_draws, draw_batch_size)
+    n_draws, draw_batch_size = _check_draws(n_draws, draw_batch_size)
     _check_against_model(model, spec, device)
     if distance not in DISTANCES:
         raise ValueError(f"unknown consistency distance {distance!r}; choose one of {sorted(DISTANCES)}.")
@@ -464,13 +466,13 @@ def consistency(model: Any, *, eta_train: float = 0.1, lam: float = 1.0, sites: 
             reg = sum(weights[s] * feature_distance(noisy[s], targets[s], distance) for s in sites)
             return cross_entropy(out.logits, labels), reg, out.logits, out.state
 
-        ce, reg, logits, stats = _draws(per_draw, key, num_draws, draw_batch_size)
+        ce, reg, logits, stats = _draws(per_draw, key, n_draws, draw_batch_size)
         ce, reg = jnp.mean(ce), jnp.mean(reg)
         loss = ce + hparams["lambda"] * reg
         return loss, (logits[0], _mean_over_draws(stats), {"ce": ce, "consistency": reg})
 
     return Loss(loss_fn, "consistency",
-                {"noise": _noise_config(spec), "num_draws": num_draws, "draw_batch_size": draw_batch_size,
+                {"noise": _noise_config(spec), "num_draws": n_draws, "draw_batch_size": draw_batch_size,
                  "sites": list(sites), "site_weights": weights, "distance": distance,
                  "target": "teacher" if teacher is not None else "same weights, noise off",
                  "device": None if device is None else device.describe()}, defaults)

@@ -72,7 +72,7 @@ from jaxnoise.models.base import Chip, Model, Variables
 
 __all__ = ["InsufficientMemoryError", "MCResult", "MEMORY_SAFETY_FACTOR", "MonteCarlo", "available_memory_bytes",
            "batch_data", "check_inputs", "check_key", "check_scales", "check_spec_type", "chip_keys", "ci_halfwidth",
-           "estimate_memory_bytes", "evaluate", "evaluate_device", "evaluate_many", "format_ci95", "make_chip_eval",
+           "estimate_memory_bytes", "evaluate", "evaluate_analog", "evaluate_device", "evaluate_many", "format_ci95", "make_chip_eval",
            "spec_as_arrays", "summarize", "sweep", "trace_count"]
 
 def trace_count() -> int:
@@ -727,8 +727,8 @@ def estimate_memory_bytes(model: Model, variables: Variables, batch_size: int, c
       n_chips: chips of the call (one round of an adaptive evaluation).
       images: the (raw) images, for the data bytes; None leaves them out.
       n_settings, setting_batch_size: stacked specs of :func:`evaluate_many` (and how many are mapped at once).
-      n_times: read times of :func:`evaluate_device`.
-      device: the device spec of :func:`evaluate_device`, or None.
+      n_times: read times of :func:`evaluate_analog`.
+      device: the device spec of :func:`evaluate_analog`, or None.
       mesh: the device mesh, or None.
 
     Returns:
@@ -1122,7 +1122,7 @@ class MonteCarlo:
     by evaluator, so new evaluators, other variables of the model and other scales reuse them
     (:func:`trace_count`).
 
-    :func:`evaluate`, :func:`evaluate_many`, :func:`sweep` and :func:`evaluate_device` are one-call adapters over
+    :func:`evaluate`, :func:`evaluate_many`, :func:`sweep` and :func:`evaluate_analog` are one-call adapters over
     it; :func:`jaxnoise.placement.evaluate_variants` and :func:`jaxnoise.sensitivity.sensitivity_map` evaluate
     through it. Keep one to evaluate several checkpoints or settings on the same images.
 
@@ -1324,11 +1324,11 @@ class MonteCarlo:
         return [MCResult.from_per_chip(per_chip, self.n_images, {**described(exact, self.model), "swept": sw})
                 for per_chip, exact, sw in zip(per_setting, exacts, swept)]
 
-    def evaluate_device(self, variables: Variables, device: analog_lib.AnalogSpec, *, times: Sequence[float],
+    def evaluate_analog(self, variables: Variables, device: analog_lib.AnalogSpec, *, times: Sequence[float],
                         key: jax.Array | int, n_chips: int = 32, noise: noise_lib.NoiseSpec | None = None,
                         recalibrate: str | None = None, calibration_images: Any = None,
                         calibration_batch_size: int | None = None) -> list[MCResult]:
-        """:func:`evaluate_device` on this evaluator's data."""
+        """:func:`evaluate_analog` on this evaluator's data."""
         if not isinstance(device, analog_lib.AnalogSpec):
             raise ValueError(f"device must be a jaxnoise.analog.AnalogSpec (e.g. jaxnoise.analog.preset("
                              f"'aihwkit_inference_default')), got {type(device).__name__}.")
@@ -1339,7 +1339,7 @@ class MonteCarlo:
         if t.size == 0:
             raise ValueError("times is empty: give at least one inference time in seconds (e.g. [1, 3600]).")
         analog_lib.check_times(t, "times")
-        where = self._where("MonteCarlo.evaluate_device")
+        where = self._where("MonteCarlo.evaluate_analog")
         check_spec_type(noise, "noise", where)
         if key is None:
             raise ValueError(f"{where}: a device evaluation needs key=... (a PRNG key or an int seed, the chips' "
@@ -1608,7 +1608,7 @@ def describe_device(device: analog_lib.AnalogSpec, t_inference: float) -> dict[s
             "drift_compensation": device.compensation}
 
 
-def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any, device: analog_lib.AnalogSpec,
+def evaluate_analog(model: Model, variables: Variables, images: Any, labels: Any, device: analog_lib.AnalogSpec,
                     *, times: Sequence[float], key: jax.Array | int, n_chips: int = 32,
                     noise: noise_lib.NoiseSpec | None = None, batch_size: int = 500,
                     chip_batch_size: int | None = None,
@@ -1655,12 +1655,12 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
         (:func:`jaxnoise.analog.check_selectors`).
 
     Examples:
-      >>> res = evaluate_device(model, variables, x, y, jaxnoise.analog.preset("aihwkit_inference_default"),
+      >>> res = evaluate_analog(model, variables, x, y, jaxnoise.analog.preset("aihwkit_inference_default"),
       ...                       times=[1, 3600, 86400], key=0, n_chips=32, preprocess=ds.preprocess)
     """
     mc = MonteCarlo(model, images, labels, batch_size=batch_size, chip_batch_size=chip_batch_size,
-                    preprocess=preprocess, mesh=mesh, caller="evaluate_device")
-    return mc.evaluate_device(variables, device, times=times, key=key, n_chips=n_chips, noise=noise,
+                    preprocess=preprocess, mesh=mesh, caller="evaluate_analog")
+    return mc.evaluate_analog(variables, device, times=times, key=key, n_chips=n_chips, noise=noise,
                               recalibrate=recalibrate, calibration_images=calibration_images,
                               calibration_batch_size=calibration_batch_size)
 
@@ -1668,7 +1668,7 @@ def evaluate_device(model: Model, variables: Variables, images: Any, labels: Any
 def _calibration_batches(model: Model, variables: Variables, data: Any, mesh: Any, recalibrate: str | None,
                          calibration_images: Any, calibration_batch_size: int | None, batch_size: int,
                          preprocess: Callable | None) -> tuple[jax.Array | None, dict[str, Any] | None]:
-    """``(calib_b, description)`` of ``evaluate_device``'s ``recalibrate`` (both None without it), checked."""
+    """``(calib_b, description)`` of ``evaluate_analog``'s ``recalibrate`` (both None without it), checked."""
     if recalibrate is None:
         if calibration_images is not None or calibration_batch_size is not None:
             raise ValueError("calibration_images / calibration_batch_size count only with recalibrate='batch_norm'; "
@@ -1700,3 +1700,8 @@ def _calibration_batches(model: Model, variables: Variables, data: Any, mesh: An
         raise ValueError(f"calibration_images have dtype {x.dtype} and no preprocess was given: pass preprocess=.")
     return (jnp.asarray(x.reshape((n // cb, cb) + x.shape[1:])),
             {"method": recalibrate, "n_images": int(n), "batch_size": int(cb), "split": "train"})
+
+
+# The name before issue 19 ("device" now means a JAX device), kept so old code runs; new code uses evaluate_analog.
+evaluate_device = evaluate_analog
+MonteCarlo.evaluate_device = MonteCarlo.evaluate_analog

@@ -58,8 +58,8 @@ def main(variables_path: str, out_path: str) -> None:
     # PCM programming, drift, read noise and compensation; without the I/O chain, which takes long to compile.
     dev = analog_lib.preset("aihwkit_inference_default").replace(io=None)
     times = [1.0, 86400.0]
-    a = robustness.evaluate_device(model, variables, x, y, dev, times=times, key=5, n_chips=3, **common)
-    b = robustness.evaluate_device(model, variables, x, y, dev, times=times, key=5, n_chips=3,
+    a = robustness.evaluate_analog(model, variables, x, y, dev, times=times, key=5, n_chips=3, **common)
+    b = robustness.evaluate_analog(model, variables, x, y, dev, times=times, key=5, n_chips=3,
                                    mesh=distributed.mc_mesh(3), **common)
     out["device"]["single"] = [r.per_chip.tolist() for r in a]
     out["device"]["sharded"] = [r.per_chip.tolist() for r in b]
@@ -83,9 +83,9 @@ def main_full_device(variables_path: str, out_path: str) -> None:
     x, y = ds.test.images[:300], ds.test.labels[:300]
     kw = dict(times=[1.0, 86400.0], key=5, n_chips=6, batch_size=50, preprocess=ds.preprocess)
     dev = analog_lib.preset("aihwkit_inference_default")
-    out = {"single": [r.per_chip.tolist() for r in robustness.evaluate_device(model, variables, x, y, dev, **kw)]}
+    out = {"single": [r.per_chip.tolist() for r in robustness.evaluate_analog(model, variables, x, y, dev, **kw)]}
     for chips, data in ((8, 1), (2, 4)):
-        res = robustness.evaluate_device(model, variables, x, y, dev, mesh=distributed.make_mesh(chips, data), **kw)
+        res = robustness.evaluate_analog(model, variables, x, y, dev, mesh=distributed.make_mesh(chips, data), **kw)
         out[f"{chips}x{data}"] = [r.per_chip.tolist() for r in res]
     with open(out_path, "w") as f:
         json.dump(out, f)

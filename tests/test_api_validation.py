@@ -72,7 +72,7 @@ def _entry_points(model, variables, data, *, spec=W_SPEC, key=0, **kw):
                                                           **common),
         "sweep": lambda: robustness.sweep(model, variables, x, y, spec, weight_etas=[0.1, 0.2], key=key, n_chips=2,
                                           **common),
-        "evaluate_device": lambda: robustness.evaluate_device(model, variables, x, y, dev, times=[1.0], key=key,
+        "evaluate_analog": lambda: robustness.evaluate_analog(model, variables, x, y, dev, times=[1.0], key=key,
                                                               noise=spec, n_chips=2, **common),
         "sensitivity_map": lambda: sensitivity.sensitivity_map(model, variables, x, y, scales=[0.1], key=key,
                                                                spec=spec, n_chips=2, **common),
@@ -83,7 +83,7 @@ def _entry_points(model, variables, data, *, spec=W_SPEC, key=0, **kw):
 # 1. A noise spec needs a key
 
 
-@pytest.mark.parametrize("entry", ["evaluate", "evaluate_many", "sweep", "evaluate_device", "sensitivity_map"])
+@pytest.mark.parametrize("entry", ["evaluate", "evaluate_many", "sweep", "evaluate_analog", "sensitivity_map"])
 def test_a_noise_spec_without_key_is_an_error(mlp, data, no_trace, entry):
     model, variables = mlp
     with pytest.raises(ValueError, match=r"needs key=\.\.\."):
@@ -218,14 +218,14 @@ def test_device_layer_selectors_must_match_a_layer(cnn, data, no_trace):
     kw = dict(times=[1.0], key=0, n_chips=2, preprocess=pre)
     for field in ("digital_layers", "analog_layers"):
         with pytest.raises(ValueError, match=f"{field} pattern 'nosuch' matches no layer") as e:
-            robustness.evaluate_device(model, variables, x, y, base.replace(**{field: ("nosuch",)}), **kw)
+            robustness.evaluate_analog(model, variables, x, y, base.replace(**{field: ("nosuch",)}), **kw)
         assert "conv1, conv2, conv3, head" in str(e.value)
         with pytest.raises(ValueError, match="matches no layer"):  # direct users: analog_sites
             analog_lib.analog_sites(variables["params"], base.replace(**{field: ("nosuch",)}))
     with pytest.raises(ValueError, match="leaves no analog layer"):
-        robustness.evaluate_device(model, variables, x, y, base.replace(digital_layers=(".*",)), **kw)
+        robustness.evaluate_analog(model, variables, x, y, base.replace(digital_layers=(".*",)), **kw)
     with pytest.raises(ValueError, match="inp_ranges names layers that do not exist"):
-        robustness.evaluate_device(model, variables, x, y, base.replace(io=analog_lib.IOParams(inp_ranges={"cnv1": 1.0})),
+        robustness.evaluate_analog(model, variables, x, y, base.replace(io=analog_lib.IOParams(inp_ranges={"cnv1": 1.0})),
                                    **kw)
 
 
@@ -277,7 +277,7 @@ def test_summarize_bounds_for_differences_and_out_of_range_values():
 # 4. API misuse
 
 
-@pytest.mark.parametrize("entry", ["evaluate", "evaluate_many", "sweep", "evaluate_device", "sensitivity_map"])
+@pytest.mark.parametrize("entry", ["evaluate", "evaluate_many", "sweep", "evaluate_analog", "sensitivity_map"])
 def test_params_only_variables_are_rejected_before_tracing(cnn, data, no_trace, entry):
     model, variables = cnn
     for bad in (variables["params"], {"params": variables["params"]}):
@@ -306,7 +306,7 @@ def test_a_spec_that_is_not_a_noise_spec_is_rejected(mlp, cnn, dcnn, data, no_tr
     with pytest.raises(ValueError, match="spec must be a jaxnoise.noise.NoiseSpec"):
         robustness.sweep(model, variables, x, y, as_dict, weight_etas=[0.1], key=0, preprocess=pre)
     with pytest.raises(ValueError, match="noise must be a jaxnoise.noise.NoiseSpec"):
-        robustness.evaluate_device(cnn[0], cnn[1], x, y, analog_lib.preset("ideal"), times=[1.0], key=0, noise=as_dict,
+        robustness.evaluate_analog(cnn[0], cnn[1], x, y, analog_lib.preset("ideal"), times=[1.0], key=0, noise=as_dict,
                                    preprocess=pre)
     with pytest.raises(ValueError, match="spec must be a jaxnoise.noise.NoiseSpec"):
         sensitivity.sensitivity_map(model, variables, x, y, scales=[0.1], key=0, spec=as_dict, preprocess=pre)

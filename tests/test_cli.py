@@ -49,7 +49,7 @@ def test_train_then_eval_from_checkpoint(tmp_path, capsys):
     # Hardware-aware fine-tuning from that checkpoint under the hwa_standard preset, device recorded.
     hwa = tmp_path / "hwa"
     assert cli.main(["train", "--checkpoint", str(workdir), "--method", "forward_noise", "--train-weight-noise",
-                     "none", "--train-device", "hwa_standard", "--epochs", "1", "--lr", "0.01", "--max-steps", "3",
+                     "none", "--train-analog", "hwa_standard", "--epochs", "1", "--lr", "0.01", "--max-steps", "3",
                      "--workdir", str(hwa)]) == 0
     meta = json.loads((hwa / "checkpoints" / "metadata.json").read_text())
     dev = meta["loss_config"]["device"]
@@ -101,7 +101,7 @@ def test_eval_pretrained_resnet20_subset(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method, extra", [
-    ("forward_noise", ["--eta-train", "0.1", "--num-draws", "2"]),
+    ("forward_noise", ["--eta-train", "0.1", "--n-draws", "2"]),
     ("consistency", ["--eta-train", "0.1", "--lam", "0.3", "--sites", "hidden1,logits", "--distance", "cosine"]),
 ])
 def test_train_with_noise_aware_method_records_it_and_resumes(tmp_path, capsys, method, extra):

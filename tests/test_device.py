@@ -416,11 +416,11 @@ def test_time_sweep_compiles_once_and_chips_are_fixed_across_times(trained_digit
     quiet = analog_lib.AnalogSpec(pcm=analog_lib.PCMModel(read_noise_scale=0.0), compensation=None, name="quiet")
     kw = dict(key=0, n_chips=3, batch_size=30, preprocess=digits.preprocess)
     before = robustness.trace_count()
-    both = robustness.evaluate_device(model, variables, x, y, quiet, times=[1.0, 1e8], **kw)
-    other = robustness.evaluate_device(model, variables, x, y, quiet, times=[10.0, 1e6], **kw)
+    both = robustness.evaluate_analog(model, variables, x, y, quiet, times=[1.0, 1e8], **kw)
+    other = robustness.evaluate_analog(model, variables, x, y, quiet, times=[10.0, 1e6], **kw)
     assert robustness.trace_count() - before == 1
     # read noise off and no I/O: a chip's accuracy at t depends only on its programming, whatever the sweep
-    again = robustness.evaluate_device(model, variables, x, y, quiet, times=[1e8, 1.0], **kw)
+    again = robustness.evaluate_analog(model, variables, x, y, quiet, times=[1e8, 1.0], **kw)
     np.testing.assert_array_equal(both[0].per_chip, again[1].per_chip)
     np.testing.assert_array_equal(both[1].per_chip, again[0].per_chip)
     assert both[0].noise["weight_noise"]["eta"] == 1.0 and other[1].noise["device"]["t_inference"] == 1e6
@@ -433,9 +433,9 @@ def test_device_evaluation_with_full_preset_and_compensation(trained_digits_cnn,
     model, variables, _ = trained_digits_cnn
     x, y = digits.test.images[:60], digits.test.labels[:60]
     spec = analog_lib.preset("aihwkit_inference_default")
-    res = robustness.evaluate_device(model, variables, x, y, spec, times=[1.0, 31536000.0], key=1, n_chips=3,
+    res = robustness.evaluate_analog(model, variables, x, y, spec, times=[1.0, 31536000.0], key=1, n_chips=3,
                                      batch_size=30, preprocess=digits.preprocess)
-    nocomp = robustness.evaluate_device(model, variables, x, y, spec.replace(compensation=None),
+    nocomp = robustness.evaluate_analog(model, variables, x, y, spec.replace(compensation=None),
                                         times=[1.0, 31536000.0], key=1, n_chips=3, batch_size=30,
                                         preprocess=digits.preprocess)
     assert all(0.0 <= r.mean <= 1.0 for r in res + nocomp)
@@ -500,12 +500,12 @@ def test_bad_input_gets_a_clear_error(make, match):
         make()
 
 
-def test_evaluate_device_rejects_bad_times(trained_digits_cnn, digits):
+def test_evaluate_analog_rejects_bad_times(trained_digits_cnn, digits):
     model, variables, _ = trained_digits_cnn
     spec = analog_lib.preset("aihwkit_inference_default")
     for times, match in (([1.0, -3.0], "negative"), ([], "empty"), ([float("nan")], "not finite")):
         with pytest.raises(ValueError, match=match):
-            robustness.evaluate_device(model, variables, digits.test.images[:10], digits.test.labels[:10], spec,
+            robustness.evaluate_analog(model, variables, digits.test.images[:10], digits.test.labels[:10], spec,
                                        times=times, key=0, preprocess=digits.preprocess)
 
 
@@ -673,7 +673,7 @@ def _ref_read_chip(key, chip, t_inference, spec):
 
 @contextlib.contextmanager
 def _reference_device():
-    """Every device computation (evaluate_device, Model.apply(chip=Model.pass_chip(...))) runs the frozen code above. Traces are
+    """Every device computation (evaluate_analog, Model.apply(chip=Model.pass_chip(...))) runs the frozen code above. Traces are
     cached per function, so the caches are cleared on the way in and out."""
     saved = analog_lib.analog_mvm, analog_lib.program_chip, analog_lib.read_chip
     analog_lib.analog_mvm, analog_lib.program_chip, analog_lib.read_chip = _ref_analog_mvm, _ref_program_chip, _ref_read_chip
@@ -719,7 +719,7 @@ def test_per_chip_results_and_logits_equal_the_code_before_the_speedup(name, tra
     k = jax.random.key(4)
 
     def run():
-        per_chip = [r.per_chip for r in robustness.evaluate_device(model, variables, x, y, spec, **kw)]
+        per_chip = [r.per_chip for r in robustness.evaluate_analog(model, variables, x, y, spec, **kw)]
         layers = jax.jit(lambda v: analog_lib.read(k, v["params"], spec, 86400.0).layers)(variables)
         logits = jax.jit(lambda v, xb: model.apply(v, xb, key=k, chip=model.pass_chip(k, v["params"], None,
                                                                                      spec))[0])(variables, xb)
@@ -759,7 +759,7 @@ def _speedup_cases():
 @pytest.mark.parametrize("nm, bm, w_noise, gain, stride, cin", list(_speedup_cases()))
 def test_analog_mvm_equals_the_code_before_the_speedup(nm, bm, w_noise, gain, stride, cin):
     """Conv and dense (its im2col patches) MVMs, with and without clipping (gain 3: many re-runs), noise on and
-    off, the I/O parameters as constants and as traced arrays (as evaluate_device passes them): bit for bit."""
+    off, the I/O parameters as constants and as traced arrays (as evaluate_analog passes them): bit for bit."""
     x, w, io, geo = _mvm_case(nm, bm, w_noise, gain, stride, cin)
     patches = analog_lib.conv_patches(x, w.shape, stride, 1)
     w2 = w.reshape(-1, w.shape[-1])
@@ -836,7 +836,7 @@ def test_io_sampler_default_and_record():
 
 
 def test_traced_zero_noise_scale_draws_nothing_and_changes_nothing():
-    """A noise scale passed as array data (robustness.evaluate_device does) that is 0 is skipped at run time: the
+    """A noise scale passed as array data (robustness.evaluate_analog does) that is 0 is skipped at run time: the
     result equals the one with that noise statically off."""
     x, w, io, geo = _mvm_case("abs_max", "iterative", 0.0, 3.0, 1)
     traced = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), io)
@@ -1187,8 +1187,8 @@ def test_tiled_time_sweep_compiles_once(io, trained_digits_cnn, digits):
     assert lay.shape == (3, 2, 96, 16) and not lay.channel_groups
     kw = dict(key=0, n_chips=2, batch_size=40, preprocess=digits.preprocess)
     before = robustness.trace_count()
-    a = robustness.evaluate_device(model, variables, x, y, spec, times=[1.0, 86400.0], **kw)
-    b = robustness.evaluate_device(model, variables, x, y, spec, times=[3600.0, 86400.0], **kw)
+    a = robustness.evaluate_analog(model, variables, x, y, spec, times=[1.0, 86400.0], **kw)
+    b = robustness.evaluate_analog(model, variables, x, y, spec, times=[3600.0, 86400.0], **kw)
     assert robustness.trace_count() - before == 1
     np.testing.assert_array_equal(a[1].per_chip, b[1].per_chip)   # same chips, same time, same read keys
     assert all(0.0 <= r.mean <= 1.0 for r in a + b)

@@ -1,4 +1,4 @@
-"""Tests of jaxnoise.distributed and of sharded Monte Carlo (robustness.evaluate/sweep/evaluate_device(mesh=...)).
+"""Tests of jaxnoise.distributed and of sharded Monte Carlo (robustness.evaluate/sweep/evaluate_analog(mesh=...)).
 
 The multi-device checks run in a subprocess with 8 forced host devices (``XLA_FLAGS`` must be set before jax is
 imported); see ``tests/_distributed_mc_child.py``.
@@ -78,7 +78,7 @@ def test_one_device_mesh_equals_no_mesh(trained_digits_cnn, digits):
 @pytest.mark.slow  # an 8-device child process (~30 s); test_one_device_mesh_equals_no_mesh runs by default
 def test_sharded_mc_on_8_forced_host_devices(trained_digits_cnn, tmp_path):
     """Per-chip accuracies on 8 devices (chips and data sharded, uneven chips and batches) equal the single-device
-    run for evaluate, sweep, evaluate_device and adaptive evaluate; a sweep on a mesh compiles once."""
+    run for evaluate, sweep, evaluate_analog and adaptive evaluate; a sweep on a mesh compiles once."""
     _, variables, _ = trained_digits_cnn
     flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
     np.savez(tmp_path / "vars.npz", **flat)

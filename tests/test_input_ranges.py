@@ -243,7 +243,7 @@ def test_hwa_training_learns_ranges_and_checkpoints_them(tmp_path):
                      "--max-steps", "5", "--workdir", str(base)]) == 0
     hwa = tmp_path / "hwa"
     assert cli.main(["train", "--checkpoint", str(base), "--method", "forward_noise", "--train-weight-noise", "none",
-                     "--train-device", "hwa_standard", "--learn-input-ranges", "--epochs", "1", "--lr", "0.05",
+                     "--train-analog", "hwa_standard", "--learn-input-ranges", "--epochs", "1", "--lr", "0.05",
                      "--max-steps", "4", "--train-batch-size", "64", "--workdir", str(hwa)]) == 0
     meta = json.loads((hwa / "checkpoints" / "metadata.json").read_text())
     assert meta["model_config"]["input_ranges"] == {"fc1": [1, 1], "fc2": [1, 1], "head": [1, 1]}
@@ -264,3 +264,27 @@ def test_hwa_training_learns_ranges_and_checkpoints_them(tmp_path):
     assert cli.main(["eval", "--checkpoint", str(hwa), "--analog", "hwa_standard", "--times", "1", "--n-chips", "2",
                      "--n-images", "50", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["arms"][0]["eval"][0]["n_chips"] == 2
+
+
+def test_denoised_model_keeps_the_backbones_learned_input_ranges():
+    """Blocks inserted into a model with learned ranges: the analog layers still clip at the learned ranges, so with
+    no block placed the denoised model's logits on a chip are the backbone's (before the fix they ran unclipped)."""
+    from jaxnoise import denoise
+    model = get_model("cnn", input_shape=(8, 8, 1), num_classes=10, channels=(4, 4))
+    variables = model.init(jax.random.key(0))
+    spec = analog_lib.preset("hwa_standard").training()
+    spec = spec.replace(io=spec.io.replace(out_noise=0.0, w_noise=0.0,
+                                           input_range=analog_lib.InputRange(init_from_data=2)))
+    x = np.array(jax.random.normal(jax.random.key(1), (16, 8, 8, 1)))
+    m2, v2 = analog_lib.init_input_ranges(model, variables, spec, x, batch_size=8)
+    v2["params"] = {k: ({**p, "input_range": 0.25 * p["input_range"]} if "input_range" in p else p)
+                    for k, p in v2["params"].items()}   # tight ranges: clipping changes the logits
+    dm = denoise.denoised(m2)
+    assert dm.input_ranges == m2.input_ranges
+    dv = denoise.init_variables(dm, v2, jax.random.key(5), placement=[])
+    chip_key = jax.random.key(2)
+    want = m2.apply(v2, x, chip=m2.sample_chip(chip_key, v2["params"], None, spec).read(0.0, None)).logits
+    got = dm.apply(dv, x, chip=dm.sample_chip(chip_key, dv["params"], None, spec).read(0.0, None)).logits
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    unclipped = model.apply(variables, x, chip=model.sample_chip(chip_key, variables["params"], None, spec).read(0.0, None))
+    assert not np.allclose(np.asarray(unclipped.logits), np.asarray(want))   # the ranges matter here

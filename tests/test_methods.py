@@ -124,8 +124,8 @@ def test_consistency_gradient_matches_hand_derivation(cnn_setup):
 def test_lambda_zero_is_forward_noise(cnn_setup):
     model, variables, x, y = cnn_setup
     key = jax.random.key(5)
-    fn = run(methods.forward_noise(model, eta_train=0.2, num_draws=2), variables, x, y, key)
-    cr = run(methods.consistency(model, eta_train=0.2, lam=0.0, num_draws=2), variables, x, y, key)
+    fn = run(methods.forward_noise(model, eta_train=0.2, n_draws=2), variables, x, y, key)
+    cr = run(methods.consistency(model, eta_train=0.2, lam=0.0, n_draws=2), variables, x, y, key)
     assert float(fn[0]) == pytest.approx(float(cr[0]), rel=1e-6)
     assert_trees_close(fn[2], cr[2])          # gradients
     assert_trees_close(fn[1][1], cr[1][1])    # BatchNorm statistics
@@ -136,7 +136,7 @@ def test_eta_zero_is_clean(cnn_setup):
     model, variables, x, y = cnn_setup
     key = jax.random.key(6)
     clean = run(methods.clean(model), variables, x, y, key)
-    fn = run(methods.forward_noise(model, eta_train=0.0, num_draws=3), variables, x, y, key)
+    fn = run(methods.forward_noise(model, eta_train=0.0, n_draws=3), variables, x, y, key)
     assert float(clean[0]) == pytest.approx(float(fn[0]), rel=1e-6)
     assert_trees_close(clean[2], fn[2])
     assert_trees_close(clean[1][1], fn[1][1])
@@ -152,7 +152,7 @@ def test_k_draws_are_the_mean_of_single_draws_and_batchnorm_averages(cnn_setup, 
     model, variables, x, y = cnn_setup
     key, k = jax.random.key(7), 3
     loss, (logits, stats, _), grads = run(
-        methods.forward_noise(model, eta_train=0.2, num_draws=k, draw_batch_size=draw_batch_size),
+        methods.forward_noise(model, eta_train=0.2, n_draws=k, draw_batch_size=draw_batch_size),
         variables, x, y, key)
     spec = noise.NoiseSpec(weight_eta=0.2)
 
@@ -198,8 +198,8 @@ def test_bad_configuration_is_rejected_with_the_fix(cnn_setup):
         methods.consistency(model, sites=("block9",))
     with pytest.raises(ValueError, match="logit_kl"):
         methods.consistency(model, distance="logit_kl", sites=("block1",))
-    with pytest.raises(ValueError, match="num_draws"):
-        methods.forward_noise(model, num_draws=0)
+    with pytest.raises(ValueError, match="n_draws"):
+        methods.forward_noise(model, n_draws=0)
     with pytest.raises(ValueError, match="lam"):
         methods.consistency(model, lam=-1.0)
     with pytest.raises(ValueError, match="eta_train"):
@@ -277,9 +277,9 @@ def test_default_draw_batch_size_per_backend_and_bad_values(cnn_setup):
     assert methods.default_draw_batch_size(4, "cpu") == 1
     assert methods.default_draw_batch_size(4, "gpu") == 4 and methods.default_draw_batch_size(3, "tpu") == 3
     model = cnn_setup[0]
-    assert methods.forward_noise(model, num_draws=4, draw_batch_size=9).config["draw_batch_size"] == 4
+    assert methods.forward_noise(model, n_draws=4, draw_batch_size=9).config["draw_batch_size"] == 4
     with pytest.raises(ValueError, match="draw_batch_size=0"):
-        methods.forward_noise(model, num_draws=2, draw_batch_size=0)
+        methods.forward_noise(model, n_draws=2, draw_batch_size=0)
 
 
 def test_losses_are_typed_values_and_plain_functions_are_losses_too(digits):

@@ -1,4 +1,4 @@
-"""BatchNorm recalibration after drift (``robustness.evaluate_device(recalibrate="batch_norm")``): the statistics
+"""BatchNorm recalibration after drift (``robustness.evaluate_analog(recalibrate="batch_norm")``): the statistics
 are those of the calibration images through the chip, nothing else; at 1 year they restore the accuracy drift
 took; errors. aihwkit has no such feature."""
 
@@ -34,7 +34,7 @@ def test_recalibrated_statistics_are_the_calibration_images_own(small_cnn, digit
     np.testing.assert_allclose(stats["bn1"]["mean"], y.mean(axis=1).mean(axis=0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats["bn1"]["var"], y.var(axis=1, ddof=1).mean(axis=0), rtol=1e-4)
     x, labels = digits.test.images[:100], digits.test.labels[:100]
-    recal = robustness.evaluate_device(model, variables, x, labels, exact, times=[0.0], key=0, n_chips=2,
+    recal = robustness.evaluate_analog(model, variables, x, labels, exact, times=[0.0], key=0, n_chips=2,
                                        preprocess=digits.preprocess, recalibrate="batch_norm",
                                        calibration_images=calib, calibration_batch_size=32)[0]
     clean = robustness.evaluate(model, dict(variables, batch_stats=stats), x, labels, None,
@@ -53,8 +53,8 @@ def test_recalibration_restores_accuracy_after_a_year_of_drift(trained_digits_cn
     spec = analog_lib.preset("aihwkit_inference_default").replace(compensation=None)
     x, labels = digits.test.images[:200], digits.test.labels[:200]
     kw = dict(times=[1.0, 3.15e7], key=0, n_chips=3, preprocess=digits.preprocess, batch_size=100)
-    plain = robustness.evaluate_device(model, variables, x, labels, spec, **kw)
-    recal = robustness.evaluate_device(model, variables, x, labels, spec, recalibrate="batch_norm",
+    plain = robustness.evaluate_analog(model, variables, x, labels, spec, **kw)
+    recal = robustness.evaluate_analog(model, variables, x, labels, spec, recalibrate="batch_norm",
                                        calibration_images=data.calibration_images(digits.train, n=256, seed=0), **kw)
     assert np.all(recal[1].per_chip > plain[1].per_chip + 0.3), (plain[1].per_chip, recal[1].per_chip)
     assert recal[1].mean > plain[0].mean - 0.1
@@ -68,7 +68,7 @@ def test_recalibration_errors_are_named(small_cnn, digits):
     calib = data.calibration_images(digits.train, n=30, seed=0)
 
     def run(m=model, v=variables, **kw):
-        return robustness.evaluate_device(m, v, x, labels, spec, times=[0.0], key=0, n_chips=1,
+        return robustness.evaluate_analog(m, v, x, labels, spec, times=[0.0], key=0, n_chips=1,
                                           preprocess=digits.preprocess, **kw)
 
     with pytest.raises(ValueError, match="needs calibration_images"):

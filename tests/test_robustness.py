@@ -551,8 +551,8 @@ def test_streamed_device_and_many(mock_imagenet):
     dc, ds, mem, model, v = _stream_setup(mock_imagenet)
     kw = dict(batch_size=16, preprocess=ds.preprocess)
     dev = analog_lib.preset("aihwkit_inference_default")
-    a = robustness.evaluate_device(model, v, mem.images, mem.labels, dev, times=[1, 3600], key=0, n_chips=2, **kw)
-    b = robustness.evaluate_device(model, v, ds.test, None, dev, times=[1, 3600], key=0, n_chips=2, **kw)
+    a = robustness.evaluate_analog(model, v, mem.images, mem.labels, dev, times=[1, 3600], key=0, n_chips=2, **kw)
+    b = robustness.evaluate_analog(model, v, ds.test, None, dev, times=[1, 3600], key=0, n_chips=2, **kw)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.per_chip, y.per_chip)
     specs = [noise.NoiseSpec(weight_eta=e) for e in (0.2, 0.4)]

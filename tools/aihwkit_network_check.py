@@ -13,7 +13,7 @@ CIFAR-10 test images under both presets, on both simulators, at each of ``--time
 
 aihwkit chip ``c``: ``torch.manual_seed(seed + c)``, ``program_analog_weights()``, then ``drift_analog_weights(t)``
 and an evaluation at every time (one programming, a fresh read per time, as jaxnoise's chips). jaxnoise:
-``robustness.evaluate_device(..., times, key=seed, n_chips)``. Per preset and time the two means over chips agree
+``robustness.evaluate_analog(..., times, key=seed, n_chips)``. Per preset and time the two means over chips agree
 when ``|mean_a - mean_j| < 3 sqrt(se_a^2 + se_j^2)`` (se: the standard error over chips). Writes
 ``results.json``, ``table.md`` and ``accuracy_over_time.png`` to ``--out``, and prints the table.
 
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         if preset == "hwa_standard":
             spec = spec.replace(io=spec.io.replace(inp_ranges=ranges))
         t0 = time.perf_counter()
-        res = robustness.evaluate_device(model, variables, x, y, spec, times=list(times.values()), key=args.seed,
+        res = robustness.evaluate_analog(model, variables, x, y, spec, times=list(times.values()), key=args.seed,
                                          n_chips=args.chips, batch_size=bs, preprocess=ds.preprocess)
         sec_j = time.perf_counter() - t0
         acc_j = {t_name: [float(v) for v in r.per_chip] for t_name, r in zip(times, res)}

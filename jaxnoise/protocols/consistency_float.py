@@ -139,11 +139,11 @@ def make_loss(config, model, method: str, eta_train: float, **overrides):
     if method == "clean":
         return methods.clean(model)
     if method == "forward_noise":
-        return methods.forward_noise(model, eta_train=float(eta_train), num_draws=int(loss["num_draws"]))
+        return methods.forward_noise(model, eta_train=float(eta_train), n_draws=int(loss["num_draws"]))
     if method == "consistency":
         return methods.consistency(model, eta_train=float(eta_train), lam=float(loss["lam"]),
                                    sites=sites_of(loss["sites"], model), distance=loss["distance"],
-                                   num_draws=int(loss["num_draws"]))
+                                   n_draws=int(loss["num_draws"]))
     raise ValueError(f"unknown arm {method!r}; choose clean, forward_noise or consistency.")
 
 

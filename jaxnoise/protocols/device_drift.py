@@ -195,7 +195,7 @@ def stage_eval(arm: str):
             clean = robustness.evaluate(model, variables, x, y, batch_size=int(config.eval.batch_size),
                                         preprocess=ds.preprocess)
             traces, t0 = robustness.trace_count(), time.time()
-            res = robustness.evaluate_device(model, variables, x, y, inference_spec(config, mode),
+            res = robustness.evaluate_analog(model, variables, x, y, inference_spec(config, mode),
                                              times=[float(t) for t in config.eval.times], key=int(config.seed),
                                              n_chips=common.cap(config, config.eval.n_chips, TINY_CHIPS),
                                              batch_size=int(config.eval.batch_size),
