@@ -214,11 +214,13 @@ def denoised(model: Model, sites: Sequence[str] | None = None,
             root.tap_outputs[name] = {"input": h, **extra}
         return h + gate.astype(h.dtype) * delta
 
-    return DenoisedModel(f"{model.name}+denoise", model.forward, tuple(model.input_shape), model.num_classes,
-                         {**dict(model.config), "backbone": model.name, "denoiser": config.to_dict(),
-                          "denoiser_sites": list(ordered)},
-                         quant=model.quant, input_ranges=model.input_ranges,
-                         taps={**dict(model.taps or {}), **{site: block for site in ordered}},
+    # Every Model field of the backbone carries over (quantization, learned input ranges, ...); name, config and taps
+    # become the denoised model's own.
+    inherited = {f.name: getattr(model, f.name) for f in dataclasses.fields(Model)}
+    return DenoisedModel(**{**inherited, "name": f"{model.name}+denoise", "input_shape": tuple(model.input_shape),
+                            "config": {**dict(model.config), "backbone": model.name, "denoiser": config.to_dict(),
+                                       "denoiser_sites": list(ordered)},
+                            "taps": {**dict(model.taps or {}), **{site: block for site in ordered}}},
                          backbone=model, candidate_sites=ordered, denoiser=config)
 
 
