@@ -1369,6 +1369,8 @@ class MonteCarlo:
             results.append(MCResult.from_per_chip(acc[:, k], self.n_images, desc))
         return results
 
+    evaluate_device = evaluate_analog   # the name before issue 19 ("device" now means a JAX device)
+
     def variants(self, variables: Variables, spec: noise_lib.NoiseSpec, variant_fn: Callable, variant_data: Any, *,
                  key: jax.Array | int, n_chips: int, variant_batch_size: int | None = None) -> np.ndarray:
         """Per-chip accuracies of V variants of the model on common chips: float64 (V, n_chips).
@@ -1665,6 +1667,10 @@ def evaluate_analog(model: Model, variables: Variables, images: Any, labels: Any
                               calibration_batch_size=calibration_batch_size)
 
 
+# The name before issue 19 ("device" now means a JAX device), kept so old code runs; new code uses evaluate_analog.
+evaluate_device = evaluate_analog
+
+
 def _calibration_batches(model: Model, variables: Variables, data: Any, mesh: Any, recalibrate: str | None,
                          calibration_images: Any, calibration_batch_size: int | None, batch_size: int,
                          preprocess: Callable | None) -> tuple[jax.Array | None, dict[str, Any] | None]:
@@ -1701,7 +1707,3 @@ def _calibration_batches(model: Model, variables: Variables, data: Any, mesh: An
     return (jnp.asarray(x.reshape((n // cb, cb) + x.shape[1:])),
             {"method": recalibrate, "n_images": int(n), "batch_size": int(cb), "split": "train"})
 
-
-# The name before issue 19 ("device" now means a JAX device), kept so old code runs; new code uses evaluate_analog.
-evaluate_device = evaluate_analog
-MonteCarlo.evaluate_device = MonteCarlo.evaluate_analog

@@ -45,7 +45,7 @@ def test_old_cli_flag_names_parse_to_the_same_values_and_are_hidden():
     old = parser.parse_args([*base, "--train-device", "hwa_standard", "--num-draws", "3"])
     assert vars(new) == vars(old)   # same dests: the default work dir (hashed from them) is unchanged
     assert new.train_device == "hwa_standard" and new.num_draws == 3
-    helptext = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1].format_help()
+    helptext = parser.commands["train"].format_help()
     assert "--train-analog" in helptext and "--n-draws" in helptext
     assert "--train-device" not in helptext and "--num-draws" not in helptext
 
