@@ -1,12 +1,14 @@
 """The denoiser-ablation protocol's own rules: early stopping, variant checking, placements (no training here;
 tests/test_experiment.py runs its config end to end in tiny mode)."""
 
+import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
-from jaxnoise import denoise, experiment
+from jaxnoise import checkpoint, denoise, experiment
 from jaxnoise.models import get_model
 from jaxnoise.protocols import denoise_ablation as da
 from jaxnoise.protocols import denoise_placement as dp
@@ -81,3 +83,59 @@ def test_inside_every_block_places_one_block_per_residual_branch_at_the_same_bud
     # the tiny CNN has no residual branch: the rule falls back to every_block there
     tiny = denoise.denoised(get_model("cnn", input_shape=(8, 8, 1)))
     np.testing.assert_array_equal(da.gates_for(tiny, "inside_every_block"), da.gates_for(tiny, "every_block"))
+
+
+def _tiny_ce(*overrides):
+    """The tiny ablation with the baseline variant only (2 chunks, no early stop): the stages level, train_ce."""
+    config = _config("tiny=True", "curve.patience=99", *overrides)
+    config.variants = type(config.variants)({"ce": config.variants.ce})
+    return config
+
+
+def _log(path):
+    """A training log without its wall-clock fields."""
+    lines = [json.loads(x) for x in open(path).read().splitlines()]
+    return [{k: v for k, v in line.items() if k not in ("time", "elapsed")} for line in lines]
+
+
+@pytest.mark.slow   # two tiny trainings, ~25 s
+def test_a_variant_stopped_mid_training_resumes_from_its_committed_curve_without_its_work_dir(tmp_path, monkeypatch):
+    """The committed results (curve, best weights, log) are all a later session has: a fresh work dir trains again
+    to the next chunk, and the variant ends as the uninterrupted run does, chunk for chunk."""
+    import shutil
+
+    from jaxnoise import io as io_lib
+    config = _tiny_ce()
+    only = ["level", "train_ce"]
+    whole = {"results_dir": str(tmp_path / "whole" / "results"), "work_dir": str(tmp_path / "whole" / "work")}
+    experiment.run(config, only=only, log=lambda m: None, **whole)
+
+    cut = {"results_dir": str(tmp_path / "cut" / "results"), "work_dir": str(tmp_path / "cut" / "work")}
+    append = io_lib.append_lines
+
+    def stop_after_one_chunk(path, lines):
+        append(path, lines)
+        if path.endswith(os.path.join("curves", "ce.jsonl")) and len(open(path).readlines()) == 1:
+            raise KeyboardInterrupt("the session ended")
+
+    monkeypatch.setattr(io_lib, "append_lines", stop_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(config, only=only, log=lambda m: None, **cut)
+    monkeypatch.setattr(io_lib, "append_lines", append)
+    results = tmp_path / "cut" / "results"
+    assert len((results / "curves" / "ce.jsonl").read_text().splitlines()) == 1
+    assert (results / "weights" / "ce.npz").exists() and (results / "metrics" / "ce.jsonl").exists()
+    shutil.rmtree(tmp_path / "cut" / "work")   # a new session: only the committed results are left
+    logs = []
+    experiment.run(config, only=only, log=logs.append, **cut)
+    assert any("train_ce: running" in m for m in logs), logs
+
+    a, b = tmp_path / "whole" / "results", results
+    curve_a = [json.loads(x) for x in (a / "curves" / "ce.jsonl").read_text().splitlines()]
+    curve_b = [json.loads(x) for x in (b / "curves" / "ce.jsonl").read_text().splitlines()]
+    assert [p["chunk"] for p in curve_b] == [1, 2]
+    assert [p["per_chip"] for p in curve_b] == [p["per_chip"] for p in curve_a]
+    va = checkpoint.load_variables(str(a / "weights" / "ce.npz"))
+    vb = checkpoint.load_variables(str(b / "weights" / "ce.npz"))
+    jax.tree.map(np.testing.assert_array_equal, va, vb)
+    assert _log(b / "metrics" / "ce.jsonl") == _log(a / "metrics" / "ce.jsonl")

@@ -392,10 +392,12 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
     ``max_chunks`` chunks) until :func:`stopped` says the held-out curve has plateaued or ``max_chunks`` are done.
 
     After each chunk the blocks are scored on the held-out images (``config.curve.n_chips`` chips at ``eta``,
-    key ``name_key(s.key, "curve")``: the same chips every chunk and for every arm); the line goes to
-    ``curves/<name>.jsonl`` in the results dir, and the best chunk's variables to the stage's work dir, so a stopped
-    stage resumes from its checkpoints and its curve. Writes ``weights/<name>.npz`` (the best chunk) and
-    ``metrics/<name>.jsonl``; returns the curve's summary and the placement's overhead."""
+    key ``name_key(s.key, "curve")``: the same chips every chunk and for every arm); the best chunk's variables
+    (``weights/<name>.npz``) and the training log (``metrics/<name>.jsonl``) are written to the results dir, then
+    the chunk's line to ``curves/<name>.jsonl`` there (the commit point of the chunk). A stopped stage resumes from
+    its training checkpoints; without them (a fresh work dir, e.g. a new clone of the committed results) training
+    starts over and replays the same steps (data order and keys depend on the step only) to the next chunk, and the
+    committed curve and best weights stay valid. Returns the curve's summary and the placement's overhead."""
     config = ctx.config
     dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"), placement=gates)
     total_steps = chunk * max_chunks
@@ -404,7 +406,8 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
                              checkpoint_every=chunk, log_every=min(50, chunk))
     ds = dataclasses.replace(s.ds, train=s.train_part, test=s.selection)   # epoch evals: held-out, not test
     workdir = ctx.work_path("train", "")
-    best_path = ctx.work_path("best.npz")
+    best_path = ctx.result_path("weights", f"{name}.npz")   # in the results: it outlives the work dir
+    metrics_path = ctx.result_path("metrics", f"{name}.jsonl")
     curve_path = ctx.result_path("curves", f"{name}.jsonl")
     curve = read_jsonl(curve_path)
     curve_spec = spec(config, s, eta)
@@ -422,6 +425,9 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
         best = max((p["mean"] for p in curve), default=-1.0)
         if r.mean > best:   # kept before the curve line: a resume after this point knows the best's weights
             checkpoint.save_npz(best_path, out, {**meta, "chunk": k, "step": k * chunk}, overwrite=True)
+        with open(os.path.join(workdir, train.METRICS_FILE), "rb") as f:
+            log = f.read()
+        io_lib.write_atomic(metrics_path, lambda f, log=log: f.write(log), binary=True)
         point = {"chunk": k, "step": k * chunk, "epoch": k * chunk / per_epoch, "mean": r.mean,
                  "ci95": r.ci95, "n_chips": r.n_chips, "n_images": int(len(s.selection.labels)),
                  "per_chip": list(map(float, r.per_chip))}
@@ -430,8 +436,9 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
         ctx.log(f"{name}: chunk {k} (epoch {point['epoch']:.2f}): held-out {100 * r.mean:.2f}% "
                 f"{robustness.format_ci95(r.ci95)}")
     best_point = max(curve, key=lambda p: p["mean"])
-    shutil.copyfile(best_path, ctx.result_path("weights", f"{name}.npz"))
-    shutil.copyfile(os.path.join(workdir, train.METRICS_FILE), ctx.result_path("metrics", f"{name}.jsonl"))
+    if not os.path.exists(best_path):
+        raise FileNotFoundError(f"{best_path}: the best chunk's weights of the curve {curve_path} are missing; "
+                                f"--rerun train_{name} trains this variant again.")
     return {"chunks": len(curve), "best_chunk": best_point["chunk"], "best_epoch": best_point["epoch"],
             "best_held_out": best_point["mean"], **denoise.overhead(dm, gates)}
 
