@@ -12,14 +12,16 @@ epochs. Only ``arms.epochs`` changes, so the QAT, its evaluation and the search 
 ``consistency_resnet32_q4p80`` (``reuse_from``: copied with their records, same settings); every arm and seed is
 trained again for 6 epochs (cosine over 6) and evaluated on the same 32 chips.
 
-Expected (seeds 0 and 1 measured; seed 2 still running): at 0.2 max|W_q|, 32 chips, full test split, forward-noise
-72.86% and consistency 75.79%, consistency - forward-noise +2.93 points [+2.11, +3.75] (t interval over chips;
-``python experiments/paired_differences.py experiments/results/consistency_resnet32_q4p80_e6/eval/consistency_s0.json
-forward_noise_s0 --reference-file experiments/results/consistency_resnet32_q4p80_e6/eval/forward_noise_s0.json
---entry 1``); noise-free 86.13 / 85.01%. Seed 1 (same command with ``_s1``): 73.58% and 75.87%, +2.29 [+1.57,
-+3.01]; noise-free 85.98 / 84.83%. Forward-noise at 0.2 is then 11.6-12.3 points below the reference's 85.14%: 6
-epochs move seed 0 by 0.7 points (3 epochs: 72.15%), not into the regime. ~36-40 min per training here, ~13 min per
-32-chip evaluation (shared cores).
+Expected (measured, ``results.md``): at 0.2 max|W_q|, 32 chips per arm and seed, full test split, the same chips
+in every arm: forward-noise 72.86 / 73.58 / 73.51% and consistency 75.79 / 75.87 / 75.97% for seeds 0 / 1 / 2;
+consistency - forward-noise, paired over chips, +2.93 [+2.11, +3.75] / +2.29 [+1.57, +3.01] / +2.46 [+1.73,
++3.19] points (``python experiments/paired_differences.py
+experiments/results/consistency_resnet32_q4p80_e6/eval/consistency_s0.json forward_noise_s0 --reference-file
+experiments/results/consistency_resnet32_q4p80_e6/eval/forward_noise_s0.json --entry 1``, ``_s1``, ``_s2``); mean
+over the 3 seeds **+2.56 [+1.74, +3.38]** (t interval over seeds). Noise-free: forward-noise 85.98-86.23%,
+consistency 84.83-85.01%. Forward-noise at 0.2 is 11.6-12.3 points below the 4-bit reference's noise-free 85.14%
+(the issue's regime asks for within 10): 6 epochs moved it by 0.7-1.6 points from the 3-epoch run (71.89-72.15%).
+~40-50 min per training here, ~10 min per 32-chip evaluation (the machine alone).
 """
 
 import os
