@@ -17,7 +17,9 @@ Stages:
   candidate of ``search.candidates`` (and forward-noise, lambda 0) fine-tunes ``search.steps`` steps from the QAT
   weights at ``noise.eta`` and is scored by its Monte Carlo mean over ``search.n_chips`` chips at ``noise.eta`` on
   the last ``held_out`` training images (never the test split); ``search.json`` holds every candidate (written as
-  each finishes, so a stopped search resumes) and the winner.
+  each finishes, so a stopped search resumes) and the winner. A candidate is ``lam``, ``sites`` (:func:`_sites`),
+  ``distance`` and ``target`` (:data:`TARGETS`: the clean features of the same weights, the default, or of the
+  frozen QAT reference).
 * ``train_<arm>_s<seed>`` for each arm of ``arms.methods`` and seed of ``arms.seeds`` (seed = data order and
   noise keys): ``arms.epochs`` from the QAT weights at ``noise.eta``, the same schedule and budget for every arm;
   consistency with the searched settings. Writes ``weights/<arm>_s<seed>.npz`` and ``metrics/<arm>_s<seed>.jsonl``.
@@ -179,16 +181,40 @@ def _sites(text: str, model) -> tuple[str, ...] | None:
     return tuple(t for t in text.split(",") if t)
 
 
-def make_arm_loss(config, model, method: str, chosen: dict | None):
+TARGETS = {
+    "same": "the trained weights themselves with the noise off (train mode): a target that moves with training",
+    "teacher": "the QAT reference (weights/qat.npz), frozen, noise-free, in inference mode",
+}
+CANDIDATE_KEYS = ("lam", "sites", "distance", "target")
+
+
+def make_arm_loss(config, model, method: str, chosen: dict | None, teacher: dict | None = None):
+    """The training loss of an arm; ``chosen``: consistency's settings (``lam``, ``sites``, ``distance``,
+    ``target``: a key of :data:`TARGETS`, default ``"same"``); ``teacher``: the QAT variables (``target="teacher"``)."""
     common = dict(eta_train=float(config.noise.eta), weight_truncate=float(config.noise.truncate) or None)
     if method == "forward_noise":
         return methods.forward_noise(model, **common)
     if method == "consistency":
         chosen = chosen or {}
+        target = chosen.get("target", "same")
+        if target == "teacher" and teacher is None:
+            raise ValueError("target='teacher' needs the QAT variables (teacher=).")
         return methods.consistency(model, lam=float(chosen.get("lam", 1.0)), sites=_sites(chosen.get("sites", ""),
                                                                                             model),
-                                   distance=chosen.get("distance", "nmse"), **common)
+                                   distance=chosen.get("distance", "nmse"),
+                                   teacher=teacher if target == "teacher" else None, **common)
     raise ValueError(f"unknown arm method {method!r}; choose forward_noise or consistency.")
+
+
+def check_candidates(config) -> None:
+    """Refuses unknown keys and targets in ``search.candidates`` before anything runs."""
+    for c in config.search.candidates:
+        c = dict(c)
+        unknown = sorted(set(c) - set(CANDIDATE_KEYS))
+        if unknown:
+            raise ValueError(f"search.candidates: unknown keys {unknown} in {c}; use {list(CANDIDATE_KEYS)}.")
+        if c.get("target", "same") not in TARGETS:
+            raise ValueError(f"search.candidates: target={c['target']!r} in {c}; choose one of {sorted(TARGETS)}.")
 
 
 def _held_out(config, ds):
@@ -218,7 +244,7 @@ def stage_search(ctx):
                                  weight_decay=float(config.arms.weight_decay), schedule="constant",
                                  seed=int(config.seed))
         out, _ = train.train(model, train_split(config, ds), tcfg, workdir=workdir, variables=start,
-                             loss_fn=make_arm_loss(config, model, method, cand), progress=False,
+                             loss_fn=make_arm_loss(config, model, method, cand, teacher=start), progress=False,
                              max_steps=min(int(section.steps), 5) if config.tiny else int(section.steps))
         res = robustness.evaluate(model, out, x_h, y_h, noise_spec(config, config.noise.eta),
                                   key=jax.random.key(1000 + int(config.seed)), n_chips=_chips(config, section.n_chips),
@@ -261,8 +287,9 @@ def stage_train_arm(method, seed):
                                  learning_rate=float(config.arms.lr), weight_decay=float(config.arms.weight_decay),
                                  schedule=config.arms.schedule, seed=int(seed))
         workdir = ctx.work_path("train", "")
-        out, _ = train.train(model, train_split(config, ds), tcfg, workdir=workdir, variables=_qat_variables(ctx, model),
-                             loss_fn=make_arm_loss(config, model, method, chosen), progress=False,
+        start = _qat_variables(ctx, model)
+        out, _ = train.train(model, train_split(config, ds), tcfg, workdir=workdir, variables=start,
+                             loss_fn=make_arm_loss(config, model, method, chosen, teacher=start), progress=False,
                              max_steps=_max_steps(config),
                              metadata={"init": "weights/qat.npz", "method": method, "seed": int(seed),
                                        "consistency": chosen})
@@ -355,6 +382,7 @@ def stage_report(ctx):
 
 @protocol("consistency_quantized")
 def stages(config) -> list[Stage]:
+    check_candidates(config)
     base = _DATA + common.stream_settings(config) + _MODEL + ("seed", "qat", "max_steps")
     arms = base + ("noise", "arms", "search")
     out = [
