@@ -1,9 +1,9 @@
 """Issue 16's ablation of the consistency target: the clean features of the same weights vs a frozen teacher.
 
-Command (the search only; each candidate lands in experiments/results/consistency_resnet32_q4p80_target/search.json
-as it finishes, so a stopped run resumes):
+Command (the search, after the QAT stages it reuses; each candidate lands in
+experiments/results/consistency_resnet32_q4p80_target/search.json as it finishes, so a stopped run resumes):
 
-  jaxnoise run experiments/configs/consistency_resnet32_q4p80_target.py --only search
+  jaxnoise run experiments/configs/consistency_resnet32_q4p80_target.py --only qat,eval_qat,search
   jaxnoise run experiments/configs/consistency_resnet32_q4p80_target.py --set tiny=True   # seconds, digits CNN (the tests)
 
 ``consistency_resnet32_q4p80`` with other search candidates. Its search compared lambda, sites and distance, all
