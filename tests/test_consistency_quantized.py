@@ -40,6 +40,7 @@ def test_a_teacher_target_pulls_toward_the_frozen_variables_and_the_default_towa
     want = sum(float(methods.feature_distance(mine.features[s], theirs.features[s], "nmse")) for s in sites)
     assert reg_teacher == pytest.approx(want / len(sites), rel=1e-5)
 
+
 @pytest.mark.parametrize("candidate, match", [
     (dict(lam=1.0, target="pretrained"), "target='pretrained'"),
     (dict(lam=1.0, weight=2.0), r"unknown keys \['weight'\]"),

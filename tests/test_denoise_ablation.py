@@ -1,14 +1,15 @@
 """The denoiser-ablation protocol's own rules: early stopping, variant checking, placements (no training here;
 tests/test_experiment.py runs its config end to end in tiny mode)."""
 
-import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from jaxnoise import checkpoint, denoise, experiment
+from jaxnoise import checkpoint, denoise, experiment, train
+from jaxnoise import io as io_lib
 from jaxnoise.models import get_model
 from jaxnoise.protocols import denoise_ablation as da
 from jaxnoise.protocols import denoise_placement as dp
@@ -94,17 +95,13 @@ def _tiny_ce(*overrides):
 
 def _log(path):
     """A training log without its wall-clock fields."""
-    lines = [json.loads(x) for x in open(path).read().splitlines()]
-    return [{k: v for k, v in line.items() if k not in ("time", "elapsed")} for line in lines]
+    return [{k: v for k, v in line.items() if k not in ("time", "elapsed")} for line in train.read_metrics(str(path))]
 
 
 @pytest.mark.slow   # two tiny trainings, ~25 s
 def test_a_variant_stopped_mid_training_resumes_from_its_committed_curve_without_its_work_dir(tmp_path, monkeypatch):
     """The committed results (curve, best weights, log) are all a later session has: a fresh work dir trains again
     to the next chunk, and the variant ends as the uninterrupted run does, chunk for chunk."""
-    import shutil
-
-    from jaxnoise import io as io_lib
     config = _tiny_ce()
     only = ["level", "train_ce"]
     whole = {"results_dir": str(tmp_path / "whole" / "results"), "work_dir": str(tmp_path / "whole" / "work")}
@@ -131,8 +128,7 @@ def test_a_variant_stopped_mid_training_resumes_from_its_committed_curve_without
     assert any("train_ce: running" in m for m in logs), logs
 
     a, b = tmp_path / "whole" / "results", results
-    curve_a = [json.loads(x) for x in (a / "curves" / "ce.jsonl").read_text().splitlines()]
-    curve_b = [json.loads(x) for x in (b / "curves" / "ce.jsonl").read_text().splitlines()]
+    curve_a, curve_b = dp.read_jsonl(str(a / "curves" / "ce.jsonl")), dp.read_jsonl(str(b / "curves" / "ce.jsonl"))
     assert [p["chunk"] for p in curve_b] == [1, 2]
     assert [p["per_chip"] for p in curve_b] == [p["per_chip"] for p in curve_a]
     va = checkpoint.load_variables(str(a / "weights" / "ce.npz"))
