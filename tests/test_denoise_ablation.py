@@ -1,6 +1,7 @@
 """The denoiser-ablation protocol's own rules: early stopping, variant checking, placements (no training here;
 tests/test_experiment.py runs its config end to end in tiny mode)."""
 
+import json
 import os
 import shutil
 
@@ -135,3 +136,75 @@ def test_a_variant_stopped_mid_training_resumes_from_its_committed_curve_without
     vb = checkpoint.load_variables(str(b / "weights" / "ce.npz"))
     jax.tree.map(np.testing.assert_array_equal, va, vb)
     assert _log(b / "metrics" / "ce.jsonl") == _log(a / "metrics" / "ce.jsonl")
+
+
+def _with_weight_noise(config, kind="additive_rel_max", eta=0.05):
+    config.noise.weight_kind = kind
+    config.noise.weight_eta = eta
+    return config
+
+
+def test_weight_noise_is_off_unless_the_config_sets_it():
+    assert dp.weight_noise(_config()) == (None, 0.0)   # the committed configs have no weight_kind key
+    assert dp.weight_noise(_with_weight_noise(_config())) == ("additive_rel_max", 0.05)
+    assert dp.weight_noise(_with_weight_noise(_config(), kind="", eta=0.0)) == (None, 0.0)
+
+
+@pytest.mark.parametrize("kind, eta, match", [
+    ("gaussian", 0.05, "noise.weight_kind='gaussian' is unknown"),
+    ("", 0.05, "noise.weight_eta=0.05 but noise.weight_kind is unset"),
+    ("additive_rel_max", -0.1, "noise.weight_eta=-0.1 must be a number >= 0"),
+    ("additive_rel_max", "0.1", "noise.weight_eta='0.1' must be a number"),
+])
+def test_bad_weight_noise_is_refused_before_anything_runs(kind, eta, match):
+    for path in (CONFIG, os.path.join("experiments", "configs", "denoise_resnet20.py"),
+                 os.path.join("experiments", "configs", "denoise_proxy_resnet20.py")):
+        config = _with_weight_noise(experiment.load_config(path), kind, eta)
+        with pytest.raises(ValueError, match=match):
+            experiment.stages_of(config)
+
+
+def test_weight_noise_reaches_the_evaluation_spec_and_the_training_loss():
+    """Set, the backbone's weight noise is in every evaluation spec beside the activation noise and drawn in the
+    blocks' training loss; unset, the spec is the activation-only one the committed results were made with."""
+    off = _tiny_ce()
+    on = _with_weight_noise(_tiny_ce(), eta=0.2)
+    s = dp.setup(off)
+    eta = 0.3
+    spec_off, spec_on = dp.spec(off, s, eta), dp.spec(on, s, eta)
+    legacy = jax.tree.map(np.asarray, dp.noise.NoiseSpec(weight_kind=None, act_kind="additive", act_ref=s.ref,
+                                                         act_eta=eta, sampler=dp.sampler(off)))
+    assert spec_off.describe() == legacy.describe() and spec_off.weight_kind is None
+    assert spec_on.weight_kind == "additive_rel_max" and float(spec_on.weight_eta) == 0.2
+    assert spec_on.describe()["activation_noise"] == spec_off.describe()["activation_noise"]
+    assert spec_on.describe()["weight_noise"] == {"kind": "additive_rel_max", "eta": 0.2}
+
+    v = da.variants(off)[0]
+    dm, gates = da.variant_model(off, v)
+    dvars = denoise.init_variables(dm, s.variables, jax.random.key(1))
+    params = denoise.with_placement(dm, dvars, gates)["params"]
+    x = s.ds.preprocess(jax.numpy.asarray(s.selection.images[:32]))
+    y = jax.numpy.asarray(s.selection.labels[:32])
+    key = jax.random.key(2)
+
+    def loss(config):
+        fn = da.variant_loss(config, s, dm, v, eta)
+        return float(fn(params, dvars.get("batch_stats", {}), x, y, key, fn.hparams)[0])
+
+    assert loss(on) != loss(off)
+    # the same key twice: the same draws (the loss is a pure function of its key)
+    assert loss(on) == loss(on)
+
+
+@pytest.mark.slow   # a tiny training, ~15 s
+def test_a_tiny_variant_trains_and_is_scored_under_weight_and_activation_noise(tmp_path):
+    config = _with_weight_noise(_tiny_ce(), eta=0.1)
+    dirs = {"results_dir": str(tmp_path / "results"), "work_dir": str(tmp_path / "work")}
+    experiment.run(config, only=["level", "train_ce"], log=lambda m: None, **dirs)
+    level = json.load(open(tmp_path / "results" / "level.json"))
+    noisy = [e for a in level["arms"] for e in a["eval"] if e["activation_noise"] is not None]
+    assert noisy and all(e["weight_noise"] == {"kind": "additive_rel_max", "eta": 0.1} for e in noisy)
+    curve = dp.read_jsonl(str(tmp_path / "results" / "curves" / "ce.jsonl"))
+    assert len(curve) == 2 and all(0.0 <= p["mean"] <= 1.0 for p in curve)
+    # the chips differ: weight and activation draws per chip, so the per-chip scores are not all equal
+    assert len(set(curve[-1]["per_chip"])) > 1

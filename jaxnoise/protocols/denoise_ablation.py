@@ -133,11 +133,14 @@ def gates_for(dm, sites, name: str = "?") -> np.ndarray:
 
 def variant_loss(config, s, dm, v: dict, eta: float):
     """A variant's training loss at activation-noise scale ``eta``; feature matching compares the placed blocks'
-    outputs (``feature_sites="placed"``: gate-weighted, so one loss also serves vmapped placements)."""
+    outputs (``feature_sites="placed"``: gate-weighted, so one loss also serves vmapped placements). The backbone's
+    weight noise, when the config sets one (``dp.weight_noise``), is drawn in training too."""
+    weight_kind, weight_eta = dp.weight_noise(config)
     return denoise.denoiser_loss(dm, act_eta_train=float(eta), act_ref=s.ref, feature_weight=v["feature_weight"],
                                  feature_sites="placed",
                                  kl_weight=v["kl_weight"], nll_weight=v["nll_weight"],
-                                 act_eta_spread=v["act_eta_spread"], sampler=dp.sampler(config))
+                                 act_eta_spread=v["act_eta_spread"], sampler=dp.sampler(config),
+                                 weight_kind=weight_kind, eta_train=weight_eta)
 
 
 def stage_train(name: str):
@@ -287,6 +290,7 @@ def plot_curves(curves: dict, plain_at_target: dict, path: str, target: float) -
 @protocol("denoise_ablation")
 def stages(config) -> list[Stage]:
     vs = variants(config)   # checked before anything runs
+    dp.weight_noise(config)
     level = dp.BACKBONE_SETTINGS + ("level", "eval.batch_size")
     trained = level + ("denoiser", "train", "curve")
     out = [Stage("level", dp.stage_level, settings=level, outputs=("level.json",))]

@@ -2,7 +2,10 @@
 
 As ``experiments/denoise_cifar.py`` ran it (that script now points here). Noise: additive activation noise at every
 analog MVM output (every conv and the final dense layer), sigma = eta * r_site, r_site the std of the site's clean
-output calibrated on ``noise.calib_images`` training images; normals drawn with ``noise.sampler``. Selection data:
+output calibrated on ``noise.calib_images`` training images; normals drawn with ``noise.sampler``. With
+``noise.weight_kind`` set, the backbone's analog kernels also get weight noise at ``noise.weight_eta`` (one draw
+per chip and per training step; the blocks stay digital), in training and in every evaluation
+(:func:`weight_noise`); the level is then chosen under both. Selection data:
 the last ``held_out`` training images (never the test split); blocks train on the rest. Every key derives from
 ``key(seed)`` by name (``init``, ``level``, ``sensitivity``, ``gradient``, ``search``, ``eval``).
 
@@ -151,19 +154,46 @@ def sampler(config) -> str | None:
     return None if config.tiny else (config.noise.sampler or None)
 
 
+def weight_noise(config) -> tuple[str | None, float]:
+    """The backbone's weight noise beside the activation noise, ``(kind, eta)``: ``noise.weight_kind`` (a key of
+    ``jaxnoise.noise.WEIGHT_KINDS``; "" or absent: none) at ``noise.weight_eta``, in training and in every
+    evaluation alike (level, sensitivity, search, curves, test split). The blocks are digital: never noisy.
+
+    Raises:
+      ValueError: an unknown kind, or a scale that is not a number >= 0 (or > 0 without a kind), in one line
+        that names the setting; checked when the protocol's stages are built, before anything runs.
+    """
+    kind = str(config.noise.get("weight_kind", "") or "") or None
+    eta = config.noise.get("weight_eta", 0.0)
+    if kind is not None and kind not in noise.WEIGHT_KINDS:
+        raise ValueError(f"noise.weight_kind={kind!r} is unknown; choose one of {sorted(noise.WEIGHT_KINDS)} "
+                         f"(or \"\" for activation noise only).")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"noise.weight_eta={eta!r} must be a number >= 0 (the weight-noise scale in the units "
+                         f"of noise.weight_kind).")
+    if kind is None and eta:
+        raise ValueError(f"noise.weight_eta={eta!r} but noise.weight_kind is unset: set noise.weight_kind "
+                         f"(e.g. \"additive_rel_max\") or weight_eta=0.")
+    return kind, float(eta)
+
+
 def spec(config, s: Setup, eta: float) -> noise.NoiseSpec:
-    return noise.NoiseSpec(weight_kind=None, act_kind="additive", act_ref=s.ref, act_eta=float(eta),
-                           sampler=sampler(config))
+    """The evaluation noise at activation scale ``eta`` (with :func:`weight_noise` when the config sets it)."""
+    weight_kind, weight_eta = weight_noise(config)
+    return noise.NoiseSpec(weight_kind=weight_kind, weight_eta=weight_eta, act_kind="additive", act_ref=s.ref,
+                           act_eta=float(eta), sampler=sampler(config))
 
 
 def loss(config, s: Setup, dmodel, eta: float):
     """The blocks' training loss: ``denoiser.feature_weight`` and, when the config sets them, ``kl_weight``,
     ``nll_weight`` and ``act_eta_spread`` (:func:`jaxnoise.denoise.denoiser_loss`; absent = 0)."""
     d = config.denoiser
+    weight_kind, weight_eta = weight_noise(config)
     return denoise.denoiser_loss(dmodel, act_eta_train=float(eta), act_ref=s.ref,
                                  feature_weight=float(d.feature_weight), kl_weight=float(d.get("kl_weight", 0.0)),
                                  nll_weight=float(d.get("nll_weight", 0.0)),
-                                 act_eta_spread=float(d.get("act_eta_spread", 0.0)), sampler=sampler(config))
+                                 act_eta_spread=float(d.get("act_eta_spread", 0.0)), sampler=sampler(config),
+                                 weight_kind=weight_kind, eta_train=weight_eta)
 
 
 def budget(config) -> float:
@@ -650,6 +680,7 @@ def plot_pareto(record, search, clean_acc: float, backbone_params: int, path: st
 
 @protocol("denoise_placement")
 def stages(config) -> list[Stage]:
+    weight_noise(config)   # checked before anything runs
     unknown = [a for a in config.arms if a not in ARMS]
     if unknown:
         raise ValueError(f"denoise_placement: unknown arms {unknown}; choose among {ARMS} (set arms=...).")

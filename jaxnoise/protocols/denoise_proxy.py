@@ -262,6 +262,7 @@ def plot(rows, proxies, finals, path: str) -> None:
 
 @protocol("denoise_proxy")
 def stages(config) -> list[Stage]:
+    dp.weight_noise(config)   # checked before anything runs
     level = dp.BACKBONE_SETTINGS + ("level", "eval.batch_size")
     sensitivity = level + ("search.n_chips", "search.grad_draws")
     chosen = sensitivity + ("denoiser", "search.budget", "proxy.n_placements")
