@@ -15,7 +15,9 @@ aihwkit chip ``c``: ``torch.manual_seed(seed + c)``, ``program_analog_weights()`
 and an evaluation at every time (one programming, a fresh read per time, as jaxnoise's chips). jaxnoise:
 ``robustness.evaluate_analog(..., times, key=seed, n_chips)``. Per preset and time the two means over chips agree
 when ``|mean_a - mean_j| < 3 sqrt(se_a^2 + se_j^2)`` (se: the standard error over chips). Writes
-``results.json``, ``table.md`` and ``accuracy_over_time.png`` to ``--out``, and prints the table.
+``results.json`` (after every preset), ``table.md`` and ``accuracy_over_time.png`` to ``--out``, and prints the
+table. A run can be split by preset: ``--presets aihwkit_inference_default``, then ``--presets hwa_standard`` with
+the same ``--out`` and settings adds the second preset to the file (a preset already there needs ``--force``).
 
 Full run (the issue's protocol: >= 16 chips, >= 1,000 images; about an hour of CPU, aihwkit ~75 image-chip-reads/s):
 
@@ -82,11 +84,38 @@ def parse_args(argv):
     p.add_argument("--weights", default=os.path.join(REPO, "..", "shared", "pretrained", "resnet20_cifar10.npz"))
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR, ../shared/tfds, ...)")
     p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "aihwkit_network_check"))
-    p.add_argument("--quick", action="store_true", help="smoke test: 2 chips, 64 images, times 1 s and 1 day")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 2 chips, 64 images, times 1 s and 1 day, written to a temporary folder")
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count(),
+                   help="torch.set_num_threads for aihwkit (default: every core, as jaxnoise's XLA uses)")
+    p.add_argument("--force", action="store_true", help="replace the results already in --out")
     args = p.parse_args(argv)
     if args.quick:
+        import tempfile
         args.chips, args.images, args.times = 2, 64, "1 s,1 day"
-        args.out = os.path.join(args.out, "quick")
+        args.out = tempfile.mkdtemp(prefix="aihwkit_network_check_quick.")
+    unknown = [t for t in args.times.split(",") if t not in TIMES]
+    if unknown:
+        p.error(f"--times: unknown {unknown}; choose from {list(TIMES)}")
+    unknown = [q for q in args.presets.split(",") if q not in PRESETS]
+    if unknown:
+        p.error(f"--presets: unknown {unknown}; choose from {list(PRESETS)}")
+    # A run can be split by preset (--presets one at a time, same --out): the file keeps the presets already run.
+    args.previous = None
+    path = os.path.join(args.out, "results.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            prev = json.load(f)
+        settings = dict(chips=args.chips, images=args.images, seed=args.seed,
+                        times={t: TIMES[t] for t in args.times.split(",")})
+        if any(prev.get(k) != v for k, v in settings.items()) and not args.force:
+            p.error(f"{path} holds a run with other settings ({ {k: prev.get(k) for k in settings} }); pass the "
+                    f"same --chips/--images/--seed/--times to add a preset, --force to replace it, or another --out")
+        done = [q for q in args.presets.split(",") if q in prev.get("presets", {})]
+        if done and not args.force:
+            p.error(f"{path} already holds {done}; pass --force to replace them, or --presets with the others")
+        if all(prev.get(k) == v for k, v in settings.items()):
+            args.previous = prev
     return args
 
 
@@ -104,9 +133,10 @@ def main(argv=None) -> int:
     from jaxnoise import analog as analog_lib
     from jaxnoise import data as data_lib
     from jaxnoise import robustness
+    from jaxnoise.io import write_atomic, write_text_atomic
     from jaxnoise.models import get_model, load_torch_npz
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.torch_threads)
     peer = _peer_torch()
     times = {name: TIMES[name] for name in args.times.split(",")}
     presets = args.presets.split(",")
@@ -137,9 +167,13 @@ def main(argv=None) -> int:
 
     report(f"$ python tools/aihwkit_network_check.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     report(f"date {time.strftime('%Y-%m-%d %H:%M:%S')}; jax {jax.__version__} ({jax.default_backend()}), torch "
-           f"{torch.__version__}; ResNet-20 {args.weights}; first {n} CIFAR-10 test images; {args.chips} chips")
-    results: dict = {"chips": args.chips, "images": n, "seed": args.seed, "times": times, "presets": {}}
+           f"{torch.__version__} ({torch.get_num_threads()} threads); ResNet-20 {args.weights}; first {n} CIFAR-10 "
+           f"test images; {args.chips} chips")
+    results: dict = args.previous or {"chips": args.chips, "images": n, "seed": args.seed, "times": times,
+                                      "presets": {}}
+    header = list(lines)
     for preset in presets:
+        del lines[len(header):]
         # aihwkit
         net = peer.torch_resnet(torch)
         net.load_state_dict(state, strict=True)
@@ -180,10 +214,17 @@ def main(argv=None) -> int:
             rows[t_name] = dict(aihwkit=acc_a[t_name], jaxnoise=acc_j[t_name], mean_aihwkit=ma, se_aihwkit=sa,
                                 mean_jaxnoise=mj, se_jaxnoise=sj, z=z, agree=bool(abs(z) < Z_BOUND))
         reads = args.chips * n * len(times)
-        results["presets"][preset] = dict(rows=rows, seconds_aihwkit=sec_a, seconds_jaxnoise=sec_j,
-                                          reads_per_s_aihwkit=reads / sec_a, reads_per_s_jaxnoise=reads / sec_j)
         report(f"\n{preset}: aihwkit {reads / sec_a:.1f} image-chip-reads/s ({sec_a:.0f} s), jaxnoise "
                f"{reads / sec_j:.1f} ({sec_j:.0f} s, compile included)")
+        results["presets"][preset] = dict(rows=rows, seconds_aihwkit=sec_a, seconds_jaxnoise=sec_j,
+                                          reads_per_s_aihwkit=reads / sec_a, reads_per_s_jaxnoise=reads / sec_j,
+                                          log=list(lines))
+        # After every preset, atomically (a crash leaves the old file or the new one); NaN (one chip) stays NaN.
+        write_text_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1) + "\n")
+    lines.clear()
+    for preset in PRESETS:   # the log of every preset in the file, this run's or an earlier one's
+        if preset in results["presets"]:
+            lines.extend(results["presets"][preset].get("log", []) + [""])
 
     table = ["| preset | after programming | aihwkit mean % +- se | jaxnoise mean % +- se | z | within 3 se |",
              "|---|---|---:|---:|---:|---|"]
@@ -192,14 +233,8 @@ def main(argv=None) -> int:
             table.append(f"| {preset} | {t_name} | {row['mean_aihwkit']:.2f} +- {row['se_aihwkit']:.2f} | "
                          f"{row['mean_jaxnoise']:.2f} +- {row['se_jaxnoise']:.2f} | {row['z']:+.2f} | "
                          f"{'yes' if row['agree'] else 'NO'} |")
-    report("")
     for line in table:
         report(line)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -218,11 +253,13 @@ def main(argv=None) -> int:
             ax.set_title(f"ResNet-20, {preset}")
             ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "accuracy_over_time.png"), dpi=120)
+        write_atomic(os.path.join(args.out, "accuracy_over_time.png"),
+                     lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
     except ImportError:
         report("(matplotlib not importable: no plot)")
     agree = all(row["agree"] for r in results["presets"].values() for row in r["rows"].values())
     report(f"\nall per-time means within {Z_BOUND:g} combined standard errors: {agree}; wrote {args.out}")
+    write_text_atomic(os.path.join(args.out, "table.md"), "\n".join(lines) + "\n")
     return 0
 
 
