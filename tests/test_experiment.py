@@ -266,6 +266,28 @@ def test_device_config_keeps_the_legacy_io_numerics_of_its_committed_results(tra
     assert tiny.io == analog_lib.preset("aihwkit_inference_default").io
 
 
+def test_device_redo_config_uses_the_presets_numerics(trained_digits_cnn, digits):
+    """device_resnet32_aihwkit (issue 18, ask 3) redoes device_resnet32 with the presets as they are: no I/O
+    numerics overridden, so training and inference specs are hwa_standard's and aihwkit_inference_default's own
+    (aihwkit semantics, tiles), at the full protocol (32 chips, the whole test split)."""
+    from jaxnoise import analog as analog_lib
+    from jaxnoise.protocols import device_drift
+    model, variables, _ = trained_digits_cnn
+    config = _config("device_resnet32_aihwkit")
+    assert device_drift.io_numerics(config) == {}
+    assert (config.eval.n_chips, config.eval.n_images) == (32, 0)
+    for mode in ("global", None):
+        spec = device_drift.inference_spec(config, mode)
+        assert spec.io == analog_lib.preset("aihwkit_inference_default").io and spec.compensation == mode
+    assert spec.io.semantics == "aihwkit"
+    train_spec = device_drift.training_spec(config, model, variables, digits)
+    hwa = analog_lib.preset("hwa_standard").io
+    assert train_spec.io.inp_ranges and train_spec.io.replace(inp_ranges=hwa.inp_ranges) == hwa
+    legacy = _config("device_resnet32")
+    assert {k: v for k, v in config.items() if k not in ("name", "io_numerics", "eval")} == \
+        {k: v for k, v in legacy.items() if k not in ("name", "io_numerics", "eval")}, "the same arms and training"
+
+
 def test_denoise_config_draws_activation_noise_as_its_committed_results(trained_digits_cnn):
     """denoise_resnet20's results predate NoiseSpec.sampler (now icdf16 on CPU): evaluation and training noise use
     threefry/erfinv; tiny mode uses the backend's default (compile time)."""
