@@ -369,6 +369,8 @@ def cnn(digits):
     return model, model.init(jax.random.key(0))
 
 
+# Slow set: among the default suite's heaviest (2026-12-03 --durations); CI runs it in the slow pass.
+@pytest.mark.slow
 def test_ideal_preset_is_the_exact_model_and_a_chip_runs_once_read(cnn, digits):
     model, variables = cnn
     x = digits.preprocess(digits.test.images[:8])

@@ -149,6 +149,8 @@ def test_import_errors_name_every_problem(tmp_path):
     assert os.path.getsize(src) > 1_000_000  # the source file is untouched
 
 
+# Slow set: among the default suite's heaviest (2026-12-03 --durations); CI runs it in the slow pass.
+@pytest.mark.slow
 @pytest.mark.cifar
 @needs_pretrained
 def test_pretrained_resnet20_accuracy_on_shared_cifar10():

@@ -143,6 +143,8 @@ def _quant_cnn(digits, **kw):
     return get_model("cnn", input_shape=digits.image_shape, num_classes=10, quant=q)
 
 
+# Slow set: among the default suite's heaviest (2026-12-03 --durations); CI runs it in the slow pass.
+@pytest.mark.slow
 def test_model_quantizes_weights_and_inputs_with_learned_steps(trained_digits_cnn, digits):
     model, variables, _ = trained_digits_cnn
     qm = _quant_cnn(digits)
