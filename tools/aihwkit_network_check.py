@@ -73,6 +73,27 @@ def aihwkit_config(preset: str):
     return c
 
 
+def shared_record(results: dict) -> dict:
+    """``results`` (this tool's fields, kept) plus ../shared/RESULTS.md's: an arm per simulator and preset
+    (``aihwkit/<preset>``, ``jaxnoise/<preset>``), an eval entry per time from its per-chip accuracies."""
+    from jaxnoise import report
+    from jaxnoise.models import get_model
+    from jaxnoise.robustness import MCResult
+    model = get_model("resnet20")
+    arms = []
+    for preset, r in results["presets"].items():
+        for side in ("aihwkit", "jaxnoise"):
+            evals = [MCResult.from_per_chip(row[side], results["images"], {
+                "weight_noise": {"kind": f"device:{preset}", "eta": 1.0, "t_inference_s": results["times"][t]},
+                "activation_noise": None}) for t, row in r["rows"].items()]
+            arms.append(report.arm(f"{side}/{preset}", model, "clean", model.param_count(), evals,
+                                   train={"source": "../shared/pretrained"}))
+    command = "; ".join(r["log"][0].lstrip("$ ") for r in results["presets"].values() if r.get("log"))
+    record = report.result_record("aihwkit_network_check", command, arms,
+                                  {"name": "cifar10", "split": "test", "n_images": results["images"]})
+    return {**record, **{k: v for k, v in results.items() if k not in record}}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chips", type=int, default=16)
@@ -220,7 +241,7 @@ def main(argv=None) -> int:
                                           reads_per_s_aihwkit=reads / sec_a, reads_per_s_jaxnoise=reads / sec_j,
                                           log=list(lines))
         # After every preset, atomically (a crash leaves the old file or the new one); NaN (one chip) stays NaN.
-        write_text_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=1) + "\n")
+        write_text_atomic(os.path.join(args.out, "results.json"), json.dumps(shared_record(results), indent=1) + "\n")
     lines.clear()
     for preset in PRESETS:   # the log of every preset in the file, this run's or an earlier one's
         if preset in results["presets"]:

@@ -23,29 +23,18 @@ decay 5e-4, seed 0; hwa under hwa_standard's training view with input ranges = m
 Expected: not measured yet. From the ResNet-20 cross-check (issue 18: aihwkit's default falls ~10 points lower
 at 1 day than the omega-1 pipeline), every arm should sit below ``device_resnet32``'s curve from 1 h on.
 """
+import os
 
 import ml_collections
 
+from jaxnoise.experiment import load_config
+
 
 def get_config():
-    c = ml_collections.ConfigDict()
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "device_resnet32.py"))
     c.name = "device_resnet32_aihwkit"
-    c.protocol = "device_drift"
-    c.tiny = False
-    c.model = "resnet32"
-    c.pretrained = "../shared/pretrained/resnet32_cifar10.npz"
-    c.dataset = "cifar10"
-    c.data_dir = ""                      # "" = $TFDS_DATA_DIR, ../shared/tfds, ...
-    c.seed = 0                           # data order and noise keys of training; chip keys key(seed)
-    c.arms = ("pretrained", "clean_ft", "hwa")
     # IOParams fields of every analog MVM's I/O numerics (training and inference): "" = the preset's value.
     c.io_numerics = ml_collections.ConfigDict(dict(sampler="", conv_sum="", semantics=""))
-    c.train = ml_collections.ConfigDict(dict(steps=100, lr=0.005, batch_size=128, weight_decay=5e-4,
-                                             checkpoint_every=100))
-    c.hwa = ml_collections.ConfigDict(dict(preset="hwa_standard", range_statistic="absmax", range_alpha=1.0,
-                                           calib_images=1024))
-    # n_images 0 = the whole test split; chip_batch_size 0 = the backend's default.
-    c.eval = ml_collections.ConfigDict(dict(preset="aihwkit_inference_default",
-                                            times=(1.0, 3600.0, 86400.0, 2592000.0, 31536000.0), n_chips=32,
-                                            n_images=0, batch_size=500, chip_batch_size=0))
+    c.eval.n_chips = 32
+    c.eval.n_images = 0                  # the whole test split
     return c
