@@ -67,3 +67,18 @@ def test_quick_writes_to_a_temporary_folder_not_the_results(tmp_path):
     args = netcheck.parse_args(["--quick", "--out", str(tmp_path)])
     assert (args.chips, args.images) == (2, 64) and not args.out.startswith(str(tmp_path))
     os.rmdir(args.out)
+
+
+def test_the_record_is_in_the_shared_format_with_an_arm_per_simulator_and_preset():
+    rows = {"1 s": {"aihwkit": [0.7, 0.72], "jaxnoise": [0.71, 0.73]}}
+    results = {"chips": 2, "images": 64, "seed": 0, "times": {"1 s": 1.0},
+               "presets": {"aihwkit_inference_default": {"rows": rows, "log": ["$ python tools/x.py --chips 2"]}}}
+    record = netcheck.shared_record(results)
+    for field in ("experiment", "command", "git_commit", "dataset", "arms"):
+        assert field in record, field
+    assert record["chips"] == 2 and record["presets"] == results["presets"], "the tool's own fields are kept"
+    assert [a["name"] for a in record["arms"]] == ["aihwkit/aihwkit_inference_default",
+                                                   "jaxnoise/aihwkit_inference_default"]
+    entry = record["arms"][1]["eval"][0]
+    assert entry["per_chip"] == [0.71, 0.73] and abs(entry["mean"] - 0.72) < 1e-12 and entry["n_images"] == 64
+    assert entry["weight_noise"]["kind"] == "device:aihwkit_inference_default"
