@@ -566,7 +566,8 @@ def _recorder():
 def train_denoisers(dmodel: DenoisedModel, dataset: Any, config: train_lib.TrainConfig, *, workdir: str,
                     variables: Mapping[str, Any], loss_fn: train_lib.LossFn, progress: bool = True,
                     max_steps: int | None = None, metadata: Mapping[str, Any] | None = None,
-                    hparams: Mapping[str, float] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                    hparams: Mapping[str, float] | None = None,
+                    portable_checkpoint: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Trains the placed blocks of ``variables`` with the backbone (and the gates) frozen, via ``jaxnoise.train``.
 
     Checkpoints, resume and ``metrics.jsonl`` are those of :func:`jaxnoise.train.train` (its ``test_accuracy``
@@ -579,7 +580,8 @@ def train_denoisers(dmodel: DenoisedModel, dataset: Any, config: train_lib.Train
       workdir: the run directory.
       variables: from :func:`init_variables` (with the placement set).
       loss_fn: from :func:`denoiser_loss`.
-      progress, max_steps, metadata, hparams: as in :func:`jaxnoise.train.train`.
+      progress, max_steps, metadata, hparams, portable_checkpoint: as in :func:`jaxnoise.train.train` (the
+        portable checkpoint then holds the blocks and their optimizer slots only: the backbone is frozen).
 
     Returns:
       ``(variables, history)``.
@@ -589,7 +591,7 @@ def train_denoisers(dmodel: DenoisedModel, dataset: Any, config: train_lib.Train
             "overhead": overhead(dmodel, gates), **(metadata or {})}
     return train_lib.train(dmodel, dataset, config, workdir=workdir, variables=variables, loss_fn=loss_fn,
                            progress=progress, max_steps=max_steps, metadata=meta, hparams=hparams,
-                           trainable=is_denoiser_param)
+                           trainable=is_denoiser_param, portable_checkpoint=portable_checkpoint)
 
 
 __all__ = ["DENOISE_KEY", "DenoisedModel", "DenoiserConfig", "GATE", "KINDS", "analog_layers", "block_delta",

@@ -244,8 +244,8 @@ def kernel_mask(params: Any, decayed_paths: Any = None) -> Any:
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(config: TrainConfig, total_steps: int, *,
-                   decayed_paths: Any = None) -> optax.GradientTransformation:
+def make_optimizer(config: TrainConfig, total_steps: int, *, decayed_paths: Any = None,
+                   trainable: Callable[[str], bool] | None = None) -> optax.GradientTransformation:
     """SGD with (Nesterov) momentum, masked weight decay and the configured schedule.
 
     ``optax.chain(add_decayed_weights(weight_decay, mask=kernel_mask), inject_hyperparams(sgd)(schedule,
@@ -257,6 +257,8 @@ def make_optimizer(config: TrainConfig, total_steps: int, *,
       total_steps: number of optimizer steps of the whole run (the cosine decay spans them).
       decayed_paths: the parameter paths that get weight decay: the model's analog kernels
         (``model.analog_weight_paths``; :func:`fit` passes them); None: every ``kernel`` leaf.
+      trainable: as in :func:`make_train_step`: frozen leaves get no weight decay either, so their optimizer
+        slots stay at zero (the state's structure does not depend on it). None: every leaf is trainable.
 
     Returns:
       The optax transformation.
@@ -269,7 +271,9 @@ def make_optimizer(config: TrainConfig, total_steps: int, *,
     sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=schedule, momentum=momentum,
                                                nesterov=bool(config.nesterov))
     def mask(params):
-        return kernel_mask(params, decayed_paths)
+        decayed = kernel_mask(params, decayed_paths)
+        return decayed if trainable is None else jax.tree.map(lambda d, t: d and t, decayed,
+                                                              trainable_mask(params, trainable))
     return optax.chain(optax.add_decayed_weights(float(config.weight_decay), mask=mask), sgd)
 
 
@@ -391,10 +395,14 @@ def make_train_step(model: Any, loss_fn: LossFn, optimizer: optax.GradientTransf
         augment_key, loss_key = step_keys(base_key, state.step)
         hparams = {} if hparams is None else hparams
         x = dataset.preprocess(dataset.augment(augment_key, images))
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         mask = trainable_mask(state.params, trainable)
-        params_in = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), state.params, mask)
-        (loss, (logits, new_batch_stats, extra)), grads = grad_fn(params_in, state.batch_stats, x, labels,
+
+        def trainable_loss(params, *args):
+            # Inside the differentiated function: the frozen leaves' gradients are zeros that XLA drops (no kernel
+            # gradients of a frozen backbone are computed), and their optimizer slots stay zero.
+            return loss_fn(jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask), *args)
+        grad_fn = jax.value_and_grad(trainable_loss, has_aux=True)
+        (loss, (logits, new_batch_stats, extra)), grads = grad_fn(state.params, state.batch_stats, x, labels,
                                                                   loss_key, hparams)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -625,7 +633,8 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
           variables: Mapping[str, Any] | None = None, loss_fn: LossFn | None = None, progress: bool = True,
           max_steps: int | None = None, metadata: Mapping[str, Any] | None = None,
           hparams: Mapping[str, float] | None = None, trainable: Callable[[str], bool] | None = None,
-          mesh: Mesh | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+          mesh: Mesh | None = None, portable_checkpoint: str | os.PathLike | None = None
+          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Trains ``model`` on ``dataset.train``, resuming from ``workdir`` if a previous run left checkpoints there.
 
     Files in ``workdir``:
@@ -669,6 +678,16 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
     (``variables=jaxnoise.checkpoint.load_variables(workdir)``). A workdir whose ``metrics.jsonl`` has records
     but which holds no finished checkpoint is refused (:class:`jaxnoise.workdir.WorkdirError`) before anything is
     trained: training it would start over at step 0 and mix a new history into the old one.
+
+    Portable checkpoint (``portable_checkpoint``, a ``.npz`` path outside the workdir): every checkpoint is also
+    written there, replacing the previous one atomically, as the leaves of the state that differ from the step-0
+    state (``jaxnoise.checkpoint.save_delta``: for blocks trained on a frozen backbone, only the blocks and their
+    optimizer slots) with the run metadata. When the workdir holds no checkpoint but that file exists (a fresh
+    clone of committed results, a lost work dir), training resumes from it, with the line ``WORKDIR: no
+    checkpoint; resuming from the portable checkpoint PATH (step S)``, the same resume checks, and the same result
+    as an uninterrupted run; put the run's ``metrics.jsonl`` back into the workdir first to keep its history
+    (lines after step S are superseded as above). A file taken against another step-0 state (other pretrained
+    weights) is refused (``jaxnoise.checkpoint.CheckpointMismatchError``). Single-process runs only.
 
     Interruption (Ctrl-C): a ``KeyboardInterrupt`` during training writes the metrics of the steps done since the
     last ``metrics.jsonl`` line as a ``"train"`` line, checkpoints the last completed step (unless it is already
@@ -722,6 +741,8 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
         frozen backbone: ``jaxnoise.denoise.is_denoiser_param``).
       mesh: a :class:`jax.sharding.Mesh` (e.g. ``jaxnoise.distributed.make_mesh(8, 1)``) to train data-parallel
         over its devices (see above); None trains on the default device.
+      portable_checkpoint: a ``.npz`` path for the compact copy of each checkpoint a run in a fresh workdir can
+        resume from (see above); None writes none.
 
     Returns:
       ``(variables, history)``: the final ``{"params", "batch_stats"}`` (jax arrays; with a mesh, global arrays
@@ -747,6 +768,13 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
             raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. jaxnoise.distributed.make_mesh(8, 1)), got "
                             f"{type(mesh).__name__}.")
         check_mesh_batch(config.batch_size, mesh)
+    portable = None if portable_checkpoint is None else os.path.abspath(os.fspath(portable_checkpoint))
+    if portable is not None:
+        if not portable.endswith(".npz"):
+            raise ValueError(f"portable_checkpoint={portable!r} must be a path ending with .npz.")
+        if jax.process_count() > 1:
+            raise ValueError("portable_checkpoint is for single-process runs; a multi-process run resumes from "
+                             "its workdir's checkpoints: pass portable_checkpoint=None.")
     if int(model.num_classes) != int(dataset.num_classes):
         raise ValueError(f"model {model.name} has {model.num_classes} outputs but dataset {dataset.name} has "
                          f"{dataset.num_classes} classes: build the model with num_classes={dataset.num_classes}.")
@@ -767,7 +795,8 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
     data_key = noise_lib.name_key(root, "jaxnoise/train/data")
     base_key = noise_lib.name_key(root, "jaxnoise/train/step")
 
-    optimizer = make_optimizer(config, total_steps, decayed_paths=getattr(model, "analog_weight_paths", None))
+    optimizer = make_optimizer(config, total_steps, decayed_paths=getattr(model, "analog_weight_paths", None),
+                               trainable=trainable)
     run_meta = _run_metadata(model, dataset, config, loss_fn, total_steps, steps_per_epoch,
                              {"hparams": {k: float(v) for k, v in hparams_array.items()}, **(metadata or {})})
 
@@ -807,12 +836,35 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
         eval_vars = state.variables if mesh is None else jax.tree.map(np.asarray, state.variables)
         return evaluate_clean(model, eval_vars, dataset.test, dataset.preprocess, config.eval_batch_size)
 
+    step0: dict[str, Any] = {}
+
+    def step0_state() -> Any:  # host copy of the step-0 state: the base of the portable checkpoint
+        if not step0:
+            v = variables if variables is not None else model.init(init_key)
+            step0["state"] = jax.tree.map(np.asarray, _state_dict(init_state(model, v, optimizer)))
+        return step0["state"]
+
+    def save_checkpoint(ckpt: ckpt_lib.CheckpointManager, step: int, state: TrainState, meta: dict) -> None:
+        ckpt.save(step, _state_dict(state), meta)
+        if portable is not None:
+            ckpt_lib.save_delta(portable, jax.tree.map(np.asarray, _state_dict(state)), step0_state(),
+                                dict(meta, step=step))
+
     # Process 0 holds the workdir's lock: the other processes of a multi-process run share the workdir with it.
     with (workdir_lib.workdir_lock(workdir) if main else contextlib.nullcontext()), \
             ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=config.max_to_keep) as ckpt:
         start = ckpt.latest_step()
         saved_meta: Mapping[str, Any] = {}
-        if start is None:
+        if start is None and portable is not None and os.path.exists(portable):
+            saved_meta = ckpt_lib.read_delta_metadata(portable)
+            _check_resume(saved_meta, run_meta, portable, workdir)
+            tree, _ = ckpt_lib.load_delta(portable, step0_state())
+            state = TrainState(**jax.tree.map(jnp.asarray, tree))
+            if mesh is not None:
+                state = distributed.replicate(state, mesh)
+            print(f"{workdir}: no checkpoint; resuming from the portable checkpoint {portable} "
+                  f"(step {int(state.step)})", flush=True)
+        elif start is None:
             n_records = _history_records(metrics_path)
             if n_records:
                 raise WorkdirError(
@@ -905,12 +957,13 @@ def train(model: Any, dataset: Any, config: TrainConfig, *, workdir: str | os.Pa
                             last_epoch_line, epoch_means = s, None
                         # Logged before saved: a checkpoint's lines are always in the file.
                         if s % checkpoint_every == 0 or s == stop:
-                            ckpt.save(s, _state_dict(state), dict(run_meta, epoch=s / steps_per_epoch))
+                            save_checkpoint(ckpt, s, state, dict(run_meta, epoch=s / steps_per_epoch))
                         if s >= stop:
                             break
             except KeyboardInterrupt:
                 raise _interrupted(state, metrics, s, start, window, epoch_window, epoch_means, last_epoch_line,
-                                   steps_per_epoch, record, ckpt, run_meta, workdir, metrics_path) from None
+                                   steps_per_epoch, record, ckpt, run_meta, workdir, metrics_path,
+                                   save_checkpoint) from None
     return state.variables, read_metrics(metrics_path) if main else history
 
 
@@ -931,7 +984,7 @@ def _epoch(dataset: Any, data_key: jax.Array, batch_size: int, epoch: int, first
 
 
 def _interrupted(state, metrics, s, start, window, epoch_window, epoch_means, last_epoch_line, steps_per_epoch,
-                 record, ckpt, run_meta, workdir, metrics_path) -> TrainingInterrupted:
+                 record, ckpt, run_meta, workdir, metrics_path, save_checkpoint) -> TrainingInterrupted:
     """After a KeyboardInterrupt in :func:`train`'s loop: logs the unlogged steps and checkpoints the last completed
     step (the state's own step, whatever the loop had counted), then returns the exception to raise."""
     latest = ckpt.latest_step()
@@ -971,7 +1024,7 @@ def _interrupted(state, metrics, s, start, window, epoch_window, epoch_means, la
             epoch_means = {"train_loss": means["loss"], "train_accuracy": means["accuracy"], "lr": means["lr"]}
         meta["pending_epoch"] = epoch_means
     try:
-        ckpt.save(done, _state_dict(state), meta)
+        save_checkpoint(ckpt, done, state, meta)
     except Exception as e:  # noqa: BLE001 - reported in the message; the interrupt is what propagates
         return not_saved(done, f"its checkpoint could not be saved ({type(e).__name__}: {e})")
     return TrainingInterrupted(done, workdir)

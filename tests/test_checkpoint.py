@@ -274,3 +274,61 @@ def test_load_variables_from_training_run(tmp_path):
     assert_tree_equal(ckpt.load_variables(tmp_path / "run", rebuilt), variables)
     with pytest.raises(ckpt.CheckpointMismatchError, match="does not match model cnn"):
         ckpt.load_variables(tmp_path / "run", get_model("cnn"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# State deltas (portable checkpoints)
+
+
+def test_delta_stores_only_changed_leaves_and_restores_the_tree(tmp_path):
+    base = jax.tree.map(np.asarray, make_state(0.0))
+    tree = jax.tree.map(np.asarray, make_state(0.0))
+    tree["params"]["dense"]["bias"] = np.array([1.0, -0.0, 2.0], np.float32)
+    tree["step"] = np.int32(9)
+    path = tmp_path / "delta.npz"
+    assert ckpt.save_delta(path, tree, base, {"run": "a"}) == 2
+    with np.load(path) as z:
+        assert sorted(k for k in z.files if k != "__jaxnoise__") == ["leaf/['params']['dense']['bias']",
+                                                                     "leaf/['step']"]
+    restored, meta = ckpt.load_delta(path, base)
+    assert meta == {"run": "a"} and ckpt.read_delta_metadata(path) == {"run": "a"}
+    assert jax.tree.structure(restored) == jax.tree.structure(base)   # namedtuples and None kept
+    for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(tree)):
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()      # bitwise, -0.0 included
+    # Replaced atomically by the next save; an unchanged tree stores nothing.
+    assert ckpt.save_delta(path, base, base) == 0
+    assert not [p for p in os.listdir(tmp_path) if p != "delta.npz"]
+    for x, y in zip(jax.tree.leaves(ckpt.load_delta(path, base)[0]), jax.tree.leaves(base)):
+        assert x.tobytes() == y.tobytes()
+
+
+def test_docstring_example_of_save_delta(tmp_path):
+    base = {"w": np.zeros(3), "b": np.ones(2)}
+    assert ckpt.save_delta(tmp_path / "d.npz", {"w": np.arange(3.0), "b": np.ones(2)}, base) == 1
+    np.testing.assert_array_equal(ckpt.load_delta(tmp_path / "d.npz", base)[0]["w"], [0.0, 1.0, 2.0])
+
+
+def test_delta_refuses_another_base_or_structure(tmp_path):
+    base = jax.tree.map(np.asarray, make_state(0.0))
+    tree = jax.tree.map(np.asarray, make_state(1.0))
+    path = tmp_path / "delta.npz"
+    ckpt.save_delta(path, tree, base)   # count (2) is equal in both, so not stored
+    other_base = jax.tree.map(np.array, make_state(0.0))
+    other_base["opt_state"] = (other_base["opt_state"][0]._replace(count=np.int32(3)), None)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="taken against another base"):
+        ckpt.load_delta(path, other_base)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="stored from a tree of 5 leaves, restored into one of 4"):
+        ckpt.load_delta(path, {k: v for k, v in base.items() if k != "step"})
+    bigger = jax.tree.map(np.asarray, make_state(0.0))
+    bigger["params"]["dense"]["bias"] = np.zeros(4, np.float32)
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"bias'\]: stored \(3,\) float32, wanted \(4,\)"):
+        ckpt.load_delta(path, bigger)
+    with pytest.raises(ValueError, match="differ in structure"):
+        ckpt.save_delta(path, tree, bigger)
+    with pytest.raises(ValueError, match="does not end with .npz"):
+        ckpt.save_delta(tmp_path / "delta", tree, base)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read as a state delta"):
+        ckpt.load_delta(tmp_path / "junk.npz", base)
+    with pytest.raises(FileNotFoundError, match="no state delta"):
+        ckpt.read_delta_metadata(tmp_path / "none.npz")

@@ -1,6 +1,7 @@
 """The denoiser-ablation protocol's own rules: early stopping, variant checking, placements (no training here;
 tests/test_experiment.py runs its config end to end in tiny mode)."""
 
+import glob
 import json
 import os
 import shutil
@@ -100,9 +101,11 @@ def _log(path):
 
 
 @pytest.mark.slow   # two tiny trainings, ~25 s
-def test_a_variant_stopped_mid_training_resumes_from_its_committed_curve_without_its_work_dir(tmp_path, monkeypatch):
-    """The committed results (curve, best weights, log) are all a later session has: a fresh work dir trains again
-    to the next chunk, and the variant ends as the uninterrupted run does, chunk for chunk."""
+def test_a_variant_stopped_mid_training_resumes_from_its_committed_curve_without_its_work_dir(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """The committed results (curve, best weights, log, portable checkpoint) are all a later session has: a fresh
+    work dir resumes from the portable checkpoint at the last chunk, and the variant ends as the uninterrupted run
+    does, chunk for chunk."""
     config = _tiny_ce()
     only = ["level", "train_ce"]
     whole = {"results_dir": str(tmp_path / "whole" / "results"), "work_dir": str(tmp_path / "whole" / "work")}
@@ -123,10 +126,16 @@ def test_a_variant_stopped_mid_training_resumes_from_its_committed_curve_without
     results = tmp_path / "cut" / "results"
     assert len((results / "curves" / "ce.jsonl").read_text().splitlines()) == 1
     assert (results / "weights" / "ce.npz").exists() and (results / "metrics" / "ce.jsonl").exists()
+    portable = glob.glob(str(results / "resume" / "train_ce-*" / "ce.npz"))
+    assert len(portable) == 1 and checkpoint.read_delta_metadata(portable[0])["step"] == dp.TINY_CHUNK_STEPS
     shutil.rmtree(tmp_path / "cut" / "work")   # a new session: only the committed results are left
     logs = []
+    capsys.readouterr()
     experiment.run(config, only=only, log=logs.append, **cut)
     assert any("train_ce: running" in m for m in logs), logs
+    out = capsys.readouterr().out
+    assert f"no checkpoint; resuming from the portable checkpoint {portable[0]} (step {dp.TINY_CHUNK_STEPS})" in out
+    assert not os.path.exists(portable[0])   # the curve is complete
 
     a, b = tmp_path / "whole" / "results", results
     curve_a, curve_b = dp.read_jsonl(str(a / "curves" / "ce.jsonl")), dp.read_jsonl(str(b / "curves" / "ce.jsonl"))

@@ -338,6 +338,61 @@ def interrupt_steps_after(monkeypatch, n_steps, workdir, locks):
     monkeypatch.setattr(train_lib, "make_train_step", make)
 
 
+def test_portable_checkpoint_resumes_a_fresh_workdir_to_identical_parameters(tmp_path, mlp_run, digits, capsys):
+    """A run that lost its workdir (a new clone of committed results) resumes from the portable checkpoint and
+    the training log put back beside it, to the uninterrupted run's parameters and log."""
+    model, full, full_history, _ = mlp_run
+    portable = tmp_path / "results" / "resume.npz"
+    first = tmp_path / "first"
+    train(model, digits, MLP_CONFIG, workdir=first, progress=False, max_steps=25, portable_checkpoint=portable)
+    assert ckpt.read_delta_metadata(portable)["step"] == 25   # the checkpoint at max_steps
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copyfile(first / train_lib.METRICS_FILE, fresh / train_lib.METRICS_FILE)
+    capsys.readouterr()
+    resumed, history = train(model, digits, MLP_CONFIG, workdir=fresh, progress=False, portable_checkpoint=portable)
+    assert capsys.readouterr().out == (f"{fresh}: no checkpoint; resuming from the portable checkpoint {portable} "
+                                       f"(step 25)\nresuming {fresh} from step 25 of 63 (epoch 2)\n")
+    assert_trees_equal(resumed, full)   # bitwise
+    assert without_time(history, "train") == without_time(full_history, "train")
+    assert [r["step"] for r in history if r["type"] == "epoch"] == [21, 42, 63]
+    assert ckpt.read_delta_metadata(portable)["step"] == 63
+    # The workdir's own checkpoints come first (the portable file now holds step 63).
+    again, _ = train(model, digits, MLP_CONFIG, workdir=first, progress=False, portable_checkpoint=portable)
+    assert capsys.readouterr().out == f"resuming {first} from step 25 of 63 (epoch 2)\n"
+    assert_trees_equal(again, full)
+
+
+def test_portable_checkpoint_of_a_frozen_backbone_holds_only_the_trained_leaves(tmp_path, digits):
+    model = get_model("mlp")
+    variables = fake_variables(model)
+    portable = tmp_path / "resume.npz"
+    train(model, digits, dataclasses.replace(MLP_CONFIG, weight_decay=1e-3), workdir=tmp_path / "run",
+          progress=False, max_steps=12, variables=variables, trainable=lambda path: path.startswith("head/"),
+          portable_checkpoint=portable)
+    with np.load(portable) as z:
+        stored = [k for k in z.files if k != "__jaxnoise__"]
+    per_param = [k for k in stored if any(f"['{layer}']" in k for layer in ("fc1", "fc2", "head"))]
+    # The head and its momentum; no frozen leaf, nor its momentum (frozen leaves get no gradient, no decay).
+    assert sorted(per_param) == sorted(f"leaf/{prefix}['head']['{leaf}']" for leaf in ("bias", "kernel") for prefix in
+                                       ("['params']", "['opt_state'][1].inner_state[0].trace")), per_param
+
+
+def test_portable_checkpoint_refuses_another_run(tmp_path, digits):
+    model = get_model("mlp")
+    portable = tmp_path / "resume.npz"
+    train(model, digits, MLP_CONFIG, workdir=tmp_path / "a", progress=False, max_steps=10,
+          variables=fake_variables(model, 0), portable_checkpoint=portable)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="taken against another base"):
+        train(model, digits, MLP_CONFIG, workdir=tmp_path / "b", progress=False, max_steps=20,
+              variables=fake_variables(model, 1), portable_checkpoint=portable)
+    with pytest.raises(WorkdirError, match=r"train_config.learning_rate: checkpoint 0.1, now 0.05"):
+        train(model, digits, dataclasses.replace(MLP_CONFIG, learning_rate=0.05), workdir=tmp_path / "c",
+              progress=False, variables=fake_variables(model, 0), portable_checkpoint=portable)
+    with pytest.raises(ValueError, match="must be a path ending with .npz"):
+        train(model, digits, MLP_CONFIG, workdir=tmp_path / "d", progress=False, portable_checkpoint=tmp_path / "x")
+
+
 @pytest.mark.parametrize("n_steps", [15, 20])  # 20: the periodic checkpoint of that step is already saved
 def test_ctrl_c_checkpoints_the_last_step_and_resumes_identically(tmp_path, mlp_run, digits, monkeypatch, capsys,
                                                                    n_steps):

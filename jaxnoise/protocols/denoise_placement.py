@@ -424,10 +424,12 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
     After each chunk the blocks are scored on the held-out images (``config.curve.n_chips`` chips at ``eta``,
     key ``name_key(s.key, "curve")``: the same chips every chunk and for every arm); the best chunk's variables
     (``weights/<name>.npz``) and the training log (``metrics/<name>.jsonl``) are written to the results dir, then
-    the chunk's line to ``curves/<name>.jsonl`` there (the commit point of the chunk). A stopped stage resumes from
-    its training checkpoints; without them (a fresh work dir, e.g. a new clone of the committed results) training
-    starts over and replays the same steps (data order and keys depend on the step only) to the next chunk, and the
-    committed curve and best weights stay valid. Returns the curve's summary and the placement's overhead."""
+    the chunk's line to ``curves/<name>.jsonl`` there (the commit point of the chunk). Each chunk's training state
+    is also kept in the results dir as a portable checkpoint (``resume/<stage work dir>/<name>.npz``: the blocks
+    and their optimizer slots; :func:`jaxnoise.train.train`), deleted once the curve is complete. A stopped stage resumes from its work dir's
+    checkpoints; without them (a fresh work dir, e.g. a new clone of the committed results) the training log is
+    put back into the work dir and training resumes from the portable checkpoint, to the same result (data order
+    and keys depend on the step only). Returns the curve's summary and the placement's overhead."""
     config = ctx.config
     dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"), placement=gates)
     total_steps = chunk * max_chunks
@@ -439,6 +441,9 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
     best_path = ctx.result_path("weights", f"{name}.npz")   # in the results: it outlives the work dir
     metrics_path = ctx.result_path("metrics", f"{name}.jsonl")
     curve_path = ctx.result_path("curves", f"{name}.jsonl")
+    # Keyed by the stage's work dir name (settings digest and rerun count): a --rerun never resumes the old run.
+    resume_path = ctx.result_path("resume", os.path.basename(os.path.normpath(ctx.stage_work_dir or ctx.work_dir)),
+                                  f"{name}.npz")
     curve = read_jsonl(curve_path)
     curve_spec = spec(config, s, eta)
     n_chips = common.cap(config, config.curve.n_chips, TINY_CHIPS)
@@ -447,17 +452,23 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
             **meta}
     while len(curve) < max_chunks and not stopped(curve, int(config.curve.patience), float(config.curve.min_delta)):
         k = len(curve) + 1
+        work_metrics = os.path.join(workdir, train.METRICS_FILE)
+        if (os.path.exists(resume_path) and os.path.exists(metrics_path) and not os.path.exists(work_metrics)
+                and checkpoint.latest_step(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)) is None):
+            os.makedirs(workdir, exist_ok=True)   # a fresh work dir: the log goes back with the portable state
+            shutil.copyfile(metrics_path, work_metrics)
         out, _ = denoise.train_denoisers(dm, ds, tcfg, workdir=workdir, variables=dvars, loss_fn=loss_fn,
-                                         progress=False, max_steps=k * chunk, metadata={"arm": name})
+                                         progress=False, max_steps=k * chunk, metadata={"arm": name},
+                                         portable_checkpoint=resume_path)
+        with open(work_metrics, "rb") as f:   # right after training: the log matches the portable state
+            log = f.read()
+        io_lib.write_atomic(metrics_path, lambda f, log=log: f.write(log), binary=True)
         r = robustness.evaluate(dm, out, s.selection.images, s.selection.labels, curve_spec,
                                 key=noise.name_key(s.key, "curve"), n_chips=n_chips,
                                 batch_size=int(config.eval.batch_size), preprocess=s.ds.preprocess)
         best = max((p["mean"] for p in curve), default=-1.0)
         if r.mean > best:   # kept before the curve line: a resume after this point knows the best's weights
             checkpoint.save_npz(best_path, out, {**meta, "chunk": k, "step": k * chunk}, overwrite=True)
-        with open(os.path.join(workdir, train.METRICS_FILE), "rb") as f:
-            log = f.read()
-        io_lib.write_atomic(metrics_path, lambda f, log=log: f.write(log), binary=True)
         point = {"chunk": k, "step": k * chunk, "epoch": k * chunk / per_epoch, "mean": r.mean,
                  "ci95": r.ci95, "n_chips": r.n_chips, "n_images": int(len(s.selection.labels)),
                  "per_chip": list(map(float, r.per_chip))}
@@ -465,6 +476,8 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
         curve.append(point)
         ctx.log(f"{name}: chunk {k} (epoch {point['epoch']:.2f}): held-out {100 * r.mean:.2f}% "
                 f"{robustness.format_ci95(r.ci95)}")
+    if os.path.exists(resume_path):   # the curve is complete: nothing will resume from it
+        os.remove(resume_path)
     best_point = max(curve, key=lambda p: p["mean"])
     if not os.path.exists(best_path):
         raise FileNotFoundError(f"{best_path}: the best chunk's weights of the curve {curve_path} are missing; "
