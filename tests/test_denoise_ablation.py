@@ -44,7 +44,22 @@ def test_variants_fill_defaults_and_put_the_baseline_first():
     assert vs[0]["name"] == "ce" and {v["name"] for v in vs} >= {"feature", "kl", "spread", "wide_half"}
     kl = next(v for v in vs if v["name"] == "kl")
     assert kl == {"name": "kl", "kind": "residual", "reduction": 10, "sites": "every_block", "feature_weight": 0.0,
-                  "kl_weight": 1.0, "nll_weight": 0.0, "act_eta_spread": 0.0, "lr": 0.02}
+                  "kl_weight": 1.0, "nll_weight": 0.0, "act_eta_spread": 0.0, "lr": 0.02, "patience": 2}
+    full = next(v for v in vs if v["name"] == "feature_kl_full")
+    assert full["patience"] == 10 and full["feature_weight"] == full["kl_weight"] == 1.0
+
+
+def test_a_variant_with_its_own_patience_reaches_the_curve_rule(tmp_path, monkeypatch):
+    """The baseline stops by ``curve.patience``, a variant that sets ``patience`` by its own."""
+    config = _config("tiny=True", "curve.patience=3")
+    config.variants = type(config.variants)({"ce": config.variants.ce, "full": {"patience": 10}})
+    seen = []
+    stopped = dp.stopped
+    monkeypatch.setattr(dp, "stopped", lambda curve, patience, min_delta: seen.append(patience) or stopped(
+        curve, patience, min_delta))
+    experiment.run(config, only=["level", "train_ce", "train_full"], log=lambda m: None,
+                   results_dir=str(tmp_path / "results"), work_dir=str(tmp_path / "work"))
+    assert set(seen) == {3, 10} and seen.index(10) > seen.index(3)
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -25,6 +25,9 @@ Variants (each changes one thing against ``ce``):
   wide_half: bottleneck C/6 (widths 4/6/11) after every other residual block (2.41%: about the same budget)
   inside: the blocks inside every residual branch, between its two convolutions (``layerS/B/mid``: after conv1,
     before conv2; the shortcut path untouched) instead of after the block's sum (2.39%, the same widths)
+  feature_kl_full, probabilistic_full: feature_kl and probabilistic over the whole schedule (patience 10: the curve
+    rule stopped both at epoch 3, before the cosine learning rate had fallen)
+  inside_lr005: inside at learning rate 0.005 over the whole schedule (at 0.02 it fell to chance after one epoch)
 Feature matching (feature, feature_kl, probabilistic) compares each placed block's output with the clean
 backbone's value at that point.
 
@@ -65,4 +68,10 @@ def get_config():
     c.variants.spread = ml_collections.ConfigDict(dict(act_eta_spread=0.33))
     c.variants.wide_half = ml_collections.ConfigDict(dict(reduction=6, sites="every_other_block"))
     c.variants.inside = ml_collections.ConfigDict(dict(sites="inside_every_block"))
+    # Reruns of variants the curve rule cut short (stopped at epoch 3, lr still 0.015) or that trained too slowly:
+    # the whole 10-epoch cosine schedule.
+    c.variants.feature_kl_full = ml_collections.ConfigDict(dict(feature_weight=1.0, kl_weight=1.0, patience=10))
+    c.variants.probabilistic_full = ml_collections.ConfigDict(dict(kind="probabilistic", feature_weight=1.0,
+                                                                   nll_weight=0.1, patience=10))
+    c.variants.inside_lr005 = ml_collections.ConfigDict(dict(sites="inside_every_block", lr=0.005, patience=10))
     return c

@@ -30,8 +30,9 @@ after every residual block; ``"every_other_block"``: after blocks 0, 2, 4, ... i
 block cleans conv1's output before conv2 reads it, and the shortcut path is left alone); or a tuple of tap names,
 ``Model.tap_names``), ``feature_weight`` (matching at the placed sites), ``kl_weight``, ``nll_weight``,
 ``act_eta_spread``
-(:func:`jaxnoise.denoise.denoiser_loss`), ``lr``. Missing keys take ``denoiser.*`` / ``train.lr``. Each variant's
-stages depend on its own entry only: adding a variant leaves the others cached.
+(:func:`jaxnoise.denoise.denoiser_loss`), ``lr``, ``patience`` (at least ``train.max_epochs`` chunks: the whole
+cosine schedule, whatever the curve does). Missing keys take ``denoiser.*`` / ``train.lr`` / ``curve.patience``.
+Each variant's stages depend on its own entry only: adding a variant leaves the others cached.
 
 ``tiny=True``: digits, the one-block CNN from random weights, chunks of 2 steps (2 for the baseline, 1 for the
 other variants), at most 2 chips (the tests). The CNN has no residual branch: ``"inside_every_block"`` places its
@@ -51,7 +52,7 @@ from jaxnoise.protocols import denoise_placement as dp
 from jaxnoise.stages import Stage, protocol
 
 VARIANT_KEYS = ("kind", "reduction", "sites", "feature_weight", "kl_weight", "nll_weight", "act_eta_spread",
-                "lr")
+                "lr", "patience")
 SITE_RULES = ("every_block", "every_other_block", "inside_every_block")
 
 
@@ -74,7 +75,8 @@ def variants(config) -> list[dict]:
                     "sites": sites if isinstance(sites, str) else tuple(sites),
                     "feature_weight": float(v.get("feature_weight", config.denoiser.feature_weight)),
                     "kl_weight": float(v.get("kl_weight", 0.0)), "nll_weight": float(v.get("nll_weight", 0.0)),
-                    "act_eta_spread": float(v.get("act_eta_spread", 0.0)), "lr": float(v.get("lr", config.train.lr))})
+                    "act_eta_spread": float(v.get("act_eta_spread", 0.0)), "lr": float(v.get("lr", config.train.lr)),
+                    "patience": int(v.get("patience", config.curve.patience))})
     if not out:
         raise ValueError("variants is empty: give at least the baseline, e.g. variants={'ce': {}}.")
     names = [v["name"] for v in out]
@@ -152,7 +154,7 @@ def stage_train(name: str):
         dm, gates = variant_model(config, v)
         chunk, max_chunks, per_epoch = dp.chunking(config, s, name)
         return dp.train_until_plateau(ctx, s, name, dm, gates, variant_loss(config, s, dm, v, eta), lr=v["lr"], eta=eta,
-                                   chunk=chunk, max_chunks=max_chunks, per_epoch=per_epoch,
+                                   chunk=chunk, max_chunks=max_chunks, per_epoch=per_epoch, patience=v["patience"],
                                    meta={"stage": f"train_{name}", "variant": v})
     return run
 
@@ -266,7 +268,10 @@ def markdown(config, record, rows, plain, level, backbone_params, comparison) ->
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "'drop recovered' = (variant - plain) / (noise-free - plain) at the target level. Chunks: "
               "training stopped when the held-out score had not improved for "
-              f"{config.curve.patience} chunks; the best chunk's blocks are the ones evaluated (curves.png)."]
+              f"{config.curve.patience} chunks (a variant's own ``patience`` where it sets one: "
+              + (", ".join(f"{v['name']} {v['patience']}" for v, *_ in rows
+                           if v["patience"] != int(config.curve.patience)) or "none")
+              + "); the best chunk's blocks are the ones evaluated (curves.png)."]
     return "\n".join(lines) + "\n"
 
 

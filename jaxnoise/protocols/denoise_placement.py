@@ -417,9 +417,10 @@ def stopped(curve: list[dict], patience: int, min_delta: float) -> bool:
 
 
 def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta: float, chunk: int,
-                        max_chunks: int, per_epoch: int, meta: dict) -> dict:
+                        max_chunks: int, per_epoch: int, meta: dict, patience: int | None = None) -> dict:
     """Trains the placed blocks of ``dm`` chunk by chunk (``chunk`` steps each, cosine schedule over
-    ``max_chunks`` chunks) until :func:`stopped` says the held-out curve has plateaued or ``max_chunks`` are done.
+    ``max_chunks`` chunks) until :func:`stopped` says the held-out curve has plateaued (``patience`` chunks, default
+    ``config.curve.patience``) or ``max_chunks`` are done.
 
     After each chunk the blocks are scored on the held-out images (``config.curve.n_chips`` chips at ``eta``,
     key ``name_key(s.key, "curve")``: the same chips every chunk and for every arm); the best chunk's variables
@@ -450,7 +451,8 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
     meta = {"model": dm.name, "model_config": dict(dm.config), "experiment": config.name, "act_eta_train": eta,
             "sites": [site for site, g in zip(dm.candidate_sites, gates) if g], "gates": [float(g) for g in gates],
             **meta}
-    while len(curve) < max_chunks and not stopped(curve, int(config.curve.patience), float(config.curve.min_delta)):
+    patience = int(config.curve.patience if patience is None else patience)
+    while len(curve) < max_chunks and not stopped(curve, patience, float(config.curve.min_delta)):
         k = len(curve) + 1
         work_metrics = os.path.join(workdir, train.METRICS_FILE)
         if (os.path.exists(resume_path) and os.path.exists(metrics_path) and not os.path.exists(work_metrics)
