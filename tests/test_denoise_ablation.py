@@ -49,6 +49,7 @@ def test_variants_fill_defaults_and_put_the_baseline_first():
     assert full["patience"] == 10 and full["feature_weight"] == full["kl_weight"] == 1.0
 
 
+@pytest.mark.slow   # two tiny trainings, ~20 s
 def test_a_variant_with_its_own_patience_reaches_the_curve_rule(tmp_path, monkeypatch):
     """The baseline stops by ``curve.patience``, a variant that sets ``patience`` by its own."""
     config = _config("tiny=True", "curve.patience=3")
