@@ -233,3 +233,18 @@ def test_a_tiny_variant_trains_and_is_scored_under_weight_and_activation_noise(t
     assert len(curve) == 2 and all(0.0 <= p["mean"] <= 1.0 for p in curve)
     # the chips differ: weight and activation draws per chip, so the per-chip scores are not all equal
     assert len(set(curve[-1]["per_chip"])) > 1
+
+
+@pytest.mark.slow   # a tiny training, its evaluations and the report, ~20 s
+def test_report_gives_each_variants_drop_and_its_own_noise_free_accuracy(tmp_path):
+    config = _tiny_ce()
+    results = tmp_path / "results"
+    experiment.run(config, log=lambda m: None, results_dir=str(results), work_dir=str(tmp_path / "work"))
+    plain = json.load(open(results / "eval" / "plain.json"))["arms"][0]["eval"]
+    ce = json.load(open(results / "eval" / "ce.json"))["arms"][0]["eval"]
+    clean, ce_clean = plain[0]["mean"], ce[0]["mean"]
+    assert plain[0]["activation_noise"] is None and ce[0]["activation_noise"] is None
+    ce_target = ce[1]["mean"]   # the target level comes first after the noise-free entry
+    row = next(line for line in (results / "results.md").read_text().splitlines() if line.startswith("| ce "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[11:13] == [f"{100 * (clean - ce_target):.2f}", f"{100 * ce_clean:.2f}"]

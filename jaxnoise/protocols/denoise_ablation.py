@@ -183,6 +183,10 @@ def _at(entries: list[dict], eta: float) -> dict | None:
     return next((e for e in entries if dp.act_eta(e) == eta), None)
 
 
+def _noise_free(entries: list[dict]) -> dict | None:
+    return next((e for e in entries if e.get("activation_noise") is None and e.get("weight_noise") is None), None)
+
+
 def stage_report(ctx):
     config = ctx.config
     s = dp.setup(config)
@@ -240,12 +244,14 @@ def markdown(config, record, rows, plain, level, backbone_params, comparison) ->
              f"{robustness.format_ci95(p_t['ci95'])} ({p_t['n_chips']} chips); levels picked on held-out training "
              f"images ({level['protocol']}). Baseline variant: `{rows[0][0]['name']}`.", "",
              "| variant | kind | C/r | sites | params (%) | chunks (best epoch) | held-out best (%) | test at target "
-             "(%) | 95% CI | p5 | drop recovered | vs baseline (pts, paired CI) |",
-             "|---|---|---:|---|---:|---|---:|---:|---|---:|---:|---|"]
+             "(%) | 95% CI | p5 | drop recovered | drop (pts) | noise-free (%) | vs baseline (pts, paired CI) |",
+             "|---|---|---:|---|---:|---|---:|---:|---|---:|---:|---:|---:|---|"]
     for v, over, curve, best, evals in rows:
         e = _at(evals, target)
         drop = clean - p_t["mean"]
         rec = f"{100 * (e['mean'] - p_t['mean']) / drop:.0f}%" if drop > 0 else ""
+        nf = _noise_free(evals)
+        nf = "-" if nf is None else f"{100 * nf['mean']:.2f}"
         d = comparison.get(v["name"])
         vs = (f"{100 * d['mean']:+.2f} {robustness.format_ci95(d['ci95'], signed=True)}" if d else "-")
         loss = "+".join(["ce"] + [t for t, k in (("feature", "feature_weight"), ("kl", "kl_weight"),
@@ -254,7 +260,8 @@ def markdown(config, record, rows, plain, level, backbone_params, comparison) ->
         lines.append(f"| {v['name']} ({loss}{', spread ' + str(v['act_eta_spread']) if v['act_eta_spread'] else ''})"
                      f" | {v['kind']} | {v['reduction']} | {sites} | {100 * over['param_overhead']:.2f} | "
                      f"{len(curve)} ({best['epoch']:.2f}) | {100 * best['mean']:.2f} | {100 * e['mean']:.2f} | "
-                     f"{robustness.format_ci95(e['ci95'])} | {100 * e['p5']:.2f} | {rec} | {vs} |")
+                     f"{robustness.format_ci95(e['ci95'])} | {100 * e['p5']:.2f} | {rec} | "
+                     f"{100 * (clean - e['mean']):.2f} | {nf} | {vs} |")
     sides = [float(x) for x in level["levels"] if float(x) != target]
     if sides:
         lines += ["", "## Side levels (test split)", "", "| arm | " + " | ".join(f"eta {x}" for x in sides) + " |",
@@ -266,7 +273,11 @@ def markdown(config, record, rows, plain, level, backbone_params, comparison) ->
                 cells.append(f"{100 * e['mean']:.2f} {robustness.format_ci95(e['ci95'])} ({e['n_chips']})" if e
                              else "-")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "'drop recovered' = (variant - plain) / (noise-free - plain) at the target level. Chunks: "
+    lines += ["", "'drop recovered' = (variant - plain) / (noise-free - plain) at the target level; 'drop' = the plain "
+              "model's noise-free accuracy minus the variant's at the target (the papers' accuracy drop); "
+              "'noise-free' = the variant's own accuracy without noise: above the plain model's where the blocks, "
+              "trained on these (JPEG-compressed) training images, also adapt the backbone to them, which is part "
+              "of the recovery. Chunks: "
               "training stopped when the held-out score had not improved for "
               f"{config.curve.patience} chunks (a variant's own ``patience`` where it sets one: "
               + (", ".join(f"{v['name']} {v['patience']}" for v, *_ in rows
