@@ -306,6 +306,32 @@ def test_denoise_config_draws_activation_noise_as_its_committed_results(trained_
     assert denoise_placement.spec(tiny, fake_setup, 0.3).sampler is None
 
 
+@pytest.mark.slow   # a tiny search and a plateau training, twice, ~30 s
+def test_denoise_placement_plateau_recipe_keeps_its_curve_as_an_output(tmp_path):
+    """With train.recipe = "plateau" an arm trains chunk by chunk (train_until_plateau) and its curve is one of the
+    stage's outputs, so --rerun moves it aside and the rerun starts a new curve instead of resuming the old one."""
+    import ml_collections
+
+    from jaxnoise.protocols import denoise_placement as dp
+    config = _config("denoise_resnet20", "tiny=True")
+    config.arms = ("every_block",)
+    config.train.recipe = "plateau"
+    config.train.chunk_steps = 0
+    config.train.max_epochs = 1
+    config.curve = ml_collections.ConfigDict(dict(n_chips=2, patience=2, min_delta=0.0))
+    dirs = {"results_dir": str(tmp_path / "results"), "work_dir": str(tmp_path / "work")}
+    only = ["level", "sensitivity", "search", "train_every_block"]
+    experiment.run(config, only=only, log=lambda m: None, **dirs)
+    curve = tmp_path / "results" / "curves" / "every_block.jsonl"
+    assert len(dp.read_jsonl(str(curve))) == 1
+    stage = next(st for st in experiment.stages_of(config) if st.name == "train_every_block")
+    assert "curves/every_block.jsonl" in stage.outputs
+    experiment.run(config, only=only, rerun=["train_every_block"], log=lambda m: None, **dirs)
+    assert len(dp.read_jsonl(str(curve))) == 1   # a new curve, not a second chunk on the old one
+    assert glob.glob(str(tmp_path / "results" / "superseded" / "*" / "curves" / "every_block.jsonl"))
+    assert not glob.glob(str(tmp_path / "results" / "resume" / "*" / "every_block.npz"))   # complete: removed
+
+
 def test_consistency_float_stage_sites_are_the_last_block_of_each_stage():
     """The ablation's 'stage outputs' run: the committed layer1/2, layer2/2, layer3/2 of the ResNet-20."""
     from jaxnoise.models import get_model

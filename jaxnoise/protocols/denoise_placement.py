@@ -707,8 +707,10 @@ def stages(config) -> list[Stage]:
            Stage("sensitivity", stage_sensitivity, settings=sensitivity, outputs=("sensitivity.json",)),
            Stage("search", stage_search, settings=search, outputs=("search.json",))]
     for name in config.arms:
+        # A plateau recipe's curve is an output too: a --rerun moves it aside instead of resuming into it.
+        curve = (f"curves/{name}.jsonl",) if config.train.get("recipe", "steps") == "plateau" else ()
         out.append(Stage(f"train_{name}", stage_train(name), settings=arms,
-                         outputs=(f"weights/{name}.npz", f"metrics/{name}.jsonl")))
+                         outputs=(f"weights/{name}.npz", f"metrics/{name}.jsonl", *curve)))
     for name in ("plain", *config.arms):
         out.append(Stage(f"eval_{name}", stage_eval(name), settings=(level if name == "plain" else arms) + ("eval",),
                          outputs=(f"eval/{name}.json",)))
