@@ -68,7 +68,7 @@ def get_config():
     c.variants.spread = ml_collections.ConfigDict(dict(act_eta_spread=0.33))
     c.variants.wide_half = ml_collections.ConfigDict(dict(reduction=6, sites="every_other_block"))
     c.variants.inside = ml_collections.ConfigDict(dict(sites="inside_every_block"))
-    # Reruns of variants the curve rule cut short (stopped at epoch 3, lr still 0.015) or that trained too slowly:
+    # Reruns of variants the curve rule cut short (stopped at epoch 3, lr still 0.016) or that trained too slowly:
     # the whole 10-epoch cosine schedule.
     c.variants.feature_kl_full = ml_collections.ConfigDict(dict(feature_weight=1.0, kl_weight=1.0, patience=10))
     c.variants.probabilistic_full = ml_collections.ConfigDict(dict(kind="probabilistic", feature_weight=1.0,
