@@ -30,6 +30,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.name = "denoise_proxy_resnet20"
     c.protocol = "denoise_proxy"
+    c.reuse_from = "denoise_ablation_resnet20"   # its level stage has these settings: copied, not rerun
     c.tiny = False
     c.model = "resnet20"
     c.pretrained = "../shared/pretrained/resnet20_cifar10.npz"
