@@ -427,8 +427,8 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
     (``weights/<name>.npz``) and the training log (``metrics/<name>.jsonl``) are written to the results dir, then
     the chunk's line to ``curves/<name>.jsonl`` there (the commit point of the chunk). Each chunk's training state
     is also kept in the results dir as a portable checkpoint (``resume/<stage work dir>/<name>.npz``: the blocks
-    and their optimizer slots; :func:`jaxnoise.train.train`), deleted once the curve is complete. A stopped stage resumes from its work dir's
-    checkpoints; without them (a fresh work dir, e.g. a new clone of the committed results) the training log is
+    and their optimizer slots; :func:`jaxnoise.train.train`), deleted once the curve is complete. A stopped stage
+    resumes from its work dir's checkpoints; without them (a fresh work dir, e.g. a new clone of the committed results) the training log is
     put back into the work dir and training resumes from the portable checkpoint, to the same result (data order
     and keys depend on the step only). Returns the curve's summary and the placement's overhead."""
     config = ctx.config
