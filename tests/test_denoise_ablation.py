@@ -9,8 +9,9 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
-from jaxnoise import checkpoint, denoise, experiment, train
+from jaxnoise import checkpoint, denoise, experiment, noise, stats, train
 from jaxnoise import io as io_lib
 from jaxnoise.models import get_model
 from jaxnoise.protocols import denoise_ablation as da
@@ -44,7 +45,8 @@ def test_variants_fill_defaults_and_put_the_baseline_first():
     assert vs[0]["name"] == "ce" and {v["name"] for v in vs} >= {"feature", "kl", "spread", "wide_half"}
     kl = next(v for v in vs if v["name"] == "kl")
     assert kl == {"name": "kl", "kind": "residual", "reduction": 10, "sites": "every_block", "feature_weight": 0.0,
-                  "kl_weight": 1.0, "nll_weight": 0.0, "act_eta_spread": 0.0, "lr": 0.02, "patience": 2}
+                  "kl_weight": 1.0, "nll_weight": 0.0, "act_eta_spread": 0.0, "lr": 0.02, "patience": 2,
+                  "seed": 0}
     full = next(v for v in vs if v["name"] == "feature_kl_full")
     assert full["patience"] == 10 and full["feature_weight"] == full["kl_weight"] == 1.0
 
@@ -75,6 +77,73 @@ def test_bad_variants_are_refused_before_anything_runs(overrides, match):
         config.variants.kl.weight = 1.0
     with pytest.raises(ValueError, match=match):
         experiment.stages_of(config)
+
+
+def test_a_variant_that_repeats_another_run_is_refused():
+    config = _config()
+    config.variants.ce_again = {}            # ce's settings and seed: the same run twice
+    with pytest.raises(ValueError, match=r"\['ce', 'ce_again'\] are the same run.*seed 0"):
+        experiment.stages_of(config)
+    config.variants.ce_again = {"seed": 7}   # another training seed: a run of its own
+    assert "train_ce_again" in [st.name for st in experiment.stages_of(config)]
+
+
+def test_over_seeds_groups_variants_that_differ_only_in_the_seed():
+    config = _config()
+    config.variants = type(config.variants)({"ce": {}, "ce_s1": {"seed": 1}, "ce_s2": {"seed": 2},
+                                             "spread": {"act_eta_spread": 0.33}, "spread_s2": {"act_eta_spread": 0.33,
+                                                                                              "seed": 2},
+                                             "kl": {"kl_weight": 1.0}})
+    vs = da.variants(config)
+    groups = sorted([v["name"] for v in g] for g in da.seed_groups(vs))
+    assert groups == [["ce", "ce_s1", "ce_s2"], ["kl"], ["spread", "spread_s2"]]
+    acc = {"ce": 0.80, "ce_s1": 0.78, "ce_s2": 0.79, "spread": 0.81, "spread_s2": 0.82, "kl": 0.5}
+    out = da.over_seeds(vs, acc, "ce")
+    assert set(out) == {"ce", "spread"}      # kl has one seed: no group
+    ce, spread = out["ce"], out["spread"]
+    assert ce["seeds"] == [0, 1, 2] and ce["vs_baseline"] is None
+    assert ce["accuracy"] == stats.over_seeds([0.80, 0.78, 0.79]).to_dict()
+    assert ce["std"] == pytest.approx(0.01)
+    d = spread["vs_baseline"]
+    assert d["group"] == "ce" and d["seeds"] == [0, 2]
+    assert d["per_seed"] == pytest.approx([0.01, 0.03])          # seed by seed: spread seed k - ce seed k
+    assert d["interval"] == stats.over_seeds(d["per_seed"]).to_dict()
+    lo, hi = d["interval"]["ci95"]
+    assert lo < 0.02 < hi and hi - lo > 0.1                        # t with 1 degree of freedom: wide
+
+
+@pytest.mark.slow   # two tiny level stages, ~12 s
+def test_a_variants_seed_sets_its_blocks_init_and_training_seed_only(tmp_path, monkeypatch):
+    """``seed`` changes the blocks' initialisation and the training seed (data order, training noise); the default
+    seed keeps the keys every committed variant was trained with."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(dm, ds, tcfg, *, variables, metadata, **kw):
+        seen[tcfg.seed] = variables
+        raise Stop
+
+    monkeypatch.setattr(denoise, "train_denoisers", fake_train)
+    for seed in (0, 1):   # the same variant at the config's seed (0) and at its own seed 1
+        config = _tiny_ce()
+        config.variants = type(config.variants)({"ce": {"seed": seed}})
+        with pytest.raises(Stop):
+            experiment.run(config, only=["level", "train_ce"], log=lambda m: None,
+                           results_dir=str(tmp_path / f"s{seed}" / "results"),
+                           work_dir=str(tmp_path / f"s{seed}" / "work"))
+    assert sorted(seen) == [0, 1]
+    v0, v1 = seen[0], seen[1]
+    s = dp.setup(config)
+    dm, gates = da.variant_model(config, da.variants(config)[0])
+    before = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"), placement=gates)
+    flat = lambda v: traverse_util.flatten_dict(v["params"], sep="/")  # noqa: E731
+    f0, f1, fb = flat(v0), flat(v1), flat(before)
+    assert all(np.array_equal(f0[p], fb[p]) for p in fb)               # seed 0: the keys of the committed runs
+    blocks = [p for p in f0 if denoise.is_denoiser_param(p)]
+    assert blocks and any(not np.array_equal(f0[p], f1[p]) for p in blocks)
+    assert all(np.array_equal(f0[p], f1[p]) for p in f0 if not denoise.is_denoiser_param(p))   # the same backbone
 
 
 def test_site_rules_on_resnet20():

@@ -31,8 +31,14 @@ block cleans conv1's output before conv2 reads it, and the shortcut path is left
 ``Model.tap_names``), ``feature_weight`` (matching at the placed sites), ``kl_weight``, ``nll_weight``,
 ``act_eta_spread``
 (:func:`jaxnoise.denoise.denoiser_loss`), ``lr``, ``patience`` (at least ``train.max_epochs`` chunks: the whole
-cosine schedule, whatever the curve does). Missing keys take ``denoiser.*`` / ``train.lr`` / ``curve.patience``.
-Each variant's stages depend on its own entry only: adding a variant leaves the others cached.
+cosine schedule, whatever the curve does), ``seed`` (the training seed: the blocks' initialisation, data order and
+training noise; the held-out and test chips stay those of ``config.seed``). Missing keys take ``denoiser.*`` /
+``train.lr`` / ``curve.patience`` / ``seed``. Each variant's stages depend on its own entry only: adding a variant
+leaves the others cached.
+
+Variants that differ only in ``seed`` form a group: the report gives each group's test accuracy over its training
+seeds (t interval) and, against the baseline's group, the per-seed differences (paired per chip, then a t interval
+over the seeds both groups have): run-to-run variation, which the chip intervals do not cover.
 
 ``tiny=True``: digits, the one-block CNN from random weights, chunks of 2 steps (2 for the baseline, 1 for the
 other variants), at most 2 chips (the tests). The CNN has no residual branch: ``"inside_every_block"`` places its
@@ -52,7 +58,7 @@ from jaxnoise.protocols import denoise_placement as dp
 from jaxnoise.stages import Stage, protocol
 
 VARIANT_KEYS = ("kind", "reduction", "sites", "feature_weight", "kl_weight", "nll_weight", "act_eta_spread",
-                "lr", "patience")
+                "lr", "patience", "seed")
 SITE_RULES = ("every_block", "every_other_block", "inside_every_block")
 
 
@@ -76,13 +82,54 @@ def variants(config) -> list[dict]:
                     "feature_weight": float(v.get("feature_weight", config.denoiser.feature_weight)),
                     "kl_weight": float(v.get("kl_weight", 0.0)), "nll_weight": float(v.get("nll_weight", 0.0)),
                     "act_eta_spread": float(v.get("act_eta_spread", 0.0)), "lr": float(v.get("lr", config.train.lr)),
-                    "patience": int(v.get("patience", config.curve.patience))})
+                    "patience": int(v.get("patience", config.curve.patience)),
+                    "seed": int(v.get("seed", config.seed))})
     if not out:
         raise ValueError("variants is empty: give at least the baseline, e.g. variants={'ce': {}}.")
+    for group in seed_groups(out):
+        seeds = [v["seed"] for v in group]
+        for seed in sorted(set(seeds)):
+            same = [v["name"] for v in group if v["seed"] == seed]
+            if len(same) > 1:
+                raise ValueError(f"variants {same} are the same run (the same settings and seed {seed}); remove "
+                                 f"all but one or give the others another seed.")
     names = [v["name"] for v in out]
     if config.baseline not in names:
         raise ValueError(f"baseline={config.baseline!r} is not a variant; choose among {names}.")
     return sorted(out, key=lambda v: v["name"] != config.baseline)   # the baseline first
+
+
+def seed_groups(vs: list[dict]) -> list[list[dict]]:
+    """The filled-in variants grouped by everything but ``name`` and ``seed`` (groups in the order of their first
+    member, each sorted by seed)."""
+    groups: dict[tuple, list[dict]] = {}
+    for v in vs:
+        groups.setdefault(tuple(sorted((k, x) for k, x in v.items() if k not in ("name", "seed"))), []).append(v)
+    return [sorted(g, key=lambda v: v["seed"]) for g in groups.values()]
+
+
+def over_seeds(vs: list[dict], accuracy: dict[str, float], baseline: str) -> dict:
+    """Per seed group with at least two seeds (named after its first variant): the test accuracies at the target
+    (``accuracy``: variant name -> mean over chips) by seed, their t interval over seeds and standard deviation,
+    and against the baseline's group the per-seed differences (the same chips in both, so the paired per-chip
+    mean difference is the difference of the means) with their t interval over the seeds both have."""
+    groups = seed_groups(vs)
+    base = next(g for g in groups if any(v["name"] == baseline for v in g))
+    base_by_seed = {v["seed"]: accuracy[v["name"]] for v in base}
+    out = {}
+    for g in groups:
+        if len(g) < 2:
+            continue
+        acc = [accuracy[v["name"]] for v in g]
+        entry = {"variants": [v["name"] for v in g], "seeds": [v["seed"] for v in g], "test_at_target": acc,
+                 "accuracy": stats.over_seeds(acc).to_dict(), "std": float(np.std(acc, ddof=1)), "vs_baseline": None}
+        common_seeds = [v["seed"] for v in g if v["seed"] in base_by_seed]
+        if g is not base and common_seeds:
+            diffs = [accuracy[v["name"]] - base_by_seed[v["seed"]] for v in g if v["seed"] in base_by_seed]
+            entry["vs_baseline"] = {"group": base[0]["name"], "seeds": common_seeds, "per_seed": diffs,
+                                    "interval": stats.over_seeds(diffs).to_dict()}
+        out[g[0]["name"]] = entry
+    return out
 
 
 def _variant(config, name: str) -> dict:
@@ -155,7 +202,7 @@ def stage_train(name: str):
         chunk, max_chunks, per_epoch = dp.chunking(config, s, name)
         return dp.train_until_plateau(ctx, s, name, dm, gates, variant_loss(config, s, dm, v, eta), lr=v["lr"], eta=eta,
                                    chunk=chunk, max_chunks=max_chunks, per_epoch=per_epoch, patience=v["patience"],
-                                   meta={"stage": f"train_{name}", "variant": v})
+                                   meta={"stage": f"train_{name}", "variant": v}, seed=v["seed"])
     return run
 
 
@@ -222,18 +269,22 @@ def stage_report(ctx):
     for v, _, _, _, evals in rows[1:]:
         e = _at(evals, target)
         comparison[v["name"]] = stats.paired(e["per_chip"], base["per_chip"]).to_dict()
+    seeds = over_seeds(vs, {v["name"]: _at(evals, target)["mean"] for v, *_, evals in rows}, vs[0]["name"])
     record = common.result(config, arms, "test", len(dp.test_split(config, s).labels), levels=level,
                            comparison={"baseline": vs[0]["name"], "eta": target,
                                        "what": "variant - baseline at the target level, paired per chip",
-                                       "differences": comparison})
+                                       "differences": comparison},
+                           over_seeds={"eta": target, "what": "variants that differ only in the training seed: "
+                                       "test accuracy at the target over seeds; vs the baseline's group per seed",
+                                       "groups": seeds})
     report.write_json(ctx.result_path("results.json"), record)
     io_lib.write_text_atomic(ctx.result_path("results.md"), markdown(config, record, rows, plain, level,
-                                                                     backbone_params, comparison))
+                                                                     backbone_params, comparison, seeds))
     plot_curves(curves, _at(plain, target), ctx.result_path("curves.png"), target)
     return {v["name"]: _at(evals, target)["mean"] for v, _, _, _, evals in rows}
 
 
-def markdown(config, record, rows, plain, level, backbone_params, comparison) -> str:
+def markdown(config, record, rows, plain, level, backbone_params, comparison, seeds=None) -> str:
     target = float(level["target"])
     clean = plain[0]["mean"]
     p_t = _at(plain, target)
@@ -262,6 +313,21 @@ def markdown(config, record, rows, plain, level, backbone_params, comparison) ->
                      f"{len(curve)} ({best['epoch']:.2f}) | {100 * best['mean']:.2f} | {100 * e['mean']:.2f} | "
                      f"{robustness.format_ci95(e['ci95'])} | {100 * e['p5']:.2f} | {rec} | "
                      f"{100 * (clean - e['mean']):.2f} | {nf} | {vs} |")
+    if seeds:
+        lines += ["", f"## Over training seeds (test split, eta {target})", "",
+                  "| group | seeds | per seed (%) | mean over seeds (%) | 95% CI over seeds | std (pts) | drop (pts) "
+                  "| vs baseline's group per seed (pts) | mean difference (pts, 95% CI over seeds) |",
+                  "|---|---|---|---:|---|---:|---:|---|---|"]
+        for name, g in seeds.items():
+            a, d = g["accuracy"], g["vs_baseline"]
+            per = ", ".join(f"{100 * x:.2f}" for x in g["test_at_target"])
+            vs_cells = ("- | -" if d is None else
+                        ", ".join(f"{100 * x:+.2f}" for x in d["per_seed"]) + f" (seeds {d['seeds']} of "
+                        f"{d['group']}) | {100 * d['interval']['mean']:+.2f} "
+                        f"{robustness.format_ci95(d['interval']['ci95'], signed=True, missing='n/a (1 seed)')}")
+            lines.append(f"| {name} ({', '.join(g['variants'])}) | {g['seeds']} | {per} | {100 * a['mean']:.2f} | "
+                         f"{robustness.format_ci95(a['ci95'], missing='n/a (1 seed)')} | {100 * g['std']:.2f} | "
+                         f"{100 * (clean - a['mean']):.2f} | {vs_cells} |")
     sides = [float(x) for x in level["levels"] if float(x) != target]
     if sides:
         lines += ["", "## Side levels (test split)", "", "| arm | " + " | ".join(f"eta {x}" for x in sides) + " |",

@@ -417,7 +417,8 @@ def stopped(curve: list[dict], patience: int, min_delta: float) -> bool:
 
 
 def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta: float, chunk: int,
-                        max_chunks: int, per_epoch: int, meta: dict, patience: int | None = None) -> dict:
+                        max_chunks: int, per_epoch: int, meta: dict, patience: int | None = None,
+                        seed: int | None = None) -> dict:
     """Trains the placed blocks of ``dm`` chunk by chunk (``chunk`` steps each, cosine schedule over
     ``max_chunks`` chunks) until :func:`stopped` says the held-out curve has plateaued (``patience`` chunks, default
     ``config.curve.patience``) or ``max_chunks`` are done.
@@ -430,12 +431,17 @@ def train_until_plateau(ctx, s, name: str, dm, gates, loss_fn, *, lr: float, eta
     and their optimizer slots; :func:`jaxnoise.train.train`), deleted once the curve is complete. A stopped stage
     resumes from its work dir's checkpoints; without them (a fresh work dir, e.g. a new clone of the committed results) the training log is
     put back into the work dir and training resumes from the portable checkpoint, to the same result (data order
-    and keys depend on the step only). Returns the curve's summary and the placement's overhead."""
+    and keys depend on the step only). Returns the curve's summary and the placement's overhead.
+
+    ``seed`` (default ``config.seed``) is the training seed: the blocks' initialisation
+    (``name_key(key(seed), "init")``), the data order and the training noise. The held-out chips stay those of
+    ``config.seed``, so runs of different training seeds are scored on the same chips."""
     config = ctx.config
-    dvars = denoise.init_variables(dm, s.variables, noise.name_key(s.key, "init"), placement=gates)
+    seed = int(config.seed if seed is None else seed)
+    dvars = denoise.init_variables(dm, s.variables, noise.name_key(jax.random.key(seed), "init"), placement=gates)
     total_steps = chunk * max_chunks
     tcfg = train.TrainConfig(epochs=-(-total_steps // per_epoch), batch_size=int(config.train.batch_size),
-                             learning_rate=float(lr), weight_decay=0.0, seed=int(config.seed),
+                             learning_rate=float(lr), weight_decay=0.0, seed=seed,
                              checkpoint_every=chunk, log_every=min(50, chunk))
     ds = dataclasses.replace(s.ds, train=s.train_part, test=s.selection)   # epoch evals: held-out, not test
     workdir = ctx.work_path("train", "")
