@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxnoise import cli
+from jaxnoise import cli, experiment
 
 CHECK = "../shared/check_results.py"
 PRETRAINED = "../shared/pretrained/resnet20_cifar10.npz"
@@ -195,6 +195,41 @@ def test_denoise_train_and_eval_checkpoint(tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(workdir), "--act-eta", "0.5", "--n-chips", "2",
                      "--out", str(tmp_path / "eval")]) == 0
     _check_results(tmp_path / "eval" / "results.json")
+
+
+def test_denoise_defaults_are_the_ablations_winner(tmp_path, monkeypatch):
+    """`jaxnoise denoise` trains by default what the ablation (denoise_ablation_resnet20) found best: its ``spread``
+    variant's block width, training-scale spread, schedule length, learning rate and batch; the loss gets them."""
+    config = experiment.load_config(os.path.join("experiments", "configs", "denoise_ablation_resnet20.py"))
+    winner = config.variants.spread
+    args = cli.build_parser().parse_args(["denoise", "--checkpoint", "x"])
+    assert (args.reduction, args.act_eta_spread, args.feature_weight, args.kl_weight, args.nll_weight, args.kind) == (
+        config.denoiser.reduction, winner.act_eta_spread, config.denoiser.feature_weight, 0.0, 0.0,
+        config.denoiser.kind)
+    assert (args.epochs, args.lr, args.train_batch_size) == (config.train.max_epochs, config.train.lr,
+                                                             config.train.batch_size)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_loss(dmodel, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(cli.denoise, "denoiser_loss", fake_loss)
+    with pytest.raises(Stop):
+        cli.cmd_denoise(cli.build_parser().parse_args(["denoise", "--checkpoint", str(_tiny_mlp(tmp_path)),
+                                                       "--act-eta-spread", "0.2", "--kl-weight", "0.5",
+                                                       "--placement", "fc1"]))
+    assert seen["act_eta_spread"] == 0.2 and seen["kl_weight"] == 0.5
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "nan"])
+def test_denoise_refuses_a_spread_outside_0_1(value, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["denoise", "--checkpoint", "x", f"--act-eta-spread={value}"])
+    assert "--act-eta-spread" in capsys.readouterr().err
 
 
 def test_denoise_needs_a_placement(tmp_path, capsys):
