@@ -33,10 +33,11 @@ Variants (each changes one thing against ``ce``):
 Feature matching (feature, feature_kl, probabilistic) compares each placed block's output with the clean
 backbone's value at that point.
 
-Expected (measured 2026-12-04, the first 8 variants; experiments/README.md#denoise_ablation_resnet20): target eta
-0.3, plain 56.31% (noise-free 81.03%); on the test split at eta 0.3 (32 chips) ce 79.74% [79.63, 79.85], spread
-80.05% [79.94, 80.15] (+0.31 [+0.24, +0.37] paired; the winner), feature 78.45%, kl 78.39%, wide_half 78.50%,
-feature_kl 72.45% and probabilistic 73.93% (both stopped at epoch 3), inside 54.18%. The reruns: not measured yet.
+Expected (measured 2026-12-04, training seed 0; experiments/README.md#denoise_ablation_resnet20): target eta 0.3,
+plain 56.31% (noise-free 81.03%); on the test split at eta 0.3 (32 chips) ce 79.74% [79.63, 79.85], spread 80.05%
+[79.94, 80.15] (+0.31 [+0.24, +0.37] paired; the winner), feature 78.45%, kl 78.39%, wide_half 78.50%, feature_kl
+72.45% and probabilistic 73.93% (both stopped at epoch 3), inside 54.18%; the reruns feature_kl_full 77.28%,
+probabilistic_full 78.83%, inside_lr005 78.13%. The seed-1 variants: not measured yet.
 """
 
 import ml_collections
